@@ -1,0 +1,206 @@
+"""Pure-functional attention: dense causal reference, gathered top-k, DSA.
+
+Shapes: B batch, T queries, S keys, H query heads, G kv heads (H = G * R),
+D head dim, Dv value dim, K selected keys per query. Causality follows
+`sparse_attn.masking`. All functions are jit/vmap/grad compatible; softmax
+statistics are kept in f32 whatever the input dtype, and a query that sees
+no key returns zeros (never NaN) with zero gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attn import _checks, chunking, dispatch, masking
+from sparse_attn.indexer import lightning_topk
+
+# Bound on the per-block intermediates (elements) of the chunked XLA paths.
+_ATTN_BUDGET = 1 << 24
+
+
+def _check_qkv(q, k, v, q_offset=None, kv_lengths=None):
+  qs = _checks.check_rank("q", q, 4, "[B, T, H, D]")
+  ks = _checks.check_rank("k", k, 4, "[B, S, G, D]")
+  vs = _checks.check_rank("v", v, 4, "[B, S, G, Dv]")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _checks.check_floating(name, x)
+  _checks.check_same_dtype(q=q, k=k, v=v)
+  if ks[0] != qs[0] or ks[3] != qs[3]:
+    raise ValueError(
+        f"k shape {ks} must be [B, S, G, D] with B={qs[0]} and D={qs[3]} of "
+        f"q shape {qs}.")
+  if vs[:3] != ks[:3]:
+    raise ValueError(
+        f"v shape {vs} must be [B, S, G, Dv] with [B, S, G] = {ks[:3]} of "
+        f"k shape {ks}.")
+  _checks.check_heads(qs[2], ks[2], qs, ks)
+  _checks.check_q_offset(q_offset, qs[0])
+  _checks.check_kv_lengths(kv_lengths, qs[0])
+  return qs, ks, vs
+
+
+def _default_scale(scale, head_dim):
+  return head_dim ** -0.5 if scale is None else scale
+
+
+def masked_softmax(logits: jax.Array,
+                   valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Softmax over the last axis of f32 logits where `valid`.
+
+  Returns (probs, lse). Rows with no valid entry get all-zero probabilities
+  and lse = -inf; no NaN reaches the output or the gradient because masked
+  logits are replaced (not added to) before the exponential.
+  """
+  logits = jnp.where(valid, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  unnorm = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+  denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+  safe = jnp.where(denom > 0, denom, 1.0)
+  probs = unnorm / safe
+  lse = jnp.where(denom > 0, jnp.log(safe) + row_max, -jnp.inf)[..., 0]
+  return probs, lse
+
+
+def _grouped(q, num_kv_heads):
+  b, t, h, d = q.shape
+  return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                    q_offset: Any = None, kv_lengths: jax.Array | None = None,
+                    scale: float | None = None,
+                    query_chunk: int | None = None) -> jax.Array:
+  """Causal softmax attention [B, T, H, Dv] (the dense reference).
+
+  Args:
+    q: [B, T, H, D]; k: [B, S, G, D]; v: [B, S, G, Dv]; H % G == 0 (GQA/MQA).
+    q_offset: absolute position of query 0 (int or int32[B]); default S - T.
+    kv_lengths: optional int32[B]; keys >= kv_lengths[b] are padding.
+    scale: logit scale, default D**-0.5.
+    query_chunk: queries per block (default: bounded by a memory budget).
+  """
+  qs, ks, vs = _check_qkv(q, k, v, q_offset, kv_lengths)
+  batch, num_q, num_heads, head_dim = qs
+  num_keys, num_kv = ks[1], ks[2]
+  scale = _default_scale(scale, head_dim)
+  offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
+  if query_chunk is None:
+    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _ATTN_BUDGET)
+
+  acc = _checks.acc_dtype(q)
+
+  def block(start, qb):
+    q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
+    qg = _grouped(qb, num_kv)
+    logits = jnp.einsum("btgrd,bsgd->btgrs", qg, k,
+                        preferred_element_type=acc) * scale
+    valid = masking.visible(q_pos, num_keys, kv_lengths)[:, :, None, None, :]
+    probs, _ = masked_softmax(logits, valid)
+    out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
+                     preferred_element_type=acc)
+    return out.reshape(*qb.shape[:3], vs[3]).astype(q.dtype)
+
+  return chunking.map_query_chunks(block, query_chunk, q)
+
+
+def _check_indices(indices, batch, num_q):
+  ishape = _checks.check_rank("indices", indices, 3, "[B, T, K]")
+  _checks.check_integer("indices", indices)
+  if ishape[:2] != (batch, num_q):
+    raise ValueError(
+        f"indices shape {ishape} must be [B, T, K] with [B, T] = "
+        f"{(batch, num_q)} of q.")
+  if ishape[2] < 1:
+    raise ValueError(f"indices must select K >= 1 keys, got shape {ishape}.")
+  return ishape
+
+
+def gather_rows(x: jax.Array, indices: jax.Array) -> jax.Array:
+  """x[B, S, ...] rows at indices int[B, T, K] -> [B, T, K, ...] (per batch)."""
+  return jax.vmap(lambda xb, ib: xb[ib])(x, indices)
+
+
+def _gathered_block(qb, k, v, ib, scale):
+  num_keys, num_kv = k.shape[1], k.shape[2]
+  valid = (ib >= 0) & (ib < num_keys)
+  safe = jnp.where(valid, ib, 0)
+  kg = gather_rows(k, safe)                         # [B, C, K, G, D]
+  vg = gather_rows(v, safe)                         # [B, C, K, G, Dv]
+  qg = _grouped(qb, num_kv)
+  acc = _checks.acc_dtype(qb)
+  logits = jnp.einsum("btgrd,btkgd->btgrk", qg, kg,
+                      preferred_element_type=acc) * scale
+  probs, lse = masked_softmax(logits, valid[:, :, None, None, :])
+  out = jnp.einsum("btgrk,btkgv->btgrv", probs.astype(v.dtype), vg,
+                   preferred_element_type=acc)
+  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
+  return out, lse.reshape(qb.shape[:3])
+
+
+def gathered_attention_reference(q, k, v, indices, *, scale=None,
+                                 query_chunk=None, return_lse=False):
+  """XLA reference of `gathered_attention`; optionally also lse f32[B, T, H]."""
+  qs, ks, vs = _check_qkv(q, k, v)
+  ishape = _check_indices(indices, qs[0], qs[1])
+  scale = _default_scale(scale, qs[3])
+  if query_chunk is None:
+    per_query = ishape[2] * ks[2] * (qs[3] + vs[3]) + ishape[2] * qs[2]
+    query_chunk = chunking.auto_chunk(qs[1], per_query, _ATTN_BUDGET)
+  out, lse = chunking.map_query_chunks(
+      lambda start, qb, ib: _gathered_block(qb, k, v, ib, scale),
+      query_chunk, q, indices)
+  return (out, lse) if return_lse else out
+
+
+def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                       indices: jax.Array, *, scale: float | None = None,
+                       implementation: str | None = None) -> jax.Array:
+  """Softmax attention [B, T, H, Dv] of each query over its selected keys only.
+
+  Args:
+    q: [B, T, H, D]; k: [B, S, G, D]; v: [B, S, G, Dv]; H % G == 0.
+    indices: int32[B, T, K] key positions per query, shared by all heads;
+      -1 (or any value outside [0, S)) is ignored. A query with no valid
+      index returns zeros. Duplicate indices count twice.
+    scale: logit scale, default D**-0.5.
+    implementation: None (best for the platform), "xla" or "pallas".
+  """
+  impl = dispatch.resolve(implementation)
+  if impl == "pallas":
+    qs, _, _ = _check_qkv(q, k, v)
+    _check_indices(indices, qs[0], qs[1])
+    return dispatch.kernel_module("gathered_attention").gathered_attention(
+        q, k, v, indices, scale=scale)
+  return gathered_attention_reference(q, k, v, indices, scale=scale)
+
+
+def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
+                  k_idx: jax.Array, weights: jax.Array, *, top_k: int,
+                  q_offset: Any = None, kv_lengths: jax.Array | None = None,
+                  scale: float | None = None,
+                  implementation: str | None = None,
+                  return_indices: bool = False):
+  """DeepSeek Sparse Attention [B, T, H, Dv]: indexer top-k, then gathered attention.
+
+  Args:
+    q: [B, T, H, D]; k: [B, S, G, D]; v: [B, S, G, Dv].
+    q_idx: [B, T, HI, DI]; k_idx: [B, S, DI]; weights: [B, T, HI].
+    top_k: keys kept per query (K); with K >= S this equals dense attention.
+    return_indices: also return the int32[B, T, K] selection.
+  """
+  qs, ks, _ = _check_qkv(q, k, v, q_offset, kv_lengths)
+  iq = _checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
+  ik = _checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
+  if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
+    raise ValueError(
+        f"indexer inputs must cover the same tokens as the attention: q_idx "
+        f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S]).")
+  indices = lightning_topk(q_idx, k_idx, weights, top_k, q_offset=q_offset,
+                           kv_lengths=kv_lengths, implementation=implementation)
+  out = gathered_attention(q, k, v, indices, scale=scale,
+                           implementation=implementation)
+  return (out, indices) if return_indices else out

@@ -1,0 +1,180 @@
+"""Training losses: LM cross-entropy and the two indexer KL losses of DSA.
+
+DeepSeek-V3.2-Exp trains the lightning indexer to imitate the main attention:
+the target distribution p[t, :] is the main attention summed over heads and
+L1-normalised per query; the indexer distribution is softmax(I[t, :]).
+
+Both KL losses stop gradients into the main attention's q and k: the main
+model never learns from them. Detaching the indexer's *input* hidden state
+(so the indexer loss does not reach the shared trunk) is the layer's job
+(`sparse_attn.layers.DSAAttention`), since only the layer sees that input.
+
+Reduction: the mean over queries that have at least one key in the support
+(queries with none contribute nothing and are not counted). DeepSeek writes
+the loss as a sum over t; a mean keeps the loss scale independent of B*T, and
+`indexer_loss_scale` in the training config restores any weighting wanted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attn import _checks, chunking, masking
+from sparse_attn.attention import (_check_indices, _check_qkv, _grouped,
+                                   gather_rows, masked_softmax)
+from sparse_attn.indexer import _check_indexer_inputs, _scores_block
+
+_KL_BUDGET = 1 << 24
+
+
+def _kl_rows(p: jax.Array, index_logits: jax.Array, valid: jax.Array):
+  """Per-row KL(p || softmax(index_logits)) over `valid` entries, f32[...]."""
+  log_q, _ = _log_softmax_masked(index_logits, valid)
+  p_safe = jnp.where(valid & (p > 0), p, 1.0)
+  terms = jnp.where(valid & (p > 0), p * (jnp.log(p_safe) - log_q), 0.0)
+  return jnp.sum(terms, axis=-1)
+
+
+def _log_softmax_masked(logits, valid):
+  logits = jnp.where(valid, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.))
+  shifted = jnp.where(valid, logits - row_max, 0.0)
+  denom = jnp.sum(jnp.where(valid, jnp.exp(shifted), 0.0), -1, keepdims=True)
+  log_denom = jnp.log(jnp.where(denom > 0, denom, 1.0))
+  return jnp.where(valid, shifted - log_denom, 0.0), denom[..., 0] > 0
+
+
+def _head_summed_target(probs: jax.Array) -> jax.Array:
+  """probs [B, C, G, R, N] per-head distributions -> p [B, C, N], L1-normalised."""
+  summed = jnp.sum(probs, axis=(2, 3))
+  total = jnp.sum(summed, axis=-1, keepdims=True)
+  return summed / jnp.where(total > 0, total, 1.0)
+
+
+def _masked_mean(values, mask):
+  count = jnp.sum(mask)
+  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1)
+
+
+def dense_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
+                     k_idx: jax.Array, weights: jax.Array, *,
+                     q_offset: Any = None, kv_lengths: jax.Array | None = None,
+                     scale: float | None = None,
+                     query_chunk: int | None = None) -> jax.Array:
+  """Dense warm-up loss: mean_t KL(p[t, :] || softmax(I[t, :])) over visible keys.
+
+  p[t, :] = sum_h softmax_s(scale * q[t, h] . k[s, g(h)]) over visible s,
+  L1-normalised (per-head softmax over all visible keys, summed over the H
+  heads, divided by H): the main attention distribution averaged over heads.
+  Gradients reach only q_idx, k_idx and weights; q and k are stop-gradient.
+
+  Shapes: q [B, T, H, D], k [B, S, G, D], q_idx [B, T, HI, DI],
+  k_idx [B, S, DI], weights [B, T, HI]. Returns a scalar f32. Memory is
+  O(chunk * S * (H + HI)) with queries processed in chunks.
+  """
+  qs, ks, _ = _check_qkv(q, k, k, q_offset, kv_lengths)
+  iq, ik = _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
+  _check_same_tokens(qs, ks, iq, ik)
+  batch, num_q, num_heads, head_dim = qs
+  num_keys, num_kv = ks[1], ks[2]
+  scale = head_dim ** -0.5 if scale is None else scale
+  offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+  if query_chunk is None:
+    query_chunk = chunking.auto_chunk(
+        num_q, num_keys * (num_heads + iq[2]), _KL_BUDGET)
+
+  def block(start, qb, qib, wb):
+    q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
+    valid = masking.visible(q_pos, num_keys, kv_lengths)
+    logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
+                        preferred_element_type=_checks.acc_dtype(qb)) * scale
+    probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
+    p = _head_summed_target(probs)
+    index_logits = _scores_block(qib, k_idx, wb, q_pos, kv_lengths)
+    kl = _kl_rows(p, index_logits, valid)
+    return kl, jnp.any(valid, axis=-1)
+
+  kl, has_keys = chunking.map_query_chunks(block, query_chunk, q, q_idx,
+                                           weights)
+  return _masked_mean(kl, has_keys)
+
+
+def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
+                      k_idx: jax.Array, weights: jax.Array,
+                      indices: jax.Array, *,
+                      scale: float | None = None) -> jax.Array:
+  """Sparse-stage loss: mean_t KL(p[t, S_t] || softmax(I[t, S_t])).
+
+  S_t = the valid entries of indices[b, t] (the indexer's own top-k). Both
+  distributions live on S_t only and are computed from gathered logits, so
+  cost and memory are O(T * K * (H + HI)), never [T, S].
+
+  Normalisation (the DeepSeek report leaves room here): each main head's
+  softmax is taken over S_t first, the H per-head distributions are summed
+  and then L1-normalised, i.e. p is the head-average of per-head softmaxes
+  restricted to S_t. (The alternative, restricting the full-sequence
+  distribution to S_t and renormalising, needs the dense softmax denominator
+  and so the [T, S] logits this stage exists to avoid.)
+
+  Gradients reach only q_idx, k_idx and weights; q and k are stop-gradient.
+  Shapes: q [B, T, H, D], k [B, S, G, D], q_idx [B, T, HI, DI],
+  k_idx [B, S, DI], weights [B, T, HI], indices int32[B, T, K].
+  """
+  qs, ks, _ = _check_qkv(q, k, k)
+  iq, ik = _check_indexer_inputs(q_idx, k_idx, weights, None, None)
+  _check_same_tokens(qs, ks, iq, ik)
+  _check_indices(indices, qs[0], qs[1])
+  num_keys, num_kv = ks[1], ks[2]
+  scale = qs[3] ** -0.5 if scale is None else scale
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+
+  valid = (indices >= 0) & (indices < num_keys)
+  safe = jnp.where(valid, indices, 0)
+  kg = gather_rows(k, safe)                               # [B, T, K, G, D]
+  acc = _checks.acc_dtype(q, q_idx)
+  logits = jnp.einsum("btgrd,btkgd->btgrk", _grouped(q, num_kv), kg,
+                      preferred_element_type=acc) * scale
+  probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
+  p = _head_summed_target(probs)                          # [B, T, K]
+
+  kig = gather_rows(k_idx, safe)                          # [B, T, K, DI]
+  dots = jnp.einsum("bthd,btkd->bthk", q_idx, kig, preferred_element_type=acc)
+  index_logits = jnp.einsum("bthk,bth->btk", jax.nn.relu(dots),
+                            weights.astype(acc))
+  kl = _kl_rows(p, index_logits, valid)
+  return _masked_mean(kl, jnp.any(valid, axis=-1))
+
+
+def _check_same_tokens(qs, ks, iq, ik):
+  if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
+    raise ValueError(
+        f"indexer inputs must cover the same tokens as the attention: q_idx "
+        f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S]).")
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array,
+            mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token cross-entropy over mask; returns (loss, token_count).
+
+  logits [B, T, V] (any float dtype, reduced in f32), targets int[B, T],
+  mask [B, T] (1 where the token counts; default all ones).
+  """
+  ls = _checks.check_rank("logits", logits, 3, "[B, T, V]")
+  ts = _checks.check_rank("targets", targets, 2, "[B, T]")
+  if ts != ls[:2]:
+    raise ValueError(f"targets shape {ts} must be [B, T] = {ls[:2]} of logits.")
+  if mask is None:
+    mask = jnp.ones(ts, jnp.float32)
+  elif _checks.shape_of(mask) != ts:
+    raise ValueError(f"mask shape {_checks.shape_of(mask)} must be {ts}.")
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32),
+                             axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  count = jnp.sum(mask)
+  return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count

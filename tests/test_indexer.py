@@ -1,0 +1,111 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CASES, as_jnp_opt, make_inputs
+
+import np_reference as ref
+import sparse_attn as sa
+
+
+def assert_topk_matches(indices, scores, k):
+  """Compares a selection with the reference scores as *sets of scores*."""
+  indices, scores = np.asarray(indices), np.asarray(scores)
+  assert indices.shape == scores.shape[:2] + (k,)
+  for b in range(scores.shape[0]):
+    for t in range(scores.shape[1]):
+      row, sel = scores[b, t], indices[b, t]
+      n_vis = int(np.isfinite(row).sum())
+      m = min(k, n_vis)
+      assert (sel == -1).sum() == k - m, (b, t, sel)
+      chosen = sel[sel >= 0]
+      assert len(set(chosen.tolist())) == m
+      assert np.all(np.isfinite(row[chosen]))
+      want = np.sort(row[np.isfinite(row)])[::-1][:m]
+      np.testing.assert_allclose(np.sort(row[chosen])[::-1], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)
+def test_indexer_scores_and_topk_match_numpy(rng, B, T, S, H, G, D, HI, DI, K,
+                                             q_offset, kv_lengths):
+  x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
+  kw = dict(q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
+            kv_lengths=as_jnp_opt(kv_lengths))
+  want = ref.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], q_offset, kv_lengths)
+  got = sa.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], **kw)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  fin = np.isfinite(want)
+  np.testing.assert_allclose(np.asarray(got)[fin], want[fin], rtol=1e-4, atol=1e-4)
+
+  assert_topk_matches(sa.select_topk(got, K), want, K)
+  for chunk in (None, 1, 8):
+    sel = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K,
+                            query_chunk=chunk, **kw)
+    assert sel.dtype == jnp.int32
+    assert_topk_matches(sel, want, K)
+
+
+def test_select_topk_fewer_visible_than_k():
+  scores = jnp.array([[[1.0, -jnp.inf, 3.0, -jnp.inf]]])
+  sel = np.asarray(sa.select_topk(scores, 3))[0, 0]
+  assert sorted(sel.tolist()) == [-1, 0, 2]
+  none = np.asarray(sa.select_topk(jnp.full((1, 1, 4), -jnp.inf), 2))
+  assert (none == -1).all()
+
+
+def test_lightning_topk_jit_vmap():
+  rng = np.random.default_rng(1)
+  x = make_inputs(rng, 2, 16, 16, 2, 1, 8, 2, 8)
+  f = jax.jit(lambda qi, ki, w: sa.lightning_topk(qi, ki, w, 5, query_chunk=4))
+  base = f(x["q_idx"], x["k_idx"], x["weights"])
+  stacked = [jnp.stack([x[n], x[n]]) for n in ("q_idx", "k_idx", "weights")]
+  out = jax.vmap(f)(*stacked)
+  np.testing.assert_array_equal(np.sort(out[1], -1), np.sort(base, -1))
+
+
+def test_lightning_topk_memory_is_chunked():
+  """Compiled temp memory at T=S=16K stays far below one [T, S] f32 matrix."""
+  B, T, S, HI, DI, K = 1, 16384, 16384, 4, 32, 128
+  args = (jax.ShapeDtypeStruct((B, T, HI, DI), jnp.float32),
+          jax.ShapeDtypeStruct((B, S, DI), jnp.float32),
+          jax.ShapeDtypeStruct((B, T, HI), jnp.float32))
+  f = jax.jit(lambda qi, ki, w: sa.lightning_topk(qi, ki, w, K))
+  mem = f.lower(*args).compile().memory_analysis()
+  full_scores = B * T * S * 4
+  topk_out = B * T * K * 4
+  # O(T*K + chunk*S*HI): the bound is about 2 * 2^23 f32 per chunk + output.
+  assert mem.temp_size_in_bytes < full_scores / 8, mem.temp_size_in_bytes
+  assert mem.output_size_in_bytes == topk_out
+  g = jax.jit(lambda qi, ki, w: sa.select_topk(sa.indexer_scores(qi, ki, w), K))
+  dense_mem = g.lower(*args).compile().memory_analysis()
+  assert dense_mem.temp_size_in_bytes >= full_scores  # the unchunked path does build [T, S]
+
+
+def test_indexer_module_shapes_and_rope():
+  from flax import nnx
+  idx = sa.LightningIndexer(32, num_heads=4, head_dim=16, rope_dim=8, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 10, 32))
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  q, k, w = idx(x, pos)
+  assert q.shape == (2, 10, 4, 16) and k.shape == (2, 10, 16) and w.shape == (2, 10, 4)
+  # Dims past rope_dim are position-free: shifting positions leaves them unchanged.
+  q2, k2, _ = idx(x, pos + 5)
+  np.testing.assert_allclose(q[..., 8:], q2[..., 8:], rtol=1e-6)
+  np.testing.assert_allclose(k[..., 8:], k2[..., 8:], rtol=1e-6)
+  assert not np.allclose(q[..., :8], q2[..., :8])
+  # Relative-position invariance of the rotated part: q.k depends on t - s only.
+  s1 = jnp.einsum("bthd,bsd->bths", q, k)
+  s2 = jnp.einsum("bthd,bsd->bths", q2, k2)
+  np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-4)
+
+
+def test_indexer_query_latent():
+  from flax import nnx
+  idx = sa.LightningIndexer(32, 2, 8, query_input_dim=12, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 3, 32))
+  pos = jnp.zeros((1, 3), jnp.int32)
+  q, _, _ = idx(x, pos, q_latent=jnp.ones((1, 3, 12)))
+  assert q.shape == (1, 3, 2, 8)
+  with pytest.raises(ValueError, match="q_latent"):
+    idx(x, pos)
