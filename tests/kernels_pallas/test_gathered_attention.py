@@ -1,0 +1,123 @@
+"""Kernel (interpret mode, both formulations) vs the XLA reference."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.gathered_attention import (BlockSizes, gathered_attention,
+                                               gathered_attention_reference)
+
+PLATFORMS = ["tpu", "gpu"]
+TOL = {jnp.float32: dict(fwd=2e-5, grad=5e-5), jnp.bfloat16: dict(fwd=3e-2, grad=6e-2)}
+
+
+def _bs(platform, **kw):
+  return BlockSizes(block_k=128 if platform == "tpu" else 16, **kw)
+
+
+def _inputs(B, T, S, H, G, D, Dv, K, dtype, seed=0, lo=-3):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (B, S, G, D), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (B, S, G, Dv), jnp.float32).astype(dtype)
+  idx = jax.random.randint(ks[3], (B, T, K), lo, S + 3, jnp.int32)
+  return q, k, v, idx
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fwd_and_grads_odd_sizes(platform, dtype):
+  B, T, S, H, G, D, Dv, K = 1, 37, 101, 6, 3, 40, 24, 17
+  q, k, v, idx = _inputs(B, T, S, H, G, D, Dv, K, dtype)
+  idx = idx.at[0, 3].set(-1).at[0, 5].set(S)  # rows with no valid index
+  idx = idx.at[0, 7, :4].set(11)  # duplicated indices count twice, as in the reference
+  bs = _bs(platform, bwd_chunk_t=16)
+  f = jax.jit(functools.partial(gathered_attention, platform=platform, block_sizes=bs))
+  o = f(q, k, v, idx)
+  r = gathered_attention_reference(q, k, v, idx)
+  assert o.dtype == dtype and o.shape == (B, T, H, Dv)
+  assert not np.isnan(np.asarray(o, np.float32)).any()
+  np.testing.assert_array_equal(np.asarray(o[0, 3], np.float32), 0.0)
+  np.testing.assert_array_equal(np.asarray(o[0, 5], np.float32), 0.0)
+  assert _rel(o, r) < TOL[dtype]["fwd"]
+
+  cot = jax.random.normal(jax.random.key(9), o.shape, jnp.float32)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v, idx).astype(jnp.float32) * cot))
+  g = jax.jit(jax.grad(loss(f), (0, 1, 2)))(q, k, v)
+  # reference gradient in f32 from the same (rounded) inputs
+  f32 = lambda x: x.astype(jnp.float32)
+  gr = jax.grad(loss(gathered_attention_reference), (0, 1, 2))(f32(q), f32(k), f32(v))
+  for name, a, b, x in zip("qkv", g, gr, (q, k, v)):
+    assert a.dtype == x.dtype, name
+    assert not np.isnan(np.asarray(a, np.float32)).any(), name
+    assert _rel(a, b) < TOL[dtype]["grad"], (name, _rel(a, b))
+  np.testing.assert_array_equal(np.asarray(g[0][0, 3], np.float32), 0.0)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_mqa_multiple_k_blocks_and_scale(platform):
+  # G=1 (MQA), K spans several blocks, custom scale, all indices valid.
+  B, T, S, H, G, D, Dv, K = 2, 5, 300, 8, 1, 32, 16, 260
+  q, k, v, idx = _inputs(B, T, S, H, G, D, Dv, K, jnp.float32, seed=1, lo=0)
+  idx = jnp.minimum(idx, S - 1)
+  f = functools.partial(gathered_attention, platform=platform, scale=0.3,
+                        block_sizes=_bs(platform, bwd_chunk_t=2))
+  o = f(q, k, v, idx)
+  r = gathered_attention_reference(q, k, v, idx, scale=0.3)
+  assert _rel(o, r) < 2e-5
+  g = jax.grad(lambda k: jnp.sum(f(q, k, v, idx) ** 2))(k)
+  gr = jax.grad(lambda k: jnp.sum(gathered_attention_reference(q, k, v, idx, scale=0.3) ** 2))(k)
+  assert _rel(g, gr) < 5e-5
+
+
+def test_all_invalid_gives_zero_and_finite_grads():
+  B, T, S, H, G, D, Dv, K = 1, 3, 10, 2, 1, 8, 8, 4
+  q, k, v, _ = _inputs(B, T, S, H, G, D, Dv, K, jnp.float32)
+  idx = jnp.full((B, T, K), -1, jnp.int32)
+  o = gathered_attention(q, k, v, idx)
+  np.testing.assert_array_equal(np.asarray(o), 0.0)
+  g = jax.grad(lambda q, k, v: jnp.sum(gathered_attention(q, k, v, idx)), (0, 1, 2))(q, k, v)
+  for x in g:
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+def test_vmap():
+  B, T, S, H, G, D, Dv, K = 1, 4, 20, 2, 1, 8, 8, 5
+  q, k, v, idx = _inputs(B, T, S, H, G, D, Dv, K, jnp.float32)
+  stack = lambda x: jnp.stack([x, x * 0.5])
+  o = jax.vmap(gathered_attention)(stack(q), stack(k), stack(v), jnp.stack([idx, idx]))
+  assert _rel(o[1], gathered_attention_reference(q * 0.5, k * 0.5, v * 0.5, idx)) < 2e-5
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=jnp.zeros((1, 2, 3, 8))), "H % G"),
+    (dict(q=jnp.zeros((1, 2, 4))), "q must have rank 4"),
+    (dict(k=jnp.zeros((1, 9, 2, 7))), "k shape"),
+    (dict(v=jnp.zeros((1, 8, 2, 8))), "v shape"),
+    (dict(indices=jnp.zeros((1, 3, 4), jnp.int32)), "indices shape"),
+    (dict(indices=jnp.zeros((1, 2, 4), jnp.float32)), "integer"),
+    (dict(v=jnp.zeros((1, 9, 2, 8), jnp.bfloat16)), "dtypes differ"),
+])
+def test_validation(bad, match):
+  args = dict(q=jnp.zeros((1, 2, 4, 8)), k=jnp.zeros((1, 9, 2, 8)), v=jnp.zeros((1, 9, 2, 8)),
+              indices=jnp.zeros((1, 2, 4), jnp.int32))
+  args.update(bad)
+  with pytest.raises(ValueError, match=match):
+    gathered_attention(**args)
+
+
+def test_block_sizes_validation():
+  with pytest.raises(ValueError, match="block_k"):
+    BlockSizes(block_k=0)
+  q, k, v, idx = _inputs(1, 2, 9, 2, 1, 8, 8, 300, jnp.float32)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    gathered_attention(q, k, v, idx, platform="tpu", block_sizes=BlockSizes(block_k=100))
+  with pytest.raises(ValueError, match="power of two"):
+    gathered_attention(q, k, v, idx, platform="gpu", block_sizes=BlockSizes(block_k=24))
