@@ -109,3 +109,29 @@ def test_indexer_query_latent():
   assert q.shape == (1, 3, 2, 8)
   with pytest.raises(ValueError, match="q_latent"):
     idx(x, pos)
+
+
+@pytest.mark.parametrize("sub_block", [None, 1, 2, 4, 16])
+def test_two_stage_selection_with_ties(sub_block):
+  """Integer-valued scores with many ties and masked entries: same score sets."""
+  from sparse_attn.indexer import _topk_of_scores
+  rng = np.random.default_rng(3)
+  scores = rng.integers(0, 6, size=(2, 9, 203)).astype(np.float32)
+  scores[rng.random(scores.shape) < 0.3] = -np.inf
+  scores[1, 4] = -np.inf
+  scores[1, 5, 7:] = -np.inf
+  for k in (1, 13, 64, 300):
+    sel = _topk_of_scores(jnp.asarray(scores), k, sub_block)
+    assert_topk_matches(sel, scores, k)
+
+
+@pytest.mark.parametrize("T,chunk,kv", [(64, 8, None), (61, 4, [61, 30]), (100, 16, [7, 100])])
+def test_causal_paired_topk_matches_reference(T, chunk, kv):
+  rng = np.random.default_rng(T)
+  x = make_inputs(rng, 2, T, T, 1, 1, 4, 3, 8)
+  kvl = as_jnp_opt(kv)
+  want = np.asarray(sa.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], kv_lengths=kvl))
+  for k in (5, 40):
+    sel = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], k, kv_lengths=kvl,
+                            query_chunk=chunk)
+    assert_topk_matches(sel, want, k)
