@@ -141,17 +141,80 @@ def _gathered_block(qb, k, v, ib, scale):
   return out, lse.reshape(qb.shape[:3])
 
 
+def selection_counts(indices: jax.Array, num_keys: int, dtype=jnp.float32):
+  """(present bool[B, T, S], log multiplicity [B, T, S]) of a selection.
+
+  Adding log(count) to a logit weighs a key selected c times by c, so a
+  dense softmax over `present` keys equals the softmax over the gathered
+  slots (duplicates included). Indices outside [0, S) are ignored.
+  """
+  batch, num_q, _ = indices.shape
+  valid = (indices >= 0) & (indices < num_keys)
+  rows = jnp.arange(batch)[:, None, None]
+  cols = jnp.arange(num_q)[None, :, None]
+  counts = jnp.zeros((batch, num_q, num_keys), jnp.int32).at[
+      rows, cols, jnp.where(valid, indices, num_keys)].add(1, mode="drop")
+  return counts > 0, jnp.log(jnp.maximum(counts, 1).astype(dtype))
+
+
+def use_counted(num_keys: int, top_k: int) -> bool:
+  """Whether the dense counted form beats gathering (S within 8x of K)."""
+  return num_keys <= _COUNTED_MAX_RATIO * top_k
+
+
+def _counted_block(qb, k, v, ib, scale):
+  """Same result as `_gathered_block`, computed densely over all S keys.
+
+  counts[b, t, s] = how often s occurs in ib[b, t]; the softmax weighs key s
+  by counts * exp(logit), which is exactly the gathered softmax (duplicates
+  included). When S is within a small multiple of K this beats gathering:
+  XLA's gather, and above all the scatter-add of its gradient, cost far more
+  per element on CPU than the matmuls they avoid.
+  """
+  num_kv = k.shape[2]
+  acc = _checks.acc_dtype(qb)
+  present, log_counts = selection_counts(ib, k.shape[1], acc)
+  logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
+                      preferred_element_type=acc) * scale
+  probs, lse = masked_softmax(logits + log_counts[:, :, None, None, :],
+                              present[:, :, None, None, :])
+  out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
+                   preferred_element_type=acc)
+  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
+  return out, lse.reshape(qb.shape[:3])
+
+
+# Use the dense counted form while S <= this many times K.
+_COUNTED_MAX_RATIO = 8
+
+
 def gathered_attention_reference(q, k, v, indices, *, scale=None,
-                                 query_chunk=None, return_lse=False):
-  """XLA reference of `gathered_attention`; optionally also lse f32[B, T, H]."""
+                                 query_chunk=None, return_lse=False,
+                                 method=None):
+  """XLA reference of `gathered_attention`; optionally also lse f32[B, T, H].
+
+  method: "gather" (gather the K selected rows per query, O(T*K) memory),
+  "counted" (dense over S with per-key multiplicities, no gather), or None:
+  "counted" when S <= 8*K, else "gather". Both give the same result.
+  """
   qs, ks, vs = _check_qkv(q, k, v)
   ishape = _check_indices(indices, qs[0], qs[1])
   scale = _default_scale(scale, qs[3])
-  if query_chunk is None:
+  if method is None:
+    method = "counted" if use_counted(ks[1], ishape[2]) else "gather"
+  if method not in ("gather", "counted"):
+    raise ValueError(f"method must be 'gather', 'counted' or None, got "
+                     f"{method!r}.")
+  if method == "gather":
     per_query = ishape[2] * ks[2] * (qs[3] + vs[3]) + ishape[2] * qs[2]
+    block_fn = _gathered_block
+  else:
+    per_query = ks[1] * (qs[2] + 2)
+    block_fn = _counted_block
+  if query_chunk is None:
     query_chunk = chunking.auto_chunk(qs[1], per_query, _ATTN_BUDGET)
   out, lse = chunking.map_query_chunks(
-      lambda start, qb, ib: _gathered_block(qb, k, v, ib, scale),
+      lambda start, qb, ib: block_fn(qb, k, v, ib, scale),
       query_chunk, q, indices)
   return (out, lse) if return_lse else out
 

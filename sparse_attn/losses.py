@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from sparse_attn import _checks, chunking, masking
 from sparse_attn.attention import (_check_indices, _check_qkv, _grouped,
-                                   gather_rows, masked_softmax)
+                                   gather_rows, masked_softmax,
+                                   selection_counts, use_counted)
 from sparse_attn.indexer import _check_indexer_inputs, _scores_block
 
 _KL_BUDGET = 1 << 24
@@ -107,12 +108,16 @@ def dense_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
 def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
                       k_idx: jax.Array, weights: jax.Array,
                       indices: jax.Array, *,
-                      scale: float | None = None) -> jax.Array:
+                      scale: float | None = None,
+                      method: str | None = None) -> jax.Array:
   """Sparse-stage loss: mean_t KL(p[t, S_t] || softmax(I[t, S_t])).
 
   S_t = the valid entries of indices[b, t] (the indexer's own top-k). Both
   distributions live on S_t only and are computed from gathered logits, so
-  cost and memory are O(T * K * (H + HI)), never [T, S].
+  cost and memory are O(T * K * (H + HI)), never [T, S]. (When S <= 8*K the
+  same value is computed densely over S with the selection as a mask,
+  which is cheaper on CPU than gather + scatter-add at those sizes;
+  `method` = "gather" / "counted" forces one form.)
 
   Normalisation (the DeepSeek report leaves room here): each main head's
   softmax is taken over S_t first, the H per-head distributions are summed
@@ -128,26 +133,48 @@ def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
   qs, ks, _ = _check_qkv(q, k, k)
   iq, ik = _check_indexer_inputs(q_idx, k_idx, weights, None, None)
   _check_same_tokens(qs, ks, iq, ik)
-  _check_indices(indices, qs[0], qs[1])
+  ishape = _check_indices(indices, qs[0], qs[1])
   num_keys, num_kv = ks[1], ks[2]
   scale = qs[3] ** -0.5 if scale is None else scale
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-
-  valid = (indices >= 0) & (indices < num_keys)
-  safe = jnp.where(valid, indices, 0)
-  kg = gather_rows(k, safe)                               # [B, T, K, G, D]
   acc = _checks.acc_dtype(q, q_idx)
-  logits = jnp.einsum("btgrd,btkgd->btgrk", _grouped(q, num_kv), kg,
-                      preferred_element_type=acc) * scale
-  probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
-  p = _head_summed_target(probs)                          # [B, T, K]
+  if method not in (None, "gather", "counted"):
+    raise ValueError(f"method must be 'gather', 'counted' or None, got "
+                     f"{method!r}.")
+  counted = (use_counted(num_keys, ishape[2]) if method is None
+             else method == "counted")
 
-  kig = gather_rows(k_idx, safe)                          # [B, T, K, DI]
-  dots = jnp.einsum("bthd,btkd->bthk", q_idx, kig, preferred_element_type=acc)
-  index_logits = jnp.einsum("bthk,bth->btk", jax.nn.relu(dots),
-                            weights.astype(acc))
-  kl = _kl_rows(p, index_logits, valid)
-  return _masked_mean(kl, jnp.any(valid, axis=-1))
+  def block(start, qb, qib, wb, ib):
+    del start
+    if counted:
+      # Dense over S with log-multiplicities: same value, no gather/scatter.
+      valid, log_counts = selection_counts(ib, num_keys, acc)
+      logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
+                          preferred_element_type=acc) * scale
+      logits = logits + log_counts[:, :, None, None, :]
+      dots = jnp.einsum("bthd,bsd->bths", qib, k_idx,
+                        preferred_element_type=acc)
+      index_logits = jnp.einsum("bths,bth->bts", jax.nn.relu(dots),
+                                wb.astype(acc)) + log_counts
+    else:
+      valid = (ib >= 0) & (ib < num_keys)
+      safe = jnp.where(valid, ib, 0)
+      kg = gather_rows(k, safe)                           # [B, C, K, G, D]
+      logits = jnp.einsum("btgrd,btkgd->btgrk", _grouped(qb, num_kv), kg,
+                          preferred_element_type=acc) * scale
+      kig = gather_rows(k_idx, safe)                      # [B, C, K, DI]
+      dots = jnp.einsum("bthd,btkd->bthk", qib, kig, preferred_element_type=acc)
+      index_logits = jnp.einsum("bthk,bth->btk", jax.nn.relu(dots),
+                                wb.astype(acc))
+    probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
+    p = _head_summed_target(probs)
+    return _kl_rows(p, index_logits, valid), jnp.any(valid, axis=-1)
+
+  width = num_keys if counted else ishape[2]
+  chunk = chunking.auto_chunk(qs[1], width * (qs[2] + iq[2]), _KL_BUDGET)
+  kl, has_keys = chunking.map_query_chunks(block, chunk, q, q_idx, weights,
+                                           indices)
+  return _masked_mean(kl, has_keys)
 
 
 def _check_same_tokens(qs, ks, iq, ik):

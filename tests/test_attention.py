@@ -42,6 +42,9 @@ def test_gathered_attention_matches_numpy_and_masked_dense(
   want = ref.gathered_attention(x["q"], x["k"], x["v"], np.asarray(idx))
   got = sa.gathered_attention(x["q"], x["k"], x["v"], idx, implementation="xla")
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  for method in ("gather", "counted"):
+    alt = sa.gathered_attention_reference(x["q"], x["k"], x["v"], idx, method=method)
+    np.testing.assert_allclose(alt, want, rtol=1e-4, atol=1e-5, err_msg=method)
   # dense attention restricted by a mask built from the same indices
   q, k, v = (jnp.asarray(x[n]) for n in "qkv")
   mask = np.zeros((B, T, S), bool)
@@ -77,13 +80,14 @@ def test_empty_rows_are_zero_with_finite_grads(rng):
   idx = random_indices(rng, B, T, S, K, empty_rows=[(0, 0), (1, 3)])
   idx[1, 4] = [S, S + 5, -7]  # out of range counts as invalid too
   q, k, v = (jnp.asarray(x[n]) for n in "qkv")
-  out = sa.gathered_attention(q, k, v, idx)
-  assert np.all(out[0, 0] == 0) and np.all(out[1, 3] == 0) and np.all(out[1, 4] == 0)
-  grads = jax.grad(lambda q, k, v: jnp.sum(sa.gathered_attention(q, k, v, idx) ** 2),
-                   argnums=(0, 1, 2))(q, k, v)
-  for g in grads:
-    assert np.all(np.isfinite(g))
-  assert np.all(grads[0][0, 0] == 0)
+  for method in ("gather", "counted"):
+    f = lambda q, k, v: sa.gathered_attention_reference(q, k, v, idx, method=method)
+    out = f(q, k, v)
+    assert np.all(out[0, 0] == 0) and np.all(out[1, 3] == 0) and np.all(out[1, 4] == 0)
+    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+      assert np.all(np.isfinite(g))
+    assert np.all(grads[0][0, 0] == 0)
   # fully padded sequence in dense attention
   dense = sa.dense_attention(q, k, v, kv_lengths=jnp.array([0, S]))
   assert np.all(dense[0] == 0) and np.all(np.isfinite(dense))
@@ -116,8 +120,9 @@ def test_check_grads_gathered_attention(rng):
   x = {n: np.asarray(a, np.float64) for n, a in x.items()}
   idx = jnp.asarray(random_indices(rng, B, T, S, K, empty_rows=[(0, 2)]))
   with jax.enable_x64(True):
-    f = lambda q, k, v: sa.gathered_attention(q, k, v, idx)
-    check_grads(f, (x["q"], x["k"], x["v"]), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    for method in ("gather", "counted"):
+      f = lambda q, k, v: sa.gathered_attention_reference(q, k, v, idx, method=method)
+      check_grads(f, (x["q"], x["k"], x["v"]), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
     fd = lambda q, k, v: sa.dense_attention(q, k, v, kv_lengths=jnp.array([5]))
     check_grads(fd, (x["q"], x["k"], x["v"]), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 

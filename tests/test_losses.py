@@ -25,8 +25,9 @@ def test_kl_losses_match_numpy(rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_le
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   idx = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K, **kw)
   want_s = ref.sparse_indexer_kl(*args, np.asarray(idx))
-  got_s = sa.sparse_indexer_kl(*args, idx)
-  np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-5)
+  for method in (None, "gather", "counted"):
+    got_s = sa.sparse_indexer_kl(*args, idx, method=method)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-5, err_msg=method)
   assert got >= 0 and got_s >= 0
 
 
@@ -47,8 +48,9 @@ def test_losses_check_grads(rng):
     idx = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K)
     q, k = x["q"], x["k"]
     fd = lambda qi, ki, w: sa.dense_indexer_kl(q, k, qi, ki, w, kv_lengths=jnp.array([5]))
-    fs = lambda qi, ki, w: sa.sparse_indexer_kl(q, k, qi, ki, w, idx)
-    for f in (fd, fs):
+    fs = lambda qi, ki, w: sa.sparse_indexer_kl(q, k, qi, ki, w, idx, method="gather")
+    fc = lambda qi, ki, w: sa.sparse_indexer_kl(q, k, qi, ki, w, idx, method="counted")
+    for f in (fd, fs, fc):
       check_grads(f, (x["q_idx"], x["k_idx"], x["weights"]), order=1, modes=("rev",),
                   atol=1e-5, rtol=1e-5)
 

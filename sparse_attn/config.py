@@ -1,0 +1,319 @@
+"""Run configuration: frozen dataclasses, presets, JSON round trip, validation.
+
+A run is described by one `Config` = `ModelConfig` (sizes, attention kind)
++ `TrainConfig` (data, the two DSA stages, optimiser, mesh, checkpoints,
+logging). Presets are functions of nothing; override fields with
+`override(cfg, "model.top_k=32", "train.lr=1e-3")` (values parsed as JSON,
+falling back to the raw string), which is what the CLI's `--set` does.
+
+Stages (DeepSeek-V3.2-Exp): `warmup_stage_steps` of dense warm-up (main
+model frozen, dense attention, only the indexer trains on the dense KL), then
+`sparse_stage_steps` of sparse training (top-k attention, everything trains:
+the main model on the LM loss, the indexer on the sparse KL). Either may be
+0. Attention kinds without an indexer ("dense", ...) have no warm-up stage:
+`resolved()` folds its steps into the main stage so the total is unchanged
+(a dense twin trains the same number of steps as its DSA counterpart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer sizes and attention kind."""
+  vocab_size: int = 256
+  embed_dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2          # GQA (1 = MQA, num_heads = MHA)
+  head_dim: int = 32
+  mlp_dim: int = 384             # SwiGLU hidden size
+  attention: str = "dsa"         # a key of sparse_attn.model.ATTENTION_KINDS
+  top_k: int = 32                # DSA keys per query
+  indexer_heads: int = 4
+  indexer_dim: int = 32
+  indexer_rope_dim: int | None = None   # None: indexer_dim // 2
+  implementation: str | None = None     # None (platform default), "xla", "pallas"
+  # Kind-specific constructor arguments of the baseline kinds (window, stride,
+  # n_hashes, ...): a dict in JSON, stored as sorted (name, value) pairs so
+  # the config stays hashable.
+  attention_params: Any = ()
+  tie_embeddings: bool = True
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"         # activation dtype
+  param_dtype: str = "float32"
+
+
+  def __post_init__(self):
+    params = self.attention_params
+    if isinstance(params, dict):
+      params = params.items()
+    try:
+      pairs = tuple(sorted((str(k), v) for k, v in params))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"model.attention_params must be a dict of kind "
+                       f"arguments, got {self.attention_params!r}.") from e
+    object.__setattr__(self, "attention_params", pairs)
+
+  @property
+  def attention_kwargs(self) -> dict[str, Any]:
+    return dict(self.attention_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Data, stages, optimiser, mesh, checkpointing and logging."""
+  dataset: str = "text"          # "text" or a synthetic task of sparse_attn.data
+  data_path: str | None = None   # text only; None = Python stdlib sources
+  max_bytes: int | None = 4_000_000       # text train split prefix
+  eval_max_bytes: int | None = 1_000_000  # text validation split prefix
+  seq_len: int = 128
+  batch_size: int = 16           # global batch
+  seed: int = 0
+  warmup_stage_steps: int = 30   # stage 1: dense warm-up, indexer only
+  sparse_stage_steps: int = 200  # stage 2: sparse, everything trains
+  lr: float = 3e-3               # main model peak learning rate
+  indexer_lr: float = 3e-3       # indexer peak learning rate (both stages)
+  lr_warmup_steps: int = 20      # linear LR warm-up of each schedule
+  min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
+  weight_decay: float = 0.1      # AdamW, matrices only
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0         # global-norm clipping (per parameter group)
+  indexer_loss_scale: float = 1.0
+  mesh_shape: tuple[int, int, int] | None = None  # (data, fsdp, tensor); None: (devices, 1, 1)
+  checkpoint_every: int = 100    # 0 disables periodic checkpoints
+  keep_checkpoints: int = 2
+  async_checkpointing: bool = True
+  eval_every: int = 100          # 0: evaluate only at the end
+  eval_batches: int = 4
+  log_every: int = 10
+
+  @property
+  def total_steps(self) -> int:
+    return self.warmup_stage_steps + self.sparse_stage_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  name: str = "tiny"
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["model"]["attention_params"] = self.model.attention_kwargs
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Config":
+    d = dict(d)
+    unknown = set(d) - {"model", "train", "name"}
+    if unknown:
+      raise ValueError(f"unknown config sections {sorted(unknown)}.")
+    return cls(model=_build(ModelConfig, d.get("model", {}), "model"),
+               train=_build(TrainConfig, d.get("train", {}), "train"),
+               name=d.get("name", "run"))
+
+  @classmethod
+  def from_json(cls, text: str) -> "Config":
+    return cls.from_dict(json.loads(text))
+
+  def replace(self, **changes) -> "Config":
+    return override(self, **changes)
+
+  def resolved(self) -> "Config":
+    """Folds the warm-up stage into the main stage for kinds without an indexer."""
+    from sparse_attn.model import kind_has_indexer  # pylint: disable=g-import-not-at-top
+    t = self.train
+    if t.warmup_stage_steps and not kind_has_indexer(self.model.attention):
+      t = dataclasses.replace(t, warmup_stage_steps=0,
+                              sparse_stage_steps=t.total_steps)
+    return dataclasses.replace(self, train=t)
+
+
+def _build(cls, d: dict[str, Any], section: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - names
+  if unknown:
+    raise ValueError(f"unknown {section} config fields {sorted(unknown)}; "
+                     f"known: {sorted(names)}.")
+  d = dict(d)
+  if d.get("mesh_shape") is not None:
+    d["mesh_shape"] = tuple(d["mesh_shape"])
+  return cls(**d)
+
+
+def override(cfg: Config, *assignments: str, **changes: Any) -> Config:
+  """Returns cfg with "section.field=value" assignments / keyword changes.
+
+  Keys are "model.<field>", "train.<field>" or "name"; string values are
+  parsed as JSON when possible ("3e-4" -> 3e-4, "null" -> None,
+  "[2,2,2]" -> (2, 2, 2)), else kept as strings.
+  """
+  items = dict(changes)
+  for a in assignments:
+    if "=" not in a:
+      raise ValueError(f"override {a!r} must look like section.field=value.")
+    key, value = a.split("=", 1)
+    try:
+      items[key.strip()] = json.loads(value)
+    except json.JSONDecodeError:
+      items[key.strip()] = value
+  d = cfg.to_dict()
+  for key, value in items.items():
+    if key == "name":
+      d["name"] = value
+      continue
+    section, _, field = key.partition(".")
+    if section not in ("model", "train") or field not in d[section]:
+      raise ValueError(f"unknown config field {key!r}.")
+    d[section][field] = value
+  return Config.from_dict(d)
+
+
+def _positive(errors, where, **values):
+  for k, v in values.items():
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      errors.append(f"{where}.{k} must be a positive integer, got {v!r}")
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> Config:
+  """Raises ValueError listing every problem found; returns cfg.resolved().
+
+  num_devices: devices the run will use (default: all of jax.devices()),
+  checked against train.mesh_shape and the batch size.
+  """
+  from sparse_attn.model import ATTENTION_KINDS  # pylint: disable=g-import-not-at-top
+  m, t = cfg.model, cfg.train
+  errors: list[str] = []
+  _positive(errors, "model", vocab_size=m.vocab_size, embed_dim=m.embed_dim,
+            num_layers=m.num_layers, num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+            mlp_dim=m.mlp_dim, indexer_heads=m.indexer_heads,
+            indexer_dim=m.indexer_dim)
+  if m.attention not in ATTENTION_KINDS:
+    errors.append(f"model.attention must be one of {sorted(ATTENTION_KINDS)}, "
+                  f"got {m.attention!r}")
+  else:
+    from sparse_attn.model import attention_param_names  # pylint: disable=g-import-not-at-top
+    allowed = attention_param_names(m.attention)
+    unknown = sorted(set(m.attention_kwargs) - allowed)
+    if unknown:
+      errors.append(f"model.attention_params {unknown} are not arguments of "
+                    f"attention kind {m.attention!r}; allowed: {sorted(allowed)}")
+  if not isinstance(m.top_k, int) or m.top_k < 1:
+    errors.append(f"model.top_k must be >= 1, got {m.top_k!r}")
+  if (isinstance(m.num_kv_heads, int) and m.num_kv_heads >= 1
+      and isinstance(m.num_heads, int) and m.num_heads % m.num_kv_heads):
+    errors.append(f"model.num_heads={m.num_heads} must be divisible by "
+                  f"model.num_kv_heads={m.num_kv_heads}")
+  if isinstance(m.head_dim, int) and m.head_dim % 2:
+    errors.append(f"model.head_dim must be even (RoPE), got {m.head_dim}")
+  if m.indexer_rope_dim is not None and (
+      m.indexer_rope_dim % 2 or not 0 <= m.indexer_rope_dim <= m.indexer_dim):
+    errors.append(f"model.indexer_rope_dim must be even and in [0, "
+                  f"indexer_dim={m.indexer_dim}], got {m.indexer_rope_dim}")
+  if m.implementation not in (None, "xla", "pallas"):
+    errors.append(f"model.implementation must be None, 'xla' or 'pallas', got "
+                  f"{m.implementation!r}")
+  for k in ("dtype", "param_dtype"):
+    if getattr(m, k) not in _DTYPES:
+      errors.append(f"model.{k} must be one of {_DTYPES}, got {getattr(m, k)!r}")
+  _positive(errors, "train", seq_len=t.seq_len, batch_size=t.batch_size,
+            eval_batches=t.eval_batches, log_every=t.log_every,
+            keep_checkpoints=t.keep_checkpoints)
+  for k in ("warmup_stage_steps", "sparse_stage_steps", "lr_warmup_steps",
+            "checkpoint_every", "eval_every", "seed"):
+    v = getattr(t, k)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      errors.append(f"train.{k} must be an integer >= 0, got {v!r}")
+  if not errors and t.total_steps < 1:
+    errors.append("train.warmup_stage_steps + train.sparse_stage_steps must be "
+                  ">= 1 (both stages are empty)")
+  for k in ("lr", "indexer_lr"):
+    if not getattr(t, k) > 0:
+      errors.append(f"train.{k} must be > 0, got {getattr(t, k)!r}")
+  if not 0 <= t.min_lr_ratio <= 1:
+    errors.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+  if t.dataset == "text":
+    if t.data_path is not None and not os.path.exists(t.data_path):
+      errors.append(f"train.data_path {t.data_path!r} does not exist")
+  elif t.data_path is not None:
+    errors.append(f"train.data_path applies only to dataset 'text', not "
+                  f"{t.dataset!r}")
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  mesh = t.mesh_shape if t.mesh_shape is not None else (num_devices, 1, 1)
+  if (len(mesh) != 3 or any(not isinstance(x, int) or x < 1 for x in mesh)):
+    errors.append(f"train.mesh_shape must be 3 positive ints (data, fsdp, "
+                  f"tensor), got {mesh!r}")
+  else:
+    n = mesh[0] * mesh[1] * mesh[2]
+    if n != num_devices:
+      errors.append(f"train.mesh_shape {tuple(mesh)} has {n} devices but "
+                    f"{num_devices} are available")
+    if isinstance(t.batch_size, int) and t.batch_size % (mesh[0] * mesh[1]):
+      errors.append(f"train.batch_size={t.batch_size} must be divisible by "
+                    f"data*fsdp={mesh[0] * mesh[1]} of mesh {tuple(mesh)}")
+  if errors:
+    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+  return cfg.resolved()
+
+
+# ---------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------
+
+def tiny() -> Config:
+  """~0.5M params, T=128, top-k 32, trains in a couple of minutes on a 2-core CPU."""
+  return Config(name="tiny")
+
+
+def small() -> Config:
+  """~20M params, T=2048, top-k 256: one accelerator, a few hours."""
+  return Config(
+      name="small",
+      model=ModelConfig(embed_dim=512, num_layers=8, num_heads=8,
+                        num_kv_heads=2, head_dim=64, mlp_dim=1536, top_k=256,
+                        indexer_heads=8, indexer_dim=64),
+      train=TrainConfig(seq_len=2048, batch_size=32, max_bytes=None,
+                        eval_max_bytes=None, warmup_stage_steps=500,
+                        sparse_stage_steps=20_000, lr=1e-3, indexer_lr=1e-3,
+                        lr_warmup_steps=500, checkpoint_every=1000,
+                        eval_every=1000, eval_batches=16, log_every=50))
+
+
+def base() -> Config:
+  """~110M params, T=4096, top-k 512: a multi-device (e.g. 8-chip) run."""
+  return Config(
+      name="base",
+      model=ModelConfig(embed_dim=768, num_layers=12, num_heads=12,
+                        num_kv_heads=4, head_dim=64, mlp_dim=2048, top_k=512,
+                        indexer_heads=16, indexer_dim=64, dtype="bfloat16"),
+      train=TrainConfig(seq_len=4096, batch_size=64, max_bytes=None,
+                        eval_max_bytes=None, warmup_stage_steps=1000,
+                        sparse_stage_steps=50_000, lr=6e-4, indexer_lr=1e-3,
+                        lr_warmup_steps=1000, checkpoint_every=2000,
+                        eval_every=2000, eval_batches=32, log_every=100))
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base}
+
+
+def preset(name: str) -> Config:
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}.")
+  return PRESETS[name]()

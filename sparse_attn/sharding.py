@@ -1,0 +1,178 @@
+"""Device mesh, logical-axis rules, and shardings for parameters and batches.
+
+The mesh always has three axes, MESH_AXES = ("data", "fsdp", "tensor"):
+  - the batch is split over data x fsdp;
+  - parameters are split over fsdp (their "embed" dimension, ZeRO-3 style)
+    and tensor (heads / kv_heads / mlp / vocab / indexer_heads);
+  - everything else (norm scales, optimiser counters, the step, the RNG) is
+    replicated.
+Parameters name their dimensions in `logical_axes` metadata (see
+`sparse_attn.layers.param`); LOGICAL_RULES maps those names to mesh axes.
+A dimension whose size is not divisible by its mesh axes, or whose mesh axis
+is already used by another dimension of the same array, stays replicated,
+so every rule set works for every model size (e.g. MQA with tensor=2).
+
+`jax.jit(..., in_shardings=..., out_shardings=...)` then partitions the step
+(the modern form of pjit). Pallas kernels cannot be auto-partitioned; wrap
+them with `shard_map_batch_heads` (the training loop on CPU uses the XLA
+path, which needs no wrapper).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("indexer_heads", "tensor"),
+    ("head_dim", None),
+    ("indexer_dim", None),
+    ("length", None),
+)
+
+
+def make_mesh(mesh_shape: Sequence[int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over `devices` (default: all) with axes (data, fsdp, tensor).
+
+  mesh_shape None means (len(devices), 1, 1): pure data parallelism.
+  Devices are laid out in jax.devices() order, so in a multi-host run each
+  process's devices are contiguous along the leading (data) axis.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if mesh_shape is None:
+    mesh_shape = (len(devices), 1, 1)
+  mesh_shape = tuple(int(x) for x in mesh_shape)
+  if len(mesh_shape) != 3 or min(mesh_shape) < 1:
+    raise ValueError(f"mesh_shape must be 3 positive ints {MESH_AXES}, got "
+                     f"{mesh_shape}.")
+  if math.prod(mesh_shape) != len(devices):
+    raise ValueError(f"mesh_shape {mesh_shape} needs {math.prod(mesh_shape)} "
+                     f"devices, but {len(devices)} are available.")
+  return Mesh(np.asarray(devices, dtype=object).reshape(mesh_shape), MESH_AXES)
+
+
+def _as_tuple(x) -> tuple[str, ...]:
+  if x is None:
+    return ()
+  return (x,) if isinstance(x, str) else tuple(x)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None,
+                    shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> P:
+  """PartitionSpec for an array with these logical axis names and shape."""
+  if logical_axes is None:
+    return P()
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape "
+                     f"{tuple(shape)}.")
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    mesh_axes = tuple(a for a in _as_tuple(table.get(name))
+                      if a not in used and mesh.shape[a] > 1)
+    n = math.prod(mesh.shape[a] for a in mesh_axes)
+    if not mesh_axes or size % n:
+      spec.append(None)
+      continue
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(tree: Any, mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """NamedSharding for every array leaf of `tree` (same structure).
+
+  Leaves inside an nnx.Variable with `logical_axes` metadata (parameters and
+  optimiser moments built from them) follow the rules; everything else is
+  replicated. `tree` may hold arrays or jax.ShapeDtypeStruct.
+  """
+  replicated = NamedSharding(mesh, P())
+
+  def one(x):
+    if _is_variable(x):
+      axes = x.get_metadata().get("logical_axes")
+      value = x.get_value() if hasattr(x, "get_value") else x.value
+      sh = NamedSharding(mesh, logical_to_spec(axes, np.shape(value), mesh,
+                                               rules))
+      return jax.tree.map(lambda _: sh, x)
+    return replicated
+
+  return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch rows over data x fsdp, everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def local_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+  """(shard_index, num_shards): which contiguous rows this process loads.
+
+  A process holds the union of its devices' row blocks; data loading then
+  reads only those rows (`Dataset.batch(..., shard_index=, num_shards=)`)
+  and `make_global_batch` assembles the global array.
+  """
+  rows = set()
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  for idx in index_map.values():
+    sl = idx[0]
+    rows.update(range(*sl.indices(global_batch)))
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo or global_batch % (hi - lo) or lo % (hi - lo):
+    raise ValueError(f"this process's batch rows {sorted(rows)} are not one "
+                     f"aligned contiguous block of {global_batch}.")
+  return lo // (hi - lo), global_batch // (hi - lo)
+
+
+def make_global_batch(local: Any, sharding: NamedSharding,
+                      global_batch: int) -> Any:
+  """Process-local numpy rows -> global jax.Arrays sharded by `sharding`."""
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        sharding, x, (global_batch,) + x.shape[1:])
+  return jax.tree.map(one, local)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated (possibly multi-process) array -> numpy, from local data."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def shard_map_batch_heads(fn, mesh: Mesh, *, in_specs, out_specs):
+  """Wraps a per-shard kernel call (e.g. a pallas_call) for a sharded step.
+
+  Pallas kernels cannot be partitioned by XLA; inside the jitted step run
+  them under shard_map with batch over (data, fsdp) and heads over tensor,
+  e.g. in_specs=P(BATCH_AXES, None, "tensor", None) for q [B, T, H, D].
+  """
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)

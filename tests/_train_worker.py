@@ -1,0 +1,107 @@
+"""Subprocess worker for tests that need their own JAX process.
+
+  python tests/_train_worker.py mesh_equiv            (XLA_FLAGS: 8 host devices)
+  python tests/_train_worker.py multihost OUT PROCESS_ID NUM_PROCESSES PORT [RUN_DIR]
+  python tests/_train_worker.py single OUT [RUN_DIR]
+
+Prints / writes JSON results; the tests compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A few-second config shared by the subprocess tests.
+SMALL = ("model.num_layers=1", "model.embed_dim=32", "model.num_heads=4",
+         "model.num_kv_heads=2", "model.head_dim=8", "model.mlp_dim=64",
+         "model.top_k=8", "model.indexer_heads=2", "model.indexer_dim=8",
+         "train.seq_len=32", "train.batch_size=8", "train.max_bytes=100000",
+         "train.eval_max_bytes=20000", "train.eval_batches=1",
+         "train.lr_warmup_steps=1", "train.log_every=1", "train.eval_every=0")
+
+
+def small_config(*extra):
+  from sparse_attn.config import override, tiny
+  return override(tiny(), *SMALL, *extra)
+
+
+def _flat(tree):
+  import jax
+  import numpy as np
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def mesh_equiv():
+  """One warm-up and one sparse step on mesh (1,1,1) vs (2,2,2)."""
+  import jax
+  import numpy as np
+  from sparse_attn import sharding as shd
+  from sparse_attn import train as T
+  assert jax.device_count() == 8, jax.devices()
+  out = {}
+  results = {}
+  for name, devices, mesh in (("one", jax.devices()[:1], [1, 1, 1]),
+                              ("eight", jax.devices(), [2, 2, 2])):
+    cfg = small_config(f"train.mesh_shape={json.dumps(mesh)}")
+    s = T.setup(cfg, devices)
+    state = T.init_state(s)
+    ds, _ = T.make_datasets(s.cfg)
+    loader = T._Loader(ds, s)  # pylint: disable=protected-access
+    losses = []
+    for i, stage in enumerate(("warmup", "sparse")):
+      state, m = T.make_train_step(s, stage)(state, loader.train(i))
+      losses.append([float(m["loss"]), float(m["indexer_kl"])])
+    results[name] = (losses, _flat(state["params"]))
+    if name == "eight":
+      wq = state["params"]["main"]["blocks"][0]["attn"]["wq"]
+      out["wq_spec"] = str(wq.get_value().sharding.spec)
+      out["wq_shards"] = len({tuple((s.start, s.stop) for s in idx)
+                              for idx in wq.get_value().sharding
+                              .devices_indices_map(wq.shape).values()})
+      out["batch_spec"] = str(s.batch_sharding.spec)
+      out["rows"] = shd.local_batch_rows(s.batch_sharding, 8)
+  (l1, p1), (l8, p8) = results["one"], results["eight"]
+  out["losses_one"], out["losses_eight"] = l1, l8
+  out["max_param_diff"] = max(float(np.max(np.abs(p1[k] - p8[k]))) for k in p1)
+  out["same_keys"] = sorted(p1) == sorted(p8)
+  print("RESULT " + json.dumps(out))
+
+
+def _run(out_path, run_dir, steps):
+  import numpy as np
+  from sparse_attn import train as T
+  cfg = small_config("train.warmup_stage_steps=2",
+                     f"train.sparse_stage_steps={steps - 2}",
+                     "train.checkpoint_every=2")
+  r = T.train(cfg, run_dir, resume=False, echo=None)
+  import jax
+  if jax.process_index() == 0:
+    res = {"losses": [h["loss"] for h in r.history],
+           "kls": [h["indexer_kl"] for h in r.history],
+           "eval": r.final_eval["loss"], "processes": jax.process_count(),
+           "mesh": dict(r.setup.mesh.shape),
+           "param_sum": float(sum(np.sum(np.abs(v)) for v in
+                                  _flat(r.state["params"]).values()))
+           if jax.process_count() == 1 else None}
+    with open(out_path, "w", encoding="utf-8") as f:
+      json.dump(res, f)
+
+
+def multihost(out_path, process_id, num_processes, port, run_dir=None):
+  from sparse_attn import train as T
+  T.init_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id))
+  _run(out_path, run_dir, 5)
+
+
+def single(out_path, run_dir=None):
+  _run(out_path, run_dir, 5)
+
+
+if __name__ == "__main__":
+  cmd, *rest = sys.argv[1:]
+  {"mesh_equiv": mesh_equiv, "multihost": multihost, "single": single}[cmd](*rest)

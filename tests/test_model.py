@@ -1,0 +1,135 @@
+"""The decoder-only transformer: shapes, aux, modes, registry, axes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_attn import model as M
+from sparse_attn.config import ModelConfig
+from sparse_attn.layers import DenseAttention
+
+CFG = ModelConfig(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, top_k=4, indexer_heads=2,
+                  indexer_dim=8)
+
+
+def _run(model, tok, mode="sparse"):
+  """Jitted forward (eager NNX dispatch is slow on CPU)."""
+  return nnx.jit(lambda m, t: m(t, mode=mode))(model, tok)
+
+
+def _tokens(b=2, t=12, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)),
+                     jnp.int32)
+
+
+@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
+def test_forward_shapes_and_aux(mode):
+  model = M.build_model(CFG)
+  logits, aux = _run(model, _tokens(), mode)
+  assert logits.shape == (2, 12, 256) and logits.dtype == jnp.float32
+  assert set(aux) == {"indexer_kl", "attended_keys", "visible_keys",
+                      "attended_fraction"}
+  visible = 2 * 2 * sum(range(1, 13))  # layers * batch * causal pairs
+  assert float(aux["visible_keys"]) == visible
+  if mode == "sparse":
+    attended = 2 * 2 * sum(min(t, 4) for t in range(1, 13))
+    assert float(aux["attended_keys"]) == attended
+    assert float(aux["attended_fraction"]) == pytest.approx(attended / visible)
+  else:
+    assert float(aux["attended_fraction"]) == 1.0
+  if mode == "dense":
+    assert float(aux["indexer_kl"]) == 0.0
+  else:
+    assert float(aux["indexer_kl"]) > 0.0
+
+
+def test_sparse_with_topk_covering_all_keys_equals_dense():
+  model = M.build_model(dataclasses.replace(CFG, top_k=16))
+  tok = _tokens()
+  dense, _ = _run(model, tok, "dense")
+  sparse, _ = _run(model, tok, "sparse")
+  np.testing.assert_allclose(sparse, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["dense", "dsa"])
+def test_causal(attention):
+  model = M.build_model(dataclasses.replace(CFG, attention=attention))
+  a = _tokens(seed=1)
+  b = a.at[:, 8:].set((a[:, 8:] + 7) % 256)
+  la, _ = _run(model, a)
+  lb, _ = _run(model, b)
+  np.testing.assert_allclose(la[:, :8], lb[:, :8], atol=1e-5)
+  assert not np.allclose(la[:, 8:], lb[:, 8:])
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("kv", [1, 4])
+def test_tied_untied_gqa_mqa(tie, kv):
+  cfg = dataclasses.replace(CFG, tie_embeddings=tie, num_kv_heads=kv,
+                            attention="dense", num_layers=1)
+  model = M.build_model(cfg)
+  logits, _ = _run(model, _tokens(1, 5))
+  assert logits.shape == (1, 5, 256)
+  assert hasattr(model, "unembed") != tie
+  assert model.blocks[0].attn.wk.shape == (32, kv, 8)
+
+
+def test_parameter_groups_and_logical_axes():
+  model = M.build_model(CFG)
+  counts = M.count_params(model)
+  assert counts["indexer"] > 0 and counts["main"] > 0
+  dense = M.build_model(dataclasses.replace(CFG, attention="dense"))
+  assert M.count_params(dense)["indexer"] == 0
+  assert M.count_params(dense)["main"] == counts["main"]
+  missing = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+      missing.append(path)
+    else:
+      assert len(axes) == var.get_value().ndim, path
+  # Only the indexer's k LayerNorm (built by nnx.LayerNorm) is untagged; it
+  # is replicated by the sharding rules.
+  assert all("k_norm" in p for p in missing), missing
+
+
+def test_registry_is_extensible():
+  class Doubled(DenseAttention):
+    pass
+
+  M.register_attention("test_doubled", lambda cfg, *, rngs: Doubled(
+      cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs))
+  try:
+    model = M.build_model(dataclasses.replace(CFG, attention="test_doubled"))
+    assert isinstance(model.blocks[0].attn, Doubled)
+    assert not M.kind_has_indexer("test_doubled") and M.kind_has_indexer("dsa")
+    _run(model, _tokens(1, 4))
+  finally:
+    del M.ATTENTION_KINDS["test_doubled"]
+
+
+def test_bad_inputs_raise():
+  model = M.build_model(dataclasses.replace(CFG, num_layers=1))
+  with pytest.raises(ValueError, match="mode"):
+    model(_tokens(), mode="bogus")
+  with pytest.raises(ValueError, match="tokens"):
+    model(jnp.zeros((2, 3, 4), jnp.int32))
+  with pytest.raises(ValueError, match="unknown attention"):
+    M.build_model(dataclasses.replace(CFG, attention="nope"))
+
+
+def test_jit_and_grad():
+  model = M.build_model(dataclasses.replace(CFG, num_layers=1))
+
+  @nnx.jit
+  def loss(m, tok):
+    logits, aux = m(tok, mode="sparse")
+    return jnp.mean(logits ** 2) + aux["indexer_kl"]
+
+  grads = nnx.grad(loss)(model, _tokens())
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
