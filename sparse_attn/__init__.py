@@ -12,6 +12,11 @@ from sparse_attn.indexer import (LightningIndexer, indexer_scores,
 from sparse_attn.layers import AttentionLayer, DenseAttention, DSAAttention
 from sparse_attn.losses import dense_indexer_kl, lm_loss, sparse_indexer_kl
 from sparse_attn.rope import apply_rope
+from sparse_attn.baseline_layers import (BASELINE_LAYERS, key_budget,
+                                         keys_per_query, match_budget)
+from sparse_attn.config import Config, ModelConfig, TrainConfig
+from sparse_attn.model import (ATTENTION_KINDS, Transformer, build_model,
+                               register_attention)
 
 # Aliases named after the DeepSeek training stages.
 indexer_warmup_kl = dense_indexer_kl
@@ -20,7 +25,18 @@ indexer_sparse_kl = sparse_indexer_kl
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTENTION_KINDS",
     "AttentionLayer",
+    "BASELINE_LAYERS",
+    "Config",
+    "ModelConfig",
+    "TrainConfig",
+    "Transformer",
+    "build_model",
+    "key_budget",
+    "keys_per_query",
+    "match_budget",
+    "register_attention",
     "DSAAttention",
     "DenseAttention",
     "LightningIndexer",

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import _checks, chunking, dispatch, masking
+from sparse_attn import _checks, chunking, dispatch, masking, sharding
 from sparse_attn.indexer import lightning_topk
 
 # Bound on the per-block intermediates (elements) of the chunked XLA paths.
@@ -236,8 +236,12 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl == "pallas":
     qs, _, _ = _check_qkv(q, k, v)
     _check_indices(indices, qs[0], qs[1])
-    return dispatch.kernel_module("gathered_attention").gathered_attention(
-        q, k, v, indices, scale=scale)
+    kernel = dispatch.kernel_module("gathered_attention").gathered_attention
+    return sharding.call_kernel_sharded(
+        lambda q, k, v, i: kernel(q, k, v, i, scale=scale), (q, k, v, indices),
+        roles=[("batch", None, "heads", None), ("batch", None, "heads", None),
+               ("batch", None, "heads", None), ("batch", None, None)],
+        out_roles=("batch", None, "heads", None))
   return gathered_attention_reference(q, k, v, indices, scale=scale)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attn import _checks, chunking, dispatch, masking
+from sparse_attn import _checks, chunking, dispatch, masking, sharding
 from sparse_attn.params import param, tag
 from sparse_attn.rope import apply_rope
 
@@ -154,8 +154,20 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
   k = _checks.check_k(k)
   impl = dispatch.resolve(implementation)
   if impl == "pallas":
-    return dispatch.kernel_module("topk").lightning_topk(
-        q_idx, k_idx, weights, k, q_offset=q_offset, kv_lengths=kv_lengths)
+    kernel = dispatch.kernel_module("topk").lightning_topk
+    offset = q_offset
+    if offset is not None and not isinstance(offset, int):
+      offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (qs[0],))
+    batch_role = ("batch",)
+    return sharding.call_kernel_sharded(
+        lambda qi, ki, w, off, kv: kernel(qi, ki, w, k, q_offset=off,
+                                          kv_lengths=kv),
+        (q_idx, k_idx, weights, offset, kv_lengths),
+        roles=[("batch", None, None, None), ("batch", None, None),
+               ("batch", None, None),
+               None if offset is None or isinstance(offset, int) else batch_role,
+               None if kv_lengths is None else batch_role],
+        out_roles=("batch", None, None))
   batch, num_q, num_heads, _ = qs
   num_keys = ks[1]
   if query_chunk is None:

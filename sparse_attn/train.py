@@ -42,6 +42,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparse_attn import dispatch
 from sparse_attn import sharding as shd
 from sparse_attn.config import Config, validate
 from sparse_attn.data import make_dataset
@@ -197,8 +198,25 @@ def make_train_step(s: Setup, stage: str):
     return new_state, metrics
 
   rep = shd.replicated(s.mesh)
-  return jax.jit(step, in_shardings=(s.state_shardings, s.batch_sharding),
-                 out_shardings=(s.state_shardings, rep), donate_argnums=0)
+  return _kernel_mesh(s, jax.jit(
+      step, in_shardings=(s.state_shardings, s.batch_sharding),
+      out_shardings=(s.state_shardings, rep), donate_argnums=0))
+
+
+def _kernel_mesh(s: Setup, jitted):
+  """Traces and runs `jitted` under the run's mesh when Pallas kernels are on.
+
+  The attention functions then wrap their pallas_calls in shard_map (see
+  `sharding.call_kernel_sharded`); the XLA path needs no mesh context.
+  """
+  if dispatch.resolve(s.cfg.model.implementation) != "pallas":
+    return jitted
+
+  def run(*args):
+    with jax.set_mesh(s.mesh):
+      return jitted(*args)
+
+  return run
 
 
 def make_eval_step(s: Setup, mode: str):
@@ -211,9 +229,9 @@ def make_eval_step(s: Setup, mode: str):
             "attended_keys": aux["attended_keys"],
             "visible_keys": aux["visible_keys"]}
 
-  return jax.jit(step, in_shardings=(s.state_shardings["params"],
-                                     s.batch_sharding),
-                 out_shardings=shd.replicated(s.mesh))
+  return _kernel_mesh(s, jax.jit(
+      step, in_shardings=(s.state_shardings["params"], s.batch_sharding),
+      out_shardings=shd.replicated(s.mesh)))
 
 
 class _Loader:
