@@ -6,7 +6,7 @@
   python experiments/train.py --preset tiny --host-devices 8 --mesh 2,2,2 --run-dir runs/mesh
   # any field: --set model.num_layers=4 --set train.indexer_loss_scale=0.5
   # multi-host (run once per process):
-  python experiments/train.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0 ...
+  python experiments/train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...
 
 Re-running the same command resumes from the latest checkpoint in --run-dir
 (data position and RNG included); --no-resume starts over (old checkpoints in
