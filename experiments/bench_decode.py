@@ -1,0 +1,261 @@
+"""Decode benchmark: per-token decode step time and memory, DSA vs dense.
+
+For each context length L, one attention layer (H heads, G kv heads, head
+dim D; DSA adds HI indexer heads of dim DI and keeps top-k K) holds a cache
+of L tokens (random contents; decode cost does not depend on them) and runs
+one decode step: project the new token, write its K/V (and indexer key)
+into the cache at per-row offsets, attend. Dense and DSA steps are timed
+alternately (side by side, same process, same moment), median of --reps.
+Memory: cache bytes and XLA's compiled temp bytes of the step.
+
+Prefill: a chunked prefill of a --prefill-context prompt through a
+one-layer DSA Transformer (`sparse_attn.decode.Decoder.prefill`), run in a
+subprocess to measure its peak RSS; dense prefill too with --prefill-dense.
+
+    python experiments/bench_decode.py                  # 4K .. 128K, prefill 64K
+    python experiments/bench_decode.py --smoke --out-dir /tmp/bd   # CI
+
+Writes <out-dir>/bench_decode.csv and bench_decode.png, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_attn import decode as D
+from sparse_attn.layers import DenseAttention, DSAAttention
+
+
+def make_layer(kind: str, a) -> nnx.Module:
+  e = a.heads * a.head_dim
+  if kind == "dense":
+    return DenseAttention(e, a.heads, a.kv_heads, a.head_dim,
+                          rngs=nnx.Rngs(0))
+  return DSAAttention(e, a.heads, a.kv_heads, a.head_dim, top_k=a.top_k,
+                      indexer_heads=a.indexer_heads,
+                      indexer_dim=a.indexer_dim, implementation="xla",
+                      rngs=nnx.Rngs(0))
+
+
+def random_cache(layer, batch: int, context: int, index_dtype) -> D.LayerCache:
+  """A layer cache of capacity context + 1 holding `context` random tokens."""
+  shapes = D._layer_cache_shapes(layer, batch, context + 1, index_dtype,  # pylint: disable=protected-access
+                                 jnp.float32)
+
+  @jax.jit
+  def fill():
+    keys = iter(jax.random.split(jax.random.key(0), 4))
+    out = {}
+    for name in ("k", "v", "k_idx"):
+      s = getattr(shapes, name)
+      if s is not None:
+        x = jax.random.normal(next(keys), s.shape, jnp.float32)
+        if name == "k_idx":
+          x, scale = D.quantize_index_keys(x, s.dtype)
+          if scale is not None:
+            out["k_idx_scale"] = scale
+        out[name] = x.astype(s.dtype)
+    return D.LayerCache(**out)
+
+  return fill()
+
+
+def make_step(layer, view: int):
+  graphdef, params = nnx.split(layer)
+
+  def step(params, lc, x, lengths):
+    lyr = nnx.merge(graphdef, params)
+    positions = lengths[:, None]
+    s = D.StepInputs(x, positions, lengths, lengths + 1, view, "sparse")
+    return D.layer_step(lyr, x, lc, s)
+
+  return params, jax.jit(step, donate_argnums=(1,))
+
+
+def bench_decode(a):
+  rows = []
+  batch = a.batch
+  e = a.heads * a.head_dim
+  x = jax.random.normal(jax.random.key(1), (batch, 1, e), jnp.float32)
+  for ctx in a.contexts:
+    lengths = jnp.full((batch,), ctx, jnp.int32)
+    runs = {}
+    for kind in ("dense", "dsa"):
+      layer = make_layer(kind, a)
+      lc = random_cache(layer, batch, ctx, a.index_dtype)
+      params, step = make_step(layer, ctx + 1)
+      compiled = step.lower(params, lc, x, lengths).compile()
+      mem = compiled.memory_analysis()
+      temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
+      cache_bytes = sum(l.nbytes for l in jax.tree.leaves(lc))
+      for _ in range(2):                                  # warm-up
+        y, lc = step(params, lc, x, lengths)
+      y.block_until_ready()
+      runs[kind] = dict(step=step, params=params, lc=lc, times=[],
+                        cache_mb=cache_bytes / 2**20, temp_mb=temp / 2**20)
+    for _ in range(a.reps):                               # interleaved
+      for kind in ("dense", "dsa"):
+        r = runs[kind]
+        t0 = time.perf_counter()
+        y, r["lc"] = r["step"](r["params"], r["lc"], x, lengths)
+        y.block_until_ready()
+        r["times"].append(time.perf_counter() - t0)
+    d_ms = 1e3 * float(np.median(runs["dense"]["times"]))
+    s_ms = 1e3 * float(np.median(runs["dsa"]["times"]))
+    rows.append(dict(context=ctx, dense_ms=d_ms, dsa_ms=s_ms,
+                     ratio=s_ms / d_ms,
+                     dense_cache_mb=runs["dense"]["cache_mb"],
+                     dsa_cache_mb=runs["dsa"]["cache_mb"],
+                     dense_temp_mb=runs["dense"]["temp_mb"],
+                     dsa_temp_mb=runs["dsa"]["temp_mb"]))
+    print(f"  context {ctx:>7}: dense {d_ms:8.3f} ms  dsa {s_ms:8.3f} ms  "
+          f"ratio {s_ms / d_ms:.3f}", flush=True)
+    del runs
+  return rows
+
+
+def prefill_worker(kind: str, context: int, a) -> dict:
+  """Chunked prefill of one random prompt through a one-layer model."""
+  from sparse_attn.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from sparse_attn.model import build_model  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(embed_dim=a.heads * a.head_dim, num_layers=1,
+                    num_heads=a.heads, num_kv_heads=a.kv_heads,
+                    head_dim=a.head_dim, mlp_dim=64, attention=kind,
+                    top_k=a.top_k, indexer_heads=a.indexer_heads,
+                    indexer_dim=a.indexer_dim, implementation="xla")
+  model = build_model(cfg)
+  dec = D.Decoder(model, chunk_size=a.chunk_size, index_dtype=a.index_dtype)
+  tokens = np.random.default_rng(0).integers(0, 256, (a.batch, context))
+  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  cache = dec.init_cache(a.batch, context + 1)
+  t0 = time.perf_counter()
+  logits, cache = dec.prefill(cache, tokens)
+  logits.block_until_ready()
+  secs = time.perf_counter() - t0
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  cache_mb = sum(l.nbytes for l in jax.tree.leaves(cache.layers)) / 2**20
+  return dict(kind=kind, context=context, seconds=secs, peak_rss_mb=peak,
+              rss_before_mb=rss0, cache_mb=cache_mb,
+              tokens_per_s=a.batch * context / secs)
+
+
+def run_prefill(kind: str, a, argv) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--_prefill", kind] + argv
+  res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if res.returncode != 0:
+    raise RuntimeError(f"prefill worker failed:\n{res.stderr[-3000:]}")
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def write_outputs(rows, prefill, a):
+  os.makedirs(a.out_dir, exist_ok=True)
+  path = os.path.join(a.out_dir, "bench_decode.csv")
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  if prefill:
+    with open(os.path.join(a.out_dir, "bench_prefill.json"), "w",
+              encoding="utf-8") as f:
+      json.dump(prefill, f, indent=2)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ctx = [r["context"] for r in rows]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ax1.loglog(ctx, [r["dense_ms"] for r in rows], "o-", label="dense")
+  ax1.loglog(ctx, [r["dsa_ms"] for r in rows], "s-",
+             label=f"DSA (top-k {a.top_k})")
+  ax1.set_xlabel("context (tokens)")
+  ax1.set_ylabel("decode step (ms)")
+  ax1.legend()
+  ax1.set_title("per-token decode, one layer")
+  ax2.semilogx(ctx, [r["ratio"] for r in rows], "o-")
+  ax2.axhline(0.05, ls="--", c="gray", label="0.05 target")
+  ax2.set_xlabel("context (tokens)")
+  ax2.set_ylabel("DSA / dense")
+  ax2.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out_dir, "bench_decode.png"), dpi=100)
+  return path
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv-heads", type=int, default=1)
+  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--indexer-heads", type=int, default=4)
+  p.add_argument("--indexer-dim", type=int, default=32)
+  p.add_argument("--top-k", type=int, default=128)
+  p.add_argument("--index-dtype", default="float32", choices=D.INDEX_DTYPES)
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--prefill-context", type=int, default=65536,
+                 help="prompt length of the prefill measurement (0: skip)")
+  p.add_argument("--prefill-dense", action="store_true",
+                 help="also prefill the dense model (slow: O(L^2) work)")
+  p.add_argument("--chunk-size", type=int, default=2048)
+  p.add_argument("--out-dir", default="bench_decode_out")
+  p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+  p.add_argument("--_prefill", default=None, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.smoke:
+    a.contexts, a.reps, a.top_k = "256", 2, 16
+    a.prefill_context, a.chunk_size = 200, 128
+  a.contexts = [int(c) for c in str(a.contexts).split(",") if c]
+  return a
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  a = parse(argv)
+  if a._prefill:  # pylint: disable=protected-access
+    print(json.dumps(prefill_worker(a._prefill, a.prefill_context, a)))  # pylint: disable=protected-access
+    return
+  print(f"decode step, one layer: H={a.heads} G={a.kv_heads} D={a.head_dim} "
+        f"HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} B={a.batch} "
+        f"index cache {a.index_dtype}, {jax.devices()[0].platform}, fp32")
+  rows = bench_decode(a)
+  prefill = []
+  if a.prefill_context:
+    fwd = [x for x in argv if x != "--prefill-dense"]
+    for kind in ("dsa", "dense") if a.prefill_dense else ("dsa",):
+      # --smoke runs in-process (CI time); its RSS then includes the above.
+      prefill.append(prefill_worker(kind, a.prefill_context, a) if a.smoke
+                     else run_prefill(kind, a, fwd))
+  path = write_outputs(rows, prefill, a)
+  print()
+  print("| context | dense ms/token | DSA ms/token | DSA/dense | dense cache MB "
+        "| DSA cache MB | dense temp MB | DSA temp MB |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['context']} | {r['dense_ms']:.3f} | {r['dsa_ms']:.3f} | "
+          f"{r['ratio']:.3f} | {r['dense_cache_mb']:.1f} | "
+          f"{r['dsa_cache_mb']:.1f} | {r['dense_temp_mb']:.1f} | "
+          f"{r['dsa_temp_mb']:.1f} |")
+  for p in prefill:
+    print(f"prefill {p['kind']} {p['context']} tokens (chunk {a.chunk_size}): "
+          f"{p['seconds']:.1f} s, {p['tokens_per_s']:.0f} tok/s, peak RSS "
+          f"{p['peak_rss_mb']:.0f} MB (cache {p['cache_mb']:.1f} MB)")
+  print(f"wrote {path} and bench_decode.png")
+
+
+if __name__ == "__main__":
+  main()
