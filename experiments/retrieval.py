@@ -1,0 +1,440 @@
+"""Retrieval suite: does DSA keep dense quality at a small key budget where fixed patterns fail?
+
+For each synthetic task (sparse_attn.data: mqar, passkey, niah, vartrack) and
+each attention kind (dense, DSA at several top_k, and every baseline kind at
+DSA's key budget), a small decoder is trained through the library's training
+API (`sparse_attn.train.setup / init_state / make_train_step`: the same jitted
+steps, optimisers and stages as `train.train`), then evaluated on answer
+tokens: exact match (every answer token of an example right, greedy argmax
+under teacher forcing) and per-token accuracy, at the training length and at
+longer lengths (length generalisation, same task parameters, more filler).
+
+Protocols (--protocol):
+  convert (default; DeepSeek-V3.2-Exp's recipe): a dense model is pretrained
+    once per task (--pretrain-steps); every kind then starts from that
+    checkpoint (parameters with the same path and shape are copied; kind-only
+    parameters such as the indexer or NSA's gates keep their init) and trains
+    --adapt-steps more steps. DSA spends --warmup-steps of those in the dense
+    warm-up (main model frozen, indexer learns the dense attention), the rest
+    in the sparse stage; every other kind (dense included) trains all
+    warmup+adapt steps on the LM loss, so every kind sees the same number of
+    steps and data.
+  scratch: every kind is trained from scratch for pretrain+adapt steps
+    (DSA: --warmup-steps of dense warm-up on the random model, then sparse).
+
+Key budget: baselines get the kind parameter that brings their mean keys per
+query (causal, at the training length) closest to DSA's at --budget-top-k
+(`baseline_layers.key_budget`); the table reports the keys per query each
+model actually attended at every evaluation length (the `attended_keys`
+aux of the layers).
+
+  python experiments/retrieval.py --quick        # 2-core CPU, < ~20 min
+  python experiments/retrieval.py --full         # accelerator, L >= 8K
+  python experiments/retrieval.py --smoke --out-dir /tmp/r   # CI (< 40 s)
+  python experiments/retrieval.py --quick --tasks passkey --kinds dense,dsa,sliding_window
+
+Writes <out-dir>/retrieval.csv, retrieval.md, retrieval.png (and
+retrieval_config.json with the exact settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sparse_attn import sharding as shd  # noqa: E402
+from sparse_attn import train as T  # noqa: E402
+from sparse_attn.baseline_layers import key_budget  # noqa: E402
+from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from sparse_attn.data import make_dataset  # noqa: E402
+
+COLUMNS = ("task", "kind", "label", "protocol", "train_len", "eval_len",
+           "exact_match", "token_acc", "n_examples", "keys_per_query",
+           "budget_nominal", "attended_fraction", "train_time_s",
+           "pretrain_time_s", "steps", "final_loss", "top_k", "params")
+
+# Task options, fixed across lengths so longer evaluations only add filler.
+TASK_KWARGS = {
+    "mqar": {"num_pairs": 8, "num_queries": 24},
+    "passkey": {"num_digits": 5},
+    "niah": {"num_needles": 2, "num_digits": 5, "name_chars": 4},
+    "vartrack": {"num_hops": 2, "num_chains": 2, "num_digits": 4,
+                 "name_chars": 3},
+}
+
+
+@dataclasses.dataclass
+class Preset:
+  tasks: tuple[str, ...]
+  seq_len: int
+  eval_lens: tuple[int, ...]
+  dsa_top_k: tuple[int, ...]
+  budget_top_k: int
+  kinds: tuple[str, ...]
+  pretrain_steps: int
+  warmup_steps: int
+  adapt_steps: int
+  batch_size: int
+  eval_examples: int
+  model: dict
+  lr: float = 3e-3
+  adapt_lr: float = 1e-3
+  lr_warmup_steps: int = 20
+
+
+ALL_KINDS = ("dense", "dsa") + C.BASELINE_KINDS
+
+PRESETS = {
+    # Sizes measured on a shared 2-core CPU: see docs/experiments.md.
+    "quick": Preset(
+        tasks=("mqar",), seq_len=128, eval_lens=(128, 256, 512),
+        dsa_top_k=(8, 16), budget_top_k=16, kinds=ALL_KINDS,
+        pretrain_steps=500, warmup_steps=10, adapt_steps=40, batch_size=32,
+        eval_examples=64,
+        model=dict(embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=32, mlp_dim=256, indexer_heads=4, indexer_dim=32),
+        lr=1e-2, adapt_lr=3e-3),
+    "full": Preset(
+        tasks=("mqar", "passkey", "niah", "vartrack"), seq_len=8192,
+        eval_lens=(8192, 16384, 32768), dsa_top_k=(128, 256, 512),
+        budget_top_k=256, kinds=ALL_KINDS, pretrain_steps=3000,
+        warmup_steps=100, adapt_steps=1000, batch_size=16, eval_examples=256,
+        model=dict(embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                   head_dim=32, mlp_dim=768, indexer_heads=4, indexer_dim=32),
+        lr=1e-3, adapt_lr=5e-4, lr_warmup_steps=100),
+    "smoke": Preset(
+        tasks=("mqar",), seq_len=64, eval_lens=(64, 128), dsa_top_k=(8,),
+        budget_top_k=8, kinds=("dense", "dsa", "sliding_window"),
+        pretrain_steps=3, warmup_steps=1, adapt_steps=2, batch_size=4,
+        eval_examples=4,
+        model=dict(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                   head_dim=16, mlp_dim=64, indexer_heads=2, indexer_dim=8),
+        lr_warmup_steps=1),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  g = p.add_mutually_exclusive_group()
+  for name in PRESETS:
+    g.add_argument(f"--{name}", dest="preset", action="store_const",
+                   const=name, help=f"the {name} preset")
+  p.add_argument("--tasks", help="comma list (default: the preset's)")
+  p.add_argument("--kinds", help="comma list of attention kinds")
+  p.add_argument("--dsa-top-k", help="comma list of DSA top_k values")
+  p.add_argument("--budget-top-k", type=int,
+                 help="baselines match DSA's key budget at this top_k")
+  p.add_argument("--seq-len", type=int)
+  p.add_argument("--eval-lens", help="comma list of evaluation lengths")
+  p.add_argument("--pretrain-steps", type=int)
+  p.add_argument("--warmup-steps", type=int)
+  p.add_argument("--adapt-steps", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--eval-examples", type=int)
+  p.add_argument("--protocol", choices=("convert", "scratch"),
+                 default="convert")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out-dir", default="results/retrieval")
+  a = p.parse_args(argv)
+  a.preset = a.preset or "quick"
+  pr = dataclasses.replace(PRESETS[a.preset])
+  ints = lambda s: tuple(int(x) for x in s.split(",") if x)
+  if a.tasks:
+    pr.tasks = tuple(a.tasks.split(","))
+  if a.kinds:
+    pr.kinds = tuple(a.kinds.split(","))
+  if a.dsa_top_k:
+    pr.dsa_top_k = ints(a.dsa_top_k)
+  if a.eval_lens:
+    pr.eval_lens = ints(a.eval_lens)
+  for f in ("budget_top_k", "seq_len", "pretrain_steps", "warmup_steps",
+            "adapt_steps", "batch_size", "eval_examples"):
+    if getattr(a, f) is not None:
+      setattr(pr, f, getattr(a, f))
+  for k in pr.kinds:
+    if k not in ALL_KINDS:
+      raise ValueError(f"unknown kind {k!r}; known: {ALL_KINDS}")
+  return a, pr
+
+
+# ---------------------------------------------------------------------------
+# runs
+
+
+def runs_for(pr: Preset):
+  """(label, kind, top_k, attention_params) for every model to train."""
+  target = key_budget("dsa", pr.seq_len, top_k=pr.budget_top_k)
+  out = []
+  for kind in pr.kinds:
+    if kind == "dsa":
+      for k in pr.dsa_top_k:
+        out.append((f"dsa_k{k}", "dsa", k, {}))
+    elif kind == "dense":
+      out.append(("dense", "dense", pr.budget_top_k, {}))
+    else:
+      params = C.match_budget(kind, pr.seq_len, target)
+      params = {k: v for k, v in params.items() if v is not None}
+      out.append((kind, kind, pr.budget_top_k, params))
+  return out
+
+
+def make_config(pr: Preset, task: str, kind: str, top_k: int, params: dict,
+                *, warmup: int, steps: int, lr: float, seed: int) -> Config:
+  model = ModelConfig(attention=kind, top_k=top_k, attention_params=params,
+                      implementation="xla" if jax.default_backend() == "cpu"
+                      else None, **pr.model)
+  train = TrainConfig(dataset=task, seq_len=pr.seq_len,
+                      batch_size=pr.batch_size, seed=seed,
+                      warmup_stage_steps=warmup, sparse_stage_steps=steps,
+                      lr=lr, indexer_lr=lr, lr_warmup_steps=pr.lr_warmup_steps,
+                      checkpoint_every=0, eval_every=0, log_every=10**9)
+  return Config(model=model, train=train, name=f"retrieval_{task}_{kind}")
+
+
+def dataset(task, length, split, seed=0):
+  return make_dataset(task, seq_len=length, split=split, seed=seed,
+                      **TASK_KWARGS.get(task, {}))
+
+
+def put_batch(s, b):
+  local = {"inputs": b.inputs, "targets": b.targets, "loss_mask": b.loss_mask}
+  return shd.make_global_batch(local, s.batch_sharding, s.cfg.train.batch_size)
+
+
+def train_steps(s, state, ds, first_step: int, log, label: str):
+  """Runs both stages of s.cfg on ds batches first_step, first_step+1, ..."""
+  t = s.cfg.train
+  steps, last = {}, None
+  for i in range(t.total_steps):
+    stage = "warmup" if i < t.warmup_stage_steps else "sparse"
+    if stage not in steps:
+      steps[stage] = T.make_train_step(s, stage)
+    state, metrics = steps[stage](state, put_batch(s, ds.batch(first_step + i,
+                                                               t.batch_size)))
+    if (i + 1) % max(1, t.total_steps // 4) == 0 or i + 1 == t.total_steps:
+      last = {k: float(shd.to_host(v)) for k, v in metrics.items()}
+      log(f"    [{label}:{stage}] step {i + 1}/{t.total_steps} loss "
+          f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
+          f"{last['attended_fraction']:.3f}")
+  return state, last
+
+
+def copy_matching(src, dst):
+  """dst's leaves replaced by src's where the path and shape agree."""
+  flat_src = {jax.tree_util.keystr(p): x
+              for p, x in jax.tree_util.tree_flatten_with_path(src)[0]}
+  copied = [0, 0]
+
+  def pick(path, leaf):
+    x = flat_src.get(jax.tree_util.keystr(path))
+    if x is not None and x.shape == leaf.shape and x.dtype == leaf.dtype:
+      copied[0] += 1
+      # a copy: the train step donates its state, the checkpoint is reused
+      return jax.device_put(jnp.copy(x), leaf.sharding)
+    copied[1] += 1
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, dst), copied
+
+
+def make_eval_fn(s, mode):
+  def fn(params, inputs, targets, mask):
+    model = nnx.merge(s.graphdef, params["indexer"], params["main"])
+    logits, aux = model(inputs, mode=mode)
+    ok = (jnp.argmax(logits, -1) == targets) & (mask > 0)
+    exact = jnp.all(ok | (mask == 0), axis=-1) & (jnp.sum(mask, -1) > 0)
+    return {"exact": jnp.sum(exact), "tok_ok": jnp.sum(ok),
+            "tok": jnp.sum(mask), "attended": aux["attended_keys"],
+            "visible": aux["visible_keys"]}
+  return jax.jit(fn)
+
+
+def evaluate(s, state, task, length, n_examples, eval_fn):
+  ds = dataset(task, length, "validation")
+  bsz = min(n_examples, 16)
+  tot = {}
+  n_batches = -(-n_examples // bsz)
+  for i in range(n_batches):
+    b = ds.eval_batch(i, bsz)
+    out = eval_fn(state["params"], jnp.asarray(b.inputs),
+                  jnp.asarray(b.targets), jnp.asarray(b.loss_mask))
+    for k, v in out.items():
+      tot[k] = tot.get(k, 0.0) + float(v)
+  n = n_batches * bsz
+  num_layers = s.cfg.model.num_layers
+  return {"exact_match": tot["exact"] / n, "token_acc": tot["tok_ok"] / tot["tok"],
+          "n_examples": n,
+          "keys_per_query": tot["attended"] / (num_layers * n * length),
+          "attended_fraction": tot["attended"] / max(tot["visible"], 1.0)}
+
+
+def run_task(pr: Preset, a, task: str, log):
+  rows = []
+  ds = dataset(task, pr.seq_len, "train", a.seed)
+  pre_state, pre_time = None, 0.0
+  if a.protocol == "convert":
+    cfg = make_config(pr, task, "dense", pr.budget_top_k, {}, warmup=0,
+                      steps=pr.pretrain_steps, lr=pr.lr, seed=a.seed)
+    s = T.setup(cfg)
+    t0 = time.perf_counter()
+    state = T.init_state(s)
+    log(f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at "
+        f"L={pr.seq_len}")
+    pre_state, _ = train_steps(s, state, ds, 0, log, "pretrain")
+    jax.block_until_ready(pre_state)
+    pre_time = time.perf_counter() - t0
+    log(f"  [{task}] pretraining took {pre_time:.0f} s")
+  for label, kind, top_k, params in runs_for(pr):
+    if a.protocol == "convert":
+      warm = pr.warmup_steps
+      cfg = make_config(pr, task, kind, top_k, params, warmup=warm,
+                        steps=pr.adapt_steps, lr=pr.adapt_lr, seed=a.seed)
+      first = pr.pretrain_steps
+    else:
+      cfg = make_config(pr, task, kind, top_k, params,
+                        warmup=pr.warmup_steps,
+                        steps=pr.pretrain_steps + pr.adapt_steps, lr=pr.lr,
+                        seed=a.seed)
+      first = 0
+    t0 = time.perf_counter()
+    s = T.setup(cfg)
+    state = T.init_state(s)
+    if pre_state is not None:
+      main, (n_copied, n_kept) = copy_matching(pre_state["params"]["main"],
+                                               state["params"]["main"])
+      state = dict(state, params=dict(state["params"], main=main))
+      if n_kept:
+        log(f"    {label}: {n_kept} parameter(s) not in the dense checkpoint "
+            f"keep their init")
+    state, last = train_steps(s, state, ds, first, log, label)
+    jax.block_until_ready(state)
+    train_time = time.perf_counter() - t0
+    mode = "sparse"
+    eval_fn = make_eval_fn(s, mode)
+    for length in pr.eval_lens:
+      ev = evaluate(s, state, task, length, pr.eval_examples, eval_fn)
+      row = {"task": task, "kind": kind, "label": label,
+             "protocol": a.protocol, "train_len": pr.seq_len,
+             "eval_len": length, "train_time_s": train_time,
+             "pretrain_time_s": pre_time, "steps": s.cfg.train.total_steps,
+             "final_loss": last["loss"] if last else None, "top_k": top_k,
+             "budget_nominal": (key_budget("dsa", length, top_k=top_k)
+                                if kind == "dsa" else
+                                key_budget(kind, length, **params)),
+             "params": json.dumps(params, sort_keys=True), **ev}
+      rows.append(row)
+      log(f"  [{task}] {label:15s} L={length:6d} exact {ev['exact_match']:.3f} "
+          f"token {ev['token_acc']:.3f} keys/query {ev['keys_per_query']:.1f} "
+          f"(train {train_time:.0f} s)")
+  return rows
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def summary_markdown(rows, pr):
+  lens = sorted({r["eval_len"] for r in rows})
+  header = (["task", "kind", "keys/query @train L", "train s"] +
+            [f"L={l} exact / token" for l in lens])
+  table = []
+  seen = []
+  for r in rows:
+    key = (r["task"], r["label"])
+    if key not in seen:
+      seen.append(key)
+  for task, label in seen:
+    rs = {r["eval_len"]: r for r in rows
+          if r["task"] == task and r["label"] == label}
+    first = rs[min(rs)]
+    train_len = first["train_len"]
+    at_train = rs.get(train_len, first)
+    cells = [task, label, f"{at_train['keys_per_query']:.1f}",
+             f"{first['train_time_s']:.0f}"]
+    for l in lens:
+      r = rs.get(l)
+      cells.append("" if r is None else
+                   f"{r['exact_match']:.2f} / {r['token_acc']:.2f}"
+                   f" ({r['keys_per_query']:.0f}k)")
+    table.append(cells)
+  pre = {r["task"]: r["pretrain_time_s"] for r in rows}
+  note = ("Cells: exact-match / per-token accuracy on answer tokens (keys per "
+          "query actually attended, mean over layers and positions). Train s: "
+          "adaptation (or scratch) training time of that kind incl. "
+          "compilation; shared dense pretraining: " +
+          ", ".join(f"{t} {v:.0f} s" for t, v in pre.items()) + ".")
+  return C.markdown_table(table, header) + "\n\n" + note
+
+
+def plot(rows, path):
+  plt = C.pyplot()
+  if plt is None:
+    return False
+  tasks = list(dict.fromkeys(r["task"] for r in rows))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2),
+                           squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["task"] == task))
+    for label in labels:
+      pts = sorted((r["eval_len"], r["exact_match"]) for r in rows
+                   if r["task"] == task and r["label"] == label)
+      lw = 2.5 if label.startswith("dsa") or label == "dense" else 1.2
+      ax.plot(*zip(*pts), marker="o", lw=lw, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{task}: exact match vs eval length")
+    ax.set_xlabel("evaluation length (trained at %d)" % rows[0]["train_len"])
+    ax.set_ylabel("exact match")
+    ax.grid(True, alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def main(argv=None):
+  a, pr = parse_args(argv)
+  os.makedirs(a.out_dir, exist_ok=True)
+  log = lambda s: print(s, flush=True)
+  log(f"retrieval: preset {a.preset}, protocol {a.protocol}; "
+      f"{dataclasses.asdict(pr)}; {C.env_line()}")
+  with open(os.path.join(a.out_dir, "retrieval_config.json"), "w",
+            encoding="utf-8") as f:
+    json.dump({"preset": a.preset, "protocol": a.protocol, "seed": a.seed,
+               "task_kwargs": TASK_KWARGS, **dataclasses.asdict(pr)}, f,
+              indent=2)
+  t0 = time.perf_counter()
+  rows = []
+  csv_path = os.path.join(a.out_dir, "retrieval.csv")
+  for task in pr.tasks:
+    rows += run_task(pr, a, task, log)
+    C.write_csv(csv_path, rows, COLUMNS)
+  total = time.perf_counter() - t0
+  md = (f"Preset `{a.preset}`, protocol `{a.protocol}`, trained at "
+        f"L={pr.seq_len}; {C.env_line()}; total {total:.0f} s.\n\n"
+        + summary_markdown(rows, pr))
+  with open(os.path.join(a.out_dir, "retrieval.md"), "w",
+            encoding="utf-8") as f:
+    f.write(md + "\n")
+  plot(rows, os.path.join(a.out_dir, "retrieval.png"))
+  log(md)
+  log(f"wrote {csv_path} ({total:.0f} s)")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

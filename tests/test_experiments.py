@@ -1,0 +1,113 @@
+"""Smoke tests of the experiment scripts: each runs at tiny size (--smoke)
+into tmp_path; only the structure of the outputs is checked (columns, one
+row per kind and length, finite numbers), never a training result."""
+
+import csv
+import importlib
+import json
+import math
+import os
+import sys
+
+import pytest
+
+EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   "experiments")
+
+
+def _module(name):
+  if EXP not in sys.path:
+    sys.path.insert(0, EXP)
+  return importlib.import_module(name)
+
+
+def _rows(path):
+  with open(path, newline="", encoding="utf-8") as f:
+    return list(csv.DictReader(f))
+
+
+def _finite(row, keys):
+  for k in keys:
+    assert row[k] != "", (k, row)
+    assert math.isfinite(float(row[k])), (k, row)
+
+
+def test_match_budget_bounded_search():
+  common = _module("_common")
+  from sparse_attn import baseline_layers as bl
+  for kind in ("sliding_window", "moba", "nsa", "lsh"):
+    fast = common.match_budget(kind, 256, 16.0)
+    ref = bl.match_budget(kind, 256, 16.0)
+    assert (bl.key_budget(kind, 256, **fast) ==
+            pytest.approx(bl.key_budget(kind, 256, **ref)))
+
+
+def test_retrieval_smoke(tmp_path):
+  mod = _module("retrieval")
+  mod.main(["--smoke", "--out-dir", str(tmp_path)])
+  rows = _rows(tmp_path / "retrieval.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  _, pr = mod.parse_args(["--smoke"])
+  labels = [label for label, *_ in mod.runs_for(pr)]
+  for task in pr.tasks:
+    for label in labels:
+      got = sorted(int(r["eval_len"]) for r in rows
+                   if r["task"] == task and r["label"] == label)
+      assert got == sorted(pr.eval_lens), (task, label, got)
+  for r in rows:
+    _finite(r, ("exact_match", "token_acc", "keys_per_query", "train_time_s",
+                "budget_nominal"))
+    assert 0.0 <= float(r["exact_match"]) <= float(r["token_acc"]) + 1e-9 <= 1.0 + 1e-9
+  sparse = [r for r in rows if r["kind"] != "dense"]
+  dense = [r for r in rows if r["kind"] == "dense"]
+  # Sparse kinds attend fewer keys than dense at the longest length.
+  longest = max(pr.eval_lens)
+  kd = [float(r["keys_per_query"]) for r in dense if int(r["eval_len"]) == longest]
+  for r in sparse:
+    if int(r["eval_len"]) == longest:
+      assert float(r["keys_per_query"]) < kd[0]
+  assert (tmp_path / "retrieval.md").exists()
+  assert (tmp_path / "retrieval.png").exists()
+
+
+def test_bench_attention_smoke(tmp_path):
+  mod = _module("bench_attention")
+  mod.main(["--smoke", "--out-dir", str(tmp_path)])
+  rows = _rows(tmp_path / "bench_attention.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  a = mod.parse_args(["--smoke"])
+  lengths = [int(x) for x in a.lengths.split(",")]
+  for mode in mod.MODES:
+    for kind in mod.KINDS:
+      got = [r for r in rows if r["mode"] == mode and r["kind"] == kind]
+      assert sorted(int(r["L"]) for r in got) == lengths, (mode, kind)
+      for r in got:
+        if kind == "lsh" and mode == "decode":
+          assert r["status"].startswith("n/a")
+          continue
+        assert r["status"] == "ok", r
+        _finite(r, ("time_s", "ratio", "model_ratio", "budget", "peak_bytes"))
+        assert float(r["time_s"]) > 0
+  assert (tmp_path / "bench_attention.png").exists()
+
+
+def test_indexer_analysis_smoke(tmp_path):
+  mod = _module("indexer_analysis")
+  mod.main(["--smoke", "--out-dir", str(tmp_path)])
+  rows = _rows(tmp_path / "indexer_analysis.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  a = mod.parse_args(["--smoke"])
+  steps = sorted({int(r["step"]) for r in rows})
+  assert steps[0] == 0 and steps[-1] == a.warmup_steps + a.sparse_steps
+  assert {r["stage"] for r in rows} == {"warmup", "sparse"}
+  for s in steps:
+    assert sorted(int(r["layer"]) for r in rows
+                  if int(r["step"]) == s) == list(range(a.num_layers))
+  for r in rows:
+    _finite(r, ("recall", "mass", "oracle_mass", "kl"))
+    assert 0.0 <= float(r["recall"]) <= 1.0 + 1e-6
+    assert float(r["mass"]) <= float(r["oracle_mass"]) + 1e-5
+  with open(tmp_path / "indexer_analysis.json", encoding="utf-8") as f:
+    assert len(json.load(f)["rows"]) == len(rows)
+  assert (tmp_path / "indexer_curves.png").exists()
+  assert (tmp_path / "indexer_heatmaps.png").exists()
