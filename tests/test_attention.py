@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CASES, as_jnp_opt, make_inputs
+from _testutil import CASES, as_jnp_opt, make_inputs
 from jax.test_util import check_grads
 
 import np_reference as ref

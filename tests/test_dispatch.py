@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_inputs
+from _testutil import make_inputs
 
 import sparse_attn as sa
 from sparse_attn import dispatch

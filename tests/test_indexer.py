@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CASES, as_jnp_opt, make_inputs
+from _testutil import CASES, as_jnp_opt, make_inputs
 
 import np_reference as ref
 import sparse_attn as sa
