@@ -22,6 +22,18 @@ import numpy as np  # noqa: E402
 BASELINE_KINDS = ("sliding_window", "strided", "fixed", "lsh", "nsa", "moba")
 
 
+def add_layer_shape_args(p) -> None:
+  """The benchmark layer shape flags shared by bench_attention / bench_decode
+  (defaults: the shape the efficiency targets are stated for)."""
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv-heads", type=int, default=1)
+  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--indexer-heads", type=int, default=4)
+  p.add_argument("--indexer-dim", type=int, default=32)
+  p.add_argument("--top-k", type=int, default=128)
+
+
 def fmt(value: Any, digits: int = 3) -> str:
   """Compact cell text: floats to `digits` significant places, None -> ''."""
   if value is None:

@@ -30,7 +30,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common as C  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
@@ -198,13 +200,7 @@ def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--kv-heads", type=int, default=1)
-  p.add_argument("--head-dim", type=int, default=64)
-  p.add_argument("--indexer-heads", type=int, default=4)
-  p.add_argument("--indexer-dim", type=int, default=32)
-  p.add_argument("--top-k", type=int, default=128)
+  C.add_layer_shape_args(p)
   p.add_argument("--index-dtype", default="float32", choices=D.INDEX_DTYPES)
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--prefill-context", type=int, default=65536,
