@@ -200,44 +200,68 @@ def _fwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, o_ref, lse_ref,
     lse_ref[0, 0, 0] = jnp.where(ok, m_sc[...] + jnp.log(l_safe), 0.0)
 
 
+class _TpuLayout:
+  """Grid, index maps and the gather operands shared by the TPU fwd and bwd.
+
+  Grid (B, T, G, K/bk): one query token x one KV group x one block of bk
+  selected keys. Both passes take the block's indices twice (SMEM, to drive
+  the row DMAs; VMEM, for the validity mask), the group's query heads, and
+  K/V left in HBM, and both need the same gather scratch.
+  """
+
+  def __init__(self, qg, k, v, idx4, bs: BlockSizes):
+    self.B, self.T, self.G, self.hg, self.D = qg.shape
+    self.S, self.Dv = k.shape[1], v.shape[-1]
+    self.Kp = idx4.shape[-1]
+    self.bk = bs.block_k if bs.block_k < self.Kp else self.Kp
+    self.nk = self.Kp // self.bk
+    self.grid = (self.B, self.T, self.G, self.nk)
+    self.row_map = lambda b, t, g, j: (b, t, g, 0, 0)
+    self.slot_map = lambda b, t, g, j: (b, t, g, j, 0)
+    idx_map = lambda b, t, g, j: (b, t, 0, j)
+    any_ = bk_.any_memory_space()
+    self.gather_in_specs = [
+        pl.BlockSpec((1, 1, 1, self.bk), idx_map, memory_space=bk_.smem()),
+        pl.BlockSpec((1, 1, 1, self.bk), idx_map),
+        pl.BlockSpec((1, 1, 1, self.hg, self.D), self.row_map),
+        pl.BlockSpec(memory_space=any_),
+        pl.BlockSpec(memory_space=any_),
+    ]
+    pltpu = _pltpu()
+    self.gather_scratch = [
+        pltpu.VMEM((self.bk, self.D), k.dtype),
+        pltpu.VMEM((self.bk, self.Dv), v.dtype),
+        pltpu.SemaphoreType.DMA((2,)),
+    ]
+    self.compiler_params = bk_.tpu_compiler_params(
+        ("parallel", "parallel", "parallel", "arbitrary"))
+
+  def rows(self, width):
+    """BlockSpec of a per-(query, group) [hg, width] tile."""
+    return pl.BlockSpec((1, 1, 1, self.hg, width), self.row_map)
+
+
 def _fwd_tpu(qg, k, v, idx4, *, scale, bs: BlockSizes, interpret):
-  B, T, G, hg, D = qg.shape
-  S, Dv = k.shape[1], v.shape[-1]
-  Kp = idx4.shape[-1]
-  bk = bs.block_k if bs.block_k < Kp else Kp
-  nk = Kp // bk
+  lay = _TpuLayout(qg, k, v, idx4, bs)
+  B, T, G, hg, Dv = lay.B, lay.T, lay.G, lay.hg, lay.Dv
   pltpu = _pltpu()
-  any_ = bk_.any_memory_space()
-  idx_map = lambda b, t, g, j: (b, t, 0, j)
-  row_map = lambda b, t, g, j: (b, t, g, 0, 0)
-  kernel = functools.partial(_fwd_tpu_kernel, S=S, bk=bk, scale=scale, nk=nk)
+  kernel = functools.partial(_fwd_tpu_kernel, S=lay.S, bk=lay.bk, scale=scale,
+                             nk=lay.nk)
   return pl.pallas_call(
       kernel,
-      grid=(B, T, G, nk),
-      in_specs=[
-          pl.BlockSpec((1, 1, 1, bk), idx_map, memory_space=bk_.smem()),
-          pl.BlockSpec((1, 1, 1, bk), idx_map),
-          pl.BlockSpec((1, 1, 1, hg, D), row_map),
-          pl.BlockSpec(memory_space=any_),
-          pl.BlockSpec(memory_space=any_),
-      ],
-      out_specs=[
-          pl.BlockSpec((1, 1, 1, hg, Dv), row_map),
-          pl.BlockSpec((1, 1, 1, hg, 1), row_map),
-      ],
+      grid=lay.grid,
+      in_specs=lay.gather_in_specs,
+      out_specs=[lay.rows(Dv), lay.rows(1)],
       out_shape=[
           bk_.out_struct((B, T, G, hg, Dv), qg.dtype, idx4, qg, k, v),
           bk_.out_struct((B, T, G, hg, 1), jnp.float32, idx4, qg, k, v),
       ],
-      scratch_shapes=[
-          pltpu.VMEM((bk, D), k.dtype),
-          pltpu.VMEM((bk, Dv), v.dtype),
-          pltpu.SemaphoreType.DMA((2,)),
+      scratch_shapes=lay.gather_scratch + [
           pltpu.VMEM((hg, 1), jnp.float32),
           pltpu.VMEM((hg, 1), jnp.float32),
           pltpu.VMEM((hg, Dv), jnp.float32),
       ],
-      compiler_params=bk_.tpu_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=lay.compiler_params,
       interpret=interpret,
       name="gathered_attention_fwd_tpu",
   )(idx4, idx4, qg, k, v)
@@ -271,48 +295,29 @@ def _bwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, do_ref, lse_ref, de
 
 
 def _bwd_tpu(qg, k, v, idx4, do, lse, delta, *, scale, bs: BlockSizes, interpret):
-  B, T, G, hg, D = qg.shape
-  S, Dv = k.shape[1], v.shape[-1]
-  Kp = idx4.shape[-1]
-  bk = bs.block_k if bs.block_k < Kp else Kp
-  nk = Kp // bk
+  lay = _TpuLayout(qg, k, v, idx4, bs)
+  B, T, G, hg, D, Dv, Kp, bk = (lay.B, lay.T, lay.G, lay.hg, lay.D, lay.Dv,
+                                lay.Kp, lay.bk)
   pltpu = _pltpu()
-  any_ = bk_.any_memory_space()
-  idx_map = lambda b, t, g, j: (b, t, 0, j)
-  row_map = lambda b, t, g, j: (b, t, g, 0, 0)
-  slot_map = lambda b, t, g, j: (b, t, g, j, 0)
-  kernel = functools.partial(_bwd_tpu_kernel, S=S, bk=bk, scale=scale, nk=nk)
+  kernel = functools.partial(_bwd_tpu_kernel, S=lay.S, bk=bk, scale=scale,
+                             nk=lay.nk)
   like = (idx4, qg, k, v, do, lse, delta)
   return pl.pallas_call(
       kernel,
-      grid=(B, T, G, nk),
-      in_specs=[
-          pl.BlockSpec((1, 1, 1, bk), idx_map, memory_space=bk_.smem()),
-          pl.BlockSpec((1, 1, 1, bk), idx_map),
-          pl.BlockSpec((1, 1, 1, hg, D), row_map),
-          pl.BlockSpec(memory_space=any_),
-          pl.BlockSpec(memory_space=any_),
-          pl.BlockSpec((1, 1, 1, hg, Dv), row_map),
-          pl.BlockSpec((1, 1, 1, hg, 1), row_map),
-          pl.BlockSpec((1, 1, 1, hg, 1), row_map),
-      ],
+      grid=lay.grid,
+      in_specs=lay.gather_in_specs + [lay.rows(Dv), lay.rows(1), lay.rows(1)],
       out_specs=[
-          pl.BlockSpec((1, 1, 1, hg, D), row_map),
-          pl.BlockSpec((1, 1, 1, bk, D), slot_map),
-          pl.BlockSpec((1, 1, 1, bk, Dv), slot_map),
+          lay.rows(D),
+          pl.BlockSpec((1, 1, 1, bk, D), lay.slot_map),
+          pl.BlockSpec((1, 1, 1, bk, Dv), lay.slot_map),
       ],
       out_shape=[
           bk_.out_struct((B, T, G, hg, D), qg.dtype, *like),
           bk_.out_struct((B, T, G, Kp, D), jnp.float32, *like),
           bk_.out_struct((B, T, G, Kp, Dv), jnp.float32, *like),
       ],
-      scratch_shapes=[
-          pltpu.VMEM((bk, D), k.dtype),
-          pltpu.VMEM((bk, Dv), v.dtype),
-          pltpu.SemaphoreType.DMA((2,)),
-          pltpu.VMEM((hg, D), jnp.float32),
-      ],
-      compiler_params=bk_.tpu_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      scratch_shapes=lay.gather_scratch + [pltpu.VMEM((hg, D), jnp.float32)],
+      compiler_params=lay.compiler_params,
       interpret=interpret,
       name="gathered_attention_bwd_tpu",
   )(idx4, idx4, qg, k, v, do, lse, delta)

@@ -91,20 +91,35 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _ATTN_BUDGET)
 
-  acc = _checks.acc_dtype(q)
-
   def block(start, qb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
-    qg = _grouped(qb, num_kv)
-    logits = jnp.einsum("btgrd,bsgd->btgrs", qg, k,
-                        preferred_element_type=acc) * scale
     valid = masking.visible(q_pos, num_keys, kv_lengths)[:, :, None, None, :]
-    probs, _ = masked_softmax(logits, valid)
-    out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
-                     preferred_element_type=acc)
-    return out.reshape(*qb.shape[:3], vs[3]).astype(q.dtype)
+    return dense_block(qb, k, v, valid, scale)[0]
 
   return chunking.map_query_chunks(block, query_chunk, q)
+
+
+def dense_block(qb: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
+                scale: float, bias: jax.Array | None = None):
+  """Softmax attention of a query block over all S keys under a mask.
+
+  The one dense body shared by dense_attention, the counted gathered form
+  and the pattern kinds. qb [B, C, H, D], k [B, S, G, D], v [B, S, G, Dv];
+  valid bool broadcastable to [B, C, G, H/G, S]; bias (same broadcast) is
+  added to the logits. Returns (out [B, C, H, Dv] in q's dtype,
+  lse f32[B, C, H], -inf for rows with no valid key).
+  """
+  num_kv = k.shape[2]
+  acc = _checks.acc_dtype(qb)
+  logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
+                      preferred_element_type=acc) * scale
+  if bias is not None:
+    logits = logits + bias
+  probs, lse = masked_softmax(logits, valid)
+  out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
+                   preferred_element_type=acc)
+  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
+  return out, lse.reshape(qb.shape[:3])
 
 
 def _check_indices(indices, batch, num_q):
@@ -171,17 +186,10 @@ def _counted_block(qb, k, v, ib, scale):
   XLA's gather, and above all the scatter-add of its gradient, cost far more
   per element on CPU than the matmuls they avoid.
   """
-  num_kv = k.shape[2]
-  acc = _checks.acc_dtype(qb)
-  present, log_counts = selection_counts(ib, k.shape[1], acc)
-  logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
-                      preferred_element_type=acc) * scale
-  probs, lse = masked_softmax(logits + log_counts[:, :, None, None, :],
-                              present[:, :, None, None, :])
-  out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
-                   preferred_element_type=acc)
-  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
-  return out, lse.reshape(qb.shape[:3])
+  present, log_counts = selection_counts(ib, k.shape[1],
+                                         _checks.acc_dtype(qb))
+  return dense_block(qb, k, v, present[:, :, None, None, :], scale,
+                     bias=log_counts[:, :, None, None, :])
 
 
 # Use the dense counted form while S <= this many times K.

@@ -45,17 +45,21 @@ def _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths):
   return qs, ks
 
 
-def _scores_block(q_idx, k_idx, weights, q_pos, kv_lengths):
-  """f32[B, C, S] index scores of one query block, -inf where not visible."""
+def relu_scores(q_idx, k_idx, weights):
+  """Unmasked index scores [B, C, S] = sum_j w * relu(q_j . k) (acc dtype)."""
   acc = _checks.acc_dtype(q_idx, k_idx, weights)
   if q_idx.shape[1] <= 8:
     # Decode-sized blocks: keys-major dots keep the head reduction contiguous
     # (about 4x faster on CPU at T=1, S=64K than the query-major layout).
     dots = jnp.einsum("bthd,bsd->bsth", q_idx, k_idx, preferred_element_type=acc)
-    scores = jnp.einsum("bsth,bth->bts", jax.nn.relu(dots), weights.astype(acc))
-  else:
-    dots = jnp.einsum("bthd,bsd->bths", q_idx, k_idx, preferred_element_type=acc)
-    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(acc))
+    return jnp.einsum("bsth,bth->bts", jax.nn.relu(dots), weights.astype(acc))
+  dots = jnp.einsum("bthd,bsd->bths", q_idx, k_idx, preferred_element_type=acc)
+  return jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(acc))
+
+
+def _scores_block(q_idx, k_idx, weights, q_pos, kv_lengths):
+  """f32[B, C, S] index scores of one query block, -inf where not visible."""
+  scores = relu_scores(q_idx, k_idx, weights)
   mask = masking.visible(q_pos, k_idx.shape[1], kv_lengths)
   return jnp.where(mask, scores, -jnp.inf)
 

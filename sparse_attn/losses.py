@@ -26,7 +26,8 @@ from sparse_attn import _checks, chunking, masking
 from sparse_attn.attention import (_check_indices, _check_qkv, _grouped,
                                    gather_rows, masked_softmax,
                                    selection_counts, use_counted)
-from sparse_attn.indexer import _check_indexer_inputs, _scores_block
+from sparse_attn.indexer import (_check_indexer_inputs, _scores_block,
+                                 relu_scores)
 
 _KL_BUDGET = 1 << 24
 
@@ -152,10 +153,7 @@ def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
       logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
                           preferred_element_type=acc) * scale
       logits = logits + log_counts[:, :, None, None, :]
-      dots = jnp.einsum("bthd,bsd->bths", qib, k_idx,
-                        preferred_element_type=acc)
-      index_logits = jnp.einsum("bths,bth->bts", jax.nn.relu(dots),
-                                wb.astype(acc)) + log_counts
+      index_logits = relu_scores(qib, k_idx, wb) + log_counts
     else:
       valid = (ib >= 0) & (ib < num_keys)
       safe = jnp.where(valid, ib, 0)

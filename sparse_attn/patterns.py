@@ -25,7 +25,7 @@ layout for a block-sparse kernel is `block_layout(mask, bq, bk)`.
 Attention: `sparse_transformer_attention` is a memory-bounded XLA path that
 processes `query_chunk` queries at a time (`chunking.map_query_chunks`, so
 peak memory is O(chunk * S * H), rematerialised under autodiff) with the
-shared `attention.masked_softmax`. `sliding_window_attention` gathers the w
+shared dense body `attention.dense_block`. `sliding_window_attention` gathers the w
 keys of each query (`attention.gathered_attention`: O(T * w) memory, and the
 Pallas gathered kernel on accelerators).
 
@@ -42,7 +42,8 @@ import numpy as np
 
 from sparse_attn import _checks, chunking, masking
 from sparse_attn.attention import (_ATTN_BUDGET, _check_qkv, _default_scale,
-                                   _grouped, gathered_attention, masked_softmax)
+                                   _grouped, dense_block, gathered_attention,
+                                   masked_softmax)
 
 PATTERNS = ("strided", "fixed")
 COMBINES = ("merged", "alternate", "split")
@@ -185,7 +186,6 @@ def masked_pattern_attention(q, k, v, mask_fn: Callable, *, q_offset=None,
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads * 2,
                                       _ATTN_BUDGET)
-  acc = _checks.acc_dtype(q)
   key_pos = jnp.arange(num_keys, dtype=jnp.int32)
 
   def block(start, qb):
@@ -197,13 +197,7 @@ def masked_pattern_attention(q, k, v, mask_fn: Callable, *, q_offset=None,
     vis = masking.visible(q_pos, num_keys, kv_lengths)[:, :, None, :]
     valid = jnp.broadcast_to(pat & vis, (batch, c, num_heads, num_keys))
     valid = valid.reshape(batch, c, num_kv, num_heads // num_kv, num_keys)
-    qg = _grouped(qb, num_kv)
-    logits = jnp.einsum("btgrd,bsgd->btgrs", qg, k,
-                        preferred_element_type=acc) * scale
-    probs, _ = masked_softmax(logits, valid)
-    out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
-                     preferred_element_type=acc)
-    out = out.reshape(batch, c, num_heads, vs[3]).astype(q.dtype)
+    out, _ = dense_block(qb, k, v, valid, scale)
     counts = jnp.sum(valid, axis=(2, 3, 4)).astype(jnp.float32) / num_heads
     return out, counts
 
