@@ -4,32 +4,35 @@ out[b, t, h] = softmax_j(scale * q[b,t,h] . k[b, idx_j, g(h)]) @ v[b, idx_j, g(h
 over the selected keys idx_j = indices[b, t, j] (j < K); an index that is < 0
 or >= S is ignored, a row with no valid index returns zeros (never NaN).
 
-Tiling: one grid step handles ONE query token x ALL heads of ONE kv group
-(H/G heads) x a block of ``block_k`` selected keys. The index set is shared by
-every head of the group, so each gathered K/V row is loaded once and used by
-H/G heads (for MQA, H/G = H = 128: a full MXU tile). Online (flash) softmax
-over the K blocks, f32 accumulators, output in the input dtype; the forward
-also returns the log-sum-exp used by the backward.
+Tiling: one program handles ONE query token x the heads of ONE kv group
+(TPU: all H/G of them; GPU: blocks of ``block_h``) x blocks of ``block_k``
+selected keys. The index set is shared by every head of the group, so each
+gathered K/V row is loaded once and used by many heads (for MQA, H/G = 128).
+Online (flash) softmax over the K blocks, f32 accumulators, output in the
+input dtype; the forward also returns the log-sum-exp used by the backward.
 
 Gather:
 * TPU (Mosaic): K/V stay in HBM (``memory_space=ANY``); the block's indices
   arrive in SMEM (a blocked SMEM input, *not* scalar prefetch: the whole
   [B,T,K] index array does not fit SMEM at realistic sizes) and each row is
   copied with its own DMA into a VMEM buffer; a VMEM copy of the same indices
-  gives the validity mask as a vector. (No double buffering yet: the DMAs of
-  block j+1 are not overlapped with the compute of block j.)
-* GPU (Triton): pointer gather, ``k_ref.at[b, idx[:, None], g, d[None, :]]``
-  with a mask; head and feature dims are padded to powers of two *inside* the
-  kernel (masked loads) so K/V are never copied; outputs are padded and sliced.
+  gives the validity mask as a vector. DMAs must start on a tile boundary,
+  so rows live in an untiled leading axis: K/V as [B,S,G,1,D], buffer
+  [bk,1,D]. (No double buffering yet.)
+* GPU (Triton): pointer gather, ``k_ref.at[b, idx[:, None], g, cols]`` with
+  a mask. Heads go in blocks of ``block_h``; feature dims in power-of-two
+  pieces (576 = 512 + 64), each loaded and multiplied on its own, so neither
+  is padded far and K/V are never copied; outputs are padded and sliced.
+  Defaults come from compiling for sm_90 (docs/kernels.md).
 
 Backward (jax.custom_vjp): the kernel recomputes p = exp(s - lse), produces dq
 in-kernel (accumulated over K blocks) and, for every (query, slot), the
 head-summed contributions dK_slot = scale * dS^T q and dV_slot = P^T dO in f32.
 These are scatter-added into dK/dV with ``.at[].add`` (XLA segment-sum)
-outside the kernel. To bound memory the backward runs over chunks of
-``bwd_chunk_t`` queries (lax.scan), so the contribution buffer is
-chunk*K*G*(D+Dv)*4 bytes. (A transposed key-major pass or GPU atomics would
-avoid the buffer; not done.)
+outside the kernel (on GPU one contribution per head block, summed by XLA).
+To bound memory the backward runs over chunks of queries (lax.scan) sized
+so the contribution buffer stays under ``bwd_buffer_bytes``. (A transposed
+key-major pass or GPU atomics would avoid the buffer; not done.)
 """
 from __future__ import annotations
 
@@ -45,30 +48,72 @@ from kernels_pallas import backend as bk_
 _NEG_INF = float("-inf")
 
 
+_DEFAULTS = {
+    # TPU: a 128-lane block of selected keys per grid step.
+    "tpu": dict(block_k=128, bwd_block_k=128, block_h=128, bwd_block_h=128, num_warps=4,
+                num_stages=2, bwd_buffer_bytes=1 << 30),
+    # GPU (sm_90, from deviceless compiles with ptxas -v; see docs/kernels.md):
+    # 32 keys x 32 heads x 8 warps keeps the forward at D=576/Dv=512 within
+    # 255 registers without spills and ~70 KiB of shared memory; the backward
+    # holds dq and recomputes p, so it takes 16 keys per step.
+    # The 4 GiB backward buffer keeps >= 4 programs per SM at the MQA shape.
+    "gpu": dict(block_k=32, bwd_block_k=16, block_h=32, bwd_block_h=32, num_warps=8,
+                num_stages=2, bwd_buffer_bytes=1 << 32),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """block_k: selected keys per grid step (TPU: multiple of 128 unless it
-  covers all of K; GPU: power of two >= 16). bwd_chunk_t: queries per backward
-  chunk (bounds the dK/dV contribution buffer). num_warps/num_stages: Triton."""
-  block_k: int = 128
-  bwd_chunk_t: int = 64
-  num_warps: int = 4
-  num_stages: int = 2
+  """Tiling of the gathered-attention kernels; None = the platform default.
+
+  block_k: selected keys per step (TPU: multiple of 128 unless it covers all
+    of K; GPU: power of two >= 16). bwd_block_k: the same for the backward
+    (TPU: equal to block_k).
+  block_h: query heads per program on GPU (power of two >= 16; a KV group's
+    heads are split into blocks of this size, each re-gathering its keys).
+    bwd_block_h: the same for the backward. TPU always takes the whole group.
+  bwd_chunk_t: queries per backward chunk; it bounds the dK/dV contribution
+    buffer, B*chunk*G*K*(D+Dv)*4 bytes per head block. None: as many as keep
+    that buffer under `bwd_buffer_bytes` (default 1 GiB on TPU, 4 GiB on GPU).
+  num_warps / num_stages: Triton launch parameters.
+  """
+  block_k: int | None = None
+  bwd_chunk_t: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  block_h: int | None = None
+  bwd_block_h: int | None = None
+  bwd_block_k: int | None = None
+  bwd_buffer_bytes: int | None = None
 
   def __post_init__(self):
-    for f in ("block_k", "bwd_chunk_t", "num_warps", "num_stages"):
+    for f in ("block_k", "bwd_chunk_t", "num_warps", "num_stages", "block_h", "bwd_block_h",
+              "bwd_block_k", "bwd_buffer_bytes"):
       v = getattr(self, f)
-      if not isinstance(v, int) or v < 1:
+      if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"BlockSizes.{f} must be a positive int, got {v!r}")
+
+  def for_platform(self, platform: str) -> "BlockSizes":
+    """Copy with every None replaced by the platform default."""
+    d = dict(_DEFAULTS[platform])
+    if platform == "tpu" and self.block_k is not None:
+      d["bwd_block_k"] = self.block_k
+    return dataclasses.replace(self, **{
+        f: d[f] for f in d if getattr(self, f) is None})
 
   def validate(self, platform: str, K: int) -> None:
     if platform == "tpu":
+      if self.bwd_block_k != self.block_k:
+        raise ValueError(f"BlockSizes.bwd_block_k={self.bwd_block_k} must equal "
+                         f"block_k={self.block_k} on TPU")
       if self.block_k % 128 and self.block_k < K:
         raise ValueError(f"BlockSizes.block_k={self.block_k} must be a multiple of 128 "
                          f"(TPU lane tiling) or >= K={K}")
     else:
-      if self.block_k < 16 or self.block_k & (self.block_k - 1):
-        raise ValueError(f"BlockSizes.block_k={self.block_k} must be a power of two >= 16 on GPU")
+      for f in ("block_k", "bwd_block_k", "block_h", "bwd_block_h"):
+        x = getattr(self, f)
+        if x < 16 or x & (x - 1):
+          raise ValueError(f"BlockSizes.{f}={x} must be a power of two >= 16 on GPU")
 
 
 # --------------------------------------------------------------------------
@@ -139,15 +184,15 @@ def _tpu_gather_rows(b, g, S, bk, idx_smem, k_hbm, v_hbm, kbuf, vbuf, sem):
     i = idx_smem[0, 0, 0, j]
     i = jnp.where((i >= 0) & (i < S), i, 0)
     pltpu = _pltpu()
-    pltpu.make_async_copy(k_hbm.at[b, pl.ds(i, 1), g], kbuf.at[pl.ds(j, 1)], sem.at[0]).start()
-    pltpu.make_async_copy(v_hbm.at[b, pl.ds(i, 1), g], vbuf.at[pl.ds(j, 1)], sem.at[1]).start()
+    pltpu.make_async_copy(k_hbm.at[b, i, g], kbuf.at[j], sem.at[0]).start()
+    pltpu.make_async_copy(v_hbm.at[b, i, g], vbuf.at[j], sem.at[1]).start()
     return c
   jax.lax.fori_loop(0, bk, issue, 0)
 
   def wait(j, c):
     pltpu = _pltpu()
-    pltpu.make_async_copy(k_hbm.at[b, pl.ds(0, 1), g], kbuf.at[pl.ds(0, 1)], sem.at[0]).wait()
-    pltpu.make_async_copy(v_hbm.at[b, pl.ds(0, 1), g], vbuf.at[pl.ds(0, 1)], sem.at[1]).wait()
+    pltpu.make_async_copy(k_hbm.at[b, 0, g], kbuf.at[0], sem.at[0]).wait()
+    pltpu.make_async_copy(v_hbm.at[b, 0, g], vbuf.at[0], sem.at[1]).wait()
     return c
   jax.lax.fori_loop(0, bk, wait, 0)
 
@@ -155,6 +200,11 @@ def _tpu_gather_rows(b, g, S, bk, idx_smem, k_hbm, v_hbm, kbuf, vbuf, sem):
 def _pltpu():
   from jax.experimental.pallas import tpu as pltpu
   return pltpu
+
+
+def _gathered(buf):
+  """[bk, 1, D] gather buffer -> [bk, D] matrix."""
+  return buf[...].reshape(buf.shape[0], buf.shape[2])
 
 
 def _nt(a, b):  # a @ b.T
@@ -179,7 +229,7 @@ def _fwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, o_ref, lse_ref,
   idx = idx_vmem[0, 0]  # [1, bk]
   valid = (idx >= 0) & (idx < S)
   q = q_ref[0, 0, 0]  # [hg, D]
-  s = _nt(q, kbuf[...]) * scale
+  s = _nt(q, _gathered(kbuf)) * scale
   s = jnp.where(valid, s, _NEG_INF)
   m_prev = m_sc[...]
   m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -187,7 +237,7 @@ def _fwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, o_ref, lse_ref,
   alpha = jnp.exp(m_prev - m_safe)
   p = jnp.exp(s - m_safe)
   l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-  acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(vbuf.dtype), vbuf[...],
+  acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(vbuf.dtype), _gathered(vbuf),
                                               preferred_element_type=jnp.float32)
   m_sc[...] = m_new
 
@@ -229,12 +279,26 @@ class _TpuLayout:
     ]
     pltpu = _pltpu()
     self.gather_scratch = [
-        pltpu.VMEM((self.bk, self.D), k.dtype),
-        pltpu.VMEM((self.bk, self.Dv), v.dtype),
+        pltpu.VMEM((self.bk, 1, self.D), k.dtype),
+        pltpu.VMEM((self.bk, 1, self.Dv), v.dtype),
         pltpu.SemaphoreType.DMA((2,)),
     ]
     self.compiler_params = bk_.tpu_compiler_params(
         ("parallel", "parallel", "parallel", "arbitrary"))
+
+  @staticmethod
+  def kv_rows(k, v):
+    """K/V as [B, S, G, 1, D]: each (token, group) row is its own tile row.
+
+    TPU arrays are tiled over their two minor dims, and a DMA may only start
+    at a tile boundary; a gathered row at an arbitrary token index therefore
+    has to live in a leading (untiled) position, both in HBM (source) and in
+    the VMEM gather buffer (destination, [bk, 1, D]). For G == 1 this is the
+    layout XLA already picks for [B, S, 1, D]; for G > 1 XLA relayouts K/V
+    once per call.
+    """
+    B, S, G = k.shape[:3]
+    return k.reshape(B, S, G, 1, k.shape[-1]), v.reshape(B, S, G, 1, v.shape[-1])
 
   def rows(self, width):
     """BlockSpec of a per-(query, group) [hg, width] tile."""
@@ -264,7 +328,7 @@ def _fwd_tpu(qg, k, v, idx4, *, scale, bs: BlockSizes, interpret):
       compiler_params=lay.compiler_params,
       interpret=interpret,
       name="gathered_attention_fwd_tpu",
-  )(idx4, idx4, qg, k, v)
+  )(idx4, idx4, qg, *lay.kv_rows(k, v))
 
 
 def _bwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, do_ref, lse_ref, delta_ref,
@@ -280,7 +344,7 @@ def _bwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, do_ref, lse_ref, de
   valid = (idx >= 0) & (idx < S)
   q = q_ref[0, 0, 0]
   do = do_ref[0, 0, 0]
-  kk, vv = kbuf[...], vbuf[...]
+  kk, vv = _gathered(kbuf), _gathered(vbuf)
   s = _nt(q, kk) * scale
   p = jnp.where(valid, jnp.exp(s - lse_ref[0, 0, 0]), 0.0)  # [hg, bk]
   dp = _nt(do, vv)
@@ -320,149 +384,206 @@ def _bwd_tpu(qg, k, v, idx4, do, lse, delta, *, scale, bs: BlockSizes, interpret
       compiler_params=lay.compiler_params,
       interpret=interpret,
       name="gathered_attention_bwd_tpu",
-  )(idx4, idx4, qg, k, v, do, lse, delta)
+  )(idx4, idx4, qg, *lay.kv_rows(k, v), do, lse, delta)
 
 
 # --------------------------------------------------------------------------
 # GPU (Triton) kernels
 # --------------------------------------------------------------------------
 
+def _pieces(n: int) -> tuple[tuple[int, int], ...]:
+  """Splits a feature dim into power-of-two pieces [(offset, width)].
+
+  Triton blocks must be powers of two; padding D=576 to 1024 would waste 44%
+  of the QK FLOPs and push one [heads, 1024] query tile past the 227 KiB of
+  shared memory an H100 block may use. 576 -> (0, 512), (512, 64). Pieces are
+  >= 16 wide (the smallest tl.dot); only the last may run past n (masked).
+  """
+  out, off = [], 0
+  while n - off >= 16:
+    w = 1 << ((n - off).bit_length() - 1)
+    out.append((off, w))
+    off += w
+  if off < n:
+    out.append((off, max(16, bk_.next_power_of_2(n - off))))
+  return tuple(out)
+
+
+def _padded(n: int) -> int:
+  off, w = _pieces(n)[-1]
+  return off + w
+
+
+def _cols(piece, n):
+  """Clamped column indices and their mask for one piece of an n-wide dim."""
+  c = piece[0] + jnp.arange(piece[1])
+  return jnp.minimum(c, n - 1)[None, :], (c < n)[None, :]
+
+
+def _load_pieces(ref_at, n, row_ok):
+  """Loads every piece of [rows, n]; ref_at(cols) indexes the ref."""
+  out = []
+  for piece in _pieces(n):
+    c, cm = _cols(piece, n)
+    out.append(bk_.gpu_masked_load(ref_at(c), mask=row_ok[:, None] & cm, other=0.0))
+  return out
+
+
+def _dot_pieces(a, b):
+  """sum_i a_i @ b_i.T over matching feature pieces (f32)."""
+  return sum(jnp.dot(x, y.T, preferred_element_type=jnp.float32) for x, y in zip(a, b))
+
+
+def _store_pieces(ref, lead, rows, vals, n):
+  """ref[*lead, rows, cols] = vals piece by piece (into the padded array)."""
+  for (off, w), x in zip(_pieces(n), vals):
+    ref[(*lead, rows[:, None], (off + jnp.arange(w))[None, :])] = x.astype(ref.dtype)
+
+
+def _gpu_heads(hi, hb, hg):
+  """Rows of head block hi: indices, clamped indices, mask."""
+  hr = hi * hb + jnp.arange(hb)
+  return hr, jnp.minimum(hr, hg - 1), hr < hg
+
+
+def _gpu_gather_kv(idx_ref, k_ref, v_ref, b, t, g, j, *, S, D, Dv, bk):
+  idx = idx_ref[b, t, pl.ds(j * bk, bk)]
+  valid = (idx >= 0) & (idx < S)
+  ic = jnp.where(valid, idx, 0)[:, None]
+  kk = _load_pieces(lambda c: k_ref.at[b, ic, g, c], D, valid)
+  vv = _load_pieces(lambda c: v_ref.at[b, ic, g, c], Dv, valid)
+  return valid, kk, vv
+
+
 def _fwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    S, hg, D, Dv, hp, Dp, Dvp, bk, nk, scale):
-  b, t, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hr = jnp.arange(hp)
-  dr = jnp.arange(Dp)
-  dvr = jnp.arange(Dvp)
-  hmask = hr < hg
-  dmask = dr < D
-  dvmask = dvr < Dv
-  q = bk_.gpu_masked_load(
-      q_ref.at[b, t, g, jnp.minimum(hr, hg - 1)[:, None], jnp.minimum(dr, D - 1)[None, :]],
-      mask=hmask[:, None] & dmask[None, :], other=0.0)
+                    S, hg, hb, D, Dv, bk, nk, scale):
+  b, t, g, hi = (pl.program_id(i) for i in range(4))
+  hr, hc, hok = _gpu_heads(hi, hb, hg)
+  q = _load_pieces(lambda c: q_ref.at[b, t, g, hc[:, None], c], D, hok)
 
   def body(j, carry):
     m, l, acc = carry
-    idx = idx_ref[b, t, pl.ds(j * bk, bk)]
-    valid = (idx >= 0) & (idx < S)
-    ic = jnp.where(valid, idx, 0)
-    kk = bk_.gpu_masked_load(k_ref.at[b, ic[:, None], g, jnp.minimum(dr, D - 1)[None, :]],
-                             mask=valid[:, None] & dmask[None, :], other=0.0)
-    vv = bk_.gpu_masked_load(v_ref.at[b, ic[:, None], g, jnp.minimum(dvr, Dv - 1)[None, :]],
-                             mask=valid[:, None] & dvmask[None, :], other=0.0)
-    s = jnp.dot(q, kk.T, preferred_element_type=jnp.float32) * scale
+    valid, kk, vv = _gpu_gather_kv(idx_ref, k_ref, v_ref, b, t, g, j, S=S, D=D, Dv=Dv, bk=bk)
+    s = _dot_pieces(q, kk) * scale
     s = jnp.where(valid[None, :], s, _NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + jnp.dot(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+    pv = p.astype(vv[0].dtype)
+    acc = tuple(alpha[:, None] * a + jnp.dot(pv, x, preferred_element_type=jnp.float32)
+                for a, x in zip(acc, vv))
     return m_new, l, acc
 
-  m0 = jnp.full((hp,), _NEG_INF, jnp.float32)
-  l0 = jnp.zeros((hp,), jnp.float32)
-  a0 = jnp.zeros((hp, Dvp), jnp.float32)
+  m0 = jnp.full((hb,), _NEG_INF, jnp.float32)
+  l0 = jnp.zeros((hb,), jnp.float32)
+  a0 = tuple(jnp.zeros((hb, w), jnp.float32) for _, w in _pieces(Dv))
   m, l, acc = jax.lax.fori_loop(0, nk, body, (m0, l0, a0))
   ok = l > 0
   l_safe = jnp.where(ok, l, 1.0)
-  o_ref[0, 0, 0] = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-  lse_ref[0, 0, 0] = jnp.where(ok, m + jnp.log(l_safe), 0.0)
+  _store_pieces(o_ref, (b, t, g), hr,
+                [jnp.where(ok[:, None], a / l_safe[:, None], 0.0) for a in acc], Dv)
+  lse_ref[b, t, g, hr] = jnp.where(ok, m + jnp.log(l_safe), 0.0)
 
 
-def _gpu_dims(hg, D, Dv):
-  return max(16, bk_.next_power_of_2(hg)), max(16, bk_.next_power_of_2(D)), max(16, bk_.next_power_of_2(Dv))
+def _gpu_head_block(block_h: int, hg: int) -> int:
+  return min(block_h, max(16, bk_.next_power_of_2(hg)))
+
+
+class _GpuLayout:
+  """Grid (B, T, G, head blocks) and padded shapes shared by the GPU fwd/bwd.
+
+  One program: one query token x a block of `hb` heads of one KV group, all
+  of its K selected keys in blocks of `bk`. Heads are padded to nh*hb and
+  features to power-of-two pieces; outputs are padded and sliced.
+  """
+
+  def __init__(self, qg, k, v, idx3, bs: BlockSizes, backward: bool):
+    self.B, self.T, self.G, self.hg, self.D = qg.shape
+    self.S, self.Dv = k.shape[1], v.shape[-1]
+    self.Kp = idx3.shape[-1]
+    self.bk = bs.bwd_block_k if backward else bs.block_k
+    self.nk = self.Kp // self.bk
+    self.hb = _gpu_head_block(bs.bwd_block_h if backward else bs.block_h, self.hg)
+    self.nh = bk_.cdiv(self.hg, self.hb)
+    self.hp, self.Dp, self.Dvp = self.nh * self.hb, _padded(self.D), _padded(self.Dv)
+    self.grid = (self.B, self.T, self.G, self.nh)
+    self.statics = dict(S=self.S, hg=self.hg, hb=self.hb, D=self.D, Dv=self.Dv,
+                        bk=self.bk, nk=self.nk)
+    self.compiler_params = bk_.gpu_compiler_params(bs.num_warps, bs.num_stages)
 
 
 def _fwd_gpu(qg, k, v, idx3, *, scale, bs: BlockSizes, interpret):
-  B, T, G, hg, D = qg.shape
-  S, Dv = k.shape[1], v.shape[-1]
-  Kp = idx3.shape[-1]
-  bk = bs.block_k
-  nk = Kp // bk
-  hp, Dp, Dvp = _gpu_dims(hg, D, Dv)
+  lay = _GpuLayout(qg, k, v, idx3, bs, backward=False)
+  B, T, G, hp = lay.B, lay.T, lay.G, lay.hp
   any_ = bk_.any_memory_space()
-  row = lambda b, t, g: (b, t, g, 0, 0)
-  kernel = functools.partial(_fwd_gpu_kernel, S=S, hg=hg, D=D, Dv=Dv, hp=hp, Dp=Dp, Dvp=Dvp,
-                             bk=bk, nk=nk, scale=scale)
+  kernel = functools.partial(_fwd_gpu_kernel, scale=scale, **lay.statics)
   o, lse = pl.pallas_call(
       kernel,
-      grid=(B, T, G),
+      grid=lay.grid,
       in_specs=[pl.BlockSpec(memory_space=any_)] * 4,
-      out_specs=[pl.BlockSpec((1, 1, 1, hp, Dvp), row),
-                 pl.BlockSpec((1, 1, 1, hp), lambda b, t, g: (b, t, g, 0))],
-      out_shape=[bk_.out_struct((B, T, G, hp, Dvp), qg.dtype, idx3, qg, k, v),
+      out_specs=[pl.BlockSpec(memory_space=any_)] * 2,
+      out_shape=[bk_.out_struct((B, T, G, hp, lay.Dvp), qg.dtype, idx3, qg, k, v),
                  bk_.out_struct((B, T, G, hp), jnp.float32, idx3, qg, k, v)],
-      compiler_params=bk_.gpu_compiler_params(bs.num_warps, bs.num_stages),
+      compiler_params=lay.compiler_params,
       interpret=interpret,
       name="gathered_attention_fwd_gpu",
   )(idx3, qg, k, v)
-  return o[..., :hg, :Dv], lse[..., :hg, None]
+  return o[..., :lay.hg, :lay.Dv], lse[..., :lay.hg, None]
 
 
 def _bwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    dq_ref, dk_ref, dv_ref, *, S, hg, D, Dv, hp, Dp, Dvp, bk, nk, scale):
-  b, t, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hr, dr, dvr = jnp.arange(hp), jnp.arange(Dp), jnp.arange(Dvp)
-  hmask, dmask, dvmask = hr < hg, dr < D, dvr < Dv
-  hc = jnp.minimum(hr, hg - 1)[:, None]
-  q = bk_.gpu_masked_load(q_ref.at[b, t, g, hc, jnp.minimum(dr, D - 1)[None, :]],
-                          mask=hmask[:, None] & dmask[None, :], other=0.0)
-  do = bk_.gpu_masked_load(do_ref.at[b, t, g, hc, jnp.minimum(dvr, Dv - 1)[None, :]],
-                           mask=hmask[:, None] & dvmask[None, :], other=0.0)
-  hcv = jnp.minimum(hr, hg - 1)
-  lse = bk_.gpu_masked_load(lse_ref.at[b, t, g, hcv], mask=hmask, other=0.0)
-  delta = bk_.gpu_masked_load(delta_ref.at[b, t, g, hcv], mask=hmask, other=0.0)
+                    dq_ref, dk_ref, dv_ref, *, S, hg, hb, D, Dv, bk, nk, scale):
+  b, t, g, hi = (pl.program_id(i) for i in range(4))
+  hr, hc, hok = _gpu_heads(hi, hb, hg)
+  q = _load_pieces(lambda c: q_ref.at[b, t, g, hc[:, None], c], D, hok)
+  do = _load_pieces(lambda c: do_ref.at[b, t, g, hc[:, None], c], Dv, hok)
+  lse = bk_.gpu_masked_load(lse_ref.at[b, t, g, hc], mask=hok, other=0.0)
+  delta = bk_.gpu_masked_load(delta_ref.at[b, t, g, hc], mask=hok, other=0.0)
 
   def body(j, dq):
-    idx = idx_ref[b, t, pl.ds(j * bk, bk)]
-    valid = (idx >= 0) & (idx < S)
-    ic = jnp.where(valid, idx, 0)
-    kk = bk_.gpu_masked_load(k_ref.at[b, ic[:, None], g, jnp.minimum(dr, D - 1)[None, :]],
-                             mask=valid[:, None] & dmask[None, :], other=0.0)
-    vv = bk_.gpu_masked_load(v_ref.at[b, ic[:, None], g, jnp.minimum(dvr, Dv - 1)[None, :]],
-                             mask=valid[:, None] & dvmask[None, :], other=0.0)
-    s = jnp.dot(q, kk.T, preferred_element_type=jnp.float32) * scale
-    p = jnp.where(valid[None, :] & hmask[:, None], jnp.exp(s - lse[:, None]), 0.0)
-    dp = jnp.dot(do, vv.T, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None])
-    dq = dq + jnp.dot(ds.astype(kk.dtype), kk, preferred_element_type=jnp.float32) * scale
+    valid, kk, vv = _gpu_gather_kv(idx_ref, k_ref, v_ref, b, t, g, j, S=S, D=D, Dv=Dv, bk=bk)
+    s = _dot_pieces(q, kk) * scale
+    p = jnp.where(valid[None, :] & hok[:, None], jnp.exp(s - lse[:, None]), 0.0)
+    ds = p * (_dot_pieces(do, vv) - delta[:, None])
+    dsk = ds.astype(kk[0].dtype)
+    dq = tuple(a + jnp.dot(dsk, x, preferred_element_type=jnp.float32) * scale
+               for a, x in zip(dq, kk))
+    # Per-slot contributions of this head block (summed over blocks outside).
     rows = j * bk + jnp.arange(bk)
-    dk_ref[b, t, g, rows[:, None], dr[None, :]] = (
-        jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale)
-    dv_ref[b, t, g, rows[:, None], dvr[None, :]] = jnp.dot(
-        p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dsT, pT = ds.T.astype(q[0].dtype), p.T.astype(do[0].dtype)
+    _store_pieces(dk_ref, (b, t, g, hi), rows,
+                  [jnp.dot(dsT, x, preferred_element_type=jnp.float32) * scale for x in q], D)
+    _store_pieces(dv_ref, (b, t, g, hi), rows,
+                  [jnp.dot(pT, x, preferred_element_type=jnp.float32) for x in do], Dv)
     return dq
 
-  dq = jax.lax.fori_loop(0, nk, body, jnp.zeros((hp, Dp), jnp.float32))
-  dq_ref[0, 0, 0] = dq.astype(dq_ref.dtype)
+  dq0 = tuple(jnp.zeros((hb, w), jnp.float32) for _, w in _pieces(D))
+  dq = jax.lax.fori_loop(0, nk, body, dq0)
+  _store_pieces(dq_ref, (b, t, g), hr, dq, D)
 
 
 def _bwd_gpu(qg, k, v, idx3, do, lse, delta, *, scale, bs: BlockSizes, interpret):
-  B, T, G, hg, D = qg.shape
-  S, Dv = k.shape[1], v.shape[-1]
-  Kp = idx3.shape[-1]
-  bk = bs.block_k
-  nk = Kp // bk
-  hp, Dp, Dvp = _gpu_dims(hg, D, Dv)
+  lay = _GpuLayout(qg, k, v, idx3, bs, backward=True)
+  B, T, G, hp, nh, Kp = lay.B, lay.T, lay.G, lay.hp, lay.nh, lay.Kp
   any_ = bk_.any_memory_space()
   like = (idx3, qg, k, v, do, lse, delta)
-  kernel = functools.partial(_bwd_gpu_kernel, S=S, hg=hg, D=D, Dv=Dv, hp=hp, Dp=Dp, Dvp=Dvp,
-                             bk=bk, nk=nk, scale=scale)
+  kernel = functools.partial(_bwd_gpu_kernel, scale=scale, **lay.statics)
   dq, dk, dv = pl.pallas_call(
       kernel,
-      grid=(B, T, G),
+      grid=lay.grid,
       in_specs=[pl.BlockSpec(memory_space=any_)] * 7,
-      out_specs=[pl.BlockSpec((1, 1, 1, hp, Dp), lambda b, t, g: (b, t, g, 0, 0)),
-                 pl.BlockSpec(memory_space=any_),
-                 pl.BlockSpec(memory_space=any_)],
-      out_shape=[bk_.out_struct((B, T, G, hp, Dp), qg.dtype, *like),
-                 bk_.out_struct((B, T, G, Kp, Dp), jnp.float32, *like),
-                 bk_.out_struct((B, T, G, Kp, Dvp), jnp.float32, *like)],
-      compiler_params=bk_.gpu_compiler_params(bs.num_warps, bs.num_stages),
+      out_specs=[pl.BlockSpec(memory_space=any_)] * 3,
+      out_shape=[bk_.out_struct((B, T, G, hp, lay.Dp), qg.dtype, *like),
+                 bk_.out_struct((B, T, G, nh, Kp, lay.Dp), jnp.float32, *like),
+                 bk_.out_struct((B, T, G, nh, Kp, lay.Dvp), jnp.float32, *like)],
+      compiler_params=lay.compiler_params,
       interpret=interpret,
       name="gathered_attention_bwd_gpu",
   )(idx3, qg, k, v, do, lse[..., 0], delta[..., 0])
-  return dq[..., :hg, :D], dk[..., :D], dv[..., :Dv]
+  return (dq[..., :lay.hg, :lay.D], jnp.sum(dk[..., :lay.D], axis=3),
+          jnp.sum(dv[..., :lay.Dv], axis=3))
 
 
 # --------------------------------------------------------------------------
@@ -488,6 +609,18 @@ def _bwd_impl(qg, k, v, idxp, do, lse, delta, scale, bs, platform, interpret):
   return _bwd_gpu(qg, k, v, idxp, do, lse, delta, scale=scale, bs=bs, interpret=interpret)
 
 
+def _bwd_chunk(bs: BlockSizes, platform, B, T, G, hg, Kp, D, Dv) -> int:
+  """Queries per backward chunk (explicit, or from the buffer budget)."""
+  if bs.bwd_chunk_t is not None:
+    return min(bs.bwd_chunk_t, T)
+  if platform == "tpu":
+    nh, width = 1, D + Dv
+  else:
+    nh, width = bk_.cdiv(hg, _gpu_head_block(bs.bwd_block_h, hg)), _padded(D) + _padded(Dv)
+  per_query = B * G * nh * Kp * width * 4
+  return max(1, min(T, bs.bwd_buffer_bytes // per_query))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _ga(qg, k, v, idxp, scale, bs, platform, interpret):
   return _fwd_impl(qg, k, v, idxp, scale, bs, platform, interpret)[0]
@@ -505,7 +638,7 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
   Kp = idxp.shape[-1]
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
   do = do.astype(qg.dtype)
-  tc = min(bs.bwd_chunk_t, T)
+  tc = _bwd_chunk(bs, platform, B, T, G, hg, Kp, D, Dv)
   nc = bk_.cdiv(T, tc)
   Tp = nc * tc
 
@@ -552,7 +685,7 @@ def gathered_attention(q, k, v, indices, *, scale=None, block_sizes: BlockSizes 
   """
   _validate(q, k, v, indices)
   platform, interpret = bk_.resolve(interpret, platform)
-  bs = block_sizes or BlockSizes()
+  bs = (block_sizes or BlockSizes()).for_platform(platform)
   B, T, H, D = q.shape
   G = k.shape[2]
   K = indices.shape[2]
@@ -561,7 +694,7 @@ def gathered_attention(q, k, v, indices, *, scale=None, block_sizes: BlockSizes 
   if platform == "tpu":
     Kp = bk_.round_up(K, bs.block_k) if bs.block_k < K else bk_.round_up(K, 8)
   else:
-    Kp = bk_.round_up(K, bs.block_k)
+    Kp = bk_.round_up(K, max(bs.block_k, bs.bwd_block_k))
   idxp = _pad_indices(indices, Kp)
   qg = q.reshape(B, T, G, H // G, D)
   o = _ga(qg, k, v, jax.lax.stop_gradient(idxp), scale, bs, platform, interpret)

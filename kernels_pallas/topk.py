@@ -134,10 +134,17 @@ def _validate(q_idx, k_idx, weights, k):
 # TPU kernel
 # --------------------------------------------------------------------------
 
-def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, *,
-                     HI, S, K, Kp, bt, bs, ns):
+def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt_sc, wc_sc, *,
+                     HI, S, K, Kp, bt, bs, ns, wb):
   b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t0 = ti * bt
+
+  @pl.when(si == 0)
+  def _():
+    # Weights arrive lane-major ([HI, queries], compact in HBM); the score
+    # tile needs them as per-query columns: transpose once per query block.
+    wt_sc[...] = w_ref[0].T  # [wb, HIp]
+    wc_sc[...] = wt_sc[pl.ds(pl.multiple_of(jax.lax.rem(t0, wb), 8), bt), :]  # [bt, HIp]
   # limit[r] = number of visible keys of query row r (exclusive upper bound).
   rows = jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0) + t0
   limit = jnp.minimum(jnp.minimum(qoff_ref[b] + rows + 1, kvlen_ref[b]), S)
@@ -147,11 +154,14 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, *,
   @pl.when(s0 < max_limit)
   def _():
     kk = k_ref[0]  # [bs, DI]
+    wc = wc_sc[...]
+    head_lane = jax.lax.broadcasted_iota(jnp.int32, wc.shape, 1)
 
     def head(j, acc):
       d = jax.lax.dot_general(q_ref[0, j], kk, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
-      return acc + w_ref[0, j].astype(jnp.float32) * jnp.maximum(d, 0.0)
+      w = jnp.sum(jnp.where(head_lane == j, wc, 0.0), axis=1, keepdims=True)  # [bt, 1]
+      return acc + w * jnp.maximum(d, 0.0)
 
     acc = jax.lax.fori_loop(0, HI, head, jnp.zeros((bt, bs), jnp.float32))
     cols = jax.lax.broadcasted_iota(jnp.int32, (bt, bs), 1) + s0
@@ -205,20 +215,29 @@ def _topk_tpu(q_idx, k_idx, weights, q_off, kv_len, K, bs: BlockSizes, interpret
   Tp, Sp, Kp = bk_.round_up(T, bt), bk_.round_up(S, bsz), bk_.round_up(K, 128)
   ns = Sp // bsz
   qt = bk_.pad_axis(q_idx, 1, Tp).transpose(0, 2, 1, 3)  # [B, HI, Tp, DI]
-  wt = bk_.pad_axis(weights, 1, Tp).transpose(0, 2, 1)[..., None]  # [B, HI, Tp, 1]
+  # Weights as [B, HIp, Tw] f32, blocks of wb queries (a multiple of 128
+  # lanes, or all of them): a [.., T, 1] column layout would be padded to 128
+  # lanes in HBM. Each query block lies inside one weight block.
+  wb = bt if bt % 128 == 0 else (128 if 128 % bt == 0 and Tp >= 128 else Tp)
+  HIp = bk_.round_up(HI, 8)
+  wt = bk_.pad_axis(bk_.pad_axis(weights.astype(jnp.float32), 1, bk_.round_up(Tp, wb)), 2, HIp)
+  wt = wt.transpose(0, 2, 1)  # [B, HIp, Tw]
   kp = bk_.pad_axis(k_idx, 1, Sp)
   pltpu = _pltpu()
-  kernel = functools.partial(_topk_tpu_kernel, HI=HI, S=S, K=K, Kp=Kp, bt=bt, bs=bsz, ns=ns)
+  kernel = functools.partial(_topk_tpu_kernel, HI=HI, S=S, K=K, Kp=Kp, bt=bt, bs=bsz, ns=ns,
+                             wb=wb)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
       grid=(B, Tp // bt, ns),
       in_specs=[
           pl.BlockSpec((1, HI, bt, DI), lambda b, t, s, *_: (b, 0, t, 0)),
-          pl.BlockSpec((1, HI, bt, 1), lambda b, t, s, *_: (b, 0, t, 0)),
+          pl.BlockSpec((1, HIp, wb), lambda b, t, s, *_: (b, 0, jax.lax.div(t * bt, wb))),
           pl.BlockSpec((1, bsz, DI), lambda b, t, s, *_: (b, s, 0)),
       ],
       out_specs=pl.BlockSpec((1, bt, Kp), lambda b, t, s, *_: (b, t, 0)),
-      scratch_shapes=[pltpu.VMEM((ns, bt, bsz), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((ns, bt, bsz), jnp.float32),
+                      pltpu.VMEM((wb, HIp), jnp.float32),
+                      pltpu.VMEM((bt, HIp), jnp.float32)],
   )
   out = pl.pallas_call(
       kernel,

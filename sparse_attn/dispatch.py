@@ -4,22 +4,55 @@ None picks the best for the platform: "pallas" on GPU/TPU, "xla" on CPU (the
 kernels run there only in interpret mode, which is for testing, not speed).
 "xla" is the pure-jnp reference; "pallas" forces the kernel (interpret mode
 on CPU). Anything else raises.
+
+`compile_target("tpu" | "gpu")` makes the platform the code is traced *for*
+differ from the one it runs on: inside it, implementation=None picks the
+native kernels of that platform even on a CPU host, so a model can be lowered
+and compiled ahead of time for a TPU topology (see
+experiments/compile_aot.py). Build fresh jitted functions inside the context:
+jit caches do not know about it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import jax
 
 IMPLEMENTATIONS = ("xla", "pallas")
 _KERNEL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+_TARGETS = ("tpu", "gpu")
+_target: str | None = None
+
+
+@contextlib.contextmanager
+def compile_target(platform: str):
+  """Traces for `platform` ("tpu" | "gpu") instead of the default backend."""
+  global _target
+  if platform not in _TARGETS:
+    raise ValueError(f"compile_target platform must be one of {_TARGETS}, got {platform!r}.")
+  previous, _target = _target, platform
+  try:
+    yield
+  finally:
+    _target = previous
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the compile_target, else the backend."""
+  return _target or jax.default_backend()
+
+
+def kernel_options() -> dict:
+  """Extra kernel arguments: native kernels of the compile target, if any."""
+  return {} if _target is None else {"platform": _target, "interpret": False}
 
 
 def resolve(implementation: str | None) -> str:
-  """Returns "xla" or "pallas" for the current default backend."""
+  """Returns "xla" or "pallas" for the platform being compiled for."""
   if implementation is None:
-    if jax.default_backend() in _KERNEL_PLATFORMS and kernels_available():
+    if target_platform() in _KERNEL_PLATFORMS and kernels_available():
       return "pallas"
     return "xla"
   if implementation not in IMPLEMENTATIONS:
@@ -28,7 +61,7 @@ def resolve(implementation: str | None) -> str:
         f"{implementation!r}."
     )
   if implementation == "pallas":
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform not in _KERNEL_PLATFORMS + ("cpu",):
       raise ValueError(
           f"implementation='pallas' is not supported on platform {platform!r}; "

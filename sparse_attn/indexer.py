@@ -169,9 +169,10 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
     if offset is not None and not isinstance(offset, int):
       offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (qs[0],))
     batch_role = ("batch",)
+    opts = dispatch.kernel_options()
     return sharding.call_kernel_sharded(
         lambda qi, ki, w, off, kv: kernel(qi, ki, w, k, q_offset=off,
-                                          kv_lengths=kv),
+                                          kv_lengths=kv, **opts),
         (q_idx, k_idx, weights, offset, kv_lengths),
         roles=[("batch", None, None, None), ("batch", None, None),
                ("batch", None, None),

@@ -208,15 +208,26 @@ def _kernel_mesh(s: Setup, jitted):
 
   The attention functions then wrap their pallas_calls in shard_map (see
   `sharding.call_kernel_sharded`); the XLA path needs no mesh context.
+  The result can be called or lowered (`.lower(*abstract_args)`, for AOT).
   """
   if dispatch.resolve(s.cfg.model.implementation) != "pallas":
     return jitted
+  return _UnderMesh(jitted, s.mesh)
 
-  def run(*args):
-    with jax.set_mesh(s.mesh):
-      return jitted(*args)
 
-  return run
+class _UnderMesh:
+  """A jitted function that is traced, lowered and run under `mesh`."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 def make_eval_step(s: Setup, mode: str):

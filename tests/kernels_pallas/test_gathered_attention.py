@@ -77,6 +77,37 @@ def test_mqa_multiple_k_blocks_and_scale(platform):
   assert _rel(g, gr) < 5e-5
 
 
+def test_gpu_head_blocks_and_feature_pieces():
+  # 40 heads in blocks of 16 (last one partial), D=80 -> pieces 64+16, Dv=48
+  # -> 32+16, different key blocks forward (32) and backward (16), auto chunk
+  # under a small buffer budget (several chunks).
+  B, T, S, H, G, D, Dv, K = 1, 6, 70, 40, 1, 80, 48, 33
+  q, k, v, idx = _inputs(B, T, S, H, G, D, Dv, K, jnp.float32, seed=2)
+  bs = BlockSizes(block_k=32, bwd_block_k=16, block_h=16, bwd_block_h=16,
+                  bwd_buffer_bytes=3 * 64 * 3 * (80 + 48) * 4)
+  f = lambda q, k, v: gathered_attention(q, k, v, idx, platform="gpu", block_sizes=bs)
+  r = lambda q, k, v: gathered_attention_reference(q, k, v, idx)
+  assert _rel(f(q, k, v), r(q, k, v)) < 2e-5
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  g = jax.grad(loss(f), (0, 1, 2))(q, k, v)
+  gr = jax.grad(loss(r), (0, 1, 2))(q, k, v)
+  for a, b in zip(g, gr):
+    assert _rel(a, b) < 5e-5
+
+
+def test_feature_pieces():
+  from kernels_pallas.gathered_attention import _pieces
+  assert _pieces(576) == ((0, 512), (512, 64))
+  assert _pieces(128) == ((0, 128),)
+  assert _pieces(40) == ((0, 32), (32, 16))
+  assert _pieces(8) == ((0, 16),)
+  for n in range(1, 700):
+    p = _pieces(n)
+    assert all(w >= 16 and w & (w - 1) == 0 for _, w in p)
+    assert [o for o, _ in p] == [sum(w for _, w in p[:i]) for i in range(len(p))]
+    assert p[-1][0] < n <= p[-1][0] + p[-1][1] < n + 16
+
+
 def test_all_invalid_gives_zero_and_finite_grads():
   B, T, S, H, G, D, Dv, K = 1, 3, 10, 2, 1, 8, 8, 4
   q, k, v, _ = _inputs(B, T, S, H, G, D, Dv, K, jnp.float32)
@@ -121,3 +152,8 @@ def test_block_sizes_validation():
     gathered_attention(q, k, v, idx, platform="tpu", block_sizes=BlockSizes(block_k=100))
   with pytest.raises(ValueError, match="power of two"):
     gathered_attention(q, k, v, idx, platform="gpu", block_sizes=BlockSizes(block_k=24))
+  with pytest.raises(ValueError, match="block_h=48"):
+    gathered_attention(q, k, v, idx, platform="gpu", block_sizes=BlockSizes(block_h=48))
+  with pytest.raises(ValueError, match="bwd_block_k"):
+    gathered_attention(q, k, v, idx, platform="tpu",
+                       block_sizes=BlockSizes(block_k=128, bwd_block_k=256))

@@ -49,6 +49,18 @@ def test_topk_odd_sizes(platform, dtype):
   _check(idx, lightning_topk_reference(q, k, w, K), sc, K)
 
 
+@pytest.mark.parametrize("block_t", [8, 24, 128])
+def test_tpu_weight_blocks(block_t):
+  # The TPU kernel reads weights in lane blocks of 128 queries (block_t
+  # dividing 128), of block_t (a multiple of 128) or all of T (otherwise),
+  # with several query blocks per weight block.
+  B, T, S, HI, DI, K = 1, 300, 320, 5, 8, 7
+  q, k, w = _inputs(B, T, S, HI, DI, seed=3)
+  idx = lightning_topk(q, k, w, K, platform="tpu",
+                       block_sizes=BlockSizes(block_t=block_t, block_s=128))
+  _check(idx, lightning_topk_reference(q, k, w, K), indexer_scores_reference(q, k, w), K)
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_topk_offsets_lengths_and_k_gt_visible(platform):
   B, T, S, HI, DI, K = 2, 12, 150, 2, 16, 140
