@@ -24,6 +24,11 @@ import sys
 # Before JAX starts: the CUDA plugin must not look for a driver.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# jax >= 0.11: ptxas -v reports reach us only through XLA's VLOG (aot.py).
+# Forced: a parent that loaded libtpu passes TF_CPP_MIN_LOG_LEVEL=1 down.
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+os.environ["TF_CPP_VMODULE"] = ",".join(
+    filter(None, [os.environ.get("TF_CPP_VMODULE"), "subprocess_compilation=2"]))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -63,13 +68,17 @@ def compile_case(target, case, dtype):
   """Returns a list of result dicts (one per program)."""
   gpu = target in aot.GPU_TARGETS
   devices = aot.gpu_target_devices(target) if gpu else aot.topology_devices(target)
-  sharding = NamedSharding(Mesh(devices[:1], ("x",)), P())
+  mesh = Mesh(devices[:1], ("x",))
+  sharding = NamedSharding(mesh, P())
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
   rows = []
   for prog, (fn, args) in _programs(case, dtype, "gpu" if gpu else "tpu", sds).items():
     row = {"target": target, "case": case, "dtype": jnp.dtype(dtype).name, "program": prog}
     try:
-      lowered = jax.jit(fn).lower(*args)
+      # jax >= 0.11: Pallas Triton reads the GPU it lowers for from the
+      # context mesh (no sm_90 fallback without a local GPU).
+      with jax.set_mesh(mesh):
+        lowered = jax.jit(fn).lower(*args)
       if gpu:
         kernels = [k for k in aot.gpu_kernel_resources(lowered)
                    if "gathered_attention" in k.name or "lightning" in k.name]

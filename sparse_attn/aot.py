@@ -117,6 +117,17 @@ def ptxas_path() -> str | None:
   return shutil.which("ptxas")
 
 
+def _parse_ptxas(text: str, stats: dict[str, dict[str, int]]) -> None:
+  cur = None
+  for line in text.splitlines():
+    if m := _PTXAS_FN.search(line):
+      cur = stats.setdefault(m.group(1), {})
+    elif cur is not None and (m := _PTXAS_SPILL.search(line)):
+      cur["spill_st"], cur["spill_ld"] = int(m.group(1)), int(m.group(2))
+    elif cur is not None and (m := _PTXAS_REGS.search(line)):
+      cur["regs"] = int(m.group(1))
+
+
 def _ptxas_stats(ptx_files: Sequence[str]) -> dict[str, dict[str, int]]:
   ptxas = ptxas_path()
   if ptxas is None:
@@ -127,15 +138,24 @@ def _ptxas_stats(ptx_files: Sequence[str]) -> dict[str, dict[str, int]]:
       arch = next((l.split()[1].strip(",") for l in f if l.startswith(".target")), "sm_90a")
     res = subprocess.run([ptxas, ptx, "-o", os.devnull, f"-arch={arch}", "-v"],
                          capture_output=True, text=True, check=False)
-    cur = None
-    for line in (res.stdout + res.stderr).splitlines():
-      if m := _PTXAS_FN.search(line):
-        cur = stats.setdefault(m.group(1), {})
-      elif cur is not None and (m := _PTXAS_SPILL.search(line)):
-        cur["spill_st"], cur["spill_ld"] = int(m.group(1)), int(m.group(2))
-      elif cur is not None and (m := _PTXAS_REGS.search(line)):
-        cur["regs"] = int(m.group(1))
+    _parse_ptxas(res.stdout + res.stderr, stats)
   return stats
+
+
+@contextlib.contextmanager
+def _capture_fd2():
+  """Collects what native code writes to stderr (fd 2) inside the block."""
+  with tempfile.TemporaryFile(mode="w+b") as tmp:
+    saved = os.dup(2)
+    os.dup2(tmp.fileno(), 2)
+    box = []
+    try:
+      yield box
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      box.append(tmp.read().decode("utf-8", errors="replace"))
 
 
 def gpu_kernel_resources(lowered) -> list[KernelResources]:
@@ -146,9 +166,17 @@ def gpu_kernel_resources(lowered) -> list[KernelResources]:
   spills, with the flags XLA itself uses.
   """
   with tempfile.TemporaryDirectory() as dump:
-    lowered.compile({"xla_dump_to": dump})
+    # jax <= 0.10 dumps each kernel's PTX; jax >= 0.11 compiles kernels (Triton
+    # included) as custom kernels and dumps none, but XLA runs ptxas -v itself
+    # and logs its report at VLOG 2 of subprocess_compilation (needs
+    # TF_CPP_VMODULE=subprocess_compilation=2, TF_CPP_MIN_LOG_LEVEL=0 set
+    # before JAX starts; see experiments/compile_kernels.py).
+    with _capture_fd2() as log:
+      lowered.compile({"xla_dump_to": dump})
     ptx = [f for f in glob.glob(os.path.join(dump, "*.ptx")) if os.path.getsize(f)]
     stats = _ptxas_stats(ptx)
+    if not ptx:
+      _parse_ptxas(log[0], stats)
     out = []
     for fn in sorted(glob.glob(os.path.join(dump, "*thunk_sequence.txt"))):
       with open(fn, encoding="utf-8") as f:

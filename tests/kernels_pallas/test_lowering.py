@@ -18,8 +18,19 @@ TARGETS = [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton")]
 DISABLED = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
 
+# jax >= 0.11: Pallas Triton takes the GPU it lowers for from the context
+# mesh's abstract device (no sm_90 fallback without a local GPU).
+_H100 = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+
+
 def _export(fn, xp, args):
-  return jax.export.export(jax.jit(fn), platforms=[xp], disabled_checks=DISABLED)(*args)
+  exp = jax.export.export(jax.jit(fn), platforms=[xp], disabled_checks=DISABLED)
+  if xp != "cuda":
+    return exp(*args)
+  with jax.sharding.use_abstract_mesh(_H100):
+    return exp(*args)
 
 
 @pytest.mark.parametrize("platform,xp,marker", TARGETS, ids=["tpu", "cuda"])
