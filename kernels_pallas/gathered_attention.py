@@ -51,7 +51,7 @@ _NEG_INF = float("-inf")
 _DEFAULTS = {
     # TPU: a 128-lane block of selected keys per grid step.
     "tpu": dict(block_k=128, bwd_block_k=128, block_h=128, bwd_block_h=128, num_warps=4,
-                num_stages=2, bwd_buffer_bytes=1 << 30),
+                num_stages=2, bwd_buffer_bytes=1 << 28),
     # GPU (sm_90, from deviceless compiles with ptxas -v; see docs/kernels.md):
     # 32 keys x 32 heads x 8 warps keeps the forward at D=576/Dv=512 within
     # 255 registers without spills and ~70 KiB of shared memory; the backward
@@ -74,7 +74,8 @@ class BlockSizes:
     bwd_block_h: the same for the backward. TPU always takes the whole group.
   bwd_chunk_t: queries per backward chunk; it bounds the dK/dV contribution
     buffer, B*chunk*G*K*(D+Dv)*4 bytes per head block. None: as many as keep
-    that buffer under `bwd_buffer_bytes` (default 1 GiB on TPU, 4 GiB on GPU).
+    that buffer under `bwd_buffer_bytes` (default 256 MiB on TPU, whose grid
+    runs sequentially anyway; 4 GiB on GPU, to fill the SMs).
   num_warps / num_stages: Triton launch parameters.
   """
   block_k: int | None = None
