@@ -8,6 +8,10 @@ timing, so only the XLA reference is timed (at small sizes).
   python experiments/bench_kernels.py                # default shapes
   python experiments/bench_kernels.py --smoke        # tiny, < 30 s on CPU (CI)
   python experiments/bench_kernels.py --csv out.csv
+  python experiments/bench_kernels.py --cases mqa --peak-tflops 790   # H200 bf16 target
+
+--peak-tflops adds each implementation's fraction of that peak (the issue's
+target: the gathered forward at the MQA shape >= 0.5 of an H200's ~790).
 """
 from __future__ import annotations
 
@@ -27,11 +31,11 @@ from kernels_pallas.gathered_attention import gathered_attention, gathered_atten
 from kernels_pallas.topk import lightning_topk, lightning_topk_reference  # noqa: E402
 
 # (B, T, S, K, H, G, D, Dv, HI, DI)
-FULL = [
-    (1, 4096, 4096, 256, 16, 2, 128, 128, 64, 128),
-    (1, 4096, 4096, 2048, 16, 16, 128, 128, 64, 128),
-    (1, 4096, 8192, 2048, 128, 1, 576, 512, 64, 128),  # DeepSeek MLA as MQA
-]
+FULL = {
+    "gqa": (1, 4096, 4096, 256, 16, 2, 128, 128, 64, 128),
+    "mha": (1, 4096, 4096, 2048, 16, 16, 128, 128, 64, 128),
+    "mqa": (1, 4096, 8192, 2048, 128, 1, 576, 512, 64, 128),  # DeepSeek MLA as MQA
+}
 CPU = [(1, 256, 256, 32, 8, 2, 64, 64, 4, 32), (1, 512, 512, 64, 8, 1, 64, 64, 4, 32)]
 SMOKE = [(1, 64, 64, 8, 4, 2, 32, 32, 2, 16)]
 
@@ -53,7 +57,7 @@ def _flops(case):
   return topk, attn_fwd, attn_fwd * 3.5  # fwd + bwd ~ 1 + 2.5
 
 
-def run(cases, dtype, iters, pallas: bool):
+def run(cases, dtype, iters, pallas: bool, peak_tflops: float | None = None):
   rows = []
   for case in cases:
     B, T, S, K, H, G, D, Dv, HI, DI = case
@@ -86,6 +90,8 @@ def run(cases, dtype, iters, pallas: bool):
       for name in impls:
         row[f"{name}_ms"] = round(res[name][kernel] * 1e3, 3)
         row[f"{name}_tflops"] = round(fl / res[name][kernel] / 1e12, 4)
+        if peak_tflops:
+          row[f"{name}_frac_peak"] = round(row[f"{name}_tflops"] / peak_tflops, 4)
       if pallas:
         row["speedup_pallas_vs_xla"] = round(res["xla"][kernel] / res["pallas"][kernel], 3)
       rows.append(row)
@@ -99,18 +105,22 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--csv", default=None, help="write results to this CSV file")
+  p.add_argument("--cases", nargs="*", choices=list(FULL), default=list(FULL),
+                 help="accelerator shapes to run (default: all)")
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="device peak for the dtype, adds *_frac_peak columns")
   args = p.parse_args(argv)
   hw = backend.detected_platform()
   pallas = hw in ("gpu", "tpu")
   if args.smoke:
     cases, iters = SMOKE, 1
   else:
-    cases, iters = (FULL if pallas else CPU), args.iters
+    cases, iters = ([FULL[c] for c in args.cases] if pallas else CPU), args.iters
   print(f"backend={jax.default_backend()} devices={jax.devices()}")
   if not pallas:
     print("CPU: Pallas kernels only run in interpret mode, which is not a timing; "
           "timing the XLA reference path only.")
-  rows = run(cases, jnp.dtype(args.dtype), iters, pallas)
+  rows = run(cases, jnp.dtype(args.dtype), iters, pallas, args.peak_tflops)
   if args.csv:
     with open(args.csv, "w", newline="") as fh:
       wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
