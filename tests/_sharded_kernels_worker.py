@@ -4,13 +4,18 @@ Run by tests/test_sharded_kernels.py with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax starts.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+import os
+import sys
 
-import sparse_attn as sa
-from sparse_attn import sharding as shd
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import sparse_attn as sa  # noqa: E402
+from sparse_attn import sharding as shd  # noqa: E402
 
 assert jax.device_count() == 8
 B, T, S, H, G, D, HI, DI, K = 4, 16, 16, 4, 2, 16, 2, 8, 5
