@@ -21,14 +21,15 @@ import json
 import os
 import sys
 
-# Before JAX starts: the CUDA plugin must not look for a driver.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-# jax >= 0.11: ptxas -v reports reach us only through XLA's VLOG (aot.py).
-# Forced: a parent that loaded libtpu passes TF_CPP_MIN_LOG_LEVEL=1 down.
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-os.environ["TF_CPP_VMODULE"] = ",".join(
-    filter(None, [os.environ.get("TF_CPP_VMODULE"), "subprocess_compilation=2"]))
+if __name__ == "__main__":  # before JAX starts; not when imported (tests)
+  # The CUDA plugin must not look for a driver.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  # jax >= 0.11: ptxas -v reports reach us only through XLA's VLOG (aot.py).
+  # Forced: a parent that loaded libtpu passes TF_CPP_MIN_LOG_LEVEL=1 down.
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+  os.environ["TF_CPP_VMODULE"] = ",".join(
+      filter(None, [os.environ.get("TF_CPP_VMODULE"), "subprocess_compilation=2"]))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -83,7 +84,9 @@ def compile_case(target, case, dtype):
         kernels = [k for k in aot.gpu_kernel_resources(lowered)
                    if "gathered_attention" in k.name or "lightning" in k.name]
         row["kernels"] = [vars(k) for k in kernels]
-        row["ok"] = all(k.shared_memory_bytes <= SMEM_LIMIT for k in kernels)
+        row["ok"] = bool(kernels) and all(
+            k.shared_memory_bytes <= SMEM_LIMIT and (k.registers or 0) <= MAX_REGISTERS
+            for k in kernels)
       else:
         mem = lowered.compile().memory_analysis()
         row["temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0) or 0)

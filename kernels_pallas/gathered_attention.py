@@ -97,8 +97,11 @@ class BlockSizes:
   def for_platform(self, platform: str) -> "BlockSizes":
     """Copy with every None replaced by the platform default."""
     d = dict(_DEFAULTS[platform])
-    if platform == "tpu" and self.block_k is not None:
-      d["bwd_block_k"] = self.block_k
+    if platform == "tpu":  # one key block for both passes: either field sets it
+      if self.block_k is not None:
+        d["bwd_block_k"] = self.block_k
+      elif self.bwd_block_k is not None:
+        d["block_k"] = self.bwd_block_k
     return dataclasses.replace(self, **{
         f: d[f] for f in d if getattr(self, f) is None})
 
@@ -294,9 +297,10 @@ class _TpuLayout:
     TPU arrays are tiled over their two minor dims, and a DMA may only start
     at a tile boundary; a gathered row at an arbitrary token index therefore
     has to live in a leading (untiled) position, both in HBM (source) and in
-    the VMEM gather buffer (destination, [bk, 1, D]). For G == 1 this is the
-    layout XLA already picks for [B, S, 1, D]; for G > 1 XLA relayouts K/V
-    once per call.
+    the VMEM gather buffer (destination, [bk, 1, D]). For f32 this is a
+    free reinterpretation (XLA tiles it (1, 128)); bf16 tiles are (2, 128),
+    so XLA copies K/V into a layout twice their size, once per call.
+    (Gathering bf16 pairs as u32 rows would avoid it; not done.)
     """
     B, S, G = k.shape[:3]
     return k.reshape(B, S, G, 1, k.shape[-1]), v.reshape(B, S, G, 1, v.shape[-1])
@@ -619,7 +623,8 @@ def _bwd_chunk(bs: BlockSizes, platform, B, T, G, hg, Kp, D, Dv) -> int:
   else:
     nh, width = bk_.cdiv(hg, _gpu_head_block(bs.bwd_block_h, hg)), _padded(D) + _padded(Dv)
   per_query = B * G * nh * Kp * width * 4
-  return max(1, min(T, bs.bwd_buffer_bytes // per_query))
+  most = max(1, min(T, bs.bwd_buffer_bytes // per_query))
+  return bk_.cdiv(T, bk_.cdiv(T, most))  # equal chunks: little padding
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -649,11 +654,14 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
 
   xs = (chunked(qg), chunked(idxp, -1), chunked(do), chunked(lse), chunked(delta))
   bidx = jnp.arange(B)[:, None, None]
+  # The TPU row layout is a copy for bf16 (XLA pads [.., 1, D] tiles to 2
+  # rows); made here, once, not inside the loop for every chunk.
+  kk, vv = _TpuLayout.kv_rows(k, v) if platform == "tpu" else (k, v)
 
   def step(carry, x):
     dk_acc, dv_acc = carry
     qc, ic, doc, lc, dc = x
-    dq_c, dk_s, dv_s = _bwd_impl(qc, k, v, ic, doc, lc, dc, scale, bs, platform, interpret)
+    dq_c, dk_s, dv_s = _bwd_impl(qc, kk, vv, ic, doc, lc, dc, scale, bs, platform, interpret)
     valid = (ic >= 0) & (ic < S)
     tgt = jnp.where(valid, ic, S)  # out of range -> dropped
     # dk_s: [B, tc, G, Kp, D] -> [B, tc, Kp, G, D] to scatter rows of [B, S, G, D].

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -215,10 +216,11 @@ def _topk_tpu(q_idx, k_idx, weights, q_off, kv_len, K, bs: BlockSizes, interpret
   Tp, Sp, Kp = bk_.round_up(T, bt), bk_.round_up(S, bsz), bk_.round_up(K, 128)
   ns = Sp // bsz
   qt = bk_.pad_axis(q_idx, 1, Tp).transpose(0, 2, 1, 3)  # [B, HI, Tp, DI]
-  # Weights as [B, HIp, Tw] f32, blocks of wb queries (a multiple of 128
-  # lanes, or all of them): a [.., T, 1] column layout would be padded to 128
-  # lanes in HBM. Each query block lies inside one weight block.
-  wb = bt if bt % 128 == 0 else (128 if 128 % bt == 0 and Tp >= 128 else Tp)
+  # Weights as [B, HIp, Tw] f32, blocks of wb = lcm(block_t, 128) queries (or
+  # all of them): a [.., T, 1] column layout would be padded to 128 lanes in
+  # HBM. Each query block lies inside one weight block.
+  wb = math.lcm(bt, 128)
+  wb = Tp if Tp <= wb else wb
   HIp = bk_.round_up(HI, 8)
   wt = bk_.pad_axis(bk_.pad_axis(weights.astype(jnp.float32), 1, bk_.round_up(Tp, wb)), 2, HIp)
   wt = wt.transpose(0, 2, 1)  # [B, HIp, Tw]

@@ -174,8 +174,10 @@ def gpu_kernel_resources(lowered) -> list[KernelResources]:
     with _capture_fd2() as log:
       lowered.compile({"xla_dump_to": dump})
     ptx = [f for f in glob.glob(os.path.join(dump, "*.ptx")) if os.path.getsize(f)]
-    stats = _ptxas_stats(ptx)
-    if not ptx:
+    if ptx:
+      stats = _ptxas_stats(ptx)
+    else:
+      stats = {}
       _parse_ptxas(log[0], stats)
     out = []
     for fn in sorted(glob.glob(os.path.join(dump, "*thunk_sequence.txt"))):

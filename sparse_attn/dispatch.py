@@ -8,9 +8,10 @@ on CPU). Anything else raises.
 `compile_target("tpu" | "gpu")` makes the platform the code is traced *for*
 differ from the one it runs on: inside it, implementation=None picks the
 native kernels of that platform even on a CPU host, so a model can be lowered
-and compiled ahead of time for a TPU topology (see
-experiments/compile_aot.py). Build fresh jitted functions inside the context:
-jit caches do not know about it.
+and compiled ahead of time for a TPU topology (sparse_attn/aot.py,
+experiments/compile_model.py). The target is a JAX user context: it holds per
+thread and is part of the jit cache key, so a function traced for the CPU is
+re-traced inside the context (and vice versa).
 """
 
 from __future__ import annotations
@@ -23,30 +24,34 @@ import jax
 IMPLEMENTATIONS = ("xla", "pallas")
 _KERNEL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _TARGETS = ("tpu", "gpu")
-_target: str | None = None
+_target = (jax.make_user_context(default_value=None)
+           if hasattr(jax, "make_user_context") else None)
 
 
 @contextlib.contextmanager
 def compile_target(platform: str):
   """Traces for `platform` ("tpu" | "gpu") instead of the default backend."""
-  global _target
   if platform not in _TARGETS:
     raise ValueError(f"compile_target platform must be one of {_TARGETS}, got {platform!r}.")
-  previous, _target = _target, platform
-  try:
+  if _target is None:
+    raise RuntimeError("compile_target needs jax.make_user_context (jax >= 0.10).")
+  with _target(platform):
     yield
-  finally:
-    _target = previous
+
+
+def _current() -> str | None:
+  return None if _target is None else _target.value
 
 
 def target_platform() -> str:
   """The platform being compiled for: the compile_target, else the backend."""
-  return _target or jax.default_backend()
+  return _current() or jax.default_backend()
 
 
 def kernel_options() -> dict:
   """Extra kernel arguments: native kernels of the compile target, if any."""
-  return {} if _target is None else {"platform": _target, "interpret": False}
+  target = _current()
+  return {} if target is None else {"platform": target, "interpret": False}
 
 
 def resolve(implementation: str | None) -> str:

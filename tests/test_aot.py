@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
 def test_compile_target_switches_dispatch():
-  assert jax.default_backend() == "cpu"
   assert dispatch.resolve(None) == "xla" and dispatch.kernel_options() == {}
   with dispatch.compile_target("tpu"):
     assert dispatch.resolve(None) == "pallas"
@@ -24,6 +24,27 @@ def test_compile_target_switches_dispatch():
   with pytest.raises(ValueError, match="compile_target platform"):
     with dispatch.compile_target("cuda"):
       pass
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
+def test_compile_target_is_per_thread_and_in_the_jit_cache_key():
+  import threading
+  from sparse_attn import attention
+  q = jax.ShapeDtypeStruct((1, 4, 2, 8), jax.numpy.float32)
+  k = jax.ShapeDtypeStruct((1, 4, 1, 8), jax.numpy.float32)
+  idx = jax.ShapeDtypeStruct((1, 4, 2), jax.numpy.int32)
+  f = jax.jit(lambda q, k, i: attention.gathered_attention(q, k, k, i))
+  kernel_in = lambda: "pallas_call" in str(f.trace(q, k, idx).jaxpr)
+  assert not kernel_in()
+  with dispatch.compile_target("tpu"):
+    # Same jitted function, traced before on CPU: re-traced for the target.
+    assert kernel_in()
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(dispatch.resolve(None)))
+    t.start()
+    t.join()
+    assert seen == ["xla"]  # another thread is not compiling for the TPU
+  assert not kernel_in()
 
 
 def test_compile_train_steps_on_local_devices():

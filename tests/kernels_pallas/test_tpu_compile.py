@@ -19,8 +19,8 @@ pytest.importorskip("libtpu", reason="TPU compiler not installed: pip install 'j
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from kernels_pallas.gathered_attention import BlockSizes, gathered_attention  # noqa: E402
-from kernels_pallas.topk import lightning_topk  # noqa: E402
+from kernels_pallas.gathered_attention import gathered_attention  # noqa: E402
+from kernels_pallas.topk import BlockSizes as TopkBlockSizes, lightning_topk  # noqa: E402
 from sparse_attn import aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,27 +64,30 @@ def test_gathered_attention_compiles(topology, shape, dtype):
   sds = functools.partial(_sds, topology)
   args = (sds((B, T, H, D), dtype), sds((B, S, G, D), dtype), sds((B, S, G, Dv), dtype),
           sds((B, T, K), jnp.int32))
-  bs = BlockSizes(bwd_chunk_t=16)
-  f = lambda q, k, v, i: gathered_attention(q, k, v, i, platform="tpu", interpret=False,
-                                            block_sizes=bs)
+  # Default block sizes: the backward's chunk comes from the buffer budget.
+  f = lambda q, k, v, i: gathered_attention(q, k, v, i, platform="tpu", interpret=False)
   g = jax.grad(lambda q, k, v, i: jnp.sum(f(q, k, v, i).astype(jnp.float32)), (0, 1, 2))
   _compile(f, args)
   _compile(g, args)
 
 
-@pytest.mark.parametrize("topology,shape,dtype", [
-    ("v5e:2x2", (1, 37, 101, 3, 24, 17), jnp.float32),
-    ("v5e:2x2", (2, 1, 8192, 8, 64, 512), jnp.bfloat16),   # decode step
-    ("v5e:2x2", (1, 4096, 4096, 64, 128, 256), jnp.bfloat16),
-    ("v6e:2x2", (1, 4096, 4096, 64, 128, 2048), jnp.bfloat16),
-], ids=["odd-f32", "decode", "4k", "v6e-k2048"])
-def test_lightning_topk_compiles(topology, shape, dtype):
+@pytest.mark.parametrize("topology,shape,dtype,block_t", [
+    ("v5e:2x2", (1, 37, 101, 3, 24, 17), jnp.float32, None),
+    ("v5e:2x2", (2, 1, 8192, 8, 64, 512), jnp.bfloat16, None),   # decode step
+    ("v5e:2x2", (1, 4096, 4096, 64, 128, 256), jnp.bfloat16, None),
+    ("v6e:2x2", (1, 4096, 4096, 64, 128, 2048), jnp.bfloat16, None),
+    # 24 does not divide 128: weights come in blocks of lcm(24, 128) queries,
+    # not all 32K at once (which ran out of VMEM).
+    ("v5e:2x2", (1, 32768, 32768, 64, 128, 256), jnp.bfloat16, 24),
+], ids=["odd-f32", "decode", "4k", "v6e-k2048", "32k-bt24"])
+def test_lightning_topk_compiles(topology, shape, dtype, block_t):
   B, T, S, HI, DI, K = shape
   sds = functools.partial(_sds, topology)
   args = (sds((B, T, HI, DI), dtype), sds((B, S, DI), dtype), sds((B, T, HI), dtype),
           sds((B,), jnp.int32), sds((B,), jnp.int32))
+  bs = TopkBlockSizes(block_t=block_t) if block_t else None
   f = lambda q, k, w, o, l: lightning_topk(q, k, w, K, q_offset=o, kv_lengths=l,
-                                            platform="tpu", interpret=False)
+                                            platform="tpu", interpret=False, block_sizes=bs)
   _compile(f, args)
 
 
