@@ -299,8 +299,9 @@ class _TpuLayout:
     has to live in a leading (untiled) position, both in HBM (source) and in
     the VMEM gather buffer (destination, [bk, 1, D]). For f32 this is a
     free reinterpretation (XLA tiles it (1, 128)); bf16 tiles are (2, 128),
-    so XLA copies K/V into a layout twice their size, once per call.
-    (Gathering bf16 pairs as u32 rows would avoid it; not done.)
+    so XLA copies K/V into a layout twice their size, once per call. (TPU
+    packs bf16 row pairs into 32-bit sublanes: one bf16 row alone is half a
+    packed row, so it takes this copy or a two-row DMA plus a select.)
     """
     B, S, G = k.shape[:3]
     return k.reshape(B, S, G, 1, k.shape[-1]), v.reshape(B, S, G, 1, v.shape[-1])
