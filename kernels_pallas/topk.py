@@ -135,7 +135,7 @@ def _validate(q_idx, k_idx, weights, k):
 # TPU kernel
 # --------------------------------------------------------------------------
 
-def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt_sc, wc_sc, *,
+def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt_sc, wcol_sc, *,
                      HI, S, K, Kp, bt, bs, ns, wb):
   b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t0 = ti * bt
@@ -143,9 +143,16 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt
   @pl.when(si == 0)
   def _():
     # Weights arrive lane-major ([HI, queries], compact in HBM); the score
-    # tile needs them as per-query columns: transpose once per query block.
+    # tiles need one per-query column per head: made once per query block.
     wt_sc[...] = w_ref[0].T  # [wb, HIp]
-    wc_sc[...] = wt_sc[pl.ds(pl.multiple_of(jax.lax.rem(t0, wb), 8), bt), :]  # [bt, HIp]
+    wc = wt_sc[pl.ds(pl.multiple_of(jax.lax.rem(t0, wb), 8), bt), :]  # [bt, HIp]
+    head_lane = jax.lax.broadcasted_iota(jnp.int32, wc.shape, 1)
+
+    def column(j, c):
+      wcol_sc[j] = jnp.sum(jnp.where(head_lane == j, wc, 0.0), axis=1, keepdims=True)
+      return c
+
+    jax.lax.fori_loop(0, HI, column, 0)
   # limit[r] = number of visible keys of query row r (exclusive upper bound).
   rows = jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0) + t0
   limit = jnp.minimum(jnp.minimum(qoff_ref[b] + rows + 1, kvlen_ref[b]), S)
@@ -155,14 +162,11 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt
   @pl.when(s0 < max_limit)
   def _():
     kk = k_ref[0]  # [bs, DI]
-    wc = wc_sc[...]
-    head_lane = jax.lax.broadcasted_iota(jnp.int32, wc.shape, 1)
 
     def head(j, acc):
       d = jax.lax.dot_general(q_ref[0, j], kk, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
-      w = jnp.sum(jnp.where(head_lane == j, wc, 0.0), axis=1, keepdims=True)  # [bt, 1]
-      return acc + w * jnp.maximum(d, 0.0)
+      return acc + wcol_sc[j] * jnp.maximum(d, 0.0)  # wcol: [bt, 1]
 
     acc = jax.lax.fori_loop(0, HI, head, jnp.zeros((bt, bs), jnp.float32))
     cols = jax.lax.broadcasted_iota(jnp.int32, (bt, bs), 1) + s0
@@ -239,7 +243,7 @@ def _topk_tpu(q_idx, k_idx, weights, q_off, kv_len, K, bs: BlockSizes, interpret
       out_specs=pl.BlockSpec((1, bt, Kp), lambda b, t, s, *_: (b, t, 0)),
       scratch_shapes=[pltpu.VMEM((ns, bt, bsz), jnp.float32),
                       pltpu.VMEM((wb, HIp), jnp.float32),
-                      pltpu.VMEM((bt, HIp), jnp.float32)],
+                      pltpu.VMEM((HI, bt, 1), jnp.float32)],
   )
   out = pl.pallas_call(
       kernel,

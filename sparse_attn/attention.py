@@ -244,10 +244,9 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl == "pallas":
     qs, _, _ = _check_qkv(q, k, v)
     _check_indices(indices, qs[0], qs[1])
-    kernel = dispatch.kernel_module("gathered_attention").gathered_attention
-    opts = dispatch.kernel_options()
+    kernel = dispatch.kernel("gathered_attention", "gathered_attention")
     return sharding.call_kernel_sharded(
-        lambda q, k, v, i: kernel(q, k, v, i, scale=scale, **opts), (q, k, v, indices),
+        lambda q, k, v, i: kernel(q, k, v, i, scale=scale), (q, k, v, indices),
         roles=[("batch", None, "heads", None), ("batch", None, "heads", None),
                ("batch", None, "heads", None), ("batch", None, None)],
         out_roles=("batch", None, "heads", None))

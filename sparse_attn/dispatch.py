@@ -17,6 +17,7 @@ re-traced inside the context (and vice versa).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 
 import jax
@@ -52,6 +53,13 @@ def kernel_options() -> dict:
   """Extra kernel arguments: native kernels of the compile target, if any."""
   target = _current()
   return {} if target is None else {"platform": target, "interpret": False}
+
+
+def kernel(module: str, name: str):
+  """kernels_pallas.<module>.<name>, bound to the compile target's options."""
+  fn = getattr(kernel_module(module), name)
+  opts = kernel_options()
+  return functools.partial(fn, **opts) if opts else fn
 
 
 def resolve(implementation: str | None) -> str:

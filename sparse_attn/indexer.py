@@ -164,15 +164,14 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
   k = _checks.check_k(k)
   impl = dispatch.resolve(implementation)
   if impl == "pallas":
-    kernel = dispatch.kernel_module("topk").lightning_topk
+    kernel = dispatch.kernel("topk", "lightning_topk")
     offset = q_offset
     if offset is not None and not isinstance(offset, int):
       offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (qs[0],))
     batch_role = ("batch",)
-    opts = dispatch.kernel_options()
     return sharding.call_kernel_sharded(
         lambda qi, ki, w, off, kv: kernel(qi, ki, w, k, q_offset=off,
-                                          kv_lengths=kv, **opts),
+                                          kv_lengths=kv),
         (q_idx, k_idx, weights, offset, kv_lengths),
         roles=[("batch", None, None, None), ("batch", None, None),
                ("batch", None, None),
