@@ -1,7 +1,7 @@
 """Helpers shared by the experiment scripts (retrieval, bench_attention, indexer_analysis).
 
-Nothing here is part of the library: CSV/markdown writing, a fast key-budget
-matcher, matplotlib (Agg) setup and a short environment line for reports.
+Nothing here is part of the library: CSV/markdown writing, matplotlib (Agg)
+setup and a short environment line for reports.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-
-BASELINE_KINDS = ("sliding_window", "strided", "fixed", "lsh", "nsa", "moba")
-
 
 def add_layer_shape_args(p) -> None:
   """The benchmark layer shape flags shared by bench_attention / bench_decode
@@ -90,48 +87,3 @@ def env_line() -> str:
     load = ""
   return (f"jax {jax.__version__}, backend {jax.default_backend()}, "
           f"{os.cpu_count()} CPUs, {platform.machine()}, {load}")
-
-
-def _candidates(seq_len: int, limit: int = 1024) -> list[int]:
-  small = list(range(1, min(seq_len, limit) + 1))
-  big = []
-  v = limit
-  while v < seq_len:
-    v = int(v * 1.25) + 1
-    big.append(min(v, seq_len))
-  return small + big
-
-
-def match_budget(kind: str, seq_len: int, target: float,
-                 **params) -> dict[str, Any]:
-  """Like `baseline_layers.match_budget` but searches a bounded candidate set.
-
-  The library version scans every value 1..seq_len (O(L^2) numpy work, too
-  slow at 32K+); here: every value up to 1024, then a 1.25x geometric grid.
-  Kinds: "dsa" (top_k = round(target)) and the baseline kinds. Returns the
-  full kind-parameter dict.
-  """
-  from sparse_attn import baseline_layers as bl  # pylint: disable=g-import-not-at-top
-  if kind == "dense":
-    return {}
-  free = bl.BUDGET_PARAM[kind]
-  base = dict(bl.DEFAULTS[kind])
-  base.update(params)
-  best, best_err = None, np.inf
-  for value in _candidates(seq_len):
-    p = dict(base, **{free: value})
-    if kind == "fixed" and p["summary"] > value:
-      continue
-    if kind == "nsa" and p["cmp_stride"] > p["cmp_block"]:
-      continue
-    err = abs(bl.key_budget(kind, seq_len, **p) - target)
-    if err < best_err - 1e-9:
-      best, best_err = value, err
-  out = dict(base)
-  out[free] = best
-  return out
-
-
-def layer_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-  """Kind params minus entries that are not constructor arguments of the layer."""
-  return {k: v for k, v in params.items() if k not in ("layer_index",)}

@@ -5,7 +5,7 @@ For each context length L (T = S = L, causal) and each mode
   fwdbwd  forward + backward (grads w.r.t. q, k, v; DSA: the top-k is a
           forward-only integer selection, as in training),
   decode  one query (T = 1, q_offset = L - 1) against a full K/V of length L
-          (the attention call `sparse_attn.decode` makes per decode step),
+          (the attention call a decode step makes),
 every kind is compiled ahead of time (`jit(...).lower(...).compile()`, which
 also gives XLA's memory analysis) and then timed side by side: repetitions
 are interleaved across kinds (rep 1 of every kind, then rep 2, ...), so load
@@ -17,8 +17,8 @@ and `ratio` = time / min(dense_xla, dense_sa).
 
 DSA = sa.lightning_topk + sa.gathered_attention with the indexer inputs
 (q_idx, k_idx, weights) given as tensors; the rows dsa:topk and dsa:attn time
-the two halves separately (breakdown). Baselines use their pure functions
-with the kind parameter matched to DSA's key budget at each L (mean keys per
+the two halves separately (breakdown). Every other registered kind runs its
+pure form (`registry.get(kind).attention`) with the kind parameter matched to DSA's key budget at each L (mean keys per
 query; see docs/baselines.md); the `budget` column gives what was reached.
 A FLOP model (and a byte model for decode) gives the theoretical cost ratio
 to dense (causal, i.e. half the T*S pairs) to read the measured ratios
@@ -55,15 +55,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sparse_attn as sa  # noqa: E402
-from sparse_attn import baseline_layers as bl  # noqa: E402
-from sparse_attn.lsh import lsh_attention  # noqa: E402
-from sparse_attn.moba import moba_attention  # noqa: E402
-from sparse_attn.nsa import nsa_attention  # noqa: E402
-from sparse_attn.patterns import (sliding_window_attention,  # noqa: E402
-                                  sparse_transformer_attention)
+from sparse_attn import budgets, registry  # noqa: E402
 
 MODES = ("fwd", "fwdbwd", "decode")
-KINDS = ("dense_xla", "dense_sa", "dsa", "dsa:topk", "dsa:attn") + C.BASELINE_KINDS
+# The two dense references and DSA's two halves, then every registered kind
+# DSA is compared with (read from the registry: a new kind is benchmarked too).
+BASELINE_KINDS = tuple(k for k in registry.names() if k not in ("dense", "dsa"))
+KINDS = ("dense_xla", "dense_sa", "dsa", "dsa:topk", "dsa:attn") + BASELINE_KINDS
 QUADRATIC = ("dense_xla", "dense_sa", "strided", "fixed")  # O(T*S) XLA paths
 COLUMNS = ("L", "mode", "kind", "status", "time_s", "reps", "ratio",
            "ratio_dense_xla", "ratio_dense_sa", "budget", "temp_bytes",
@@ -124,17 +122,17 @@ def make_inputs(a, length, num_q):
 def kind_params(a, kind, length):
   if kind.startswith("dsa"):
     return {"top_k": a.top_k}
-  if kind in C.BASELINE_KINDS:
-    target = bl.key_budget("dsa", length, top_k=a.top_k)
-    return C.match_budget(kind, length, target)
+  if kind in BASELINE_KINDS:
+    target = budgets.key_budget("dsa", length, top_k=a.top_k)
+    return budgets.match_budget(kind, length, target)
   return {}
 
 
 def keys_per_query(kind, length, params):
   base = kind.split(":")[0]
   if base.startswith("dense"):
-    return bl.keys_per_query("dense", length)
-  return bl.keys_per_query(base, length, **params)
+    return budgets.keys_per_query("dense", length)
+  return budgets.keys_per_query(base, length, **params)
 
 
 def cost_model(a, kind, mode, length, params):
@@ -192,33 +190,20 @@ def attention_fn(a, kind, params, decode: bool):
   if kind == "dsa:attn":
     return lambda x: sa.gathered_attention(x["q"], x["k"], x["v"], x["idx"],
                                            implementation="xla")
-  if kind == "sliding_window":
-    return lambda x: sliding_window_attention(
-        x["q"], x["k"], x["v"], window=params["window"], q_offset=off(x),
-        implementation="xla")
-  if kind in ("strided", "fixed"):
-    return lambda x: sparse_transformer_attention(
-        x["q"], x["k"], x["v"], pattern=kind, stride=params["stride"],
-        summary=params.get("summary", 1), combine=params["combine"],
-        q_offset=off(x))
-  if kind == "nsa":
-    keep = ("cmp_block", "cmp_stride", "select_block", "num_selected", "window")
-    return lambda x: nsa_attention(
-        x["q"], x["k"], x["v"], x["gates"], q_offset=off(x),
-        implementation="xla", **{k: params[k] for k in keep})
-  if kind == "moba":
-    return lambda x: moba_attention(x["q"], x["k"], x["v"],
-                                    block_size=params["block_size"],
-                                    top_k=params["top_k"], q_offset=off(x))
-  if kind == "lsh":
-    if decode:
-      return None        # no incremental form (decode.py recomputes the prefix)
-    return lambda x: lsh_attention(
-        x["q"], x["v"], n_buckets=params["n_buckets"],
-        n_hashes=params["n_hashes"], chunk_size=params["chunk_size"],
-        key=jax.random.key(params["hash_seed"]),
-        same_bucket=params["same_bucket"], lookback=params["lookback"])
-  raise ValueError(f"unknown kind {kind!r}")
+  spec = registry.get(kind)
+  p = spec.make_params(**params)
+
+  def fn(x):
+    return spec.attention(x["q"], x["k"], x["v"], p, q_offset=off(x),
+                          implementation="xla", q_idx=x["q_idx"],
+                          k_idx=x["k_idx"], weights=x["w"], gates=x["gates"])
+
+  if decode:
+    try:        # kinds without an incremental form (LSH) refuse T != S
+      jax.eval_shape(fn, make_inputs(a, 8, 1))
+    except ValueError:
+      return None
+  return fn
 
 
 def timed_fn(a, kind, mode, params):

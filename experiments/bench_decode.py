@@ -9,7 +9,7 @@ alternately (side by side, same process, same moment), median of --reps.
 Memory: cache bytes and XLA's compiled temp bytes of the step.
 
 Prefill: a chunked prefill of a --prefill-context prompt through a
-one-layer DSA Transformer (`sparse_attn.decode.Decoder.prefill`), run in a
+one-layer DSA Transformer (`sparse_attn.inference.Decoder.prefill`), run in a
 subprocess to measure its peak RSS; dense prefill too with --prefill-dense.
 
     python experiments/bench_decode.py                  # 4K .. 128K, prefill 64K
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attn import decode as D
-from sparse_attn.layers import DenseAttention, DSAAttention
+from sparse_attn import inference as D
+from sparse_attn.nn import DenseAttention, DSAAttention
 
 
 def make_layer(kind: str, a) -> nnx.Module:
@@ -53,17 +53,17 @@ def make_layer(kind: str, a) -> nnx.Module:
                       rngs=nnx.Rngs(0))
 
 
-def random_cache(layer, batch: int, context: int, index_dtype) -> D.LayerCache:
-  """A layer cache of capacity context + 1 holding `context` random tokens."""
-  shapes = D._layer_cache_shapes(layer, batch, context + 1, index_dtype,  # pylint: disable=protected-access
-                                 jnp.float32)
+def random_cache(layer, batch: int, context: int, index_dtype):
+  """The layer's own cache, capacity context + 1, holding `context` random tokens."""
 
   @jax.jit
   def fill():
+    cache = layer.init_cache(batch, context + 1, dtype=jnp.float32,
+                             index_dtype=index_dtype)
     keys = iter(jax.random.split(jax.random.key(0), 4))
     out = {}
     for name in ("k", "v", "k_idx"):
-      s = getattr(shapes, name)
+      s = getattr(cache, name, None)
       if s is not None:
         x = jax.random.normal(next(keys), s.shape, jnp.float32)
         if name == "k_idx":
@@ -71,19 +71,20 @@ def random_cache(layer, batch: int, context: int, index_dtype) -> D.LayerCache:
           if scale is not None:
             out["k_idx_scale"] = scale
         out[name] = x.astype(s.dtype)
-    return D.LayerCache(**out)
+    return cache.replace(**out)
 
   return fill()
 
 
 def make_step(layer, view: int):
+  """Jitted decode step of one layer: its own forward with a cache."""
   graphdef, params = nnx.split(layer)
 
   def step(params, lc, x, lengths):
     lyr = nnx.merge(graphdef, params)
-    positions = lengths[:, None]
-    s = D.StepInputs(x, positions, lengths, lengths + 1, view, "sparse")
-    return D.layer_step(lyr, x, lc, s)
+    y, _, lc = lyr(x, positions=lengths[:, None], kv_lengths=lengths + 1,
+                   mode="sparse", cache=lc, view=view)
+    return y, lc
 
   return params, jax.jit(step, donate_argnums=(1,))
 
@@ -133,7 +134,7 @@ def bench_decode(a):
 def prefill_worker(kind: str, context: int, a) -> dict:
   """Chunked prefill of one random prompt through a one-layer model."""
   from sparse_attn.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from sparse_attn.model import build_model  # pylint: disable=g-import-not-at-top
+  from sparse_attn.models import build_model  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(embed_dim=a.heads * a.head_dim, num_layers=1,
                     num_heads=a.heads, num_kv_heads=a.kv_heads,
                     head_dim=a.head_dim, mlp_dim=64, attention=kind,

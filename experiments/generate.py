@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from sparse_attn import decode as D  # pylint: disable=g-import-not-at-top
+from sparse_attn import inference as D  # pylint: disable=g-import-not-at-top
 
 
 def encode(prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +48,7 @@ def load_model(run_dir: str, step: int | None):
 
 def smoke_model():
   from sparse_attn.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from sparse_attn.model import build_model  # pylint: disable=g-import-not-at-top
+  from sparse_attn.models import build_model  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
                     head_dim=8, mlp_dim=64, top_k=8, indexer_heads=2,
                     indexer_dim=8)

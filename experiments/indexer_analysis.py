@@ -50,9 +50,9 @@ from flax import nnx  # noqa: E402
 
 import sparse_attn as sa  # noqa: E402
 from sparse_attn import train as T  # noqa: E402
-from sparse_attn.attention import _grouped, masked_softmax  # noqa: E402
+from sparse_attn.ops.attention import group_heads, masked_softmax  # noqa: E402
 from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
-from sparse_attn.layers import DSAAttention  # noqa: E402
+from sparse_attn.nn import DSAAttention  # noqa: E402
 
 import retrieval as R  # noqa: E402  (shared training helpers)
 
@@ -104,7 +104,7 @@ def layer_stats(layer: DSAAttention, h, positions, top_k):
   q, k, _ = layer.project(h, positions)
   q_idx, k_idx, w = layer.index(h, positions)
   b, t, nh, d = q.shape
-  logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(q, k.shape[2]), k) * d ** -0.5
+  logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(q, k.shape[2]), k) * d ** -0.5
   valid = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]           # [T, S]
   probs, _ = masked_softmax(logits, valid[None, :, None, None, :])
   p = jnp.mean(probs, axis=(2, 3))                                    # [B, T, S]

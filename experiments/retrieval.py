@@ -24,7 +24,7 @@ Protocols (--protocol):
 
 Key budget: baselines get the kind parameter that brings their mean keys per
 query (causal, at the training length) closest to DSA's at --budget-top-k
-(`baseline_layers.key_budget`); the table reports the keys per query each
+(`sparse_attn.budgets.key_budget`); the table reports the keys per query each
 model actually attended at every evaluation length (the `attended_keys`
 aux of the layers).
 
@@ -56,7 +56,8 @@ from flax import nnx  # noqa: E402
 
 from sparse_attn import sharding as shd  # noqa: E402
 from sparse_attn import train as T  # noqa: E402
-from sparse_attn.baseline_layers import key_budget  # noqa: E402
+from sparse_attn import registry  # noqa: E402
+from sparse_attn.budgets import key_budget, match_budget  # noqa: E402
 from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from sparse_attn.data import make_dataset  # noqa: E402
 
@@ -96,7 +97,7 @@ class Preset:
   lr_warmup_steps: int = 20
 
 
-ALL_KINDS = ("dense", "dsa") + C.BASELINE_KINDS
+ALL_KINDS = registry.names()   # every registered kind (dense and dsa first)
 
 PRESETS = {
     # Sizes measured on a shared 2-core CPU: see docs/experiments.md.
@@ -183,21 +184,20 @@ def runs_for(pr: Preset):
   for kind in pr.kinds:
     if kind == "dsa":
       for k in pr.dsa_top_k:
-        out.append((f"dsa_k{k}", "dsa", k, {}))
+        out.append((f"dsa_k{k}", "dsa", k, {"top_k": k}))
     elif kind == "dense":
       out.append(("dense", "dense", pr.budget_top_k, {}))
     else:
-      params = C.match_budget(kind, pr.seq_len, target)
-      params = {k: v for k, v in params.items() if v is not None}
+      params = match_budget(kind, pr.seq_len, target)
       out.append((kind, kind, pr.budget_top_k, params))
   return out
 
 
 def make_config(pr: Preset, task: str, kind: str, top_k: int, params: dict,
                 *, warmup: int, steps: int, lr: float, seed: int) -> Config:
-  model = ModelConfig(attention=kind, top_k=top_k, attention_params=params,
-                      implementation="xla" if jax.default_backend() == "cpu"
-                      else None, **pr.model)
+  model = ModelConfig(top_k=top_k, implementation="xla"
+                      if jax.default_backend() == "cpu" else None,
+                      **pr.model).with_attention(kind, **params)
   train = TrainConfig(dataset=task, seq_len=pr.seq_len,
                       batch_size=pr.batch_size, seed=seed,
                       warmup_stage_steps=warmup, sparse_stage_steps=steps,
@@ -333,9 +333,7 @@ def run_task(pr: Preset, a, task: str, log):
              "eval_len": length, "train_time_s": train_time,
              "pretrain_time_s": pre_time, "steps": s.cfg.train.total_steps,
              "final_loss": last["loss"] if last else None, "top_k": top_k,
-             "budget_nominal": (key_budget("dsa", length, top_k=top_k)
-                                if kind == "dsa" else
-                                key_budget(kind, length, **params)),
+             "budget_nominal": key_budget(kind, length, **params),
              "params": json.dumps(params, sort_keys=True), **ev}
       rows.append(row)
       log(f"  [{task}] {label:15s} L={length:6d} exact {ev['exact_match']:.3f} "

@@ -1,46 +1,70 @@
 """sparse-attn: fine-grained sparse attention (DeepSeek Sparse Attention) in JAX.
 
 Pure functions (jit/vmap/grad compatible) are the core API; Flax NNX layers
-wrap them. See DESIGN.md for the shape and causality conventions.
+wrap them; a small Transformer, two-stage training and decoding are built on
+those. The layers of the package, bottom up:
+
+  kernels_pallas          Pallas kernels, one file per backend + reference
+  sparse_attn.ops         pure functions of DSA (no Flax)
+  sparse_attn.kinds       pure functions of the other sparse families
+  sparse_attn.nn          NNX layers (one per kind, caches their own)
+  sparse_attn.registry    the attention kinds: one spec each
+  sparse_attn.models      the Transformer (one forward: training + decoding)
+  sparse_attn.training    two-stage training loop (optax, orbax, a mesh)
+  sparse_attn.inference   host-side decoding driver
+
+Shapes and causality conventions: docs/api.md.
 """
 
-from sparse_attn.attention import (dense_attention, dsa_attention,
-                                   gathered_attention,
-                                   gathered_attention_reference)
-from sparse_attn.indexer import (LightningIndexer, indexer_scores,
-                                 lightning_topk, select_topk)
-from sparse_attn.layers import AttentionLayer, DenseAttention, DSAAttention
-from sparse_attn.losses import dense_indexer_kl, lm_loss, sparse_indexer_kl
-from sparse_attn.rope import apply_rope
-from sparse_attn.baseline_layers import (BASELINE_LAYERS, key_budget,
-                                         keys_per_query, match_budget)
+from sparse_attn import compat as _compat
+
+_compat.install()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from sparse_attn import registry
+from sparse_attn.budgets import key_budget, keys_per_query, match_budget
 from sparse_attn.config import Config, ModelConfig, TrainConfig
-from sparse_attn.model import (ATTENTION_KINDS, Transformer, build_model,
-                               register_attention)
+from sparse_attn.models import Cache, Transformer, build_model
+from sparse_attn.nn import (AttentionKind, AttentionLayer, DenseAttention,
+                            DSAAttention, FixedAttention, LightningIndexer,
+                            LSHAttention, MoBAAttention, NSAAttention,
+                            SlidingWindowAttention, StridedAttention)
+from sparse_attn.ops.attention import (dense_attention, dsa_attention,
+                                       gathered_attention,
+                                       gathered_attention_reference)
+from sparse_attn.ops.indexer import indexer_scores, lightning_topk, select_topk
+from sparse_attn.ops.losses import dense_indexer_kl, lm_loss, sparse_indexer_kl
+from sparse_attn.ops.rope import apply_rope
+from sparse_attn.registry import (ATTENTION_KINDS, BASELINE_LAYERS,
+                                  register_attention)
 
 # Aliases named after the DeepSeek training stages.
 indexer_warmup_kl = dense_indexer_kl
 indexer_sparse_kl = sparse_indexer_kl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ATTENTION_KINDS",
+    "AttentionKind",
     "AttentionLayer",
     "BASELINE_LAYERS",
+    "Cache",
     "Config",
-    "ModelConfig",
-    "TrainConfig",
-    "Transformer",
-    "build_model",
-    "key_budget",
-    "keys_per_query",
-    "match_budget",
-    "register_attention",
     "DSAAttention",
     "DenseAttention",
+    "FixedAttention",
+    "LSHAttention",
     "LightningIndexer",
+    "MoBAAttention",
+    "ModelConfig",
+    "NSAAttention",
+    "SlidingWindowAttention",
+    "StridedAttention",
+    "TrainConfig",
+    "Transformer",
     "apply_rope",
+    "build_model",
     "dense_attention",
     "dense_indexer_kl",
     "dsa_attention",
@@ -49,8 +73,13 @@ __all__ = [
     "indexer_scores",
     "indexer_sparse_kl",
     "indexer_warmup_kl",
+    "key_budget",
+    "keys_per_query",
     "lightning_topk",
     "lm_loss",
+    "match_budget",
+    "register_attention",
+    "registry",
     "select_topk",
     "sparse_indexer_kl",
 ]

@@ -22,6 +22,8 @@ import json
 import os
 from typing import Any
 
+from sparse_attn import registry
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -35,7 +37,7 @@ class ModelConfig:
   num_kv_heads: int = 2          # GQA (1 = MQA, num_heads = MHA)
   head_dim: int = 32
   mlp_dim: int = 384             # SwiGLU hidden size
-  attention: str = "dsa"         # a key of sparse_attn.model.ATTENTION_KINDS
+  attention: str = "dsa"         # a kind of sparse_attn.registry
   top_k: int = 32                # DSA keys per query
   indexer_heads: int = 4
   indexer_dim: int = 32
@@ -66,6 +68,24 @@ class ModelConfig:
   @property
   def attention_kwargs(self) -> dict[str, Any]:
     return dict(self.attention_params)
+
+  def with_attention(self, kind: str, **params: Any) -> "ModelConfig":
+    """This config with attention `kind` and its parameters `params`.
+
+    Parameters that are config fields of the kind (DSA: top_k, indexer_heads,
+    indexer_dim, indexer_rope_dim) set those fields; parameters equal to the
+    kind's defaults are dropped; the rest go to attention_params. Accepts
+    the dicts `sparse_attn.budgets.match_budget` returns.
+    """
+    spec = registry.get(kind)
+    spec.make_params(**params)                 # validates names and values
+    fields = {k: v for k, v in params.items() if k in spec.config_fields}
+    defaults = spec.defaults
+    extra = {k: v for k, v in params.items()
+             if k not in spec.config_fields and
+             (k not in defaults or defaults[k] != v)}
+    return dataclasses.replace(self, attention=kind, attention_params=extra,
+                               **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +155,8 @@ class Config:
 
   def resolved(self) -> "Config":
     """Folds the warm-up stage into the main stage for kinds without an indexer."""
-    from sparse_attn.model import kind_has_indexer  # pylint: disable=g-import-not-at-top
     t = self.train
-    if t.warmup_stage_steps and not kind_has_indexer(self.model.attention):
+    if t.warmup_stage_steps and not registry.has_indexer(self.model.attention):
       t = dataclasses.replace(t, warmup_stage_steps=0,
                               sparse_stage_steps=t.total_steps)
     return dataclasses.replace(self, train=t)
@@ -195,7 +214,6 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
   num_devices: devices the run will use (default: all of jax.devices()),
   checked against train.mesh_shape and the batch size.
   """
-  from sparse_attn.model import ATTENTION_KINDS  # pylint: disable=g-import-not-at-top
   m, t = cfg.model, cfg.train
   errors: list[str] = []
   _positive(errors, "model", vocab_size=m.vocab_size, embed_dim=m.embed_dim,
@@ -203,16 +221,14 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
             num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
             mlp_dim=m.mlp_dim, indexer_heads=m.indexer_heads,
             indexer_dim=m.indexer_dim)
-  if m.attention not in ATTENTION_KINDS:
-    errors.append(f"model.attention must be one of {sorted(ATTENTION_KINDS)}, "
+  if m.attention not in registry.names():
+    errors.append(f"model.attention must be one of {list(registry.names())}, "
                   f"got {m.attention!r}")
   else:
-    from sparse_attn.model import attention_param_names  # pylint: disable=g-import-not-at-top
-    allowed = attention_param_names(m.attention)
-    unknown = sorted(set(m.attention_kwargs) - allowed)
-    if unknown:
-      errors.append(f"model.attention_params {unknown} are not arguments of "
-                    f"attention kind {m.attention!r}; allowed: {sorted(allowed)}")
+    try:
+      registry.get(m.attention).params_from_config(m)
+    except ValueError as e:
+      errors.append(f"model.attention_params: {e}")
   if not isinstance(m.top_k, int) or m.top_k < 1:
     errors.append(f"model.top_k must be >= 1, got {m.top_k!r}")
   if (isinstance(m.num_kv_heads, int) and m.num_kv_heads >= 1

@@ -7,7 +7,7 @@ The mesh always has three axes, MESH_AXES = ("data", "fsdp", "tensor"):
   - everything else (norm scales, optimiser counters, the step, the RNG) is
     replicated.
 Parameters name their dimensions in `logical_axes` metadata (see
-`sparse_attn.layers.param`); LOGICAL_RULES maps those names to mesh axes.
+`sparse_attn.nn.params.param`); LOGICAL_RULES maps those names to mesh axes.
 A dimension whose size is not divisible by its mesh axes, or whose mesh axis
 is already used by another dimension of the same array, stays replicated,
 so every rule set works for every model size (e.g. MQA with tensor=2).
@@ -15,9 +15,9 @@ so every rule set works for every model size (e.g. MQA with tensor=2).
 `jax.jit(..., in_shardings=..., out_shardings=...)` then partitions the step
 (the modern form of pjit). Pallas kernels cannot be auto-partitioned: the
 public attention functions route their kernel calls through
-`call_kernel_sharded`, which applies shard_map over batch (and heads where
-they divide) whenever a mesh is set with `jax.set_mesh` (the training loop
-sets it when the kernels are in use; the XLA path needs no wrapper).
+`sparse_attn.ops.kernel_sharding.call_kernel_sharded`, which applies
+shard_map whenever a mesh is set with `jax.set_mesh` (the training loop sets
+it when the kernels are in use; the XLA path needs no wrapper).
 """
 
 from __future__ import annotations
@@ -167,66 +167,3 @@ def to_host(x: jax.Array) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(x.addressable_data(0))
   return np.asarray(x)
-
-
-def kernel_spec(mesh, shape: Sequence[int], roles: Sequence[str | None]) -> P:
-  """PartitionSpec for a kernel operand: "batch" dims over the batch axes,
-  "heads" dims over tensor, where the mesh has those axes and they divide
-  the dimension; everything else unsplit."""
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  spec = []
-  for dim, role in zip(shape, roles):
-    axes = ()
-    if role == "batch":
-      axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-    elif role == "heads":
-      axes = tuple(a for a in ("tensor",) if sizes.get(a, 1) > 1)
-    if axes and dim % math.prod(sizes[a] for a in axes) == 0:
-      spec.append(axes if len(axes) > 1 else axes[0])
-    else:
-      spec.append(None)
-  return P(*spec)
-
-
-def call_kernel_sharded(fn, args: Sequence[Any],
-                        roles: Sequence[Sequence[str | None] | None],
-                        out_roles: Sequence[str | None]):
-  """Runs fn(*args) per shard when a mesh is set (`jax.set_mesh`), else as is.
-
-  Pallas calls cannot be partitioned by XLA. Under a mesh context the call
-  goes through shard_map: each operand's dims are split by `roles` (see
-  `kernel_spec`; None for an operand passed as is, e.g. None or a scalar),
-  and the output by `out_roles`. Callers give "heads" to a head dim only
-  when per-shard heads stay self-contained (kv heads and their query heads
-  split together, g-major).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(*args)
-  dynamic = [i for i, r in enumerate(roles) if r is not None and args[i] is not None]
-  specs = tuple(kernel_spec(mesh, np.shape(args[i]), roles[i]) for i in dynamic)
-
-  def per_shard(*shards):
-    full = list(args)
-    for i, x in zip(dynamic, shards):
-      full[i] = x
-    return fn(*full)
-
-  out_shape = jax.eval_shape(fn, *args)
-  out_spec = kernel_spec(mesh, out_shape.shape, out_roles)
-  # check_vma=False: the Pallas interpreter (CPU) trips the varying-axes
-  # checker on its grid-index dynamic slices in jax 0.10.
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=specs,
-                       out_specs=out_spec, check_vma=False)(
-                           *[args[i] for i in dynamic])
-
-
-def shard_map_batch_heads(fn, mesh: Mesh, *, in_specs, out_specs):
-  """Wraps a per-shard kernel call (e.g. a pallas_call) for a sharded step.
-
-  Pallas kernels cannot be partitioned by XLA; inside the jitted step run
-  them under shard_map with batch over (data, fsdp) and heads over tensor,
-  e.g. in_specs=P(BATCH_AXES, None, "tensor", None) for q [B, T, H, D].
-  """
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)

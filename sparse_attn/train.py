@@ -46,8 +46,9 @@ from sparse_attn import dispatch
 from sparse_attn import sharding as shd
 from sparse_attn.config import Config, validate
 from sparse_attn.data import make_dataset
-from sparse_attn.losses import lm_loss
-from sparse_attn.model import INDEXER, MAIN, Transformer, kind_has_indexer
+from sparse_attn.ops.losses import lm_loss
+from sparse_attn import registry
+from sparse_attn.models import INDEXER, MAIN, Transformer
 
 STAGE_MODE = {"warmup": "warmup", "sparse": "sparse"}
 
@@ -207,7 +208,7 @@ def _kernel_mesh(s: Setup, jitted):
   """Traces and runs `jitted` under the run's mesh when Pallas kernels are on.
 
   The attention functions then wrap their pallas_calls in shard_map (see
-  `sharding.call_kernel_sharded`); the XLA path needs no mesh context.
+  `ops.kernel_sharding.call_kernel_sharded`); the XLA path needs no mesh context.
   The result can be called or lowered (`.lower(*abstract_args)`, for AOT).
   """
   if dispatch.resolve(s.cfg.model.implementation) != "pallas":
@@ -437,7 +438,7 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
     state = init_state(s)
   start = int(shd.to_host(state["step"]))
 
-  has_idx = kind_has_indexer(cfg.model.attention)
+  has_idx = registry.has_indexer(cfg.model.attention)
   counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
             for k, v in s.abstract_state["params"].items()}
   if start == 0:

@@ -29,7 +29,7 @@ def test_compile_target_switches_dispatch():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
 def test_compile_target_is_per_thread_and_in_the_jit_cache_key():
   import threading
-  from sparse_attn import attention
+  from sparse_attn.ops import attention
   q = jax.ShapeDtypeStruct((1, 4, 2, 8), jax.numpy.float32)
   k = jax.ShapeDtypeStruct((1, 4, 1, 8), jax.numpy.float32)
   idx = jax.ShapeDtypeStruct((1, 4, 2), jax.numpy.int32)

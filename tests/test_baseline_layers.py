@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_attn import baseline_layers as bl
-from sparse_attn.layers import AttentionLayer, DenseAttention
+from sparse_attn import budgets, nn, registry
+from sparse_attn.nn import AttentionLayer, DenseAttention
 
 E, H, G, D, T = 24, 6, 3, 8, 37
 
@@ -27,9 +27,9 @@ KINDS = [
 
 
 def test_registry():
-  assert set(bl.BASELINE_LAYERS) == {"sliding_window", "strided", "fixed",
+  assert set(registry.BASELINE_LAYERS) == {"sliding_window", "strided", "fixed",
                                      "lsh", "nsa", "moba"}
-  for name, cls in bl.BASELINE_LAYERS.items():
+  for name, cls in registry.BASELINE_LAYERS.items():
     assert issubclass(cls, AttentionLayer)
     layer = cls(16, 4, 2, 8, layer_index=3, rope_base=500.0,
                 dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -41,7 +41,7 @@ def test_registry():
 
 @pytest.mark.parametrize("kind,params", KINDS)
 def test_layer_jit_grad_causal_and_counts(kind, params):
-  layer = bl.BASELINE_LAYERS[kind](E, H, G, D, rngs=nnx.Rngs(0), **params)
+  layer = registry.BASELINE_LAYERS[kind](E, H, G, D, rngs=nnx.Rngs(0), **params)
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (2, T, E))
   t = 20
@@ -71,7 +71,7 @@ def test_layer_jit_grad_causal_and_counts(kind, params):
   if kind == "lsh":
     assert 2 * T <= attended <= 2 * 2 * 4 * T   # >= 1 key, <= rounds*(c+1) each
   else:
-    want = 2 * bl.key_budget(kind, T, num_heads=H, **params) * T
+    want = 2 * budgets.key_budget(kind, T, num_heads=H, **params) * T
     assert attended == pytest.approx(want)
     if kind != "nsa":     # NSA's branches may attend a key more than once
       assert attended < float(aux["visible_keys"])
@@ -90,7 +90,7 @@ def test_kv_lengths_and_interface_match_dense():
       "moba": dict(block_size=4, top_k=3),
   }
   for kind, params in full.items():
-    layer = bl.BASELINE_LAYERS[kind](E, H, G, D, rngs=nnx.Rngs(0), **params)
+    layer = registry.BASELINE_LAYERS[kind](E, H, G, D, rngs=nnx.Rngs(0), **params)
     y, aux = nnx.jit(lambda l, x: l(x, kv_lengths=kv))(layer, x)
     np.testing.assert_allclose(y, y_dense, rtol=1e-5, atol=1e-5)
     assert aux["attended_keys"] == aux_dense["visible_keys"]
@@ -100,41 +100,62 @@ def test_alternate_uses_layer_parity():
   x = jax.random.normal(jax.random.key(4), (1, 16, E))
   counts = []
   for li in (0, 1, 2):
-    layer = bl.StridedAttention(E, H, G, D, stride=4, combine="alternate",
+    layer = nn.StridedAttention(E, H, G, D, stride=4, combine="alternate",
                                 layer_index=li, rngs=nnx.Rngs(0))
     counts.append(float(layer(x)[1]["attended_keys"]))
-  assert counts[0] == counts[2] == bl.key_budget(
+  assert counts[0] == counts[2] == budgets.key_budget(
       "strided", 16, stride=4, combine="alternate", layer_index=0) * 16
-  assert counts[1] == bl.key_budget("strided", 16, stride=4,
+  assert counts[1] == budgets.key_budget("strided", 16, stride=4,
                                     combine="alternate", layer_index=1) * 16
   assert counts[0] != counts[1]
 
 
 def test_key_budgets_and_matching():
   n = 1024
-  assert bl.key_budget("dense", n) == (n + 1) / 2
-  assert bl.key_budget("sliding_window", n, window=1) == 1.0
-  assert bl.key_budget("dsa", n, top_k=n) == (n + 1) / 2
-  # Defaults come from the layer constructors.
-  assert bl.key_budget("moba", n) == bl.key_budget(
-      "moba", n, **{k: v for k, v in bl.DEFAULTS["moba"].items()})
+  assert budgets.key_budget("dense", n) == (n + 1) / 2
+  assert budgets.key_budget("sliding_window", n, window=1) == 1.0
+  assert budgets.key_budget("dsa", n, top_k=n) == (n + 1) / 2
+  # Defaults come from the kind's params dataclass.
+  assert budgets.key_budget("moba", n) == budgets.key_budget(
+      "moba", n, **{k: v for k, v in registry.get("moba").defaults.items()})
   target = 96.0
   for kind in ("dsa", "sliding_window", "strided", "fixed", "lsh", "nsa",
                "moba"):
-    params = bl.match_budget(kind, n, target)
-    got = bl.key_budget(kind, n, **params)
+    params = budgets.match_budget(kind, n, target)
+    got = budgets.key_budget(kind, n, **params)
     assert abs(got - target) / target < 0.1, (kind, params, got)
-  p = bl.match_budget("sliding_window", n, 100.0)
+  p = budgets.match_budget("sliding_window", n, 100.0)
   assert p["window"] == int(round(np.argmin(
-      [abs(bl.key_budget("sliding_window", n, window=w) - 100) for w in
+      [abs(budgets.key_budget("sliding_window", n, window=w) - 100) for w in
        range(1, n + 1)]) + 1))
-  with pytest.raises(ValueError, match="unknown kind"):
-    bl.key_budget("bigbird", n)
+  with pytest.raises(ValueError, match="unknown attention kind"):
+    budgets.key_budget("bigbird", n)
 
 
 def test_bfloat16_forward():
   x = jax.random.normal(jax.random.key(5), (1, 16, E))
-  layer = bl.MoBAAttention(E, H, G, D, block_size=4, top_k=2,
+  layer = nn.MoBAAttention(E, H, G, D, block_size=4, top_k=2,
                            dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   y, aux = nnx.jit(lambda l, x: l(x))(layer, x)
   assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, float)))
+
+
+def test_match_budget_long_sequences_use_a_grid():
+  """Above 1024 the free parameter runs over a 1.25x grid; still close."""
+  cands = budgets.candidates(40_000)
+  assert cands[:1024] == list(range(1, 1025)) and cands[-1] == 40_000
+  assert all(b / a <= 1.26 for a, b in zip(cands[1023:], cands[1024:]))
+  for kind in ("sliding_window", "moba", "nsa"):
+    target = budgets.key_budget("dsa", 32768, top_k=2048)
+    params = budgets.match_budget(kind, 32768, target)
+    got = budgets.key_budget(kind, 32768, **params)
+    assert abs(got - target) / target < 0.15, (kind, params, got)
+
+
+def test_kind_params_are_validated():
+  with pytest.raises(ValueError, match="window"):
+    registry.get("sliding_window").make_params(window=0)
+  with pytest.raises(ValueError, match="not parameters of attention kind"):
+    registry.get("moba").make_params(window=3)
+  with pytest.raises(ValueError, match="summary"):
+    registry.get("fixed").make_params(stride=2, summary=3)

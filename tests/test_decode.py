@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_attn import decode as D
+from sparse_attn import inference as D
 from sparse_attn.config import ModelConfig
-from sparse_attn.indexer import LightningIndexer, lightning_topk
-from sparse_attn.model import build_model
+from sparse_attn.nn import LightningIndexer
+from sparse_attn.ops.indexer import lightning_topk
+from sparse_attn.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -248,9 +249,9 @@ def test_generate_greedy_matches_forward_argmax():
 
 _SHARDED = r"""
 import numpy as np, jax, jax.numpy as jnp
-from sparse_attn import decode as D, sharding as shd
+from sparse_attn import inference as D, sharding as shd
 from sparse_attn.config import ModelConfig
-from sparse_attn.model import build_model
+from sparse_attn.models import build_model
 cfg = ModelConfig(embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64, top_k=8, indexer_heads=2,
                   indexer_dim=8, attention="dsa")

@@ -32,16 +32,6 @@ def _finite(row, keys):
     assert math.isfinite(float(row[k])), (k, row)
 
 
-def test_match_budget_bounded_search():
-  common = _module("_common")
-  from sparse_attn import baseline_layers as bl
-  for kind in ("sliding_window", "moba", "nsa", "lsh"):
-    fast = common.match_budget(kind, 256, 16.0)
-    ref = bl.match_budget(kind, 256, 16.0)
-    assert (bl.key_budget(kind, 256, **fast) ==
-            pytest.approx(bl.key_budget(kind, 256, **ref)))
-
-
 def test_retrieval_smoke(tmp_path):
   mod = _module("retrieval")
   mod.main(["--smoke", "--out-dir", str(tmp_path)])

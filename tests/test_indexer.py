@@ -114,14 +114,14 @@ def test_indexer_query_latent():
 @pytest.mark.parametrize("sub_block", [None, 1, 2, 4, 16])
 def test_two_stage_selection_with_ties(sub_block):
   """Integer-valued scores with many ties and masked entries: same score sets."""
-  from sparse_attn.indexer import _topk_of_scores
+  from sparse_attn.ops.indexer import two_stage_topk
   rng = np.random.default_rng(3)
   scores = rng.integers(0, 6, size=(2, 9, 203)).astype(np.float32)
   scores[rng.random(scores.shape) < 0.3] = -np.inf
   scores[1, 4] = -np.inf
   scores[1, 5, 7:] = -np.inf
   for k in (1, 13, 64, 300):
-    sel = _topk_of_scores(jnp.asarray(scores), k, sub_block)
+    sel = two_stage_topk(jnp.asarray(scores), k, sub_block)
     assert_topk_matches(sel, scores, k)
 
 

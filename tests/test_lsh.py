@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attn import lsh
+from sparse_attn.kinds import lsh
 
 from test_patterns import np_masked_attention
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_attn import model as M
+from sparse_attn import models as M
+from sparse_attn import registry
 from sparse_attn.config import ModelConfig
-from sparse_attn.layers import DenseAttention
+from sparse_attn.nn import DenseAttention
 
 CFG = ModelConfig(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64, top_k=4, indexer_heads=2,
@@ -102,15 +103,34 @@ def test_registry_is_extensible():
   class Doubled(DenseAttention):
     pass
 
-  M.register_attention("test_doubled", lambda cfg, *, rngs: Doubled(
-      cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs))
+  registry.register(dataclasses.replace(registry.get("dense"),
+                                        name="test_doubled", layer=Doubled))
   try:
     model = M.build_model(dataclasses.replace(CFG, attention="test_doubled"))
     assert isinstance(model.blocks[0].attn, Doubled)
-    assert not M.kind_has_indexer("test_doubled") and M.kind_has_indexer("dsa")
+    assert not registry.has_indexer("test_doubled")
+    assert registry.has_indexer("dsa")
     _run(model, _tokens(1, 4))
   finally:
-    del M.ATTENTION_KINDS["test_doubled"]
+    registry.unregister("test_doubled")
+  assert "test_doubled" not in registry.names()
+
+
+def test_first_api_registration_still_works():
+  """register_attention(name, factory) and the ATTENTION_KINDS view."""
+  class Doubled(DenseAttention):
+    pass
+
+  registry.register_attention("test_legacy", lambda cfg, *, rngs: Doubled(
+      cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs))
+  try:
+    assert "test_legacy" in registry.ATTENTION_KINDS
+    model = M.build_model(dataclasses.replace(CFG, attention="test_legacy"))
+    assert isinstance(model.blocks[0].attn, Doubled)
+    assert not registry.kind_has_indexer("test_legacy")
+  finally:
+    registry.unregister("test_legacy")
+  assert "test_legacy" not in registry.ATTENTION_KINDS
 
 
 def test_bad_inputs_raise():

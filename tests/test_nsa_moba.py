@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attn import moba, nsa
-from sparse_attn.attention import dense_attention
+from sparse_attn.kinds import moba, nsa
+from sparse_attn.ops.attention import dense_attention
 
 from test_patterns import np_masked_attention
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attn import patterns as P
+from sparse_attn.kinds import patterns as P
 
 
 def rows(mask, i):

@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import _checks, chunking, masking
-from sparse_attn.attention import _ATTN_BUDGET, _check_qkv, _grouped
-from sparse_attn.patterns import (_positive_int, block_sparse_attention,
-                                  topk_blocks)
+from sparse_attn.ops import checks, chunking, masking
+from sparse_attn.ops.attention import ATTN_BUDGET, check_qkv, group_heads
+from sparse_attn.kinds.patterns import block_sparse_attention, topk_blocks
 
 
 def mean_pool_blocks(x: jax.Array, block_size: int,
@@ -48,22 +47,22 @@ def mean_pool_blocks(x: jax.Array, block_size: int,
 def moba_select(q, k, *, block_size: int, top_k: int, q_offset=None,
                 kv_lengths=None, query_chunk: int | None = None):
   """int32[B, T, G, H/G, top_k]: the blocks each query head attends (-1 = none)."""
-  qs, ks, _ = _check_qkv(q, k, k, q_offset, kv_lengths)
-  block_size = _positive_int("block_size", block_size)
-  top_k = _positive_int("top_k", top_k)
+  qs, ks, _ = check_qkv(q, k, k, q_offset, kv_lengths)
+  block_size = checks.check_positive_int("block_size", block_size)
+  top_k = checks.check_positive_int("top_k", top_k)
   batch, num_q, num_heads, _ = qs
   num_keys, num_kv = ks[1], ks[2]
   pooled = mean_pool_blocks(k, block_size, kv_lengths)         # [B, M, G, D]
   m = pooled.shape[1]
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   if query_chunk is None:
-    query_chunk = chunking.auto_chunk(num_q, num_heads * m * 4, _ATTN_BUDGET)
-  acc = _checks.acc_dtype(q)
+    query_chunk = chunking.auto_chunk(num_q, num_heads * m * 4, ATTN_BUDGET)
+  acc = checks.acc_dtype(q)
   blk = jnp.arange(m, dtype=jnp.int32)
 
   def block(start, qb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
-    aff = jnp.einsum("bcgrd,bmgd->bcgrm", _grouped(qb, num_kv), pooled,
+    aff = jnp.einsum("bcgrd,bmgd->bcgrm", group_heads(qb, num_kv), pooled,
                      preferred_element_type=acc)
     cur = (q_pos // block_size)[:, :, None, None, None]
     cand = blk < cur

@@ -96,3 +96,11 @@ def check_kv_lengths(kv_lengths: Any, batch: int) -> None:
 def acc_dtype(*arrays: Any):
   """Accumulation dtype: f32, or wider when the inputs are (e.g. f64 tests)."""
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+  """A Python (or numpy) int >= 1, as int; ValueError naming `name` otherwise."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+      or value < 1:
+    raise ValueError(f"{name} must be a Python int >= 1, got {value!r}.")
+  return int(value)

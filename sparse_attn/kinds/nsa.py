@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import _checks, chunking, masking
-from sparse_attn.attention import (_ATTN_BUDGET, _check_qkv, _default_scale,
-                                   _grouped, masked_softmax)
-from sparse_attn.patterns import (_positive_int, block_sparse_attention,
-                                  sliding_window_attention, topk_blocks)
+from sparse_attn.ops import checks, chunking, masking
+from sparse_attn.ops.attention import (ATTN_BUDGET, check_qkv, default_scale,
+                                   group_heads, masked_softmax)
+from sparse_attn.kinds.patterns import (block_sparse_attention,
+                                       sliding_window_attention, topk_blocks)
 
 BRANCHES = ("compressed", "selected", "window")
 
@@ -74,16 +74,21 @@ def _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block):
   return jnp.asarray(ov, jnp.float32)
 
 
-def _check_nsa(gates, qs, cmp_block, cmp_stride, select_block, num_selected,
-               window):
+def check_nsa_sizes(cmp_block, cmp_stride, select_block, num_selected, window):
+  """ValueError unless the block sizes are positive ints with stride <= block."""
   for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride),
                       ("select_block", select_block),
                       ("num_selected", num_selected), ("window", window)):
-    _positive_int(name, value)
+    checks.check_positive_int(name, value)
   if cmp_stride > cmp_block:
     raise ValueError(f"cmp_stride={cmp_stride} must be <= cmp_block="
                      f"{cmp_block} (blocks must cover every key).")
-  gs = _checks.check_rank("gates", gates, 4, "[B, T, H, 3]")
+
+
+def _check_nsa(gates, qs, cmp_block, cmp_stride, select_block, num_selected,
+               window):
+  check_nsa_sizes(cmp_block, cmp_stride, select_block, num_selected, window)
+  gs = checks.check_rank("gates", gates, 4, "[B, T, H, 3]")
   if gs != qs[:3] + (3,):
     raise ValueError(f"gates shape {gs} must be [B, T, H, 3] = "
                      f"{qs[:3] + (3,)} for q shape {qs}.")
@@ -119,18 +124,18 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return_counts: also return f32[B, T] keys attended per query (mean over
       heads), summed over the three branches (compressed keys count as keys).
   """
-  qs, ks, vs = _check_qkv(q, k, v, q_offset, kv_lengths)
+  qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   _check_nsa(gates, qs, cmp_block, cmp_stride, select_block, num_selected,
              window)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
-  scale = _default_scale(scale, head_dim)
+  scale = default_scale(scale, head_dim)
   compress_k = compress_k or mean_compress
   compress_v = compress_v or mean_compress
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   n_cmp = num_compressed_blocks(num_keys, cmp_block, cmp_stride)
   n_sel = -(-num_keys // select_block)
-  acc = _checks.acc_dtype(q)
+  acc = checks.acc_dtype(q)
   blk = jnp.arange(n_sel, dtype=jnp.int32)
 
   if n_cmp > 0:
@@ -140,13 +145,13 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     overlap = _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block)
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(
-        num_q, num_heads * (2 * max(n_cmp, 1) + n_sel), _ATTN_BUDGET)
+        num_q, num_heads * (2 * max(n_cmp, 1) + n_sel), ATTN_BUDGET)
 
   def block(start, qb):
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
     if n_cmp > 0:
-      qg = _grouped(qb, num_kv)
+      qg = group_heads(qb, num_kv)
       logits = jnp.einsum("bcgrd,bngd->bcgrn", qg, kc,
                           preferred_element_type=acc) * scale
       valid = cmp_end <= q_pos[:, :, None]                      # [B, C, N]

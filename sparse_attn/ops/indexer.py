@@ -1,4 +1,4 @@
-"""The lightning indexer: scores, top-k selection, and the NNX module.
+"""The lightning indexer's pure functions: index scores and top-k selection.
 
 For query t and key s the index score is
     I[t, s] = sum_j w[t, j] * relu(q_I[t, j] . k_I[s])
@@ -14,22 +14,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from sparse_attn import _checks, chunking, dispatch, masking, sharding
-from sparse_attn.params import param, tag
-from sparse_attn.rope import apply_rope
+from sparse_attn import dispatch
+from sparse_attn.ops import checks, chunking, kernel_sharding, masking
 
 # Bound on the [chunk, S, HI] intermediate of one query block (elements).
 _TOPK_BUDGET = 1 << 23
 
 
-def _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths):
-  qs = _checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
-  ks = _checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
-  ws = _checks.check_rank("weights", weights, 3, "[B, T, HI]")
+def check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths):
+  qs = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
+  ks = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
+  ws = checks.check_rank("weights", weights, 3, "[B, T, HI]")
   for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights)):
-    _checks.check_floating(name, x)
+    checks.check_floating(name, x)
   if ks[0] != qs[0] or ks[2] != qs[3]:
     raise ValueError(
         f"k_idx shape {ks} must be [B, S, DI] matching q_idx shape {qs} "
@@ -40,14 +38,14 @@ def _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths):
         f"weights shape {ws} must be [B, T, HI] = {qs[:3]} to match q_idx "
         f"shape {qs}."
     )
-  _checks.check_q_offset(q_offset, qs[0])
-  _checks.check_kv_lengths(kv_lengths, qs[0])
+  checks.check_q_offset(q_offset, qs[0])
+  checks.check_kv_lengths(kv_lengths, qs[0])
   return qs, ks
 
 
 def relu_scores(q_idx, k_idx, weights):
   """Unmasked index scores [B, C, S] = sum_j w * relu(q_j . k) (acc dtype)."""
-  acc = _checks.acc_dtype(q_idx, k_idx, weights)
+  acc = checks.acc_dtype(q_idx, k_idx, weights)
   if q_idx.shape[1] <= 8:
     # Decode-sized blocks: keys-major dots keep the head reduction contiguous
     # (about 4x faster on CPU at T=1, S=64K than the query-major layout).
@@ -57,7 +55,7 @@ def relu_scores(q_idx, k_idx, weights):
   return jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(acc))
 
 
-def _scores_block(q_idx, k_idx, weights, q_pos, kv_lengths):
+def masked_scores(q_idx, k_idx, weights, q_pos, kv_lengths):
   """f32[B, C, S] index scores of one query block, -inf where not visible."""
   scores = relu_scores(q_idx, k_idx, weights)
   mask = masking.visible(q_pos, k_idx.shape[1], kv_lengths)
@@ -77,9 +75,9 @@ def indexer_scores(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array, *,
     q_offset: absolute position of query 0 (int or int32[B]); default S - T.
     kv_lengths: optional int32[B]; keys >= kv_lengths[b] are padding.
   """
-  qs, ks = _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
+  qs, ks = check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
   q_pos = masking.query_positions(qs[0], qs[1], ks[1], q_offset)
-  return _scores_block(q_idx, k_idx, weights, q_pos, kv_lengths)
+  return masked_scores(q_idx, k_idx, weights, q_pos, kv_lengths)
 
 
 def _pow2_floor(x: float) -> int:
@@ -88,11 +86,11 @@ def _pow2_floor(x: float) -> int:
 
 
 def default_sub_block(num_keys: int, k: int) -> int:
-  """Sub-block size balancing the two sorts of `_topk_of_scores`: ~sqrt(S/K)."""
+  """Sub-block size balancing the two sorts of `two_stage_topk`: ~sqrt(S/K)."""
   return _pow2_floor(max(1.0, (num_keys / k) ** 0.5))
 
 
-def _topk_of_scores(scores: jax.Array, k: int,
+def two_stage_topk(scores: jax.Array, k: int,
                     sub_block: int | None = None) -> jax.Array:
   """int32[..., K] indices of the K largest finite scores, -1 for the rest.
 
@@ -138,10 +136,10 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
   Slots beyond the number of visible keys hold -1. Order within a row is
   unspecified; ties may go either way. -inf marks a key as not visible.
   """
-  _checks.check_rank("scores", scores, 3, "[B, T, S]")
-  _checks.check_floating("scores", scores)
-  k = _checks.check_k(k)
-  return _topk_of_scores(scores, k)
+  checks.check_rank("scores", scores, 3, "[B, T, S]")
+  checks.check_floating("scores", scores)
+  k = checks.check_k(k)
+  return two_stage_topk(scores, k)
 
 
 def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
@@ -160,8 +158,8 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
   blocks (n+1), halving the work. The Pallas path fuses scoring and
   selection in one kernel.
   """
-  qs, ks = _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
-  k = _checks.check_k(k)
+  qs, ks = check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
+  k = checks.check_k(k)
   impl = dispatch.resolve(implementation)
   if impl == "pallas":
     kernel = dispatch.kernel("topk", "lightning_topk")
@@ -169,7 +167,7 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
     if offset is not None and not isinstance(offset, int):
       offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (qs[0],))
     batch_role = ("batch",)
-    return sharding.call_kernel_sharded(
+    return kernel_sharding.call_kernel_sharded(
         lambda qi, ki, w, off, kv: kernel(qi, ki, w, k, q_offset=off,
                                           kv_lengths=kv),
         (q_idx, k_idx, weights, offset, kv_lengths),
@@ -192,8 +190,8 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
 
   def block(start, qb, wb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
-    scores = _scores_block(qb, k_idx, wb, q_pos, kv_lengths)
-    return _topk_of_scores(scores, k)
+    scores = masked_scores(qb, k_idx, wb, q_pos, kv_lengths)
+    return two_stage_topk(scores, k)
 
   return chunking.map_query_chunks(block, query_chunk, q_idx, weights)
 
@@ -221,7 +219,7 @@ def _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths, chunk):
     limit = jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), limit)
   slots = jnp.arange(n + 1, dtype=jnp.int32)
   local = jnp.arange(chunk, dtype=jnp.int32)
-  acc = _checks.acc_dtype(q_idx, k_idx, weights)
+  acc = checks.acc_dtype(q_idx, k_idx, weights)
 
   def pair(c):
     first = slots <= c                                 # slot belongs to chunk c
@@ -239,74 +237,10 @@ def _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths, chunk):
     scores = jnp.where(visible, scores, -jnp.inf)       # [B, C, n+1, C]
     rows = jnp.stack([jnp.where(first[:, None], scores, -jnp.inf),
                       jnp.where(first[:, None], -jnp.inf, scores)], axis=1)
-    cols = _topk_of_scores(rows.reshape(batch, 2, chunk, (n + 1) * chunk), k)
+    cols = two_stage_topk(rows.reshape(batch, 2, chunk, (n + 1) * chunk), k)
     keys = jnp.take(key_block, cols // chunk) * chunk + cols % chunk
     return jnp.where(cols >= 0, keys, -1)               # [B, 2, C, K]
 
   out = jax.lax.map(pair, jnp.arange(n // 2, dtype=jnp.int32))
   chunks = jnp.concatenate([out[:, :, 0], out[::-1, :, 1]], axis=0)
   return jnp.moveaxis(chunks, 0, 1).reshape(batch, padded, k)[:, :num_q]
-
-
-class LightningIndexer(nnx.Module):
-  """NNX lightning indexer: x[B, T, E] -> (q_idx, k_idx, weights).
-
-  - q_idx [B, T, HI, DI] is projected from the layer input, or from a query
-    latent (MLA's compressed query) when `query_input_dim` is given and
-    `q_latent` is passed.
-  - k_idx [B, T, DI]: one key per token shared by all indexer heads,
-    LayerNorm-ed.
-  - Partial RoPE, non-interleaved (rotate-half), on the first `rope_dim`
-    dims of both q_idx and k_idx, as in DeepSeek-V3.2.
-  - weights [B, T, HI] = proj(x) * HI**-0.5 * DI**-0.5: DeepSeek's reference
-    folds the dot-product scale DI**-0.5 into the head weights, so the pure
-    `indexer_scores` stays scale-free.
-  """
-
-  def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *,
-               rope_dim: int | None = None, query_input_dim: int | None = None,
-               rope_base: float = 10000.0, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    if rope_dim is None:
-      rope_dim = head_dim // 2
-    if rope_dim < 0 or rope_dim > head_dim or rope_dim % 2:
-      raise ValueError(
-          f"rope_dim must be even and in [0, head_dim={head_dim}], got "
-          f"{rope_dim}.")
-    self.num_heads = num_heads
-    self.head_dim = head_dim
-    self.rope_dim = rope_dim
-    self.rope_base = rope_base
-    self.dtype = dtype
-    q_in = query_input_dim or embed_dim
-    q_axis = "q_latent" if query_input_dim else "embed"
-    self.wq = param(rngs, (q_in, num_heads, head_dim),
-                    (q_axis, "indexer_heads", "indexer_dim"), param_dtype)
-    self.wk = param(rngs, (embed_dim, head_dim), ("embed", "indexer_dim"),
-                    param_dtype)
-    self.k_norm = nnx.LayerNorm(head_dim, dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs)
-    tag(self.k_norm, {"scale": ("indexer_dim",), "bias": ("indexer_dim",)})
-    self.w_weights = param(rngs, (embed_dim, num_heads),
-                           ("embed", "indexer_heads"), param_dtype)
-    self.has_query_latent = query_input_dim is not None
-
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               q_latent: jax.Array | None = None):
-    """x [B, T, E], positions int32[B, T] -> q_idx, k_idx, weights."""
-    x = x.astype(self.dtype)
-    q_src = x
-    if self.has_query_latent:
-      if q_latent is None:
-        raise ValueError("this indexer was built with query_input_dim; pass "
-                         "q_latent [B, T, query_input_dim].")
-      q_src = q_latent.astype(self.dtype)
-    q = jnp.einsum("bte,ehd->bthd", q_src, self.wq[...].astype(self.dtype))
-    k = jnp.einsum("bte,ed->btd", x, self.wk[...].astype(self.dtype))
-    k = self.k_norm(k)
-    q = apply_rope(q, positions, rope_dim=self.rope_dim, base=self.rope_base)
-    k = apply_rope(k[:, :, None, :], positions, rope_dim=self.rope_dim,
-                   base=self.rope_base)[:, :, 0, :]
-    scale = (self.num_heads ** -0.5) * (self.head_dim ** -0.5)
-    w = jnp.einsum("bte,eh->bth", x, self.w_weights[...].astype(self.dtype))
-    return q, k, w * scale

@@ -39,7 +39,7 @@ use is described in docs/baselines.md.
 
 Rotations: pass `rotations` ([n_hashes, D, n_buckets/2], from
 `lsh_rotations`) or a PRNG `key` to draw them. The NNX layer
-(`baseline_layers.LSHAttention`) uses a fixed key per layer,
+(`sparse_attn.nn.LSHAttention`) uses a fixed key per layer,
 fold_in(key(hash_seed), layer_index), so the hashing is deterministic, the
 same in training and evaluation, and needs no mutable RNG state under jit.
 """
@@ -50,19 +50,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import _checks
-from sparse_attn.attention import masked_softmax
+from sparse_attn.ops import checks
+from sparse_attn.ops.attention import masked_softmax
 
 
 LOOKBACKS = ("chunk", "window")
 
 
-def _check_lsh_params(n_buckets, n_hashes, chunk_size):
+def check_lsh_params(n_buckets, n_hashes, chunk_size):
   for name, value in (("n_buckets", n_buckets), ("n_hashes", n_hashes),
                       ("chunk_size", chunk_size)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-        or value < 1:
-      raise ValueError(f"{name} must be a Python int >= 1, got {value!r}.")
+    checks.check_positive_int(name, value)
   if n_buckets % 2:
     raise ValueError(f"n_buckets must be even, got {n_buckets}.")
 
@@ -70,15 +68,15 @@ def _check_lsh_params(n_buckets, n_hashes, chunk_size):
 def lsh_rotations(key: jax.Array, head_dim: int, n_buckets: int,
                   n_hashes: int) -> jax.Array:
   """f32[n_hashes, D, n_buckets / 2] random rotations (i.i.d. normal)."""
-  _check_lsh_params(n_buckets, n_hashes, 1)
+  check_lsh_params(n_buckets, n_hashes, 1)
   return jax.random.normal(key, (n_hashes, head_dim, n_buckets // 2),
                            jnp.float32)
 
 
 def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   """int32[n_hashes, B, H, T]: bucket = argmax([x R ; -x R]) of x[B, T, H, D]."""
-  _checks.check_rank("x", x, 4, "[B, T, H, D]")
-  _checks.check_rank("rotations", rotations, 3, "[n_hashes, D, n_buckets/2]")
+  checks.check_rank("x", x, 4, "[B, T, H, D]")
+  checks.check_rank("rotations", rotations, 3, "[n_hashes, D, n_buckets/2]")
   if rotations.shape[1] != x.shape[3]:
     raise ValueError(f"rotations shape {rotations.shape} must have D="
                      f"{x.shape[3]} of x shape {x.shape} on axis 1.")
@@ -136,17 +134,17 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
     return_counts: also return f32[B, T]: distinct keys attended per query,
       averaged over heads.
   """
-  qs = _checks.check_rank("qk", qk, 4, "[B, T, H, D]")
-  vs = _checks.check_rank("v", v, 4, "[B, T, G, Dv]")
-  _checks.check_floating("qk", qk)
-  _checks.check_floating("v", v)
-  _checks.check_same_dtype(qk=qk, v=v)
+  qs = checks.check_rank("qk", qk, 4, "[B, T, H, D]")
+  vs = checks.check_rank("v", v, 4, "[B, T, G, Dv]")
+  checks.check_floating("qk", qk)
+  checks.check_floating("v", v)
+  checks.check_same_dtype(qk=qk, v=v)
   if vs[:2] != qs[:2]:
     raise ValueError(f"v shape {vs} must be [B, T, G, Dv] with [B, T] = "
                      f"{qs[:2]} of qk shape {qs}.")
-  _checks.check_heads(qs[2], vs[2], qs, vs)
-  _checks.check_kv_lengths(kv_lengths, qs[0])
-  _check_lsh_params(n_buckets, n_hashes, chunk_size)
+  checks.check_heads(qs[2], vs[2], qs, vs)
+  checks.check_kv_lengths(kv_lengths, qs[0])
+  check_lsh_params(n_buckets, n_hashes, chunk_size)
   if lookback not in LOOKBACKS:
     raise ValueError(f"lookback must be one of {LOOKBACKS}, got {lookback!r}.")
   if (key is None) == (rotations is None):
@@ -158,7 +156,7 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
     raise ValueError(f"rotations shape {rotations.shape} must be "
                      f"{(n_hashes, dim, n_buckets // 2)}.")
   scale = dim ** -0.5 if scale is None else scale
-  acc = _checks.acc_dtype(qk)
+  acc = checks.acc_dtype(qk)
   nh, c = n_hashes, chunk_size
   nc = -(-seq // c)
   tp = nc * c

@@ -2,7 +2,7 @@
 
 Shapes: B batch, T queries, S keys, H query heads, G kv heads (H = G * R),
 D head dim, Dv value dim, K selected keys per query. Causality follows
-`sparse_attn.masking`. All functions are jit/vmap/grad compatible; softmax
+`sparse_attn.ops.masking`. All functions are jit/vmap/grad compatible; softmax
 statistics are kept in f32 whatever the input dtype, and a query that sees
 no key returns zeros (never NaN) with zero gradients.
 """
@@ -14,20 +14,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import _checks, chunking, dispatch, masking, sharding
-from sparse_attn.indexer import lightning_topk
+from sparse_attn import dispatch
+from sparse_attn.ops import checks, chunking, kernel_sharding, masking
+from sparse_attn.ops.indexer import lightning_topk
 
 # Bound on the per-block intermediates (elements) of the chunked XLA paths.
-_ATTN_BUDGET = 1 << 24
+ATTN_BUDGET = 1 << 24
 
 
-def _check_qkv(q, k, v, q_offset=None, kv_lengths=None):
-  qs = _checks.check_rank("q", q, 4, "[B, T, H, D]")
-  ks = _checks.check_rank("k", k, 4, "[B, S, G, D]")
-  vs = _checks.check_rank("v", v, 4, "[B, S, G, Dv]")
+def check_qkv(q, k, v, q_offset=None, kv_lengths=None):
+  qs = checks.check_rank("q", q, 4, "[B, T, H, D]")
+  ks = checks.check_rank("k", k, 4, "[B, S, G, D]")
+  vs = checks.check_rank("v", v, 4, "[B, S, G, Dv]")
   for name, x in (("q", q), ("k", k), ("v", v)):
-    _checks.check_floating(name, x)
-  _checks.check_same_dtype(q=q, k=k, v=v)
+    checks.check_floating(name, x)
+  checks.check_same_dtype(q=q, k=k, v=v)
   if ks[0] != qs[0] or ks[3] != qs[3]:
     raise ValueError(
         f"k shape {ks} must be [B, S, G, D] with B={qs[0]} and D={qs[3]} of "
@@ -36,13 +37,13 @@ def _check_qkv(q, k, v, q_offset=None, kv_lengths=None):
     raise ValueError(
         f"v shape {vs} must be [B, S, G, Dv] with [B, S, G] = {ks[:3]} of "
         f"k shape {ks}.")
-  _checks.check_heads(qs[2], ks[2], qs, ks)
-  _checks.check_q_offset(q_offset, qs[0])
-  _checks.check_kv_lengths(kv_lengths, qs[0])
+  checks.check_heads(qs[2], ks[2], qs, ks)
+  checks.check_q_offset(q_offset, qs[0])
+  checks.check_kv_lengths(kv_lengths, qs[0])
   return qs, ks, vs
 
 
-def _default_scale(scale, head_dim):
+def default_scale(scale, head_dim):
   return head_dim ** -0.5 if scale is None else scale
 
 
@@ -65,7 +66,7 @@ def masked_softmax(logits: jax.Array,
   return probs, lse
 
 
-def _grouped(q, num_kv_heads):
+def group_heads(q, num_kv_heads):
   b, t, h, d = q.shape
   return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
 
@@ -83,13 +84,13 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     scale: logit scale, default D**-0.5.
     query_chunk: queries per block (default: bounded by a memory budget).
   """
-  qs, ks, vs = _check_qkv(q, k, v, q_offset, kv_lengths)
+  qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
-  scale = _default_scale(scale, head_dim)
+  scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   if query_chunk is None:
-    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _ATTN_BUDGET)
+    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, ATTN_BUDGET)
 
   def block(start, qb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
@@ -110,8 +111,8 @@ def dense_block(qb: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
   lse f32[B, C, H], -inf for rows with no valid key).
   """
   num_kv = k.shape[2]
-  acc = _checks.acc_dtype(qb)
-  logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
+  acc = checks.acc_dtype(qb)
+  logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(qb, num_kv), k,
                       preferred_element_type=acc) * scale
   if bias is not None:
     logits = logits + bias
@@ -122,9 +123,9 @@ def dense_block(qb: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
   return out, lse.reshape(qb.shape[:3])
 
 
-def _check_indices(indices, batch, num_q):
-  ishape = _checks.check_rank("indices", indices, 3, "[B, T, K]")
-  _checks.check_integer("indices", indices)
+def check_indices(indices, batch, num_q):
+  ishape = checks.check_rank("indices", indices, 3, "[B, T, K]")
+  checks.check_integer("indices", indices)
   if ishape[:2] != (batch, num_q):
     raise ValueError(
         f"indices shape {ishape} must be [B, T, K] with [B, T] = "
@@ -145,8 +146,8 @@ def _gathered_block(qb, k, v, ib, scale):
   safe = jnp.where(valid, ib, 0)
   kg = gather_rows(k, safe)                         # [B, C, K, G, D]
   vg = gather_rows(v, safe)                         # [B, C, K, G, Dv]
-  qg = _grouped(qb, num_kv)
-  acc = _checks.acc_dtype(qb)
+  qg = group_heads(qb, num_kv)
+  acc = checks.acc_dtype(qb)
   logits = jnp.einsum("btgrd,btkgd->btgrk", qg, kg,
                       preferred_element_type=acc) * scale
   probs, lse = masked_softmax(logits, valid[:, :, None, None, :])
@@ -187,7 +188,7 @@ def _counted_block(qb, k, v, ib, scale):
   per element on CPU than the matmuls they avoid.
   """
   present, log_counts = selection_counts(ib, k.shape[1],
-                                         _checks.acc_dtype(qb))
+                                         checks.acc_dtype(qb))
   return dense_block(qb, k, v, present[:, :, None, None, :], scale,
                      bias=log_counts[:, :, None, None, :])
 
@@ -205,9 +206,9 @@ def gathered_attention_reference(q, k, v, indices, *, scale=None,
   "counted" (dense over S with per-key multiplicities, no gather), or None:
   "counted" when S <= 8*K, else "gather". Both give the same result.
   """
-  qs, ks, vs = _check_qkv(q, k, v)
-  ishape = _check_indices(indices, qs[0], qs[1])
-  scale = _default_scale(scale, qs[3])
+  qs, ks, vs = check_qkv(q, k, v)
+  ishape = check_indices(indices, qs[0], qs[1])
+  scale = default_scale(scale, qs[3])
   if method is None:
     method = "counted" if use_counted(ks[1], ishape[2]) else "gather"
   if method not in ("gather", "counted"):
@@ -220,7 +221,7 @@ def gathered_attention_reference(q, k, v, indices, *, scale=None,
     per_query = ks[1] * (qs[2] + 2)
     block_fn = _counted_block
   if query_chunk is None:
-    query_chunk = chunking.auto_chunk(qs[1], per_query, _ATTN_BUDGET)
+    query_chunk = chunking.auto_chunk(qs[1], per_query, ATTN_BUDGET)
   out, lse = chunking.map_query_chunks(
       lambda start, qb, ib: block_fn(qb, k, v, ib, scale),
       query_chunk, q, indices)
@@ -242,10 +243,10 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   impl = dispatch.resolve(implementation)
   if impl == "pallas":
-    qs, _, _ = _check_qkv(q, k, v)
-    _check_indices(indices, qs[0], qs[1])
+    qs, _, _ = check_qkv(q, k, v)
+    check_indices(indices, qs[0], qs[1])
     kernel = dispatch.kernel("gathered_attention", "gathered_attention")
-    return sharding.call_kernel_sharded(
+    return kernel_sharding.call_kernel_sharded(
         lambda q, k, v, i: kernel(q, k, v, i, scale=scale), (q, k, v, indices),
         roles=[("batch", None, "heads", None), ("batch", None, "heads", None),
                ("batch", None, "heads", None), ("batch", None, None)],
@@ -267,9 +268,9 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
     top_k: keys kept per query (K); with K >= S this equals dense attention.
     return_indices: also return the int32[B, T, K] selection.
   """
-  qs, ks, _ = _check_qkv(q, k, v, q_offset, kv_lengths)
-  iq = _checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
-  ik = _checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
+  qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
+  iq = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
+  ik = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
   if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
     raise ValueError(
         f"indexer inputs must cover the same tokens as the attention: q_idx "

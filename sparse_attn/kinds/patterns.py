@@ -40,20 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import _checks, chunking, masking
-from sparse_attn.attention import (_ATTN_BUDGET, _check_qkv, _default_scale,
-                                   _grouped, dense_block, gathered_attention,
+from sparse_attn.ops import checks, chunking, masking
+from sparse_attn.ops.attention import (ATTN_BUDGET, check_qkv, default_scale,
+                                   group_heads, dense_block, gathered_attention,
                                    masked_softmax)
 
 PATTERNS = ("strided", "fixed")
 COMBINES = ("merged", "alternate", "split")
-
-
-def _positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-      or value < 1:
-    raise ValueError(f"{name} must be a Python int >= 1, got {value!r}.")
-  return int(value)
 
 
 def _pair(q_pos, key_pos):
@@ -101,13 +94,13 @@ def fixed_summary_mask(q_pos, key_pos, stride: int, summary: int):
   return (j <= i) & (jnp.mod(j, stride) >= stride - summary)
 
 
-def _check_pattern(pattern, stride, summary, combine):
+def check_pattern(pattern, stride, summary, combine):
   if pattern not in PATTERNS:
     raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}.")
   if combine not in COMBINES:
     raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}.")
-  stride = _positive_int("stride", stride)
-  summary = _positive_int("summary", summary)
+  stride = checks.check_positive_int("stride", stride)
+  summary = checks.check_positive_int("summary", summary)
   if pattern == "fixed" and summary > stride:
     raise ValueError(f"summary c={summary} must be <= stride l={stride}.")
   return stride, summary
@@ -116,7 +109,7 @@ def _check_pattern(pattern, stride, summary, combine):
 def pattern_masks(pattern: str, q_pos, key_pos, *, stride: int,
                   summary: int = 1):
   """(A, B) bool[..., T, S] masks of a Sparse Transformer pattern."""
-  stride, summary = _check_pattern(pattern, stride, summary, "merged")
+  stride, summary = check_pattern(pattern, stride, summary, "merged")
   if pattern == "strided":
     return (strided_local_mask(q_pos, key_pos, stride),
             strided_stride_mask(q_pos, key_pos, stride))
@@ -133,7 +126,7 @@ def sparse_transformer_mask(pattern: str, q_pos, key_pos, *, num_heads: int,
                             stride: int, summary: int = 1,
                             combine: str = "merged", layer_index: int = 0):
   """bool[..., H, T, S]: the combined pattern (and causal) for every head."""
-  stride, summary = _check_pattern(pattern, stride, summary, combine)
+  stride, summary = check_pattern(pattern, stride, summary, combine)
   a, b = pattern_masks(pattern, q_pos, key_pos, stride=stride, summary=summary)
   a, b = a[..., None, :, :], b[..., None, :, :]
   shape = a.shape[:-3] + (num_heads,) + a.shape[-2:]
@@ -178,14 +171,14 @@ def masked_pattern_attention(q, k, v, mask_fn: Callable, *, q_offset=None,
   visible key return zeros. With return_counts also returns f32[B, T]: keys
   attended per query, averaged over heads.
   """
-  qs, ks, vs = _check_qkv(q, k, v, q_offset, kv_lengths)
+  qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
-  scale = _default_scale(scale, head_dim)
+  scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads * 2,
-                                      _ATTN_BUDGET)
+                                      ATTN_BUDGET)
   key_pos = jnp.arange(num_keys, dtype=jnp.int32)
 
   def block(start, qb):
@@ -222,8 +215,8 @@ def sparse_transformer_attention(q, k, v, *, pattern: str, stride: int,
     query_chunk: queries per block (default from a memory budget).
     return_counts: also return f32[B, T] keys per query (mean over heads).
   """
-  stride, summary = _check_pattern(pattern, stride, summary, combine)
-  num_heads = _checks.check_rank("q", q, 4, "[B, T, H, D]")[2]
+  stride, summary = check_pattern(pattern, stride, summary, combine)
+  num_heads = checks.check_rank("q", q, 4, "[B, T, H, D]")[2]
 
   def mask_fn(q_pos, key_pos):
     return sparse_transformer_mask(pattern, q_pos, key_pos,
@@ -258,8 +251,8 @@ def sliding_window_attention(q, k, v, *, window: int, q_offset=None,
   memory; `implementation` as in `gathered_attention`). return_counts also
   returns f32[B, T] keys per query.
   """
-  window = _positive_int("window", window)
-  qs, ks, _ = _check_qkv(q, k, v, q_offset, kv_lengths)
+  window = checks.check_positive_int("window", window)
+  qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
   q_pos = masking.query_positions(qs[0], qs[1], ks[1], q_offset)
   idx = sliding_window_indices(q_pos, window, ks[1], kv_lengths)
   out = gathered_attention(q, k, v, idx, scale=scale,
@@ -305,7 +298,7 @@ def sparse_transformer_keys_per_query(seq_len: int, *, pattern: str,
   fixed:   A = (i mod l) + 1, B = c*floor(i/l) + max(0, (i mod l) - (l-c) + 1),
            A|B = (i mod l) + 1 + c*floor(i/l)
   """
-  stride, summary = _check_pattern(pattern, stride, summary, combine)
+  stride, summary = check_pattern(pattern, stride, summary, combine)
   i = np.arange(seq_len)
   l, c = stride, summary
   if pattern == "strided":
@@ -340,26 +333,26 @@ def block_sparse_attention(q, k, v, blocks, *, block_size: int, q_offset=None,
     return_counts: also return f32[B, T] keys attended (mean over heads).
   Memory O(chunk * H * n * bs) per query block: the keys are gathered.
   """
-  qs, ks, vs = _check_qkv(q, k, v, q_offset, kv_lengths)
-  block_size = _positive_int("block_size", block_size)
+  qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
+  block_size = checks.check_positive_int("block_size", block_size)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
   reps = num_heads // num_kv
-  bshape = _checks.check_rank("blocks", blocks, 5, "[B, T, G, Rb, n]")
-  _checks.check_integer("blocks", blocks)
+  bshape = checks.check_rank("blocks", blocks, 5, "[B, T, G, Rb, n]")
+  checks.check_integer("blocks", blocks)
   if bshape[:3] != (batch, num_q, num_kv) or bshape[3] not in (1, reps):
     raise ValueError(f"blocks shape {bshape} must be [B, T, G, Rb, n] with "
                      f"[B, T, G] = {(batch, num_q, num_kv)} and Rb in "
                      f"(1, {reps}).")
   per_head = bshape[3] != 1 or reps == 1
-  scale = _default_scale(scale, head_dim)
+  scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   n_keys = bshape[4] * block_size
   if query_chunk is None:
     per_query = bshape[3] * num_kv * n_keys * (head_dim + vs[3]) \
         + num_heads * n_keys
-    query_chunk = chunking.auto_chunk(num_q, per_query, _ATTN_BUDGET)
-  acc = _checks.acc_dtype(q)
+    query_chunk = chunking.auto_chunk(num_q, per_query, ATTN_BUDGET)
+  acc = checks.acc_dtype(q)
   k_t = jnp.swapaxes(k, 1, 2)                                   # [B, G, S, D]
   v_t = jnp.swapaxes(v, 1, 2)
 
@@ -379,7 +372,7 @@ def block_sparse_attention(q, k, v, blocks, *, block_size: int, q_offset=None,
     vg = jnp.take_along_axis(v_t, flat[..., None], axis=2)
     kg = kg.reshape(batch, num_kv, c, bshape[3], n_keys, head_dim)
     vg = vg.reshape(batch, num_kv, c, bshape[3], n_keys, vs[3])
-    qg = _grouped(qb, num_kv)                                   # [B,C,G,R,D]
+    qg = group_heads(qb, num_kv)                                   # [B,C,G,R,D]
     if per_head:
       logits = jnp.einsum("bcgrd,bgcrkd->bcgrk", qg, kg,
                           preferred_element_type=acc)

@@ -7,7 +7,7 @@ L1-normalised per query; the indexer distribution is softmax(I[t, :]).
 Both KL losses stop gradients into the main attention's q and k: the main
 model never learns from them. Detaching the indexer's *input* hidden state
 (so the indexer loss does not reach the shared trunk) is the layer's job
-(`sparse_attn.layers.DSAAttention`), since only the layer sees that input.
+(`sparse_attn.nn.DSAAttention`), since only the layer sees that input.
 
 Reduction: the mean over queries that have at least one key in the support
 (queries with none contribute nothing and are not counted). DeepSeek writes
@@ -22,11 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import _checks, chunking, masking
-from sparse_attn.attention import (_check_indices, _check_qkv, _grouped,
+from sparse_attn.ops import checks, chunking, masking
+from sparse_attn.ops.attention import (check_indices, check_qkv, group_heads,
                                    gather_rows, masked_softmax,
                                    selection_counts, use_counted)
-from sparse_attn.indexer import (_check_indexer_inputs, _scores_block,
+from sparse_attn.ops.indexer import (check_indexer_inputs, masked_scores,
                                  relu_scores)
 
 _KL_BUDGET = 1 << 24
@@ -78,8 +78,8 @@ def dense_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
   k_idx [B, S, DI], weights [B, T, HI]. Returns a scalar f32. Memory is
   O(chunk * S * (H + HI)) with queries processed in chunks.
   """
-  qs, ks, _ = _check_qkv(q, k, k, q_offset, kv_lengths)
-  iq, ik = _check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
+  qs, ks, _ = check_qkv(q, k, k, q_offset, kv_lengths)
+  iq, ik = check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
   _check_same_tokens(qs, ks, iq, ik)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
@@ -93,11 +93,11 @@ def dense_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
   def block(start, qb, qib, wb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
     valid = masking.visible(q_pos, num_keys, kv_lengths)
-    logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
-                        preferred_element_type=_checks.acc_dtype(qb)) * scale
+    logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(qb, num_kv), k,
+                        preferred_element_type=checks.acc_dtype(qb)) * scale
     probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
     p = _head_summed_target(probs)
-    index_logits = _scores_block(qib, k_idx, wb, q_pos, kv_lengths)
+    index_logits = masked_scores(qib, k_idx, wb, q_pos, kv_lengths)
     kl = _kl_rows(p, index_logits, valid)
     return kl, jnp.any(valid, axis=-1)
 
@@ -131,14 +131,14 @@ def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
   Shapes: q [B, T, H, D], k [B, S, G, D], q_idx [B, T, HI, DI],
   k_idx [B, S, DI], weights [B, T, HI], indices int32[B, T, K].
   """
-  qs, ks, _ = _check_qkv(q, k, k)
-  iq, ik = _check_indexer_inputs(q_idx, k_idx, weights, None, None)
+  qs, ks, _ = check_qkv(q, k, k)
+  iq, ik = check_indexer_inputs(q_idx, k_idx, weights, None, None)
   _check_same_tokens(qs, ks, iq, ik)
-  ishape = _check_indices(indices, qs[0], qs[1])
+  ishape = check_indices(indices, qs[0], qs[1])
   num_keys, num_kv = ks[1], ks[2]
   scale = qs[3] ** -0.5 if scale is None else scale
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-  acc = _checks.acc_dtype(q, q_idx)
+  acc = checks.acc_dtype(q, q_idx)
   if method not in (None, "gather", "counted"):
     raise ValueError(f"method must be 'gather', 'counted' or None, got "
                      f"{method!r}.")
@@ -150,7 +150,7 @@ def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
     if counted:
       # Dense over S with log-multiplicities: same value, no gather/scatter.
       valid, log_counts = selection_counts(ib, num_keys, acc)
-      logits = jnp.einsum("btgrd,bsgd->btgrs", _grouped(qb, num_kv), k,
+      logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(qb, num_kv), k,
                           preferred_element_type=acc) * scale
       logits = logits + log_counts[:, :, None, None, :]
       index_logits = relu_scores(qib, k_idx, wb) + log_counts
@@ -158,7 +158,7 @@ def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
       valid = (ib >= 0) & (ib < num_keys)
       safe = jnp.where(valid, ib, 0)
       kg = gather_rows(k, safe)                           # [B, C, K, G, D]
-      logits = jnp.einsum("btgrd,btkgd->btgrk", _grouped(qb, num_kv), kg,
+      logits = jnp.einsum("btgrd,btkgd->btgrk", group_heads(qb, num_kv), kg,
                           preferred_element_type=acc) * scale
       kig = gather_rows(k_idx, safe)                      # [B, C, K, DI]
       dots = jnp.einsum("bthd,btkd->bthk", qib, kig, preferred_element_type=acc)
@@ -189,14 +189,14 @@ def lm_loss(logits: jax.Array, targets: jax.Array,
   logits [B, T, V] (any float dtype, reduced in f32), targets int[B, T],
   mask [B, T] (1 where the token counts; default all ones).
   """
-  ls = _checks.check_rank("logits", logits, 3, "[B, T, V]")
-  ts = _checks.check_rank("targets", targets, 2, "[B, T]")
+  ls = checks.check_rank("logits", logits, 3, "[B, T, V]")
+  ts = checks.check_rank("targets", targets, 2, "[B, T]")
   if ts != ls[:2]:
     raise ValueError(f"targets shape {ts} must be [B, T] = {ls[:2]} of logits.")
   if mask is None:
     mask = jnp.ones(ts, jnp.float32)
-  elif _checks.shape_of(mask) != ts:
-    raise ValueError(f"mask shape {_checks.shape_of(mask)} must be {ts}.")
+  elif checks.shape_of(mask) != ts:
+    raise ValueError(f"mask shape {checks.shape_of(mask)} must be {ts}.")
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32),
                              axis=-1)[..., 0]

@@ -1,0 +1,242 @@
+"""The attention layer every kind builds on: projections, RoPE, cache, one forward.
+
+One call serves training, evaluation, chunked prefill and decode steps:
+
+    y, aux = layer(x, positions=None, kv_lengths=None, mode="sparse")
+    y, aux, cache = layer(x, positions=pos, kv_lengths=kv, mode=m, cache=cache)
+
+x [B, T, E] -> y [B, T, E]. `aux` is a dict of f32 scalars that models sum
+over layers:
+  - "indexer_kl": the layer's indexer loss (0 for kinds without an indexer,
+    and with a cache: losses are training quantities);
+  - "attended_keys": query-key pairs attended (summed over B and T; for kinds
+    whose key set differs between heads, the mean over heads);
+  - "visible_keys": the pairs a dense causal layer would attend.
+`mode` is the DSA training stage: "dense" (dense attention, no indexer
+loss), "warmup" (dense attention + the dense indexer KL) or "sparse" (top-k
+attention + the sparse KL); kinds without an indexer ignore it.
+
+The cache belongs to the layer (as in the Flax Gemma example). `init_cache`
+returns this kind's cache pytree (every leaf [B, S_max, ...]; the layout is
+the kind's business, e.g. DSA adds its indexer key cache). With `cache=`,
+the T new tokens of row b sit at positions[b] = start[b] + arange(T), where
+start[b] tokens are already cached: the layer writes their rows at that
+offset, attends over the first `view` cache slots (a static int, default
+S_max; the caller keeps it >= every row's kv_length) with
+q_offset = start and `kv_lengths` (default start + T), and returns the
+updated cache. Writes never wrap: callers keep start + T <= S_max
+(`sparse_attn.inference.Decoder` checks it on the host before any write).
+
+Subclasses implement `attend(q, k, v, ctx) -> (o [B, T, H, Dv], aux, cache)`;
+`ctx` (a `Context`) carries the layer input, positions, kv_lengths, mode and,
+when decoding, q_offset, the cache (K/V rows already written) and the view.
+Parameters carry logical axis names (`logical_axes` metadata: embed, heads,
+kv_heads, head_dim, ...) that `sparse_attn.sharding` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from sparse_attn.nn.params import param
+from sparse_attn.ops import masking
+from sparse_attn.ops.rope import apply_rope
+
+MODES = ("dense", "warmup", "sparse")
+
+Aux = dict[str, jax.Array]
+
+
+def check_mode(mode: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+
+
+def default_positions(x: jax.Array) -> jax.Array:
+  """int32[B, T] positions 0..T-1 of every row of x [B, T, ...]."""
+  batch, length = x.shape[:2]
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def dense_key_counts(positions: jax.Array, num_keys: int,
+                     kv_lengths: Any) -> jax.Array:
+  """Number of query-key pairs a dense causal layer attends (f32 scalar)."""
+  return jnp.sum(masking.num_visible(positions, num_keys, kv_lengths)).astype(
+      jnp.float32)
+
+
+def counts_aux(attended: jax.Array, positions: jax.Array, num_keys: int,
+               kv_lengths: Any, kl: jax.Array | None = None) -> Aux:
+  """The aux dict: attended pairs (any shape, summed), dense count, KL."""
+  return {"indexer_kl": jnp.zeros((), jnp.float32) if kl is None else kl,
+          "attended_keys": jnp.sum(attended).astype(jnp.float32),
+          "visible_keys": dense_key_counts(positions, num_keys, kv_lengths)}
+
+
+def write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+  """cache[b, starts[b]:starts[b]+T] = new[b] (per-row offsets).
+
+  dynamic_update_slice clamps a start that would overflow, so callers must
+  keep starts + T <= S_max.
+  """
+  def one(c, n, s):
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype),
+                                        (s,) + (0,) * (c.ndim - 1))
+  return jax.vmap(one)(cache, new, starts)
+
+
+@struct.dataclass
+class KVCache:
+  """Keys (RoPE applied) k [B, S_max, G, D] and values v [B, S_max, G, Dv].
+
+  `axes` names the logical axes of each field (for `sharding` rules); every
+  cache of every kind is [B, S_max, ...] in each leaf.
+  """
+  k: jax.Array
+  v: jax.Array
+
+  axes: ClassVar[dict[str, tuple[str, ...]]] = {
+      "k": ("batch", "length", "kv_heads", "head_dim"),
+      "v": ("batch", "length", "kv_heads", "head_dim")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What `attend` sees besides q, k, v (all arrays traced, view static)."""
+  x: jax.Array                      # [B, T, E] layer input
+  positions: jax.Array              # int32[B, T] absolute positions
+  kv_lengths: jax.Array | None      # int32[B] or None (no padding)
+  mode: str                         # "dense" | "warmup" | "sparse"
+  q_offset: jax.Array | None = None  # int32[B] with a cache; None = S - T
+  cache: Any = None                 # this layer's cache (K/V rows written)
+  view: int | None = None           # cache slots attention reads
+
+  @property
+  def decoding(self) -> bool:
+    return self.cache is not None
+
+
+class AttentionLayer(nnx.Module):
+  """GQA/MQA projections shared by every kind: x -> (q, k, v), o -> y.
+
+  Args:
+    embed_dim, num_heads, num_kv_heads, head_dim: E, H, G, D (H % G == 0).
+    layer_index: position of the layer in its model (kinds that alternate
+      patterns by layer, or seed per-layer hashing, read it).
+    implementation: None / "xla" / "pallas" for the kinds that have kernels.
+    rope_base: RoPE base of q and k.
+    dtype / param_dtype: activation / parameter dtypes.
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, *, layer_index: int = 0,
+               implementation: str | None = None, rope_base: float = 10000.0,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+      raise ValueError(
+          f"num_heads={num_heads} must be a multiple of num_kv_heads="
+          f"{num_kv_heads}.")
+    self.embed_dim, self.num_heads = embed_dim, num_heads
+    self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+    self.layer_index, self.implementation = int(layer_index), implementation
+    self.rope_base, self.dtype = rope_base, dtype
+    e, h, g, d = embed_dim, num_heads, num_kv_heads, head_dim
+    self.wq = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype)
+    self.wk = param(rngs, (e, g, d), ("embed", "kv_heads", "head_dim"),
+                    param_dtype)
+    self.wv = param(rngs, (e, g, d), ("embed", "kv_heads", "head_dim"),
+                    param_dtype)
+    self.wo = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype)
+
+  # -- projections -----------------------------------------------------------
+
+  def project(self, x: jax.Array, positions: jax.Array
+              ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """x [B, T, E] -> q [B, T, H, D], k [B, T, G, D], v [B, T, G, D] (RoPE-d)."""
+    x = x.astype(self.dtype)
+    q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
+    k = jnp.einsum("bte,egd->btgd", x, self.wk[...].astype(self.dtype))
+    v = jnp.einsum("bte,egd->btgd", x, self.wv[...].astype(self.dtype))
+    q = apply_rope(q, positions, base=self.rope_base)
+    k = apply_rope(k, positions, base=self.rope_base)
+    return q, k, v
+
+  def output(self, o: jax.Array) -> jax.Array:
+    """o [B, T, H, Dv] -> y [B, T, E]."""
+    return jnp.einsum("bthd,hde->bte", o, self.wo[...].astype(self.dtype))
+
+  # -- cache -----------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_len: int, *, dtype: Any = None,
+                 index_dtype: Any = "float32") -> Any:
+    """Zero cache for batch_size sequences of up to max_len tokens.
+
+    dtype: K/V storage (default: the layer's activation dtype).
+    index_dtype: the DSA indexer key storage (other kinds ignore it).
+    """
+    del index_dtype
+    dt = self.dtype if dtype is None else dtype
+    shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+
+  def write_cache(self, cache: Any, q: jax.Array, k: jax.Array | None,
+                  v: jax.Array, start: jax.Array) -> Any:
+    """Writes the new tokens' K/V rows at per-row offsets `start` int32[B]."""
+    del q
+    return cache.replace(k=write_rows(cache.k, k, start),
+                         v=write_rows(cache.v, v, start))
+
+  def read_cache(self, cache: Any, view: int) -> tuple[jax.Array, jax.Array]:
+    """(k [B, view, ...], v [B, view, ...]): the prefix attention reads."""
+    return cache.k[:, :view], cache.v[:, :view]
+
+  # -- the forward -----------------------------------------------------------
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               kv_lengths: jax.Array | None = None, mode: str = "sparse",
+               cache: Any = None, view: int | None = None):
+    """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc)."""
+    check_mode(mode)
+    if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+      raise ValueError(
+          f"x must be [B, T, E={self.embed_dim}], got shape {x.shape}.")
+    if positions is None:
+      if cache is not None:
+        raise ValueError("positions int32[B, T] are required with a cache "
+                         "(they say where the new tokens go).")
+      positions = default_positions(x)
+    if tuple(positions.shape) != tuple(x.shape[:2]):
+      raise ValueError(f"positions must be [B, T] = {x.shape[:2]}, got shape "
+                       f"{positions.shape}.")
+    q, k, v = self.project(x, positions)
+    if cache is None:
+      o, aux, _ = self.attend(q, k, v, Context(x, positions, kv_lengths, mode))
+      return self.output(o), aux
+    start = positions[:, 0].astype(jnp.int32)
+    if kv_lengths is None:
+      kv_lengths = start + x.shape[1]
+    capacity = jax.tree.leaves(cache)[0].shape[1]
+    view = capacity if view is None else int(view)
+    if not 1 <= view <= capacity:
+      raise ValueError(f"view must be in [1, S_max={capacity}], got {view}.")
+    cache = self.write_cache(cache, q, k, v, start)
+    # The barrier keeps XLA from fusing the in-place row write into the
+    # attention that reads the cache: fused, it copies the whole cache
+    # (several times per step on CPU) instead of updating the donated buffer.
+    cache = jax.lax.optimization_barrier(cache)
+    k_view, v_view = self.read_cache(cache, view)
+    ctx = Context(x, positions, kv_lengths, mode, q_offset=start, cache=cache,
+                  view=view)
+    o, aux, cache = self.attend(q, k_view, v_view, ctx)
+    return self.output(o), aux, cache
+
+  def attend(self, q: jax.Array, k: Any, v: jax.Array, ctx: Context
+             ) -> tuple[jax.Array, Aux, Any]:
+    """Attention of a kind: (o [B, T, H, Dv], aux, ctx.cache possibly updated)."""
+    raise NotImplementedError(f"{type(self).__name__} must implement attend().")

@@ -1,0 +1,46 @@
+"""Dense causal attention: the baseline every kind is compared with."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
+from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.ops.attention import dense_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseParams:
+  """Dense attention has no parameters of its own."""
+
+
+class DenseAttention(AttentionLayer):
+  """Causal dense softmax attention (GQA/MQA)."""
+
+  def attend(self, q, k, v, ctx: Context):
+    o = dense_attention(q, k, v, q_offset=ctx.q_offset,
+                        kv_lengths=ctx.kv_lengths)
+    aux = counts_aux(0, ctx.positions, k.shape[1], ctx.kv_lengths)
+    aux["attended_keys"] = aux["visible_keys"]
+    return o, aux, ctx.cache
+
+
+def keys_per_query(seq_len: int, params: DenseParams, **_: Any) -> np.ndarray:
+  del params
+  return np.arange(1, seq_len + 1, dtype=np.float64)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, params: DenseParams,
+              *, q_offset=None, kv_lengths=None, **_: Any) -> jax.Array:
+  del params
+  return dense_attention(q, k, v, q_offset=q_offset, kv_lengths=kv_lengths)
+
+
+KIND = AttentionKind(
+    name="dense", layer=DenseAttention, params=DenseParams,
+    keys_per_query=keys_per_query, attention=attention,
+    reference="Vaswani et al. 2017")

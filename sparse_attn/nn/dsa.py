@@ -1,0 +1,171 @@
+"""DeepSeek Sparse Attention layer: GQA/MQA attention + a lightning indexer.
+
+Training stages (DeepSeek-V3.2-Exp): `mode="warmup"` attends densely and
+returns the dense indexer KL; `mode="sparse"` keeps each query's top-k keys
+by index score and returns the sparse KL over that set; `mode="dense"` is
+the dense twin (no loss). Decoding keeps the indexer key cache beside the
+K/V cache (`DSACache`), optionally in bfloat16 or float8 + a per-token scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from sparse_attn.nn.base import (AttentionLayer, Context, KVCache, counts_aux,
+                                 dense_key_counts, write_rows)
+from sparse_attn.nn.indexer import LightningIndexer
+from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.ops import checks, quantize
+from sparse_attn.ops.attention import dense_attention, dsa_attention
+from sparse_attn.ops.losses import dense_indexer_kl, sparse_indexer_kl
+
+
+@dataclasses.dataclass(frozen=True)
+class DSAParams:
+  """DSA's parameters: top-k and the indexer's size.
+
+  top_k: keys kept per query (K). indexer_heads / indexer_dim: HI / DI.
+  indexer_rope_dim: dims of q_idx / k_idx that get RoPE (None: DI // 2).
+  detach_indexer_input: the indexer reads a stop-gradient copy of x, so its
+  loss never reaches the trunk.
+  """
+  top_k: int = 64
+  indexer_heads: int = 4
+  indexer_dim: int = 32
+  indexer_rope_dim: int | None = None
+  detach_indexer_input: bool = True
+
+  def __post_init__(self):
+    for name in ("top_k", "indexer_heads", "indexer_dim"):
+      checks.check_positive_int(name, getattr(self, name))
+    rope = self.indexer_rope_dim
+    if rope is not None and (rope % 2 or not 0 <= rope <= self.indexer_dim):
+      raise ValueError(f"indexer_rope_dim must be even and in [0, indexer_dim="
+                       f"{self.indexer_dim}], got {rope}.")
+
+
+@struct.dataclass
+class DSACache(KVCache):
+  """K/V cache + the indexer key cache.
+
+  k_idx [B, S_max, DI]: indexer keys (LayerNorm + RoPE applied) stored in
+  float32, bfloat16 or float8_e4m3fn; k_idx_scale f32[B, S_max]: the
+  per-token dequantisation scale (float8 only, else None).
+  """
+  k_idx: jax.Array
+  k_idx_scale: jax.Array | None = None
+
+  axes: ClassVar[dict[str, tuple[str, ...]]] = {
+      **KVCache.axes, "k_idx": ("batch", "length", "indexer_dim"),
+      "k_idx_scale": ("batch", "length")}
+
+
+class DSAAttention(AttentionLayer):
+  """DeepSeek Sparse Attention: attention over each query's top-k keys.
+
+  The indexer reads a stop-gradient copy of x (`detach_indexer_input`), so
+  its KL loss never reaches the trunk, and it receives no gradient from the
+  LM loss because all it passes on is an integer selection.
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, *, top_k: int,
+               indexer_heads: int = DSAParams.indexer_heads,
+               indexer_dim: int = DSAParams.indexer_dim,
+               indexer_rope_dim: int | None = DSAParams.indexer_rope_dim,
+               detach_indexer_input: bool = DSAParams.detach_indexer_input,
+               rope_base: float = 10000.0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **kw: Any):
+    super().__init__(embed_dim, num_heads, num_kv_heads, head_dim,
+                     rope_base=rope_base, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs, **kw)
+    if top_k < 1:
+      raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    self.top_k = top_k
+    self.detach_indexer_input = detach_indexer_input
+    self.indexer = LightningIndexer(
+        embed_dim, indexer_heads, indexer_dim, rope_dim=indexer_rope_dim,
+        rope_base=rope_base, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def index(self, x: jax.Array, positions: jax.Array):
+    """Indexer inputs (q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI])."""
+    if self.detach_indexer_input:
+      x = jax.lax.stop_gradient(x)
+    return self.indexer(x, positions)
+
+  def init_cache(self, batch_size: int, max_len: int, *, dtype: Any = None,
+                 index_dtype: Any = "float32") -> DSACache:
+    kv = super().init_cache(batch_size, max_len, dtype=dtype)
+    idt = quantize.index_dtype(index_dtype)
+    shape = (batch_size, max_len, self.indexer.head_dim)
+    scale = (jnp.zeros(shape[:2], jnp.float32)
+             if idt == jnp.float8_e4m3fn else None)
+    return DSACache(k=kv.k, v=kv.v, k_idx=jnp.zeros(shape, idt),
+                    k_idx_scale=scale)
+
+  def _cached_index_keys(self, ctx: Context, k_idx: jax.Array, dtype):
+    """Writes the new indexer keys; returns (cache, keys [B, view, DI])."""
+    cache = ctx.cache
+    stored, scale = quantize.quantize_index_keys(k_idx, cache.k_idx.dtype)
+    cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, ctx.q_offset))
+    if scale is not None:
+      cache = cache.replace(
+          k_idx_scale=write_rows(cache.k_idx_scale, scale, ctx.q_offset))
+    cache = jax.lax.optimization_barrier(cache)   # in-place write, see base
+    view_scale = (None if cache.k_idx_scale is None
+                  else cache.k_idx_scale[:, :ctx.view])
+    keys = quantize.dequantize_index_keys(cache.k_idx[:, :ctx.view], view_scale, dtype)
+    return cache, keys
+
+  def attend(self, q, k, v, ctx: Context):
+    q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
+    cache = ctx.cache
+    if ctx.decoding:
+      cache, k_idx = self._cached_index_keys(ctx, k_idx, q_idx.dtype)
+    visible = dense_key_counts(ctx.positions, k.shape[1], ctx.kv_lengths)
+    kl = jnp.zeros((), jnp.float32)
+    if ctx.mode == "sparse":
+      o, idx = dsa_attention(q, k, v, q_idx, k_idx, w, top_k=self.top_k,
+                             q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths,
+                             implementation=self.implementation,
+                             return_indices=True)
+      if not ctx.decoding:
+        kl = sparse_indexer_kl(q, k, q_idx, k_idx, w, idx)
+      attended = jnp.sum(idx >= 0).astype(jnp.float32)
+    else:
+      o = dense_attention(q, k, v, q_offset=ctx.q_offset,
+                          kv_lengths=ctx.kv_lengths)
+      if ctx.mode == "warmup" and not ctx.decoding:
+        kl = dense_indexer_kl(q, k, q_idx, k_idx, w,
+                              kv_lengths=ctx.kv_lengths)
+      attended = visible
+    aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
+    return o, aux, cache
+
+
+def keys_per_query(seq_len: int, params: DSAParams, **_: Any) -> np.ndarray:
+  i = np.arange(seq_len, dtype=np.float64)
+  return np.minimum(params.top_k, i + 1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, params: DSAParams, *,
+              q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
+              q_offset=None, kv_lengths=None, implementation=None,
+              **_: Any) -> jax.Array:
+  return dsa_attention(q, k, v, q_idx, k_idx, weights, top_k=params.top_k,
+                       q_offset=q_offset, kv_lengths=kv_lengths,
+                       implementation=implementation)
+
+
+KIND = AttentionKind(
+    name="dsa", layer=DSAAttention, params=DSAParams,
+    keys_per_query=keys_per_query, attention=attention, budget_param="top_k",
+    has_indexer=True,
+    config_fields=("top_k", "indexer_heads", "indexer_dim", "indexer_rope_dim"),
+    reference="DeepSeek-V3.2-Exp, 2025")

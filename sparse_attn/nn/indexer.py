@@ -1,0 +1,79 @@
+"""The lightning indexer as an NNX module: x -> (q_idx, k_idx, weights).
+
+The pure scoring and selection functions are in `sparse_attn.ops.indexer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_attn.nn.params import param, tag
+from sparse_attn.ops.rope import apply_rope
+
+
+class LightningIndexer(nnx.Module):
+  """NNX lightning indexer: x[B, T, E] -> (q_idx, k_idx, weights).
+
+  - q_idx [B, T, HI, DI] is projected from the layer input, or from a query
+    latent (MLA's compressed query) when `query_input_dim` is given and
+    `q_latent` is passed.
+  - k_idx [B, T, DI]: one key per token shared by all indexer heads,
+    LayerNorm-ed.
+  - Partial RoPE, non-interleaved (rotate-half), on the first `rope_dim`
+    dims of both q_idx and k_idx, as in DeepSeek-V3.2.
+  - weights [B, T, HI] = proj(x) * HI**-0.5 * DI**-0.5: DeepSeek's reference
+    folds the dot-product scale DI**-0.5 into the head weights, so the pure
+    `indexer_scores` stays scale-free.
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *,
+               rope_dim: int | None = None, query_input_dim: int | None = None,
+               rope_base: float = 10000.0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if rope_dim is None:
+      rope_dim = head_dim // 2
+    if rope_dim < 0 or rope_dim > head_dim or rope_dim % 2:
+      raise ValueError(
+          f"rope_dim must be even and in [0, head_dim={head_dim}], got "
+          f"{rope_dim}.")
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.rope_dim = rope_dim
+    self.rope_base = rope_base
+    self.dtype = dtype
+    q_in = query_input_dim or embed_dim
+    q_axis = "q_latent" if query_input_dim else "embed"
+    self.wq = param(rngs, (q_in, num_heads, head_dim),
+                    (q_axis, "indexer_heads", "indexer_dim"), param_dtype)
+    self.wk = param(rngs, (embed_dim, head_dim), ("embed", "indexer_dim"),
+                    param_dtype)
+    self.k_norm = nnx.LayerNorm(head_dim, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+    tag(self.k_norm, {"scale": ("indexer_dim",), "bias": ("indexer_dim",)})
+    self.w_weights = param(rngs, (embed_dim, num_heads),
+                           ("embed", "indexer_heads"), param_dtype)
+    self.has_query_latent = query_input_dim is not None
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               q_latent: jax.Array | None = None):
+    """x [B, T, E], positions int32[B, T] -> q_idx, k_idx, weights."""
+    x = x.astype(self.dtype)
+    q_src = x
+    if self.has_query_latent:
+      if q_latent is None:
+        raise ValueError("this indexer was built with query_input_dim; pass "
+                         "q_latent [B, T, query_input_dim].")
+      q_src = q_latent.astype(self.dtype)
+    q = jnp.einsum("bte,ehd->bthd", q_src, self.wq[...].astype(self.dtype))
+    k = jnp.einsum("bte,ed->btd", x, self.wk[...].astype(self.dtype))
+    k = self.k_norm(k)
+    q = apply_rope(q, positions, rope_dim=self.rope_dim, base=self.rope_base)
+    k = apply_rope(k[:, :, None, :], positions, rope_dim=self.rope_dim,
+                   base=self.rope_base)[:, :, 0, :]
+    scale = (self.num_heads ** -0.5) * (self.head_dim ** -0.5)
+    w = jnp.einsum("bte,eh->bth", x, self.w_weights[...].astype(self.dtype))
+    return q, k, w * scale
