@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -217,6 +218,7 @@ class AttentionLayer(nnx.Module):
     q, k, v = self.project(x, positions)
     if cache is None:
       o, aux, _ = self.attend(q, k, v, Context(x, positions, kv_lengths, mode))
+      self._check_attend(x, o, aux)
       return self.output(o), aux
     start = positions[:, 0].astype(jnp.int32)
     if kv_lengths is None:
@@ -233,8 +235,20 @@ class AttentionLayer(nnx.Module):
     k_view, v_view = self.read_cache(cache, view)
     ctx = Context(x, positions, kv_lengths, mode, q_offset=start, cache=cache,
                   view=view)
-    o, aux, cache = self.attend(q, k_view, v_view, ctx)
-    return self.output(o), aux, cache
+    o, aux, new_cache = self.attend(q, k_view, v_view, ctx)
+    self._check_attend(x, o, aux)
+    # A kind's attend must hand back a cache of the same structure and
+    # shapes (it may only have written rows into it).
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_cache, cache)
+    return self.output(o), aux, new_cache
+
+  def _check_attend(self, x: jax.Array, o: jax.Array, aux: Aux) -> None:
+    """What every kind's attend must return (a clear error for new kinds)."""
+    chex.assert_shape(o, (x.shape[0], x.shape[1], self.num_heads, None))
+    missing = {"indexer_kl", "attended_keys", "visible_keys"} - set(aux)
+    if missing:
+      raise ValueError(f"{type(self).__name__}.attend returned aux without "
+                       f"{sorted(missing)}; use counts_aux(...).")
 
   def attend(self, q: jax.Array, k: Any, v: jax.Array, ctx: Context
              ) -> tuple[jax.Array, Aux, Any]:

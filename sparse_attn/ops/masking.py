@@ -1,6 +1,6 @@
 """Causal visibility shared by every attention kind.
 
-Convention (DESIGN.md): query i of a block of T queries sits at absolute
+Convention (docs/api.md): query i of a block of T queries sits at absolute
 position q_offset + i; q_offset defaults to S - T, so T == S is ordinary causal
 self-attention and T == 1 is one decode step. Key s is visible to the query at
 position p iff s <= p and s < kv_lengths[b] (keys past kv_lengths are padding).
