@@ -9,6 +9,7 @@ timing, so only the XLA reference is timed (at small sizes).
   python experiments/bench_kernels.py --smoke        # tiny, < 30 s on CPU (CI)
   python experiments/bench_kernels.py --csv out.csv
   python experiments/bench_kernels.py --cases mqa --peak-tflops 790   # H200 bf16 target
+  python experiments/bench_kernels.py --cases mqa --attention-block-sizes '{"block_k": 64}'
 
 --peak-tflops adds each implementation's fraction of that peak (the issue's
 target: the gathered forward at the MQA shape >= 0.5 of an H200's ~790).
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import json
 import os
 import sys
 import time
@@ -57,7 +60,8 @@ def _flops(case):
   return topk, attn_fwd, attn_fwd * 3.5  # fwd + bwd ~ 1 + 2.5
 
 
-def run(cases, dtype, iters, pallas: bool, peak_tflops: float | None = None):
+def run(cases, dtype, iters, pallas: bool, peak_tflops: float | None = None,
+        topk_block_sizes=None, attention_block_sizes=None):
   rows = []
   for case in cases:
     B, T, S, K, H, G, D, Dv, HI, DI = case
@@ -72,8 +76,9 @@ def run(cases, dtype, iters, pallas: bool, peak_tflops: float | None = None):
     impls = {"xla": dict(topk=lambda a, b, c: lightning_topk_reference(a, b, c, K),
                          attn=gathered_attention_reference)}
     if pallas:
-      impls["pallas"] = dict(topk=lambda a, b, c: lightning_topk(a, b, c, K),
-                             attn=gathered_attention)
+      impls["pallas"] = dict(
+          topk=lambda a, b, c: lightning_topk(a, b, c, K, block_sizes=topk_block_sizes),
+          attn=functools.partial(gathered_attention, block_sizes=attention_block_sizes))
     res = {}
     for name, fns in impls.items():
       topk = jax.jit(fns["topk"])
@@ -109,6 +114,10 @@ def main(argv=None):
                  help="accelerator shapes to run (default: all)")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="device peak for the dtype, adds *_frac_peak columns")
+  p.add_argument("--topk-block-sizes", type=json.loads, default=None,
+                 help="JSON dict of kernels_pallas.topk.BlockSizes fields (None: defaults)")
+  p.add_argument("--attention-block-sizes", type=json.loads, default=None,
+                 help="JSON dict of kernels_pallas.gathered_attention.BlockSizes fields")
   args = p.parse_args(argv)
   hw = backend.detected_platform()
   pallas = hw in ("gpu", "tpu")
@@ -120,7 +129,8 @@ def main(argv=None):
   if not pallas:
     print("CPU: Pallas kernels only run in interpret mode, which is not a timing; "
           "timing the XLA reference path only.")
-  rows = run(cases, jnp.dtype(args.dtype), iters, pallas, args.peak_tflops)
+  rows = run(cases, jnp.dtype(args.dtype), iters, pallas, args.peak_tflops,
+             args.topk_block_sizes, args.attention_block_sizes)
   if args.csv:
     with open(args.csv, "w", newline="") as fh:
       wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))

@@ -6,7 +6,8 @@
   python experiments/compile_kernels.py --target h100 --cases mqa576 --json out.json
 
 For every case it compiles the gathered-attention forward, its gradient
-(custom_vjp backward) and the fused indexer top-k with the real target
+(custom_vjp backward) and the fused indexer top-k, at the platform's default
+BlockSizes (recorded in --json), with the real target
 compiler (Mosaic for TPU; Triton -> PTX -> ptxas for GPU) and prints, for GPU,
 each Pallas kernel's registers, spill bytes and shared memory (the limits
 that decide whether a tiling can run at all: 255 registers per thread,
@@ -17,6 +18,7 @@ compiler's error and the script exits 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,8 +38,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from kernels_pallas.gathered_attention import gathered_attention  # noqa: E402
-from kernels_pallas.topk import lightning_topk  # noqa: E402
+from kernels_pallas.gathered_attention import (  # noqa: E402
+    BlockSizes as GatheredAttentionBlockSizes, gathered_attention)
+from kernels_pallas.topk import BlockSizes as TopkBlockSizes, lightning_topk  # noqa: E402
 from sparse_attn import aot  # noqa: E402
 
 # name: (B, T, S, H, G, D, Dv, K, HI, DI)
@@ -53,16 +56,20 @@ MAX_REGISTERS = 255
 
 def _programs(case, dtype, platform, sds):
   B, T, S, H, G, D, Dv, K, HI, DI = CASES[case]
-  ga = lambda q, k, v, i: gathered_attention(q, k, v, i, platform=platform, interpret=False)
-  grad = jax.grad(lambda q, k, v, i: jnp.sum(ga(q, k, v, i).astype(jnp.float32)), (0, 1, 2))
-  topk = lambda q, k, w, o, l: lightning_topk(q, k, w, min(K, S), q_offset=o, kv_lengths=l,
-                                              platform=platform, interpret=False)
   ga_args = (sds((B, T, H, D), dtype), sds((B, S, G, D), dtype), sds((B, S, G, Dv), dtype),
              sds((B, T, K), jnp.int32))
   topk_args = (sds((B, T, HI, DI), dtype), sds((B, S, DI), dtype), sds((B, T, HI), dtype),
                sds((B,), jnp.int32), sds((B,), jnp.int32))
-  return {"gathered_fwd": (ga, ga_args), "gathered_fwd_bwd": (grad, ga_args),
-          "topk": (topk, topk_args)}
+  ga_bs = GatheredAttentionBlockSizes.get_default(platform, *ga_args)
+  topk_bs = TopkBlockSizes.get_default(platform, *topk_args[:3], min(K, S))
+  ga = lambda q, k, v, i: gathered_attention(q, k, v, i, platform=platform, interpret=False,
+                                             block_sizes=ga_bs)
+  grad = jax.grad(lambda q, k, v, i: jnp.sum(ga(q, k, v, i).astype(jnp.float32)), (0, 1, 2))
+  topk = lambda q, k, w, o, l: lightning_topk(
+      q, k, w, min(K, S), q_offset=o, kv_lengths=l, platform=platform, interpret=False,
+      block_sizes=topk_bs)
+  return {"gathered_fwd": (ga, ga_args, ga_bs), "gathered_fwd_bwd": (grad, ga_args, ga_bs),
+          "topk": (topk, topk_args, topk_bs)}
 
 
 def compile_case(target, case, dtype):
@@ -73,8 +80,9 @@ def compile_case(target, case, dtype):
   sharding = NamedSharding(mesh, P())
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
   rows = []
-  for prog, (fn, args) in _programs(case, dtype, "gpu" if gpu else "tpu", sds).items():
-    row = {"target": target, "case": case, "dtype": jnp.dtype(dtype).name, "program": prog}
+  for prog, (fn, args, bs) in _programs(case, dtype, "gpu" if gpu else "tpu", sds).items():
+    row = {"target": target, "case": case, "dtype": jnp.dtype(dtype).name, "program": prog,
+           "block_sizes": dataclasses.asdict(bs)}
     try:
       # jax >= 0.11: Pallas Triton reads the GPU it lowers for from the
       # context mesh (no sm_90 fallback without a local GPU).

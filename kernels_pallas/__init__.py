@@ -1,5 +1,11 @@
 """Pallas kernels for DeepSeek Sparse Attention: fused indexer top-k and
-gathered sparse attention (fwd + bwd), each with its XLA reference beside it.
+gathered sparse attention (fwd + bwd).
+
+Each kernel is a package with one module per backend and its XLA reference:
+``topk/{reference,tpu,gpu_triton}.py``,
+``gathered_attention/{reference,tpu,gpu_triton}.py``; the package's
+``__init__`` holds its ``BlockSizes``, the public function and the
+``BACKENDS`` table (formulation -> module).
 
 ``interpret=None`` runs the Pallas interpreter on CPU and native kernels on
 GPU (Triton) / TPU (Mosaic); see :mod:`kernels_pallas.backend`.

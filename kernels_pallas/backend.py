@@ -1,11 +1,17 @@
-"""Platform detection, interpret-mode policy and block-size helpers.
+"""Platform detection, interpret-mode policy and helpers shared by the kernels.
 
-Every kernel in :mod:`kernels_pallas` has two *formulations*:
+Every kernel in :mod:`kernels_pallas` is a package with one module per
+*formulation* (backend) beside its XLA reference:
 
-* ``"tpu"``: Mosaic TPU (BlockSpecs with (8, 128) tiling, VMEM scratch, row
-  DMAs from HBM driven by indices in SMEM).
-* ``"gpu"``: Pallas Triton (power-of-two blocks, pointer gathers through
-  array indexing, masked loads).
+* ``"tpu"`` (``tpu.py``): Mosaic TPU (BlockSpecs with (8, 128) tiling, VMEM
+  scratch, row DMAs from HBM driven by indices in SMEM).
+* ``"gpu"`` (``gpu_triton.py``): Pallas Triton (power-of-two blocks, pointer
+  gathers through array indexing, masked loads).
+
+A kernel package maps formulation names to its modules in a ``BACKENDS``
+table; a formulation is named after its hardware, optionally with a variant
+(``"gpu_mosaic"`` would run on "gpu"), so a new backend is one module and one
+table entry.
 
 ``resolve(interpret, platform)`` picks the formulation and whether to run the
 Pallas interpreter:
@@ -20,14 +26,14 @@ To check lowering on a machine without accelerators pass ``interpret=False``
 and ``platform="tpu"``/``"gpu"`` and export with
 ``jax.export.export(..., platforms=["tpu"|"cuda"])``.
 
-The GPU path is isolated behind :func:`gpu_compiler_params` so that a later
-switch from Triton to Mosaic GPU (JAX >= 0.11 deprecates the Triton backend)
-only touches the ``*_gpu`` kernels and this helper.
+The Triton-specific helpers are :func:`gpu_compiler_params` and
+:func:`gpu_masked_load` (JAX >= 0.11 deprecates the Triton backend in favour
+of Mosaic GPU, which would get its own ``gpu_mosaic.py`` modules).
 """
 from __future__ import annotations
 
-import functools
-import math
+import dataclasses
+import importlib
 from typing import Any
 
 import jax
@@ -50,16 +56,56 @@ def detected_platform() -> str:
   return "cpu"
 
 
-def resolve(interpret: bool | None, platform: str | None) -> tuple[str, bool]:
-  """Returns (formulation, interpret)."""
+def hardware(formulation: str) -> str:
+  """The hardware a formulation runs on: "gpu_mosaic" -> "gpu"."""
+  return formulation.split("_", 1)[0]
+
+
+def resolve(interpret: bool | None, platform: str | None,
+            formulations=PLATFORMS) -> tuple[str, bool]:
+  """Returns (formulation, interpret).
+
+  formulations: the names a kernel implements (its ``BACKENDS`` keys).
+  """
   hw = detected_platform()
   if platform is None:
     platform = "gpu" if hw == "gpu" else "tpu"
-  if platform not in PLATFORMS:
-    raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
+  if platform not in formulations:
+    raise ValueError(f"platform must be one of {tuple(formulations)} or None, got {platform!r}")
   if interpret is None:
-    interpret = hw != platform
+    interpret = hw != hardware(platform)
   return platform, bool(interpret)
+
+
+def backend_module(package: str, table, platform: str):
+  """Imports the module of ``package`` that implements formulation ``platform``.
+
+  Imported on first use: a formulation's Pallas dialect (Mosaic TPU, Triton)
+  is only loaded when it is asked for.
+  """
+  return importlib.import_module(f"{package}.{table[platform]}")
+
+
+def coerce_block_sizes(cls, value, name: str):
+  """``value`` as a ``cls`` instance: None, an instance, or a dict of its fields.
+
+  Dicts are accepted because model configs are JSON. Raises ValueError naming
+  the argument for anything else (an unknown field included).
+  """
+  if value is None or isinstance(value, cls):
+    return value
+  if isinstance(value, dict):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+      raise ValueError(f"{name}: unknown {cls.__module__}.{cls.__qualname__} field(s) "
+                       f"{unknown}; known: {sorted(fields)}")
+    try:
+      return cls(**value)
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from None
+  raise ValueError(f"{name} must be None, a {cls.__module__}.{cls.__qualname__} or a dict "
+                   f"of its fields, got {type(value).__name__}: {value!r}")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -153,29 +199,63 @@ def normalize_positions(name_off, q_offset, kv_lengths, B: int, T: int, S: int):
 
 def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
   """ShapeDtypeStruct for a pallas_call output that varies over the same
-  shard_map mesh axes as ``like`` (needed under shard_map(check_vma=True)).
+  shard_map mesh axes as ``like`` (needed under shard_map(check_vma=True),
+  which wants the type spelled out even when it varies over no axis).
 
   Tolerant of API moves: JAX 0.10 spells it ``manual_axis_type``, older
-  versions ``vma``; outside shard_map this is a plain ShapeDtypeStruct.
+  versions ``vma``; outside shard_map the type is empty.
   """
-  varying, template = frozenset(), None
+  varying = frozenset().union(*(_vma(x) for x in like))
+  template = None
   for x in like:
     try:
-      aval = jax.typeof(x)
+      template = getattr(jax.typeof(x), "manual_axis_type", None)
     except Exception:  # pragma: no cover - very old jax
-      continue
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-      template = mat
-      varying = varying | frozenset(getattr(mat, "varying", ()))
-    else:
-      varying = varying | frozenset(getattr(aval, "vma", ()) or ())
-  if not varying:
-    return jax.ShapeDtypeStruct(shape, dtype)
+      template = None
+    if template is not None:
+      break
   if template is not None:
     try:
       mat = type(template)(varying=varying, unreduced=frozenset(), reduced=frozenset())
       return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
     except TypeError:
       pass
-  return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+  if varying:
+    return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _vma(x) -> frozenset:
+  """Mesh axes over which ``x`` varies inside shard_map (empty outside)."""
+  try:
+    aval = jax.typeof(x)
+  except Exception:  # pragma: no cover - very old jax
+    return frozenset()
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(getattr(mat, "varying", ()))
+  return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def varying_like(x: jax.Array, *like) -> jax.Array:
+  """``x`` marked as varying over every shard_map axis any of ``like`` varies over.
+
+  Under shard_map(check_vma=True) a loop carry must keep its type: a zeros
+  initial value accumulating per-shard values has to start out varying.
+  No-op outside shard_map. ``jax.lax.pcast(..., to="varying")`` in JAX >= 0.10,
+  ``jax.lax.pvary`` before.
+  """
+  axes = frozenset().union(*(_vma(y) for y in like)) - _vma(x)
+  if not axes:
+    return x
+  axes = tuple(sorted(axes))
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is not None:
+    return pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)  # pragma: no cover - jax < 0.10
+
+
+def fill_none(sizes, defaults: dict):
+  """Copy of the dataclass ``sizes`` with its None fields taken from ``defaults``."""
+  return dataclasses.replace(sizes, **{
+      f: v for f, v in defaults.items() if getattr(sizes, f) is None})

@@ -62,6 +62,29 @@ def kernel(module: str, name: str):
   return functools.partial(fn, **opts) if opts else fn
 
 
+def kernel_interprets() -> bool:
+  """Whether the kernels run in the Pallas interpreter where this is traced.
+
+  True on a CPU host (outside `compile_target`), False for native kernels:
+  on GPU/TPU, or when compiling for a target.
+  """
+  opts = kernel_options()
+  backend = kernel_module("backend")
+  return backend.resolve(opts.get("interpret"), opts.get("platform"))[1]
+
+
+def block_sizes(module: str, value, name: str):
+  """`value` as kernels_pallas.<module>.BlockSizes (or None), checked.
+
+  Accepts None, a BlockSizes of that kernel, or a dict of its fields (model
+  configs are JSON); anything else raises ValueError naming `name`.
+  """
+  if value is None:
+    return None
+  mod = kernel_module(module)
+  return kernel_module("backend").coerce_block_sizes(mod.BlockSizes, value, name)
+
+
 def resolve(implementation: str | None) -> str:
   """Returns "xla" or "pallas" for the platform being compiled for."""
   if implementation is None:
@@ -93,5 +116,8 @@ def kernels_available() -> bool:
 
 
 def kernel_module(name: str):
-  """Imports kernels_pallas.<name> lazily (Pallas import is not free)."""
+  """Imports kernels_pallas.<name> lazily (Pallas import is not free).
+
+  name: "topk" or "gathered_attention" (kernel packages), or "backend".
+  """
   return importlib.import_module(f"kernels_pallas.{name}")

@@ -230,7 +230,8 @@ def gathered_attention_reference(q, k, v, indices, *, scale=None,
 
 def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                        indices: jax.Array, *, scale: float | None = None,
-                       implementation: str | None = None) -> jax.Array:
+                       implementation: str | None = None,
+                       block_sizes: Any = None) -> jax.Array:
   """Softmax attention [B, T, H, Dv] of each query over its selected keys only.
 
   Args:
@@ -240,17 +241,25 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       index returns zeros. Duplicate indices count twice.
     scale: logit scale, default D**-0.5.
     implementation: None (best for the platform), "xla" or "pallas".
+    block_sizes: tiling of the Pallas kernel,
+      `kernels_pallas.gathered_attention.BlockSizes` or a dict of its fields;
+      None fields (or None) take the platform defaults. Ignored by "xla".
   """
+  block_sizes = dispatch.block_sizes("gathered_attention", block_sizes,
+                                     "block_sizes")
   impl = dispatch.resolve(implementation)
   if impl == "pallas":
     qs, _, _ = check_qkv(q, k, v)
     check_indices(indices, qs[0], qs[1])
     kernel = dispatch.kernel("gathered_attention", "gathered_attention")
+    # q's heads and k/v's kv heads split together: query head h reads kv
+    # group h // (H/G), so a split that divides G keeps whole groups.
+    heads = ("batch", None, "heads", None)
     return kernel_sharding.call_kernel_sharded(
-        lambda q, k, v, i: kernel(q, k, v, i, scale=scale), (q, k, v, indices),
-        roles=[("batch", None, "heads", None), ("batch", None, "heads", None),
-               ("batch", None, "heads", None), ("batch", None, None)],
-        out_roles=("batch", None, "heads", None))
+        lambda q, k, v, i: kernel(q, k, v, i, scale=scale,
+                                  block_sizes=block_sizes),
+        (q, k, v, indices), roles=[heads, heads, heads, ("batch", None, None)],
+        out_roles=heads)
   return gathered_attention_reference(q, k, v, indices, scale=scale)
 
 
@@ -259,7 +268,9 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
                   q_offset: Any = None, kv_lengths: jax.Array | None = None,
                   scale: float | None = None,
                   implementation: str | None = None,
-                  return_indices: bool = False):
+                  return_indices: bool = False,
+                  topk_block_sizes: Any = None,
+                  attention_block_sizes: Any = None):
   """DeepSeek Sparse Attention [B, T, H, Dv]: indexer top-k, then gathered attention.
 
   Args:
@@ -267,7 +278,16 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
     q_idx: [B, T, HI, DI]; k_idx: [B, S, DI]; weights: [B, T, HI].
     top_k: keys kept per query (K); with K >= S this equals dense attention.
     return_indices: also return the int32[B, T, K] selection.
+    topk_block_sizes: `kernels_pallas.topk.BlockSizes` (or a dict of its
+      fields) for the top-k kernel; see `lightning_topk`.
+    attention_block_sizes: `kernels_pallas.gathered_attention.BlockSizes`
+      (or a dict) for the attention kernel; see `gathered_attention`.
+      Both are ignored by implementation "xla".
   """
+  topk_block_sizes = dispatch.block_sizes("topk", topk_block_sizes,
+                                          "topk_block_sizes")
+  attention_block_sizes = dispatch.block_sizes(
+      "gathered_attention", attention_block_sizes, "attention_block_sizes")
   qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
   iq = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
   ik = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
@@ -276,7 +296,9 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
         f"indexer inputs must cover the same tokens as the attention: q_idx "
         f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S]).")
   indices = lightning_topk(q_idx, k_idx, weights, top_k, q_offset=q_offset,
-                           kv_lengths=kv_lengths, implementation=implementation)
+                           kv_lengths=kv_lengths, implementation=implementation,
+                           block_sizes=topk_block_sizes)
   out = gathered_attention(q, k, v, indices, scale=scale,
-                           implementation=implementation)
+                           implementation=implementation,
+                           block_sizes=attention_block_sizes)
   return (out, indices) if return_indices else out

@@ -146,7 +146,8 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
                    k: int, *, q_offset: Any = None,
                    kv_lengths: jax.Array | None = None,
                    implementation: str | None = None,
-                   query_chunk: int | None = None) -> jax.Array:
+                   query_chunk: int | None = None,
+                   block_sizes: Any = None) -> jax.Array:
   """int32[B, T, K]: top-k of the index scores without materialising [T, S].
 
   Selects the same set as `select_topk(indexer_scores(...), k)` (ties may go
@@ -156,8 +157,11 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
   0) it also skips the invisible upper triangle: query chunk c is paired
   with chunk n-1-c so that every step scores the same number of visible key
   blocks (n+1), halving the work. The Pallas path fuses scoring and
-  selection in one kernel.
+  selection in one kernel, tiled by `block_sizes`
+  (`kernels_pallas.topk.BlockSizes` or a dict of its fields; None fields, or
+  None, take the platform defaults; ignored by "xla").
   """
+  block_sizes = dispatch.block_sizes("topk", block_sizes, "block_sizes")
   qs, ks = check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
   k = checks.check_k(k)
   impl = dispatch.resolve(implementation)
@@ -166,15 +170,18 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
     offset = q_offset
     if offset is not None and not isinstance(offset, int):
       offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (qs[0],))
+    lengths = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     batch_role = ("batch",)
+    # Only the batch splits: every indexer head feeds each query's scores.
     return kernel_sharding.call_kernel_sharded(
         lambda qi, ki, w, off, kv: kernel(qi, ki, w, k, q_offset=off,
-                                          kv_lengths=kv),
-        (q_idx, k_idx, weights, offset, kv_lengths),
+                                          kv_lengths=kv,
+                                          block_sizes=block_sizes),
+        (q_idx, k_idx, weights, offset, lengths),
         roles=[("batch", None, None, None), ("batch", None, None),
                ("batch", None, None),
                None if offset is None or isinstance(offset, int) else batch_role,
-               None if kv_lengths is None else batch_role],
+               None if lengths is None else batch_role],
         out_roles=("batch", None, None))
   batch, num_q, num_heads, _ = qs
   num_keys = ks[1]

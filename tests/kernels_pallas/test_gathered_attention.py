@@ -1,4 +1,5 @@
 """Kernel (interpret mode, both formulations) vs the XLA reference."""
+import dataclasses
 import functools
 
 import jax
@@ -96,7 +97,7 @@ def test_gpu_head_blocks_and_feature_pieces():
 
 
 def test_feature_pieces():
-  from kernels_pallas.gathered_attention import _pieces
+  from kernels_pallas.gathered_attention.gpu_triton import feature_pieces as _pieces
   assert _pieces(576) == ((0, 512), (512, 64))
   assert _pieces(128) == ((0, 128),)
   assert _pieces(40) == ((0, 32), (32, 16))
@@ -157,3 +158,35 @@ def test_block_sizes_validation():
   with pytest.raises(ValueError, match="bwd_block_k"):
     gathered_attention(q, k, v, idx, platform="tpu",
                        block_sizes=BlockSizes(block_k=128, bwd_block_k=256))
+
+
+def test_block_sizes_defaults_per_platform():
+  from kernels_pallas.gathered_attention import BACKENDS, backend_module, gpu_triton, tpu
+  assert set(BACKENDS) == {"tpu", "gpu"}
+  assert backend_module("gpu") is gpu_triton and backend_module("tpu") is tpu
+  sds = jax.ShapeDtypeStruct
+  shape = (sds((1, 4096, 128, 576), jnp.bfloat16), sds((1, 4096, 1, 576), jnp.bfloat16),
+           sds((1, 4096, 1, 512), jnp.bfloat16), sds((1, 4096, 2048), jnp.int32))
+  gpu = BlockSizes.get_default("gpu", *shape)
+  assert (gpu.block_k, gpu.bwd_block_k, gpu.block_h, gpu.num_warps) == (32, 16, 32, 8)
+  # bwd_chunk_t keeps the contribution buffer (4 head blocks x 2048 slots x
+  # (576 + 512) f32 per query: 120 queries in 4 GiB) in 35 equal chunks.
+  assert gpu.bwd_chunk_t == 118
+  assert None not in dataclasses.astuple(gpu)
+  tpu_bs = BlockSizes.get_default("tpu", *shape)
+  assert (tpu_bs.block_k, tpu_bs.bwd_block_k) == (128, 128)
+  # Given fields win; on TPU block_k sets both passes.
+  mine = BlockSizes(block_k=256, bwd_chunk_t=5000).with_defaults("tpu", *shape)
+  assert (mine.block_k, mine.bwd_block_k, mine.bwd_chunk_t) == (256, 256, 4096)
+  with pytest.raises(ValueError, match="platform must be one of"):
+    gathered_attention(*_inputs(1, 2, 9, 2, 1, 8, 8, 3, jnp.float32), platform="cuda")
+
+
+def test_block_sizes_as_dict():
+  q, k, v, idx = _inputs(1, 3, 20, 2, 1, 8, 8, 5, jnp.float32)
+  r = gathered_attention_reference(q, k, v, idx)
+  assert _rel(gathered_attention(q, k, v, idx, block_sizes={"bwd_chunk_t": 2}), r) < 2e-5
+  with pytest.raises(ValueError, match="block_sizes: unknown"):
+    gathered_attention(q, k, v, idx, block_sizes={"block_t": 8})
+  with pytest.raises(ValueError, match="block_sizes must be None"):
+    gathered_attention(q, k, v, idx, block_sizes=[128])

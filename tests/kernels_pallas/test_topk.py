@@ -109,3 +109,20 @@ def test_block_sizes_validation():
     BlockSizes(block_s=96).validate("tpu")
   with pytest.raises(ValueError, match="power of two"):
     BlockSizes(block_t=8).validate("gpu")
+
+
+def test_block_sizes_defaults_and_dicts():
+  from kernels_pallas.topk import BACKENDS, backend_module, gpu_triton, tpu
+  assert set(BACKENDS) == {"tpu", "gpu"}
+  assert backend_module("gpu") is gpu_triton and backend_module("tpu") is tpu
+  q, k, w = _inputs(1, 5, 30, 2, 8, seed=4)
+  tpu = BlockSizes.get_default("tpu", q, k, w, 3)
+  gpu = BlockSizes.get_default("gpu", q, k, w, 3)
+  assert (tpu.block_t, tpu.block_s) == (8, 128) and (gpu.block_t, gpu.block_s) == (16, 64)
+  assert BlockSizes(block_s=256).with_defaults("tpu", q, k, w, 3).block_s == 256
+  idx = lightning_topk(q, k, w, 3, block_sizes={"block_t": 16, "block_s": 128})
+  _check(idx, lightning_topk_reference(q, k, w, 3), indexer_scores_reference(q, k, w), 3)
+  with pytest.raises(ValueError, match="block_sizes: unknown"):
+    lightning_topk(q, k, w, 3, block_sizes={"block_k": 16})
+  with pytest.raises(ValueError, match="block_sizes must be None"):
+    lightning_topk(q, k, w, 3, block_sizes=8)
