@@ -4,7 +4,7 @@
         --max-new-tokens 200 --temperature 0.8 --top-p 0.95
     python experiments/generate.py --smoke        # random-init tiny model (CI)
 
---run-dir is a directory written by experiments/train.py / sparse_attn.train
+--run-dir is a directory written by experiments/train.py / sparse_attn.training
 (config.json + checkpoints/<step>/); the latest checkpoint is loaded unless
 --step is given. Prompts are bytes (vocab 256); several --prompt flags make a
 batch of prompts of different lengths. Prints the continuations and the
@@ -41,7 +41,7 @@ def decode_bytes(tokens) -> str:
 
 def load_model(run_dir: str, step: int | None):
   """(model, mesh, config) from a training run directory."""
-  from sparse_attn import train as T  # pylint: disable=g-import-not-at-top
+  from sparse_attn import training as T  # pylint: disable=g-import-not-at-top
   s, state = T.load_checkpoint(run_dir, step)
   return T.merge_model(s, state), s.mesh, s.cfg
 

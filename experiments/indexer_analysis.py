@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import sparse_attn as sa  # noqa: E402
-from sparse_attn import train as T  # noqa: E402
+from sparse_attn import training as T  # noqa: E402
 from sparse_attn.ops.attention import group_heads, masked_softmax  # noqa: E402
 from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from sparse_attn.nn import DSAAttention  # noqa: E402
@@ -210,22 +210,18 @@ def train_and_analyse(a, log):
   cfg = dsa_config(a, a.warmup_steps, a.sparse_steps, 1e-3)
   s = T.setup(cfg)
   state = T.init_state(s)
-  main, _ = R.copy_matching(pre["params"]["main"], state["params"]["main"])
-  state = dict(state, params=dict(state["params"], main=main))
+  state, _ = T.init_from(state, pre["params"]["main"])
   fn = make_analyse_fn(s, a.top_k)
   batches = eval_tokens(a, cfg)
-  steps = {st: T.make_train_step(s, st) for st in ("warmup", "sparse")}
+  # The DSA steps continue the dense run's data stream.
+  runner = T.StageRunner(s, ds, first_step=a.pretrain_steps)
   total = cfg.train.total_steps
   checkpoints = sorted(set(range(0, total + 1, a.eval_every)) |
                        {0, a.warmup_steps, total})
   done = 0
   for ck in checkpoints:
-    while done < ck:
-      stage = "warmup" if done < a.warmup_steps else "sparse"
-      batch = R.put_batch(s, ds.batch(a.pretrain_steps + done,
-                                      cfg.train.batch_size))
-      state, _ = steps[stage](state, batch)
-      done += 1
+    state = runner.run(state, start=done, stop=ck)
+    done = ck
     stage = "warmup" if ck <= a.warmup_steps else "sparse"
     mode = "warmup" if stage == "warmup" else "sparse"
     stats, mp = analyse(s, state, fn, batches, mode)
@@ -239,13 +235,11 @@ def train_and_analyse(a, log):
 
 
 def analyse_run_dir(a, log):
-  from sparse_attn.train import _checkpoint_manager  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(a.run_dir, "config.json"), encoding="utf-8") as f:
-    cfg = Config.from_json(f.read())
+  cfg = T.read_config(a.run_dir)
   if cfg.model.attention != "dsa":
     raise ValueError(f"run {a.run_dir!r} is {cfg.model.attention!r}, not dsa")
   a.top_k, a.seq_len, a.task = cfg.model.top_k, cfg.train.seq_len, cfg.train.dataset
-  mngr = _checkpoint_manager(a.run_dir, cfg)
+  mngr = T.checkpoint_manager(a.run_dir, cfg)
   ckpts = list(mngr.all_steps())
   mngr.close()
   rows, maps = [], {}

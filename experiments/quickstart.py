@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparse_attn import train as train_lib  # pylint: disable=g-import-not-at-top
+from sparse_attn import training as train_lib  # pylint: disable=g-import-not-at-top
 from sparse_attn.config import override, tiny  # pylint: disable=g-import-not-at-top
 
 SMOKE = ("model.num_layers=1", "train.seq_len=64", "model.top_k=16", "train.batch_size=8",

@@ -3,8 +3,8 @@
 For each synthetic task (sparse_attn.data: mqar, passkey, niah, vartrack) and
 each attention kind (dense, DSA at several top_k, and every baseline kind at
 DSA's key budget), a small decoder is trained through the library's training
-API (`sparse_attn.train.setup / init_state / make_train_step`: the same jitted
-steps, optimisers and stages as `train.train`), then evaluated on answer
+API (`sparse_attn.training.setup / init_state / run_stages`: the same jitted
+steps, optimisers and stage loop as `training.train`), then evaluated on answer
 tokens: exact match (every answer token of an example right, greedy argmax
 under teacher forcing) and per-token accuracy, at the training length and at
 longer lengths (length generalisation, same task parameters, more filler).
@@ -12,13 +12,13 @@ longer lengths (length generalisation, same task parameters, more filler).
 Protocols (--protocol):
   convert (default; DeepSeek-V3.2-Exp's recipe): a dense model is pretrained
     once per task (--pretrain-steps); every kind then starts from that
-    checkpoint (parameters with the same path and shape are copied; kind-only
-    parameters such as the indexer or NSA's gates keep their init) and trains
-    --adapt-steps more steps. DSA spends --warmup-steps of those in the dense
-    warm-up (main model frozen, indexer learns the dense attention), the rest
-    in the sparse stage; every other kind (dense included) trains all
-    warmup+adapt steps on the LM loss, so every kind sees the same number of
-    steps and data.
+    checkpoint (`training.init_from`: parameters with the same path and shape
+    are copied; kind-only parameters such as the indexer or NSA's gates keep
+    their init) and trains --adapt-steps more steps. DSA spends
+    --warmup-steps of those in the dense warm-up (main model frozen, indexer
+    learns the dense attention), the rest in the sparse stage; every other
+    kind (dense included) trains all warmup+adapt steps on the LM loss, so
+    every kind sees the same number of steps and data.
   scratch: every kind is trained from scratch for pretrain+adapt steps
     (DSA: --warmup-steps of dense warm-up on the random model, then sparse).
 
@@ -54,9 +54,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from sparse_attn import sharding as shd  # noqa: E402
-from sparse_attn import train as T  # noqa: E402
 from sparse_attn import registry  # noqa: E402
+from sparse_attn import training as T  # noqa: E402
 from sparse_attn.budgets import key_budget, match_budget  # noqa: E402
 from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from sparse_attn.data import make_dataset  # noqa: E402
@@ -211,45 +210,25 @@ def dataset(task, length, split, seed=0):
                       **TASK_KWARGS.get(task, {}))
 
 
-def put_batch(s, b):
-  local = {"inputs": b.inputs, "targets": b.targets, "loss_mask": b.loss_mask}
-  return shd.make_global_batch(local, s.batch_sharding, s.cfg.train.batch_size)
-
-
 def train_steps(s, state, ds, first_step: int, log, label: str):
-  """Runs both stages of s.cfg on ds batches first_step, first_step+1, ..."""
-  t = s.cfg.train
-  steps, last = {}, None
-  for i in range(t.total_steps):
-    stage = "warmup" if i < t.warmup_stage_steps else "sparse"
-    if stage not in steps:
-      steps[stage] = T.make_train_step(s, stage)
-    state, metrics = steps[stage](state, put_batch(s, ds.batch(first_step + i,
-                                                               t.batch_size)))
-    if (i + 1) % max(1, t.total_steps // 4) == 0 or i + 1 == t.total_steps:
-      last = {k: float(shd.to_host(v)) for k, v in metrics.items()}
-      log(f"    [{label}:{stage}] step {i + 1}/{t.total_steps} loss "
+  """Runs both stages of s.cfg on ds batches first_step, first_step+1, ...
+
+  Logs four times per run; returns (state, the metrics last logged).
+  """
+  total = s.cfg.train.total_steps
+  every = max(1, total // 4)
+  last = None
+
+  def log_step(r):
+    nonlocal last
+    if r.step % every == 0 or r.step == total:
+      last = T.host_metrics(r.metrics)
+      log(f"    [{label}:{r.stage}] step {r.step}/{total} loss "
           f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
           f"{last['attended_fraction']:.3f}")
+
+  state = T.run_stages(s, state, ds, first_step=first_step, on_step=log_step)
   return state, last
-
-
-def copy_matching(src, dst):
-  """dst's leaves replaced by src's where the path and shape agree."""
-  flat_src = {jax.tree_util.keystr(p): x
-              for p, x in jax.tree_util.tree_flatten_with_path(src)[0]}
-  copied = [0, 0]
-
-  def pick(path, leaf):
-    x = flat_src.get(jax.tree_util.keystr(path))
-    if x is not None and x.shape == leaf.shape and x.dtype == leaf.dtype:
-      copied[0] += 1
-      # a copy: the train step donates its state, the checkpoint is reused
-      return jax.device_put(jnp.copy(x), leaf.sharding)
-    copied[1] += 1
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(pick, dst), copied
 
 
 def make_eval_fn(s, mode):
@@ -315,12 +294,10 @@ def run_task(pr: Preset, a, task: str, log):
     s = T.setup(cfg)
     state = T.init_state(s)
     if pre_state is not None:
-      main, (n_copied, n_kept) = copy_matching(pre_state["params"]["main"],
-                                               state["params"]["main"])
-      state = dict(state, params=dict(state["params"], main=main))
-      if n_kept:
-        log(f"    {label}: {n_kept} parameter(s) not in the dense checkpoint "
-            f"keep their init")
+      state, moved = T.init_from(state, pre_state["params"]["main"])
+      if moved.kept:
+        log(f"    {label}: {len(moved.kept)} parameter(s) not in the dense "
+            f"checkpoint keep their init")
     state, last = train_steps(s, state, ds, first, log, label)
     jax.block_until_ready(state)
     train_time = time.perf_counter() - t0

@@ -89,7 +89,7 @@ def main(argv=None):
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         f"{flags} --xla_force_host_platform_device_count={args.host_devices}")
-  from sparse_attn import train as train_lib  # pylint: disable=g-import-not-at-top
+  from sparse_attn import training as train_lib  # pylint: disable=g-import-not-at-top
   train_lib.init_distributed(args.coordinator, args.num_processes,
                              args.process_id)
   cfg = build_config(args)

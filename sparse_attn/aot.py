@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attn import dispatch
-from sparse_attn import train as train_lib
+from sparse_attn import training as train_lib
 from sparse_attn.config import Config
 
 _STAGES = ("warmup", "sparse")

@@ -41,7 +41,7 @@ def mesh_equiv():
   import jax
   import numpy as np
   from sparse_attn import sharding as shd
-  from sparse_attn import train as T
+  from sparse_attn import training as T
   assert jax.device_count() == 8, jax.devices()
   out = {}
   results = {}
@@ -51,7 +51,7 @@ def mesh_equiv():
     s = T.setup(cfg, devices)
     state = T.init_state(s)
     ds, _ = T.make_datasets(s.cfg)
-    loader = T._Loader(ds, s)  # pylint: disable=protected-access
+    loader = T.BatchLoader(ds, s)
     losses = []
     for i, stage in enumerate(("warmup", "sparse")):
       state, m = T.make_train_step(s, stage)(state, loader.train(i))
@@ -74,7 +74,7 @@ def mesh_equiv():
 
 def _run(out_path, run_dir, steps):
   import numpy as np
-  from sparse_attn import train as T
+  from sparse_attn import training as T
   cfg = small_config("train.warmup_stage_steps=2",
                      f"train.sparse_stage_steps={steps - 2}",
                      "train.checkpoint_every=2")
@@ -93,7 +93,7 @@ def _run(out_path, run_dir, steps):
 
 
 def multihost(out_path, process_id, num_processes, port, run_dir=None):
-  from sparse_attn import train as T
+  from sparse_attn import training as T
   T.init_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id))
   _run(out_path, run_dir, 5)
 

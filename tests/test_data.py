@@ -203,7 +203,7 @@ def test_cache_dir(tmp_path):
     cache = tmp_path / "cache"
     a = D.load_text(tmp_path / "src", cache_dir=cache)
     assert len(list(cache.glob("*.npy"))) == 1
-    D._MEMO.clear()
+    D.clear_cache()
     b = D.load_text(tmp_path / "src", cache_dir=cache)
     assert isinstance(b.data, np.memmap)
     np.testing.assert_array_equal(a.data, b.data)

@@ -6,7 +6,7 @@ cached path only changes reduction sizes and summation order).
 
 DSA equivalence needs an unambiguous top-k: a random-init indexer has many
 exact ties at the k-th score (relu zeros everywhere when a key's dots are all
-negative), and ties may go either way (DESIGN.md). The DSA tests therefore
+negative), and ties may go either way (docs/api.md). The DSA tests therefore
 use 4 indexer heads with non-negative head weights, where a tie at the k-th
 score needs all 4 relus to vanish.
 """
@@ -296,7 +296,7 @@ def _script(name):
 def test_generate_script_from_checkpoint(tmp_path, capsys):
   """Train 2 steps into a run dir, then generate from its checkpoint."""
   from _train_worker import small_config  # pylint: disable=g-import-not-at-top
-  from sparse_attn import train as T  # pylint: disable=g-import-not-at-top
+  from sparse_attn import training as T  # pylint: disable=g-import-not-at-top
   cfg = small_config("train.mesh_shape=[1,1,1]", "train.warmup_stage_steps=0",
                      "train.sparse_stage_steps=2", "train.batch_size=2",
                      "train.async_checkpointing=false")

@@ -57,7 +57,7 @@ def test_make_mesh_checks_device_count():
 
 
 def test_tree_shardings_follow_param_metadata():
-  from sparse_attn import train as T
+  from sparse_attn import training as T
   from _train_worker import small_config
   s = T.setup(small_config("train.mesh_shape=[1,1,1]"), jax.devices()[:1])
   sh = s.state_shardings

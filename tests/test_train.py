@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from _train_worker import small_config
-from sparse_attn import train as T
+from sparse_attn import training as T
 from sparse_attn.config import Config, override, tiny, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,12 +29,19 @@ def _one_device(*extra):
 def setup_and_batch():
   s = T.setup(_one_device(), DEV1)
   ds, _ = T.make_datasets(s.cfg)
-  return s, T._Loader(ds, s).train(0)  # pylint: disable=protected-access
+  return s, T.BatchLoader(ds, s).train(0)
 
 
 def _flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(v)
           for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _assert_same_leaves(a, b):
+  fa, fb = _flat(a), _flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
 @pytest.mark.parametrize("mode", ["warmup", "sparse"])
@@ -108,6 +115,60 @@ def test_bad_config_fails_at_start(change, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     T.train(cfg, str(tmp_path / "run"), devices=DEV1, echo=None)
   assert not (tmp_path / "run").exists()  # failed before touching anything
+
+
+def _staged(warmup, sparse):
+  """(Setup, train dataset) of the small one-device config with these stages."""
+  s = T.setup(_one_device(f"train.warmup_stage_steps={warmup}",
+                          f"train.sparse_stage_steps={sparse}"), DEV1)
+  return s, T.make_datasets(s.cfg)[0]
+
+
+def test_stage_runner_segments_match_one_run_and_pick_stages():
+  """Steps in segments == in one call; each step in the stage of its index."""
+  s, ds = _staged(2, 2)
+  runner = T.StageRunner(s, ds)
+  seen = []
+  whole = runner.run(T.init_state(s),
+                     on_step=lambda r: seen.append((r.step, r.stage)))
+  assert seen == [(1, "warmup"), (2, "warmup"), (3, "sparse"), (4, "sparse")]
+  assert [T.stage_of(s.cfg, i) for i in range(4)] == [
+      "warmup", "warmup", "sparse", "sparse"]
+  state = runner.run(T.init_state(s), start=0, stop=1)
+  state = runner.run(state, start=1)
+  assert int(state["step"]) == int(whole["step"]) == 4
+  _assert_same_leaves(whole["params"], state["params"])
+
+
+def test_run_stages_first_step_offsets_the_data():
+  s, ds = _staged(1, 1)
+  got = T.run_stages(s, T.init_state(s), ds, first_step=5, stop=1)
+  want, _ = T.make_train_step(s, "warmup")(T.init_state(s),
+                                           T.BatchLoader(ds, s).train(5))
+  _assert_same_leaves(got["params"], want["params"])
+
+
+def test_transfer_params_copies_matching_paths_shapes_and_dtypes():
+  src = {"a": jnp.ones(2), "b": jnp.ones(3), "d": jnp.ones(2, jnp.int32)}
+  dst = {"a": jnp.zeros(2), "b": jnp.zeros(4), "c": jnp.zeros(1),
+         "d": jnp.zeros(2)}
+  t = T.transfer_params(src, dst)
+  assert t.copied == ("['a']",)
+  assert t.kept == ("['b']", "['c']", "['d']")
+  np.testing.assert_array_equal(t.params["a"], np.ones(2))
+  assert t.params["b"] is dst["b"] and t.params["d"] is dst["d"]
+  assert t.params["a"] is not src["a"]  # a copy: src survives donation
+
+
+def test_init_from_converts_a_dense_state_to_dsa():
+  dense = T.setup(_one_device("model.attention=\"dense\""), DEV1)
+  dsa = T.setup(_one_device(), DEV1)
+  dense_state, dsa_state = T.init_state(dense), T.init_state(dsa)
+  state, moved = T.init_from(dsa_state, dense_state["params"]["main"])
+  assert moved.copied and not moved.kept  # same dims: every main parameter
+  _assert_same_leaves(dense_state["params"]["main"], state["params"]["main"])
+  assert state["params"]["indexer"] is dsa_state["params"]["indexer"]
+  assert state["opt"] is dsa_state["opt"]
 
 
 def test_config_json_roundtrip_and_resolution():

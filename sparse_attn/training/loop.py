@@ -1,0 +1,178 @@
+"""`train`: a whole run of both stages, logged, evaluated, checkpointed.
+
+Run directory layout:
+  <run_dir>/config.json          the resolved Config
+  <run_dir>/checkpoints/<step>/  orbax checkpoints (keep-last-N, async)
+  <run_dir>/metrics.jsonl        one JSON object per log/eval event
+  <run_dir>/tensorboard/         if tensorboardX (or torch) is installed
+Data is a pure function of the step, so resuming from the latest checkpoint
+continues a killed run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sparse_attn import registry
+from sparse_attn import sharding as shd
+from sparse_attn.config import Config
+from sparse_attn.training.checkpoints import (check_saved_config,
+                                              checkpoint_manager,
+                                              restore_state)
+from sparse_attn.training.evaluation import evaluate
+from sparse_attn.training.loader import make_datasets
+from sparse_attn.training.metrics import (MetricsLogger, fmt_tokens,
+                                          host_metrics)
+from sparse_attn.training.stages import StageRunner, stage_of
+from sparse_attn.training.state import Setup, init_state, setup
+from sparse_attn.training.steps import STAGE_MODE, make_eval_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+  setup: Setup
+  state: Any
+  final_eval: dict[str, float]
+  history: list[dict[str, Any]]     # the train records logged by this process
+  resumed_from: int | None
+
+
+def _open_run_dir(run_dir: str, cfg: Config, resume: bool, lead: bool
+                  ) -> ocp.CheckpointManager:
+  """Checkpoint manager of run_dir, after checking or starting it over.
+
+  resume: a run_dir with checkpoints must hold the same model. Not resume:
+  its checkpoints and metrics are dropped. The config is (re)written last,
+  atomically, by process 0.
+  """
+  os.makedirs(run_dir, exist_ok=True)
+  cfg_path = os.path.join(run_dir, "config.json")
+  mngr = checkpoint_manager(run_dir, cfg)
+  if resume and mngr.latest_step() is not None and os.path.exists(cfg_path):
+    check_saved_config(run_dir, cfg)
+  if not resume:
+    for old_step in mngr.all_steps():
+      mngr.delete(old_step)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if lead and os.path.exists(metrics_path):
+      os.remove(metrics_path)
+  if lead:
+    tmp = cfg_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(cfg.to_json())
+    os.replace(tmp, cfg_path)
+  return mngr
+
+
+def _log_start(logger: MetricsLogger, s: Setup, has_idx: bool) -> None:
+  cfg, t = s.cfg, s.cfg.train
+  counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+            for k, v in s.abstract_state["params"].items()}
+  logger.write({"event": "start", "name": cfg.name,
+                "attention": cfg.model.attention, "top_k": cfg.model.top_k,
+                "params": counts, "mesh": dict(s.mesh.shape),
+                "processes": jax.process_count(),
+                "warmup_stage_steps": t.warmup_stage_steps,
+                "sparse_stage_steps": t.sparse_stage_steps},
+               f"{cfg.name}: attention={cfg.model.attention}"
+               f"{f' top_k={cfg.model.top_k}' if has_idx else ''} params="
+               f"{counts['main'] + counts['indexer']:,} (indexer "
+               f"{counts['indexer']:,}) mesh={dict(s.mesh.shape)} steps="
+               f"{t.warmup_stage_steps} warm-up + {t.sparse_stage_steps} "
+               f"sparse")
+
+
+def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
+          devices=None, echo: Callable[[str], None] | None = print,
+          final_eval: bool = True) -> TrainResult:
+  """Runs (or resumes) both stages; returns the final state and evaluation.
+
+  run_dir None: no checkpoints and no files (metrics only in the result).
+  resume: continue from the latest checkpoint in run_dir if there is one.
+  """
+  s = setup(cfg, devices)
+  cfg, t = s.cfg, s.cfg.train
+  lead = jax.process_index() == 0
+  mngr = None if run_dir is None else _open_run_dir(run_dir, cfg, resume,
+                                                    lead)
+  logger = MetricsLogger(run_dir, lead, echo)
+  train_ds, eval_ds = make_datasets(cfg)
+
+  resumed_from = None
+  if resume and mngr is not None and mngr.latest_step() is not None:
+    resumed_from = mngr.latest_step()
+    state = restore_state(mngr, s, resumed_from)
+    logger.write({"event": "resume", "step": resumed_from},
+                 f"resumed from checkpoint at step {resumed_from}")
+  else:
+    state = init_state(s)
+  start = int(shd.to_host(state["step"]))
+
+  has_idx = registry.has_indexer(cfg.model.attention)
+  if start == 0:
+    _log_start(logger, s, has_idx)
+
+  evals: dict[str, Any] = {}
+  history = []
+  total = t.total_steps
+  tick, tokens = time.perf_counter(), 0.0
+
+  def label(stage):  # kinds without an indexer have a single plain stage
+    return stage if has_idx else "train"
+
+  def run_eval(step_done, stage):
+    mode = STAGE_MODE[stage]
+    if mode not in evals:
+      evals[mode] = make_eval_step(s, mode)
+    ev = evaluate(s, state, eval_ds, mode, eval_step=evals[mode])
+    rec = {"event": "eval", "step": step_done, "stage": label(stage), **ev}
+    kl = f" kl {ev['indexer_kl']:.4f}" if has_idx else ""
+    logger.write(rec, f"  eval @ {step_done}: loss {ev['loss']:.4f}{kl}"
+                      f" attended {ev['attended_fraction']:.3f}")
+    return ev
+
+  last_eval = None
+  try:
+    for r in StageRunner(s, train_ds).steps(state, start, total):
+      state, done, stage = r.state, r.step, r.stage
+      tokens += t.batch_size * t.seq_len
+      if done % t.log_every == 0 or done == total or done == start + 1:
+        m = host_metrics(r.metrics)
+        now = time.perf_counter()
+        # The first step after (re)start includes compilation: no rate.
+        tps = tokens / max(now - tick, 1e-9) if done > start + 1 else None
+        tick, tokens = now, 0.0
+        rec = {"event": "train", "step": done, "stage": label(stage),
+               "attention": cfg.model.attention, "top_k": cfg.model.top_k,
+               "tokens_per_s": tps, **m}
+        history.append(rec)
+        lr = m.get("lr_main", m.get("lr_indexer", 0.0))
+        kl = f" kl {m['indexer_kl']:.4f}" if has_idx else ""
+        logger.write(
+            rec,
+            f"[{cfg.model.attention}:{label(stage)}] {done}/{total} "
+            f"loss {m['loss']:.4f}{kl}"
+            f" attended {m['attended_fraction']:.3f} lr {lr:.2e}"
+            f"{f' {fmt_tokens(tps)} tok/s' if tps else ' (compiled)'}")
+      if t.eval_every and done % t.eval_every == 0 and done != total:
+        last_eval = run_eval(done, stage)
+      if mngr is not None and t.checkpoint_every and (
+          done % t.checkpoint_every == 0) and done != total:
+        mngr.save(done, args=ocp.args.StandardSave(state))
+    if mngr is not None and total > start:
+      mngr.save(total, args=ocp.args.StandardSave(state), force=True)
+    if final_eval:
+      last_eval = run_eval(total, stage_of(cfg, total - 1))
+  finally:
+    if mngr is not None:
+      mngr.wait_until_finished()
+      mngr.close()
+    logger.close()
+  return TrainResult(s, state, last_eval, history, resumed_from)
