@@ -22,7 +22,8 @@ import json
 import os
 from typing import Any
 
-from sparse_attn import registry
+from sparse_attn import dispatch, registry
+from sparse_attn.nn.base import KERNELS
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +48,10 @@ class ModelConfig:
   # n_hashes, ...): a dict in JSON, stored as sorted (name, value) pairs so
   # the config stays hashable.
   attention_params: Any = ()
+  # Pallas kernel tile sizes: {"topk": {...}, "gathered_attention": {...}}
+  # with fields of kernels_pallas.<kernel>.BlockSizes (missing: per-platform
+  # defaults); stored as sorted pairs like attention_params.
+  kernel_block_sizes: Any = ()
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
@@ -64,10 +69,27 @@ class ModelConfig:
       raise ValueError(f"model.attention_params must be a dict of kind "
                        f"arguments, got {self.attention_params!r}.") from e
     object.__setattr__(self, "attention_params", pairs)
+    sizes = self.kernel_block_sizes
+    if isinstance(sizes, dict):
+      sizes = sizes.items()
+    try:
+      nested = tuple(sorted(
+          (str(name), tuple(sorted(dict(fields).items())))
+          for name, fields in sizes))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"model.kernel_block_sizes must be a dict kernel -> "
+                       f"dict of BlockSizes fields, got "
+                       f"{self.kernel_block_sizes!r}.") from e
+    object.__setattr__(self, "kernel_block_sizes", nested)
 
   @property
   def attention_kwargs(self) -> dict[str, Any]:
     return dict(self.attention_params)
+
+  @property
+  def kernel_block_sizes_dict(self) -> dict[str, dict[str, Any]]:
+    """kernel_block_sizes as {kernel: {field: value}}."""
+    return {name: dict(fields) for name, fields in self.kernel_block_sizes}
 
   def with_attention(self, kind: str, **params: Any) -> "ModelConfig":
     """This config with attention `kind` and its parameters `params`.
@@ -131,6 +153,7 @@ class Config:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["model"]["attention_params"] = self.model.attention_kwargs
+    d["model"]["kernel_block_sizes"] = self.model.kernel_block_sizes_dict
     return d
 
   def to_json(self) -> str:
@@ -229,6 +252,15 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       registry.get(m.attention).params_from_config(m)
     except ValueError as e:
       errors.append(f"model.attention_params: {e}")
+  for name, fields in m.kernel_block_sizes_dict.items():
+    if name not in KERNELS:
+      errors.append(f"model.kernel_block_sizes: unknown kernel {name!r}; "
+                    f"known: {list(KERNELS)}")
+      continue
+    try:
+      dispatch.block_sizes(name, fields, f"model.kernel_block_sizes[{name!r}]")
+    except ValueError as e:
+      errors.append(str(e))
   if not isinstance(m.top_k, int) or m.top_k < 1:
     errors.append(f"model.top_k must be >= 1, got {m.top_k!r}")
   if (isinstance(m.num_kv_heads, int) and m.num_kv_heads >= 1

@@ -165,3 +165,25 @@ def test_preset_docstrings_state_the_real_parameter_count(name):
   doc = config.PRESETS[name].__doc__
   stated = float(re.match(r"([\d.]+)M params", doc).group(1)) * 1e6
   assert abs(stated - total) <= 0.006e6 * max(1, stated / 1e6), (doc, total)
+
+
+def test_kernel_block_sizes_reach_the_kernels_from_the_config():
+  """model.kernel_block_sizes -> every layer -> the Pallas calls."""
+  cfg = dataclasses.replace(CFG, num_layers=1, implementation="pallas")
+  tok = _tokens(1, 16)
+  ref, _ = _run(M.build_model(cfg), tok)
+  ok = dataclasses.replace(cfg, kernel_block_sizes={
+      "topk": {"block_t": 16}, "gathered_attention": {"bwd_chunk_t": 3}})
+  model = M.build_model(ok)
+  attn = model.blocks[0].attn
+  assert attn.topk_block_sizes.block_t == 16
+  assert attn.attention_block_sizes.bwd_chunk_t == 3
+  got, _ = _run(model, tok)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  # Sizes the (interpreted) TPU formulation cannot take fail in the kernel.
+  bad = M.build_model(dataclasses.replace(cfg, kernel_block_sizes={
+      "topk": {"block_t": 12}}))
+  with pytest.raises(ValueError, match="multiple of 8"):
+    _run(bad, tok)
+  with pytest.raises(ValueError, match="unknown kernels"):
+    DenseAttention(32, 4, 2, 8, block_sizes={"flash": {}}, rngs=nnx.Rngs(0))

@@ -104,6 +104,7 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                   scale: float | None = None,
                   query_chunk: int | None = None,
                   implementation: str | None = None,
+                  block_sizes=None,
                   return_branches: bool = False,
                   return_counts: bool = False):
   """Native Sparse Attention [B, T, H, Dv].
@@ -117,8 +118,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       (current block included). window: sliding-window size w.
     compress_k, compress_v: [B, N, G, l, D] -> [B, N, G, D]; default mean.
     q_offset, kv_lengths, scale: as `dense_attention`.
-    implementation: the window branch's gathered attention ("xla", "pallas",
-      None = platform default).
+    implementation, block_sizes: the window branch's gathered attention
+      ("xla", "pallas", None = platform default; its kernel's BlockSizes).
     return_branches: also return a dict with the three branch outputs and the
       selection int32[B, T, G, num_selected].
     return_counts: also return f32[B, T] keys attended per query (mean over
@@ -185,7 +186,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       return_counts=True)
   o_win, n_win = sliding_window_attention(
       q, k, v, window=window, q_offset=q_offset, kv_lengths=kv_lengths,
-      scale=scale, implementation=implementation, return_counts=True)
+      scale=scale, implementation=implementation, block_sizes=block_sizes,
+      return_counts=True)
   g = gates.astype(acc)
   o = (g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win)
   o = o.astype(q.dtype)

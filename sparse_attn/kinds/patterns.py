@@ -244,19 +244,20 @@ def sliding_window_indices(q_pos, window: int, num_keys: int,
 def sliding_window_attention(q, k, v, *, window: int, q_offset=None,
                              kv_lengths=None, scale=None,
                              implementation: str | None = None,
-                             return_counts: bool = False):
+                             block_sizes=None, return_counts: bool = False):
   """Local causal attention [B, T, H, Dv]: each query sees its last `window` keys.
 
   Implemented as gathered attention over int32[B, T, w] indices (O(T * w)
-  memory; `implementation` as in `gathered_attention`). return_counts also
-  returns f32[B, T] keys per query.
+  memory; `implementation` and `block_sizes` as in `gathered_attention`).
+  return_counts also returns f32[B, T] keys per query.
   """
   window = checks.check_positive_int("window", window)
   qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
   q_pos = masking.query_positions(qs[0], qs[1], ks[1], q_offset)
   idx = sliding_window_indices(q_pos, window, ks[1], kv_lengths)
   out = gathered_attention(q, k, v, idx, scale=scale,
-                           implementation=implementation)
+                           implementation=implementation,
+                           block_sizes=block_sizes)
   if return_counts:
     return out, jnp.sum(idx >= 0, axis=-1).astype(jnp.float32)
   return out

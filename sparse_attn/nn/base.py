@@ -37,6 +37,7 @@ kv_heads, head_dim, ...) that `sparse_attn.sharding` maps to mesh axes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import chex
@@ -44,11 +45,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from sparse_attn import dispatch
 from sparse_attn.nn.params import param
 from sparse_attn.ops import masking
 from sparse_attn.ops.rope import apply_rope
 
 MODES = ("dense", "warmup", "sparse")
+# The Pallas kernels a layer may configure (`block_sizes`).
+KERNELS = ("topk", "gathered_attention")
 
 Aux = dict[str, jax.Array]
 
@@ -130,15 +134,20 @@ class AttentionLayer(nnx.Module):
     layer_index: position of the layer in its model (kinds that alternate
       patterns by layer, or seed per-layer hashing, read it).
     implementation: None / "xla" / "pallas" for the kinds that have kernels.
+    block_sizes: the kernels' tile sizes, {"topk": ..., "gathered_attention":
+      ...} with a `BlockSizes` or a dict of its fields each (None fields and
+      missing kernels take the per-platform defaults); the XLA path ignores
+      them.
     rope_base: RoPE base of q and k.
     dtype / param_dtype: activation / parameter dtypes.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, *, layer_index: int = 0,
-               implementation: str | None = None, rope_base: float = 10000.0,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               implementation: str | None = None,
+               block_sizes: Mapping[str, Any] | None = None,
+               rope_base: float = 10000.0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(
           f"num_heads={num_heads} must be a multiple of num_kv_heads="
@@ -146,6 +155,17 @@ class AttentionLayer(nnx.Module):
     self.embed_dim, self.num_heads = embed_dim, num_heads
     self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
     self.layer_index, self.implementation = int(layer_index), implementation
+    sizes = dict(block_sizes or {})
+    unknown = sorted(set(sizes) - set(KERNELS))
+    if unknown:
+      raise ValueError(f"block_sizes: unknown kernels {unknown}; known: "
+                       f"{list(KERNELS)}.")
+    # Frozen dataclasses (hashable), so they are static data of the module.
+    self.topk_block_sizes = dispatch.block_sizes(
+        "topk", sizes.get("topk"), "block_sizes['topk']")
+    self.attention_block_sizes = dispatch.block_sizes(
+        "gathered_attention", sizes.get("gathered_attention"),
+        "block_sizes['gathered_attention']")
     self.rope_base, self.dtype = rope_base, dtype
     e, h, g, d = embed_dim, num_heads, num_kv_heads, head_dim
     self.wq = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype)

@@ -134,7 +134,9 @@ class DSAAttention(AttentionLayer):
       o, idx = dsa_attention(q, k, v, q_idx, k_idx, w, top_k=self.top_k,
                              q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths,
                              implementation=self.implementation,
-                             return_indices=True)
+                             return_indices=True,
+                             topk_block_sizes=self.topk_block_sizes,
+                             attention_block_sizes=self.attention_block_sizes)
       if not ctx.decoding:
         kl = sparse_indexer_kl(q, k, q_idx, k_idx, w, idx)
       attended = jnp.sum(idx >= 0).astype(jnp.float32)

@@ -35,8 +35,8 @@ class AttentionKind:
   Attributes:
     name: the registry key (`ModelConfig.attention`).
     layer: the NNX layer class, constructed as
-      layer(E, H, G, D, **params, layer_index=, implementation=, rope_base=,
-      dtype=, param_dtype=, rngs=).
+      layer(E, H, G, D, **params, layer_index=, implementation=, block_sizes=,
+      rope_base=, dtype=, param_dtype=, rngs=).
     params: a frozen dataclass of the kind's parameters with defaults; its
       `__post_init__` raises ValueError on invalid values.
     keys_per_query: fn(seq_len, params, *, num_heads=None, layer_index=None)
@@ -116,7 +116,9 @@ class AttentionKind:
     return self.layer(
         cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         **as_kwargs(params), layer_index=layer_index,
-        implementation=cfg.implementation, rope_base=cfg.rope_base,
+        implementation=cfg.implementation,
+        block_sizes=cfg.kernel_block_sizes_dict or None,
+        rope_base=cfg.rope_base,
         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         rngs=rngs)
 

@@ -116,7 +116,8 @@ class NSAAttention(AttentionLayer):
         num_selected=self.num_selected, window=self.window,
         compress_k=self.compressor("k"), compress_v=self.compressor("v"),
         q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths,
-        implementation=self.implementation, return_counts=True)
+        implementation=self.implementation,
+        block_sizes=self.attention_block_sizes, return_counts=True)
     return o, counts_aux(counts, ctx.positions, k.shape[1],
                          ctx.kv_lengths), ctx.cache
 

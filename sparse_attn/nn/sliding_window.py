@@ -37,7 +37,7 @@ class SlidingWindowAttention(AttentionLayer):
     o, counts = sliding_window_attention(
         q, k, v, window=self.window, q_offset=ctx.q_offset,
         kv_lengths=ctx.kv_lengths, implementation=self.implementation,
-        return_counts=True)
+        block_sizes=self.attention_block_sizes, return_counts=True)
     return o, counts_aux(counts, ctx.positions, k.shape[1],
                          ctx.kv_lengths), ctx.cache
 
