@@ -1,4 +1,8 @@
-"""Shared test inputs: the odd-size case grid and random input builders."""
+"""Shared test inputs (the odd-size case grid, random inputs) and a script runner."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,3 +34,25 @@ def make_inputs(rng, B, T, S, H, G, D, HI, DI, dtype=np.float32, Dv=None):
 def as_jnp_opt(x):
   import jax.numpy as jnp
   return None if x is None else jnp.asarray(x, jnp.int32)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=600):
+  """Runs experiments/<name>.py with args as a user does; returns stdout.
+
+  A fresh process on the CPU backend (one device, whatever XLA_FLAGS the
+  test process has), the repository importable without an install.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"),
+       *map(str, args)], env=env, capture_output=True, text=True,
+      timeout=timeout, cwd=ROOT, check=False)
+  assert proc.returncode == 0, (
+      f"experiments/{name}.py {' '.join(map(str, args))} failed:\n"
+      f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+  return proc.stdout

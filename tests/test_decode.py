@@ -11,7 +11,6 @@ use 4 indexer heads with non-negative head weights, where a tie at the k-th
 score needs all 4 relus to vanish.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _testutil import run_script
 from flax import nnx
 
 from sparse_attn import inference as D
@@ -285,15 +285,7 @@ def test_sharded_cache():
   assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
-def _script(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(ROOT, "experiments", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_generate_script_from_checkpoint(tmp_path, capsys):
+def test_generate_script_from_checkpoint(tmp_path):
   """Train 2 steps into a run dir, then generate from its checkpoint."""
   from _train_worker import small_config  # pylint: disable=g-import-not-at-top
   from sparse_attn import training as T  # pylint: disable=g-import-not-at-top
@@ -303,24 +295,21 @@ def test_generate_script_from_checkpoint(tmp_path, capsys):
   run_dir = str(tmp_path / "run")
   T.train(cfg, run_dir, devices=jax.devices()[:1], echo=None,
           final_eval=False)
-  gen = _script("generate")
-  out = gen.main(["--run-dir", run_dir, "--prompt", "hello",
-                  "--prompt", "ab", "--max-new-tokens", "5",
-                  "--chunk-size", "4", "--temperature", "0.8",
-                  "--top-p", "0.9"])
-  assert out.tokens.shape == (2, 5)
-  text = capsys.readouterr().out
+  text = run_script("generate", "--run-dir", run_dir, "--prompt", "hello",
+                    "--prompt", "ab", "--max-new-tokens", "5",
+                    "--chunk-size", "4", "--temperature", "0.8",
+                    "--top-p", "0.9")
+  assert text.count("--- ") == 2 and "'hello'" in text and "'ab'" in text
   assert "tokens/s" in text and "loaded" in text
 
 
-def test_generate_script_smoke(capsys):
-  out = _script("generate").main(["--smoke", "--prompt", "hey"])
-  assert out.tokens.shape[0] == 1
-  assert "tokens/s" in capsys.readouterr().out
+def test_generate_script_smoke():
+  text = run_script("generate", "--smoke", "--prompt", "hey")
+  assert "--- 'hey'" in text and "tokens/s" in text
 
 
 def test_bench_decode_smoke(tmp_path):
-  _script("bench_decode").main(["--smoke", "--out-dir", str(tmp_path)])
+  run_script("bench_decode", "--smoke", "--out-dir", tmp_path)
   text = (tmp_path / "bench_decode.csv").read_text()
   assert text.startswith("context,dense_ms,dsa_ms,ratio")
   assert (tmp_path / "bench_decode.png").exists()

@@ -1,6 +1,8 @@
-"""Smoke tests of the experiment scripts: each runs at tiny size (--smoke)
-into tmp_path; only the structure of the outputs is checked (columns, one
-row per kind and length, finite numbers), never a training result."""
+"""Smoke tests of the experiment scripts: each runs as a user runs it
+(`python experiments/<script>.py --smoke --out-dir DIR`, a fresh process)
+at tiny size; only the structure of the outputs is checked (columns, one
+row per kind and length, finite numbers), never a training result. The
+modules are imported only for their constants and argument parsing."""
 
 import csv
 import importlib
@@ -9,7 +11,7 @@ import math
 import os
 import sys
 
-import pytest
+from _testutil import run_script
 
 EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "experiments")
@@ -33,8 +35,8 @@ def _finite(row, keys):
 
 
 def test_retrieval_smoke(tmp_path):
+  run_script("retrieval", "--smoke", "--out-dir", tmp_path)
   mod = _module("retrieval")
-  mod.main(["--smoke", "--out-dir", str(tmp_path)])
   rows = _rows(tmp_path / "retrieval.csv")
   assert set(mod.COLUMNS) <= set(rows[0])
   _, pr = mod.parse_args(["--smoke"])
@@ -61,8 +63,8 @@ def test_retrieval_smoke(tmp_path):
 
 
 def test_bench_attention_smoke(tmp_path):
+  run_script("bench_attention", "--smoke", "--out-dir", tmp_path)
   mod = _module("bench_attention")
-  mod.main(["--smoke", "--out-dir", str(tmp_path)])
   rows = _rows(tmp_path / "bench_attention.csv")
   assert set(mod.COLUMNS) <= set(rows[0])
   a = mod.parse_args(["--smoke"])
@@ -82,8 +84,8 @@ def test_bench_attention_smoke(tmp_path):
 
 
 def test_indexer_analysis_smoke(tmp_path):
+  run_script("indexer_analysis", "--smoke", "--out-dir", tmp_path)
   mod = _module("indexer_analysis")
-  mod.main(["--smoke", "--out-dir", str(tmp_path)])
   rows = _rows(tmp_path / "indexer_analysis.csv")
   assert set(mod.COLUMNS) <= set(rows[0])
   a = mod.parse_args(["--smoke"])
