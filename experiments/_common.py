@@ -11,13 +11,13 @@ import math
 import os
 import platform
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 
 def add_layer_shape_args(p) -> None:
   """The benchmark layer shape flags shared by bench_attention / bench_decode
@@ -61,8 +61,10 @@ def read_csv(path: str) -> list[dict]:
 
 
 def markdown_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
+  lines = [
+    "| " + " | ".join(header) + " |",
+    "|" + "|".join("---" for _ in header) + "|",
+  ]
   for r in rows:
     lines.append("| " + " | ".join(fmt(x) for x in r) + " |")
   return "\n".join(lines)
@@ -72,8 +74,10 @@ def pyplot():
   """matplotlib.pyplot with the Agg backend (None if matplotlib is missing)."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
     return plt
   except Exception:  # pylint: disable=broad-except
     return None
@@ -81,9 +85,12 @@ def pyplot():
 
 def env_line() -> str:
   import jax  # pylint: disable=g-import-not-at-top
+
   try:
-    load = "load avg %.1f/%.1f/%.1f" % os.getloadavg()
+    load = "load avg {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
   except OSError:
     load = ""
-  return (f"jax {jax.__version__}, backend {jax.default_backend()}, "
-          f"{os.cpu_count()} CPUs, {platform.machine()}, {load}")
+  return (
+    f"jax {jax.__version__}, backend {jax.default_backend()}, "
+    f"{os.cpu_count()} CPUs, {platform.machine()}, {load}"
+  )

@@ -18,8 +18,9 @@ and `ratio` = time / min(dense_xla, dense_sa).
 DSA = sa.lightning_topk + sa.gathered_attention with the indexer inputs
 (q_idx, k_idx, weights) given as tensors; the rows dsa:topk and dsa:attn time
 the two halves separately (breakdown). Every other registered kind runs its
-pure form (`registry.get(kind).attention`) with the kind parameter matched to DSA's key budget at each L (mean keys per
-query; see docs/baselines.md); the `budget` column gives what was reached.
+pure form (`registry.get(kind).attention`) with the kind parameter matched
+to DSA's key budget at each L (mean keys per query; see docs/baselines.md);
+the `budget` column gives what was reached.
 A FLOP model (and a byte model for decode) gives the theoretical cost ratio
 to dense (causal, i.e. half the T*S pairs) to read the measured ratios
 against.
@@ -49,7 +50,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402  (puts the repo root on sys.path)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,17 +61,41 @@ MODES = ("fwd", "fwdbwd", "decode")
 # The two dense references and DSA's two halves, then every registered kind
 # DSA is compared with (read from the registry: a new kind is benchmarked too).
 BASELINE_KINDS = tuple(k for k in registry.names() if k not in ("dense", "dsa"))
-KINDS = ("dense_xla", "dense_sa", "dsa", "dsa:topk", "dsa:attn") + BASELINE_KINDS
+KINDS = (
+  "dense_xla",
+  "dense_sa",
+  "dsa",
+  "dsa:topk",
+  "dsa:attn",
+) + BASELINE_KINDS
 QUADRATIC = ("dense_xla", "dense_sa", "strided", "fixed")  # O(T*S) XLA paths
-COLUMNS = ("L", "mode", "kind", "status", "time_s", "reps", "ratio",
-           "ratio_dense_xla", "ratio_dense_sa", "budget", "temp_bytes",
-           "output_bytes", "arg_bytes", "peak_bytes", "model_flops",
-           "model_bytes", "model_ratio", "compile_s", "params")
+COLUMNS = (
+  "L",
+  "mode",
+  "kind",
+  "status",
+  "time_s",
+  "reps",
+  "ratio",
+  "ratio_dense_xla",
+  "ratio_dense_sa",
+  "budget",
+  "temp_bytes",
+  "output_bytes",
+  "arg_bytes",
+  "peak_bytes",
+  "model_flops",
+  "model_bytes",
+  "model_ratio",
+  "compile_s",
+  "params",
+)
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--kinds", default=",".join(KINDS))
@@ -79,18 +103,38 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--decode-reps", type=int, default=20)
-  p.add_argument("--max-case-s", type=float, default=20.0,
-                 help="after the first timed run, repeat a case only while its "
-                 "total stays under this many seconds")
-  p.add_argument("--dense-max-len", type=int, default=32768,
-                 help="largest L for dense and the O(T*S) kinds (fwd, decode)")
-  p.add_argument("--bwd-max-len", type=int, default=16384,
-                 help="largest L for dense and the O(T*S) kinds in fwdbwd")
-  p.add_argument("--mem-limit-gb", type=float, default=8.0,
-                 help="skip a case whose compiled temp+output exceeds this")
-  p.add_argument("--rss-check", type=int, default=65536,
-                 help="also run the DSA forward at this L in a subprocess and "
-                 "report its peak RSS (0 = off)")
+  p.add_argument(
+    "--max-case-s",
+    type=float,
+    default=20.0,
+    help="after the first timed run, repeat a case only while its "
+    "total stays under this many seconds",
+  )
+  p.add_argument(
+    "--dense-max-len",
+    type=int,
+    default=32768,
+    help="largest L for dense and the O(T*S) kinds (fwd, decode)",
+  )
+  p.add_argument(
+    "--bwd-max-len",
+    type=int,
+    default=16384,
+    help="largest L for dense and the O(T*S) kinds in fwdbwd",
+  )
+  p.add_argument(
+    "--mem-limit-gb",
+    type=float,
+    default=8.0,
+    help="skip a case whose compiled temp+output exceeds this",
+  )
+  p.add_argument(
+    "--rss-check",
+    type=int,
+    default=65536,
+    help="also run the DSA forward at this L in a subprocess and "
+    "report its peak RSS (0 = off)",
+  )
   p.add_argument("--out-dir", default="results/bench")
   p.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
   p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
@@ -111,12 +155,15 @@ def make_inputs(a, length, num_q):
   b, h, g, d = a.batch, a.heads, a.kv_heads, a.head_dim
   hi, di = a.indexer_heads, a.indexer_dim
   n = lambda k, s: jax.random.normal(k, s, jnp.float32).astype(dt)
-  return dict(q=n(ks[0], (b, num_q, h, d)), k=n(ks[1], (b, length, g, d)),
-              v=n(ks[2], (b, length, g, d)),
-              q_idx=n(ks[3], (b, num_q, hi, di)),
-              k_idx=n(ks[4], (b, length, di)),
-              w=n(ks[5], (b, num_q, hi)),
-              gates=jax.nn.sigmoid(n(ks[6], (b, num_q, h, 3))))
+  return dict(
+    q=n(ks[0], (b, num_q, h, d)),
+    k=n(ks[1], (b, length, g, d)),
+    v=n(ks[2], (b, length, g, d)),
+    q_idx=n(ks[3], (b, num_q, hi, di)),
+    k_idx=n(ks[4], (b, length, di)),
+    w=n(ks[5], (b, num_q, hi)),
+    gates=jax.nn.sigmoid(n(ks[6], (b, num_q, h, 3))),
+  )
 
 
 def kind_params(a, kind, length):
@@ -138,8 +185,14 @@ def keys_per_query(kind, length, params):
 def cost_model(a, kind, mode, length, params):
   """(flops, bytes) of the kind's ideal algorithm (causal: no masked work)."""
   item = jnp.dtype(a.dtype).itemsize
-  b, h, g, d, hi, di = (a.batch, a.heads, a.kv_heads, a.head_dim,
-                        a.indexer_heads, a.indexer_dim)
+  b, h, g, d, hi, di = (
+    a.batch,
+    a.heads,
+    a.kv_heads,
+    a.head_dim,
+    a.indexer_heads,
+    a.indexer_dim,
+  )
   counts = keys_per_query(kind, length, params)
   dense_counts = np.arange(1, length + 1, dtype=np.float64)
   if mode == "decode":
@@ -148,7 +201,7 @@ def cost_model(a, kind, mode, length, params):
   index = 2.0 * b * hi * (di + 1) * dense_counts.sum()
   base = kind.split(":")[0]
   if mode == "fwdbwd":
-    attn *= 3.0          # backward ~ 2x forward (dQ, dK, dV, dP matmuls)
+    attn *= 3.0  # backward ~ 2x forward (dQ, dK, dV, dP matmuls)
   if kind == "dsa:topk":
     flops = index
   elif kind == "dsa:attn":
@@ -162,7 +215,9 @@ def cost_model(a, kind, mode, length, params):
   kv_row = g * 2 * d * item
   nbytes = b * counts.sum() * kv_row
   if base == "dsa" and kind != "dsa:attn":
-    nbytes = (0 if kind == "dsa:topk" else nbytes) + b * dense_counts.sum() * di * item
+    nbytes = (
+      0 if kind == "dsa:topk" else nbytes
+    ) + b * dense_counts.sum() * di * item
   return float(flops), float(nbytes)
 
 
@@ -175,31 +230,54 @@ def attention_fn(a, kind, params, decode: bool):
   off = (lambda x: x["k"].shape[1] - 1) if decode else (lambda x: None)
   if kind == "dense_xla":
     return lambda x: jax.nn.dot_product_attention(
-        x["q"], x["k"], x["v"], is_causal=not decode)
+      x["q"], x["k"], x["v"], is_causal=not decode
+    )
   if kind == "dense_sa":
-    return lambda x: sa.dense_attention(x["q"], x["k"], x["v"],
-                                        q_offset=off(x))
+    return lambda x: sa.dense_attention(x["q"], x["k"], x["v"], q_offset=off(x))
   if kind == "dsa":
     return lambda x: sa.dsa_attention(
-        x["q"], x["k"], x["v"], x["q_idx"], x["k_idx"], x["w"],
-        top_k=params["top_k"], q_offset=off(x), implementation="xla")
+      x["q"],
+      x["k"],
+      x["v"],
+      x["q_idx"],
+      x["k_idx"],
+      x["w"],
+      top_k=params["top_k"],
+      q_offset=off(x),
+      implementation="xla",
+    )
   if kind == "dsa:topk":
-    return lambda x: sa.lightning_topk(x["q_idx"], x["k_idx"], x["w"],
-                                       params["top_k"], q_offset=off(x),
-                                       implementation="xla")
+    return lambda x: sa.lightning_topk(
+      x["q_idx"],
+      x["k_idx"],
+      x["w"],
+      params["top_k"],
+      q_offset=off(x),
+      implementation="xla",
+    )
   if kind == "dsa:attn":
-    return lambda x: sa.gathered_attention(x["q"], x["k"], x["v"], x["idx"],
-                                           implementation="xla")
+    return lambda x: sa.gathered_attention(
+      x["q"], x["k"], x["v"], x["idx"], implementation="xla"
+    )
   spec = registry.get(kind)
   p = spec.make_params(**params)
 
   def fn(x):
-    return spec.attention(x["q"], x["k"], x["v"], p, q_offset=off(x),
-                          implementation="xla", q_idx=x["q_idx"],
-                          k_idx=x["k_idx"], weights=x["w"], gates=x["gates"])
+    return spec.attention(
+      x["q"],
+      x["k"],
+      x["v"],
+      p,
+      q_offset=off(x),
+      implementation="xla",
+      q_idx=x["q_idx"],
+      k_idx=x["k_idx"],
+      weights=x["w"],
+      gates=x["gates"],
+    )
 
   if decode:
-    try:        # kinds without an incremental form (LSH) refuse T != S
+    try:  # kinds without an incremental form (LSH) refuse T != S
       jax.eval_shape(fn, make_inputs(a, 8, 1))
     except ValueError:
       return None
@@ -211,7 +289,7 @@ def timed_fn(a, kind, mode, params):
   if fn is None:
     return None
   if mode != "fwdbwd" or kind == "dsa:topk":
-    return fn                     # the top-k has no backward
+    return fn  # the top-k has no backward
 
   def loss(q, k, v, x):
     y = fn(dict(x, q=q, k=k, v=v))
@@ -219,6 +297,7 @@ def timed_fn(a, kind, mode, params):
 
   def fwdbwd(x):
     return jax.grad(loss, argnums=(0, 1, 2))(x["q"], x["k"], x["v"], x)
+
   return fwdbwd
 
 
@@ -246,13 +325,19 @@ def run_group(a, length, mode, kinds, log):
   rows, ready = {}, {}
   for kind in kinds:
     params = kind_params(a, kind, length)
-    row = {"L": length, "mode": mode, "kind": kind,
-           "params": json.dumps({k: v for k, v in params.items()
-                                 if v is not None}, sort_keys=True)}
+    row = {
+      "L": length,
+      "mode": mode,
+      "kind": kind,
+      "params": json.dumps(
+        {k: v for k, v in params.items() if v is not None}, sort_keys=True
+      ),
+    }
     counts = keys_per_query(kind, length, params)
     row["budget"] = float(counts[-1] if mode == "decode" else counts.mean())
-    row["model_flops"], row["model_bytes"] = cost_model(a, kind, mode, length,
-                                                        params)
+    row["model_flops"], row["model_bytes"] = cost_model(
+      a, kind, mode, length, params
+    )
     rows[kind] = row
     reason = skip_reason(a, kind, mode, length)
     fn = timed_fn(a, kind, mode, params)
@@ -263,10 +348,16 @@ def run_group(a, length, mode, kinds, log):
       continue
     args = dict(x)
     if kind == "dsa:attn":
-      args["idx"] = jax.jit(lambda y: sa.lightning_topk(
-          y["q_idx"], y["k_idx"], y["w"], params["top_k"],
+      args["idx"] = jax.jit(
+        lambda y, params=params: sa.lightning_topk(
+          y["q_idx"],
+          y["k_idx"],
+          y["w"],
+          params["top_k"],
           q_offset=(length - 1 if mode == "decode" else None),
-          implementation="xla"))(x)
+          implementation="xla",
+        )
+      )(x)
     if mode == "fwdbwd":
       args["ct"] = jnp.ones((a.batch, num_q, a.heads, a.head_dim), jnp.float32)
     try:
@@ -280,18 +371,24 @@ def run_group(a, length, mode, kinds, log):
         row["arg_bytes"] = int(mem.argument_size_in_bytes)
         row["peak_bytes"] = row["temp_bytes"] + row["output_bytes"]
         if row["peak_bytes"] > a.mem_limit_gb * 2**30:
-          row["status"] = (f"skipped: compiled temp+output "
-                           f"{row['peak_bytes'] / 2**30:.1f} GiB > "
-                           f"--mem-limit-gb={a.mem_limit_gb}")
+          row["status"] = (
+            f"skipped: compiled temp+output "
+            f"{row['peak_bytes'] / 2**30:.1f} GiB > "
+            f"--mem-limit-gb={a.mem_limit_gb}"
+          )
           continue
       ready[kind] = (compiled, args, [])
     except Exception as e:  # pylint: disable=broad-except
-      row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      row["status"] = (
+        f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      )
   reps = a.decode_reps if mode == "decode" else a.reps
   for r in range(reps):
     for kind, (compiled, args, times) in list(ready.items()):
-      if r > 0 and (sum(times) + times[-1] > a.max_case_s or
-                    (r >= 2 and sum(times) > a.max_case_s)):
+      if r > 0 and (
+        sum(times) + times[-1] > a.max_case_s
+        or (r >= 2 and sum(times) > a.max_case_s)
+      ):
         continue
       try:
         t0 = time.perf_counter()
@@ -306,8 +403,9 @@ def run_group(a, length, mode, kinds, log):
     rows[kind]["time_s"] = statistics.median(use)
     rows[kind]["reps"] = len(use)
     rows[kind]["status"] = "ok"
-  dense = {k: rows[k].get("time_s") for k in ("dense_xla", "dense_sa")
-           if k in rows}
+  dense = {
+    k: rows[k].get("time_s") for k in ("dense_xla", "dense_sa") if k in rows
+  }
   valid = [t for t in dense.values() if t]
   ref_flops = cost_model(a, "dense_sa", mode, length, {})
   for kind, row in rows.items():
@@ -321,10 +419,12 @@ def run_group(a, length, mode, kinds, log):
     ref = ref_flops[1] if mode == "decode" else ref_flops[0]
     val = row["model_bytes"] if mode == "decode" else row["model_flops"]
     row["model_ratio"] = val / ref if ref else None
-    log(f"  L={length:6d} {mode:6s} {kind:15s} {row.get('status', '?'):8.60s} "
-        f"t={C.fmt(t)}s ratio={C.fmt(row.get('ratio'))} "
-        f"model={C.fmt(row['model_ratio'])} budget={row['budget']:.1f} "
-        f"mem={C.fmt((row.get('peak_bytes') or 0) / 2**20)}MiB")
+    log(
+      f"  L={length:6d} {mode:6s} {kind:15s} {row.get('status', '?'):8.60s} "
+      f"t={C.fmt(t)}s ratio={C.fmt(row.get('ratio'))} "
+      f"model={C.fmt(row['model_ratio'])} budget={row['budget']:.1f} "
+      f"mem={C.fmt((row.get('peak_bytes') or 0) / 2**20)}MiB"
+    )
   return list(rows.values())
 
 
@@ -337,26 +437,53 @@ def rss_child(a, length):
   _block(fn(x))
   t = time.perf_counter() - t0
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  print(json.dumps({"L": length, "peak_rss": peak, "rss_before": base,
-                    "first_call_s": t}))
+  print(
+    json.dumps(
+      {"L": length, "peak_rss": peak, "rss_before": base, "first_call_s": t}
+    )
+  )
 
 
 def run_rss_check(a, length, log):
-  cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", str(length),
-         "--heads", str(a.heads), "--kv-heads", str(a.kv_heads),
-         "--head-dim", str(a.head_dim), "--indexer-heads",
-         str(a.indexer_heads), "--indexer-dim", str(a.indexer_dim),
-         "--top-k", str(a.top_k), "--batch", str(a.batch), "--dtype", a.dtype]
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--rss-child",
+    str(length),
+    "--heads",
+    str(a.heads),
+    "--kv-heads",
+    str(a.kv_heads),
+    "--head-dim",
+    str(a.head_dim),
+    "--indexer-heads",
+    str(a.indexer_heads),
+    "--indexer-dim",
+    str(a.indexer_dim),
+    "--top-k",
+    str(a.top_k),
+    "--batch",
+    str(a.batch),
+    "--dtype",
+    a.dtype,
+  ]
   try:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                         check=True).stdout.strip().splitlines()[-1]
+    out = (
+      subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1800, check=True
+      )
+      .stdout.strip()
+      .splitlines()[-1]
+    )
     res = json.loads(out)
   except Exception as e:  # pylint: disable=broad-except
     log(f"RSS check at L={length} failed: {e}")
     return None
-  log(f"DSA forward at L={length}: peak process RSS "
-      f"{res['peak_rss'] / 2**30:.2f} GiB (after inputs: "
-      f"{res['rss_before'] / 2**30:.2f} GiB), first call {res['first_call_s']:.1f}s")
+  log(
+    f"DSA forward at L={length}: peak process RSS "
+    f"{res['peak_rss'] / 2**30:.2f} GiB (after inputs: "
+    f"{res['rss_before'] / 2**30:.2f} GiB), first call {res['first_call_s']:.1f}s"
+  )
   return res
 
 
@@ -370,9 +497,11 @@ def summary_markdown(rows, a, rss=None):
   lengths = sorted({r["L"] for r in rows})
   kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
   for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
-    lines.append(f"\n**{mode}**: time ratio to the faster dense (measured / "
-                 f"FLOP{' or byte' if mode == 'decode' else ''} model); "
-                 f"dense times in seconds\n")
+    lines.append(
+      f"\n**{mode}**: time ratio to the faster dense (measured / "
+      f"FLOP{' or byte' if mode == 'decode' else ''} model); "
+      f"dense times in seconds\n"
+    )
     header = ["kind"] + [f"L={l}" for l in lengths]
     table = []
     for kind in kinds:
@@ -387,13 +516,16 @@ def summary_markdown(rows, a, rss=None):
         elif r.get("ratio") is not None:
           cells.append(f"{r['ratio']:.3f} / {r['model_ratio']:.3f}")
         elif r.get("time_s"):
-          cells.append(f"{r['time_s']:.4g}s (no dense) / "
-                       f"{r['model_ratio']:.3f}")
+          cells.append(
+            f"{r['time_s']:.4g}s (no dense) / {r['model_ratio']:.3f}"
+          )
         else:
           cells.append(_short(r.get("status")))
       table.append(cells)
     lines.append(C.markdown_table(table, header))
-  lines.append("\n**peak memory** (compiled temp + output, MiB), fwd / fwdbwd\n")
+  lines.append(
+    "\n**peak memory** (compiled temp + output, MiB), fwd / fwdbwd\n"
+  )
   header = ["kind"] + [f"L={l}" for l in lengths]
   table = []
   for kind in kinds:
@@ -408,9 +540,11 @@ def summary_markdown(rows, a, rss=None):
     table.append(cells)
   lines.append(C.markdown_table(table, header))
   if rss:
-    lines.append(f"\nDSA forward at L={rss['L']} in a fresh process: peak RSS "
-                 f"{rss['peak_rss'] / 2**30:.2f} GiB (inputs allocated: "
-                 f"{rss['rss_before'] / 2**30:.2f} GiB).")
+    lines.append(
+      f"\nDSA forward at L={rss['L']} in a fresh process: peak RSS "
+      f"{rss['peak_rss'] / 2**30:.2f} GiB (inputs allocated: "
+      f"{rss['rss_before'] / 2**30:.2f} GiB)."
+    )
   return "\n".join(lines)
 
 
@@ -431,12 +565,17 @@ def plot(rows, path):
   if plt is None:
     return False
   modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-  fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4.2))
+  fig, axes = plt.subplots(
+    1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4.2)
+  )
   kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
   for ax, mode in zip(axes, modes):
     for kind in kinds:
-      pts = sorted((r["L"], r["time_s"]) for r in rows
-                   if r["mode"] == mode and r["kind"] == kind and r.get("time_s"))
+      pts = sorted(
+        (r["L"], r["time_s"])
+        for r in rows
+        if r["mode"] == mode and r["kind"] == kind and r.get("time_s")
+      )
       if pts:
         style = "-" if not kind.startswith("dsa:") else ":"
         lw = 2.5 if kind == "dsa" else 1.2
@@ -447,8 +586,11 @@ def plot(rows, path):
     ax.grid(True, which="both", alpha=0.3)
   ax = axes[-1]
   for kind in kinds:
-    pts = sorted((r["L"], r["peak_bytes"] / 2**20) for r in rows
-                 if r["mode"] == "fwd" and r["kind"] == kind and r.get("peak_bytes"))
+    pts = sorted(
+      (r["L"], r["peak_bytes"] / 2**20)
+      for r in rows
+      if r["mode"] == "fwd" and r["kind"] == kind and r.get("peak_bytes")
+    )
     if pts:
       ax.loglog(*zip(*pts), marker="o", ms=3, label=kind)
   ax.set_title("fwd: compiled temp+output memory")
@@ -478,27 +620,33 @@ def main(argv=None):
   for k in kinds:
     if k not in KINDS:
       raise ValueError(f"unknown kind {k!r}; known: {KINDS}")
-  log(f"bench_attention: B={a.batch} H={a.heads} G={a.kv_heads} "
-      f"D={a.head_dim} HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} "
-      f"{a.dtype}; {C.env_line()}")
+  log(
+    f"bench_attention: B={a.batch} H={a.heads} G={a.kv_heads} "
+    f"D={a.head_dim} HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} "
+    f"{a.dtype}; {C.env_line()}"
+  )
   t_start = time.perf_counter()
   rows = []
   csv_path = os.path.join(a.out_dir, "bench_attention.csv")
   for length in lengths:
     for mode in modes:
       rows += run_group(a, length, mode, kinds, log)
-      C.write_csv(csv_path, rows, COLUMNS)      # partial results survive a kill
+      C.write_csv(csv_path, rows, COLUMNS)  # partial results survive a kill
   rss = run_rss_check(a, a.rss_check, log) if a.rss_check else None
-  md = (f"Shape B={a.batch} H={a.heads} G={a.kv_heads} D={a.head_dim} "
-        f"HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} {a.dtype}, XLA "
-        f"path; {C.env_line()}; total {time.perf_counter() - t_start:.0f} s.\n"
-        + summary_markdown(rows, a, rss))
-  with open(os.path.join(a.out_dir, "bench_attention.md"), "w",
-            encoding="utf-8") as f:
+  md = (
+    f"Shape B={a.batch} H={a.heads} G={a.kv_heads} D={a.head_dim} "
+    f"HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} {a.dtype}, XLA "
+    f"path; {C.env_line()}; total {time.perf_counter() - t_start:.0f} s.\n"
+    + summary_markdown(rows, a, rss)
+  )
+  with open(
+    os.path.join(a.out_dir, "bench_attention.md"), "w", encoding="utf-8"
+  ) as f:
     f.write(md + "\n")
   if rss:
-    with open(os.path.join(a.out_dir, "rss_check.json"), "w",
-              encoding="utf-8") as f:
+    with open(
+      os.path.join(a.out_dir, "rss_check.json"), "w", encoding="utf-8"
+    ) as f:
       json.dump(rss, f)
   plot(rows, os.path.join(a.out_dir, "bench_attention.png"))
   log(md)

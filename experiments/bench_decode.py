@@ -45,12 +45,18 @@ from sparse_attn.nn import DenseAttention, DSAAttention
 def make_layer(kind: str, a) -> nnx.Module:
   e = a.heads * a.head_dim
   if kind == "dense":
-    return DenseAttention(e, a.heads, a.kv_heads, a.head_dim,
-                          rngs=nnx.Rngs(0))
-  return DSAAttention(e, a.heads, a.kv_heads, a.head_dim, top_k=a.top_k,
-                      indexer_heads=a.indexer_heads,
-                      indexer_dim=a.indexer_dim, implementation="xla",
-                      rngs=nnx.Rngs(0))
+    return DenseAttention(e, a.heads, a.kv_heads, a.head_dim, rngs=nnx.Rngs(0))
+  return DSAAttention(
+    e,
+    a.heads,
+    a.kv_heads,
+    a.head_dim,
+    top_k=a.top_k,
+    indexer_heads=a.indexer_heads,
+    indexer_dim=a.indexer_dim,
+    implementation="xla",
+    rngs=nnx.Rngs(0),
+  )
 
 
 def random_cache(layer, batch: int, context: int, index_dtype):
@@ -58,8 +64,9 @@ def random_cache(layer, batch: int, context: int, index_dtype):
 
   @jax.jit
   def fill():
-    cache = layer.init_cache(batch, context + 1, dtype=jnp.float32,
-                             index_dtype=index_dtype)
+    cache = layer.init_cache(
+      batch, context + 1, dtype=jnp.float32, index_dtype=index_dtype
+    )
     keys = iter(jax.random.split(jax.random.key(0), 4))
     out = {}
     for name in ("k", "v", "k_idx"):
@@ -82,8 +89,14 @@ def make_step(layer, view: int):
 
   def step(params, lc, x, lengths):
     lyr = nnx.merge(graphdef, params)
-    y, _, lc = lyr(x, positions=lengths[:, None], kv_lengths=lengths + 1,
-                   mode="sparse", cache=lc, view=view)
+    y, _, lc = lyr(
+      x,
+      positions=lengths[:, None],
+      kv_lengths=lengths + 1,
+      mode="sparse",
+      cache=lc,
+      view=view,
+    )
     return y, lc
 
   return params, jax.jit(step, donate_argnums=(1,))
@@ -105,12 +118,18 @@ def bench_decode(a):
       mem = compiled.memory_analysis()
       temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
       cache_bytes = sum(l.nbytes for l in jax.tree.leaves(lc))
-      for _ in range(2):                                  # warm-up
+      for _ in range(2):  # warm-up
         y, lc = step(params, lc, x, lengths)
       y.block_until_ready()
-      runs[kind] = dict(step=step, params=params, lc=lc, times=[],
-                        cache_mb=cache_bytes / 2**20, temp_mb=temp / 2**20)
-    for _ in range(a.reps):                               # interleaved
+      runs[kind] = dict(
+        step=step,
+        params=params,
+        lc=lc,
+        times=[],
+        cache_mb=cache_bytes / 2**20,
+        temp_mb=temp / 2**20,
+      )
+    for _ in range(a.reps):  # interleaved
       for kind in ("dense", "dsa"):
         r = runs[kind]
         t0 = time.perf_counter()
@@ -119,14 +138,23 @@ def bench_decode(a):
         r["times"].append(time.perf_counter() - t0)
     d_ms = 1e3 * float(np.median(runs["dense"]["times"]))
     s_ms = 1e3 * float(np.median(runs["dsa"]["times"]))
-    rows.append(dict(context=ctx, dense_ms=d_ms, dsa_ms=s_ms,
-                     ratio=s_ms / d_ms,
-                     dense_cache_mb=runs["dense"]["cache_mb"],
-                     dsa_cache_mb=runs["dsa"]["cache_mb"],
-                     dense_temp_mb=runs["dense"]["temp_mb"],
-                     dsa_temp_mb=runs["dsa"]["temp_mb"]))
-    print(f"  context {ctx:>7}: dense {d_ms:8.3f} ms  dsa {s_ms:8.3f} ms  "
-          f"ratio {s_ms / d_ms:.3f}", flush=True)
+    rows.append(
+      dict(
+        context=ctx,
+        dense_ms=d_ms,
+        dsa_ms=s_ms,
+        ratio=s_ms / d_ms,
+        dense_cache_mb=runs["dense"]["cache_mb"],
+        dsa_cache_mb=runs["dsa"]["cache_mb"],
+        dense_temp_mb=runs["dense"]["temp_mb"],
+        dsa_temp_mb=runs["dsa"]["temp_mb"],
+      )
+    )
+    print(
+      f"  context {ctx:>7}: dense {d_ms:8.3f} ms  dsa {s_ms:8.3f} ms  "
+      f"ratio {s_ms / d_ms:.3f}",
+      flush=True,
+    )
     del runs
   return rows
 
@@ -135,11 +163,20 @@ def prefill_worker(kind: str, context: int, a) -> dict:
   """Chunked prefill of one random prompt through a one-layer model."""
   from sparse_attn.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from sparse_attn.models import build_model  # pylint: disable=g-import-not-at-top
-  cfg = ModelConfig(embed_dim=a.heads * a.head_dim, num_layers=1,
-                    num_heads=a.heads, num_kv_heads=a.kv_heads,
-                    head_dim=a.head_dim, mlp_dim=64, attention=kind,
-                    top_k=a.top_k, indexer_heads=a.indexer_heads,
-                    indexer_dim=a.indexer_dim, implementation="xla")
+
+  cfg = ModelConfig(
+    embed_dim=a.heads * a.head_dim,
+    num_layers=1,
+    num_heads=a.heads,
+    num_kv_heads=a.kv_heads,
+    head_dim=a.head_dim,
+    mlp_dim=64,
+    attention=kind,
+    top_k=a.top_k,
+    indexer_heads=a.indexer_heads,
+    indexer_dim=a.indexer_dim,
+    implementation="xla",
+  )
   model = build_model(cfg)
   dec = D.Decoder(model, chunk_size=a.chunk_size, index_dtype=a.index_dtype)
   tokens = np.random.default_rng(0).integers(0, 256, (a.batch, context))
@@ -151,9 +188,15 @@ def prefill_worker(kind: str, context: int, a) -> dict:
   secs = time.perf_counter() - t0
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   cache_mb = sum(l.nbytes for l in jax.tree.leaves(cache.layers)) / 2**20
-  return dict(kind=kind, context=context, seconds=secs, peak_rss_mb=peak,
-              rss_before_mb=rss0, cache_mb=cache_mb,
-              tokens_per_s=a.batch * context / secs)
+  return dict(
+    kind=kind,
+    context=context,
+    seconds=secs,
+    peak_rss_mb=peak,
+    rss_before_mb=rss0,
+    cache_mb=cache_mb,
+    tokens_per_s=a.batch * context / secs,
+  )
 
 
 def run_prefill(kind: str, a, argv) -> dict:
@@ -172,17 +215,21 @@ def write_outputs(rows, prefill, a):
     w.writeheader()
     w.writerows(rows)
   if prefill:
-    with open(os.path.join(a.out_dir, "bench_prefill.json"), "w",
-              encoding="utf-8") as f:
+    with open(
+      os.path.join(a.out_dir, "bench_prefill.json"), "w", encoding="utf-8"
+    ) as f:
       json.dump(prefill, f, indent=2)
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   ctx = [r["context"] for r in rows]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   ax1.loglog(ctx, [r["dense_ms"] for r in rows], "o-", label="dense")
-  ax1.loglog(ctx, [r["dsa_ms"] for r in rows], "s-",
-             label=f"DSA (top-k {a.top_k})")
+  ax1.loglog(
+    ctx, [r["dsa_ms"] for r in rows], "s-", label=f"DSA (top-k {a.top_k})"
+  )
   ax1.set_xlabel("context (tokens)")
   ax1.set_ylabel("decode step (ms)")
   ax1.legend()
@@ -198,16 +245,24 @@ def write_outputs(rows, prefill, a):
 
 
 def parse(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
   C.add_layer_shape_args(p)
   p.add_argument("--index-dtype", default="float32", choices=D.INDEX_DTYPES)
   p.add_argument("--reps", type=int, default=20)
-  p.add_argument("--prefill-context", type=int, default=65536,
-                 help="prompt length of the prefill measurement (0: skip)")
-  p.add_argument("--prefill-dense", action="store_true",
-                 help="also prefill the dense model (slow: O(L^2) work)")
+  p.add_argument(
+    "--prefill-context",
+    type=int,
+    default=65536,
+    help="prompt length of the prefill measurement (0: skip)",
+  )
+  p.add_argument(
+    "--prefill-dense",
+    action="store_true",
+    help="also prefill the dense model (slow: O(L^2) work)",
+  )
   p.add_argument("--chunk-size", type=int, default=2048)
   p.add_argument("--out-dir", default="bench_decode_out")
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
@@ -226,31 +281,42 @@ def main(argv=None):
   if a._prefill:  # pylint: disable=protected-access
     print(json.dumps(prefill_worker(a._prefill, a.prefill_context, a)))  # pylint: disable=protected-access
     return
-  print(f"decode step, one layer: H={a.heads} G={a.kv_heads} D={a.head_dim} "
-        f"HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} B={a.batch} "
-        f"index cache {a.index_dtype}, {jax.devices()[0].platform}, fp32")
+  print(
+    f"decode step, one layer: H={a.heads} G={a.kv_heads} D={a.head_dim} "
+    f"HI={a.indexer_heads} DI={a.indexer_dim} K={a.top_k} B={a.batch} "
+    f"index cache {a.index_dtype}, {jax.devices()[0].platform}, fp32"
+  )
   rows = bench_decode(a)
   prefill = []
   if a.prefill_context:
     fwd = [x for x in argv if x != "--prefill-dense"]
     for kind in ("dsa", "dense") if a.prefill_dense else ("dsa",):
       # --smoke runs in-process (CI time); its RSS then includes the above.
-      prefill.append(prefill_worker(kind, a.prefill_context, a) if a.smoke
-                     else run_prefill(kind, a, fwd))
+      prefill.append(
+        prefill_worker(kind, a.prefill_context, a)
+        if a.smoke
+        else run_prefill(kind, a, fwd)
+      )
   path = write_outputs(rows, prefill, a)
   print()
-  print("| context | dense ms/token | DSA ms/token | DSA/dense | dense cache MB "
-        "| DSA cache MB | dense temp MB | DSA temp MB |")
+  print(
+    "| context | dense ms/token | DSA ms/token | DSA/dense | dense cache MB "
+    "| DSA cache MB | dense temp MB | DSA temp MB |"
+  )
   print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
-    print(f"| {r['context']} | {r['dense_ms']:.3f} | {r['dsa_ms']:.3f} | "
-          f"{r['ratio']:.3f} | {r['dense_cache_mb']:.1f} | "
-          f"{r['dsa_cache_mb']:.1f} | {r['dense_temp_mb']:.1f} | "
-          f"{r['dsa_temp_mb']:.1f} |")
+    print(
+      f"| {r['context']} | {r['dense_ms']:.3f} | {r['dsa_ms']:.3f} | "
+      f"{r['ratio']:.3f} | {r['dense_cache_mb']:.1f} | "
+      f"{r['dsa_cache_mb']:.1f} | {r['dense_temp_mb']:.1f} | "
+      f"{r['dsa_temp_mb']:.1f} |"
+    )
   for p in prefill:
-    print(f"prefill {p['kind']} {p['context']} tokens (chunk {a.chunk_size}): "
-          f"{p['seconds']:.1f} s, {p['tokens_per_s']:.0f} tok/s, peak RSS "
-          f"{p['peak_rss_mb']:.0f} MB (cache {p['cache_mb']:.1f} MB)")
+    print(
+      f"prefill {p['kind']} {p['context']} tokens (chunk {a.chunk_size}): "
+      f"{p['seconds']:.1f} s, {p['tokens_per_s']:.0f} tok/s, peak RSS "
+      f"{p['peak_rss_mb']:.0f} MB (cache {p['cache_mb']:.1f} MB)"
+    )
   print(f"wrote {path} and bench_decode.png")
 
 

@@ -42,29 +42,38 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import retrieval as R  # noqa: E402  (shared training helpers)
 from flax import nnx  # noqa: E402
 
 import sparse_attn as sa  # noqa: E402
 from sparse_attn import training as T  # noqa: E402
-from sparse_attn.ops.attention import group_heads, masked_softmax  # noqa: E402
 from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from sparse_attn.nn import DSAAttention  # noqa: E402
+from sparse_attn.ops.attention import group_heads, masked_softmax  # noqa: E402
 
-import retrieval as R  # noqa: E402  (shared training helpers)
-
-COLUMNS = ("step", "stage", "layer", "recall", "mass", "oracle_mass", "kl",
-           "num_queries", "top_k")
+COLUMNS = (
+  "step",
+  "stage",
+  "layer",
+  "recall",
+  "mass",
+  "oracle_mass",
+  "kl",
+  "num_queries",
+  "top_k",
+)
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--task", default="passkey",
-                 help="mqar | passkey | niah | vartrack | text")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--task", default="passkey", help="mqar | passkey | niah | vartrack | text"
+  )
   p.add_argument("--seq-len", type=int, default=256)
   p.add_argument("--top-k", type=int, default=16)
   p.add_argument("--num-layers", type=int, default=2)
@@ -87,12 +96,26 @@ def parse_args(argv=None):
 
 def model_dims(a):
   if a.smoke:
-    return dict(embed_dim=32, num_layers=a.num_layers, num_heads=2,
-                num_kv_heads=1, head_dim=16, mlp_dim=64, indexer_heads=2,
-                indexer_dim=8)
-  return dict(embed_dim=128, num_layers=a.num_layers, num_heads=4,
-              num_kv_heads=2, head_dim=32, mlp_dim=256, indexer_heads=4,
-              indexer_dim=32)
+    return dict(
+      embed_dim=32,
+      num_layers=a.num_layers,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=16,
+      mlp_dim=64,
+      indexer_heads=2,
+      indexer_dim=8,
+    )
+  return dict(
+    embed_dim=128,
+    num_layers=a.num_layers,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    mlp_dim=256,
+    indexer_heads=4,
+    indexer_dim=32,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -104,16 +127,18 @@ def layer_stats(layer: DSAAttention, h, positions, top_k):
   q, k, _ = layer.project(h, positions)
   q_idx, k_idx, w = layer.index(h, positions)
   b, t, nh, d = q.shape
-  logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(q, k.shape[2]), k) * d ** -0.5
-  valid = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]           # [T, S]
+  logits = (
+    jnp.einsum("btgrd,bsgd->btgrs", group_heads(q, k.shape[2]), k) * d**-0.5
+  )
+  valid = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
   probs, _ = masked_softmax(logits, valid[None, :, None, None, :])
-  p = jnp.mean(probs, axis=(2, 3))                                    # [B, T, S]
+  p = jnp.mean(probs, axis=(2, 3))  # [B, T, S]
   idx = sa.lightning_topk(q_idx, k_idx, w, top_k, implementation="xla")
   dense_idx = sa.select_topk(jnp.where(valid[None], p, -jnp.inf), top_k)
 
   def as_mask(ix):
     hot = jax.nn.one_hot(jnp.where(ix >= 0, ix, t), t + 1, dtype=jnp.float32)
-    return jnp.minimum(jnp.sum(hot, axis=2)[..., :t], 1.0)           # [B, T, S]
+    return jnp.minimum(jnp.sum(hot, axis=2)[..., :t], 1.0)  # [B, T, S]
 
   sel, ref = as_mask(idx), as_mask(dense_idx)
   recall = jnp.sum(sel * ref, -1) / top_k
@@ -121,25 +146,39 @@ def layer_stats(layer: DSAAttention, h, positions, top_k):
   oracle = jnp.sum(ref * p, -1)
   scores = sa.indexer_scores(q_idx, k_idx, w)
   log_q = jax.nn.log_softmax(jnp.where(valid[None], scores, -jnp.inf), -1)
-  kl = jnp.sum(jnp.where(valid[None] & (p > 0),
-                         p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0), -1)
-  use = jnp.broadcast_to(jnp.arange(t)[None, :] >= top_k, (b, t))     # > K visible
+  kl = jnp.sum(
+    jnp.where(
+      valid[None] & (p > 0),
+      p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q),
+      0.0,
+    ),
+    -1,
+  )
+  use = jnp.broadcast_to(jnp.arange(t)[None, :] >= top_k, (b, t))  # > K visible
   n = jnp.maximum(jnp.sum(use), 1)
   mean = lambda x: jnp.sum(jnp.where(use, x, 0.0)) / n
-  return ({"recall": mean(recall), "mass": mean(mass),
-           "oracle_mass": mean(oracle), "kl": mean(kl),
-           "num_queries": jnp.sum(use).astype(jnp.float32)},
-          {"sel": sel[0], "ref": ref[0]})
+  return (
+    {
+      "recall": mean(recall),
+      "mass": mean(mass),
+      "oracle_mass": mean(oracle),
+      "kl": mean(kl),
+      "num_queries": jnp.sum(use).astype(jnp.float32),
+    },
+    {"sel": sel[0], "ref": ref[0]},
+  )
 
 
 def make_analyse_fn(s, top_k):
   def fn(params, tokens, mode):
     model = nnx.merge(s.graphdef, params["indexer"], params["main"])
     bsz, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
-                                 (bsz, length))
-    x = model.embed[...][tokens] * jnp.asarray(model.cfg.embed_dim ** 0.5,
-                                              jnp.float32)
+    positions = jnp.broadcast_to(
+      jnp.arange(length, dtype=jnp.int32), (bsz, length)
+    )
+    x = model.embed[...][tokens] * jnp.asarray(
+      model.cfg.embed_dim**0.5, jnp.float32
+    )
     stats, maps = [], []
     for block in model.blocks:
       st, mp = layer_stats(block.attn, block.attn_norm(x), positions, top_k)
@@ -147,6 +186,7 @@ def make_analyse_fn(s, top_k):
       maps.append(mp)
       x, _ = block(x, positions=positions, kv_lengths=None, mode=mode)
     return stats, maps
+
   return jax.jit(fn, static_argnums=2)
 
 
@@ -174,24 +214,41 @@ def analyse(s, state, fn, batches, mode):
 
 
 def dsa_config(a, warmup, sparse, lr):
-  model = ModelConfig(attention="dsa", top_k=a.top_k, implementation="xla"
-                      if jax.default_backend() == "cpu" else None,
-                      **model_dims(a))
-  train = TrainConfig(dataset=a.task, seq_len=a.seq_len,
-                      batch_size=a.batch_size, warmup_stage_steps=warmup,
-                      sparse_stage_steps=sparse, lr=lr, indexer_lr=lr,
-                      lr_warmup_steps=min(10, max(1, (warmup + sparse) // 4)),
-                      checkpoint_every=0, eval_every=0, log_every=10**9,
-                      max_bytes=2_000_000, eval_max_bytes=200_000)
+  model = ModelConfig(
+    attention="dsa",
+    top_k=a.top_k,
+    implementation="xla" if jax.default_backend() == "cpu" else None,
+    **model_dims(a),
+  )
+  train = TrainConfig(
+    dataset=a.task,
+    seq_len=a.seq_len,
+    batch_size=a.batch_size,
+    warmup_stage_steps=warmup,
+    sparse_stage_steps=sparse,
+    lr=lr,
+    indexer_lr=lr,
+    lr_warmup_steps=min(10, max(1, (warmup + sparse) // 4)),
+    checkpoint_every=0,
+    eval_every=0,
+    log_every=10**9,
+    max_bytes=2_000_000,
+    eval_max_bytes=200_000,
+  )
   return Config(model=model, train=train, name="indexer_analysis")
 
 
 def eval_tokens(a, cfg):
-  _, ev = T.make_datasets(cfg) if a.task == "text" else (
-      None, R.dataset(a.task, a.seq_len, "validation"))
+  _, ev = (
+    T.make_datasets(cfg)
+    if a.task == "text"
+    else (None, R.dataset(a.task, a.seq_len, "validation"))
+  )
   bsz = min(a.eval_examples, 8)
-  return [jnp.asarray(ev.eval_batch(i, bsz).inputs)
-          for i in range(-(-a.eval_examples // bsz))]
+  return [
+    jnp.asarray(ev.eval_batch(i, bsz).inputs)
+    for i in range(-(-a.eval_examples // bsz))
+  ]
 
 
 def train_and_analyse(a, log):
@@ -200,12 +257,17 @@ def train_and_analyse(a, log):
   dense_cfg = dsa_config(a, 0, a.pretrain_steps, 3e-3)
   dense_cfg = dense_cfg.replace(**{"model.attention": "dense"})
   s = T.setup(dense_cfg)
-  ds, _ = T.make_datasets(s.cfg) if a.task == "text" else (
-      R.dataset(a.task, a.seq_len, "train"), None)
+  ds, _ = (
+    T.make_datasets(s.cfg)
+    if a.task == "text"
+    else (R.dataset(a.task, a.seq_len, "train"), None)
+  )
   t0 = time.perf_counter()
   pre, _ = R.train_steps(s, T.init_state(s), ds, 0, log, "pretrain")
-  log(f"dense pretraining: {a.pretrain_steps} steps, "
-      f"{time.perf_counter() - t0:.0f} s")
+  log(
+    f"dense pretraining: {a.pretrain_steps} steps, "
+    f"{time.perf_counter() - t0:.0f} s"
+  )
   # 2. DSA from the dense checkpoint, warm-up then sparse, in segments.
   cfg = dsa_config(a, a.warmup_steps, a.sparse_steps, 1e-3)
   s = T.setup(cfg)
@@ -216,8 +278,9 @@ def train_and_analyse(a, log):
   # The DSA steps continue the dense run's data stream.
   runner = T.StageRunner(s, ds, first_step=a.pretrain_steps)
   total = cfg.train.total_steps
-  checkpoints = sorted(set(range(0, total + 1, a.eval_every)) |
-                       {0, a.warmup_steps, total})
+  checkpoints = sorted(
+    set(range(0, total + 1, a.eval_every)) | {0, a.warmup_steps, total}
+  )
   done = 0
   for ck in checkpoints:
     state = runner.run(state, start=done, stop=ck)
@@ -228,9 +291,14 @@ def train_and_analyse(a, log):
     for r in stats:
       rows.append({"step": ck, "stage": stage, "top_k": a.top_k, **r})
     maps[ck] = mp
-    log("  step %4d (%s): " % (ck, stage) + "  ".join(
+    log(
+      f"  step {ck:4d} ({stage}): "
+      + "  ".join(
         f"L{r['layer']} recall {r['recall']:.3f} mass {r['mass']:.3f}/"
-        f"{r['oracle_mass']:.3f} kl {r['kl']:.3f}" for r in stats))
+        f"{r['oracle_mass']:.3f} kl {r['kl']:.3f}"
+        for r in stats
+      )
+    )
   return rows, maps
 
 
@@ -238,7 +306,11 @@ def analyse_run_dir(a, log):
   cfg = T.read_config(a.run_dir)
   if cfg.model.attention != "dsa":
     raise ValueError(f"run {a.run_dir!r} is {cfg.model.attention!r}, not dsa")
-  a.top_k, a.seq_len, a.task = cfg.model.top_k, cfg.train.seq_len, cfg.train.dataset
+  a.top_k, a.seq_len, a.task = (
+    cfg.model.top_k,
+    cfg.train.seq_len,
+    cfg.train.dataset,
+  )
   mngr = T.checkpoint_manager(a.run_dir, cfg)
   ckpts = list(mngr.all_steps())
   mngr.close()
@@ -247,14 +319,23 @@ def analyse_run_dir(a, log):
     s, state = T.load_checkpoint(a.run_dir, ck)
     fn = make_analyse_fn(s, a.top_k)
     stage = "warmup" if ck <= cfg.train.warmup_stage_steps else "sparse"
-    stats, mp = analyse(s, state, fn, eval_tokens(a, s.cfg),
-                        "warmup" if stage == "warmup" else "sparse")
+    stats, mp = analyse(
+      s,
+      state,
+      fn,
+      eval_tokens(a, s.cfg),
+      "warmup" if stage == "warmup" else "sparse",
+    )
     for r in stats:
       rows.append({"step": ck, "stage": stage, "top_k": a.top_k, **r})
     maps[ck] = mp
-    log(f"  checkpoint {ck}: " + "  ".join(
+    log(
+      f"  checkpoint {ck}: "
+      + "  ".join(
         f"L{r['layer']} recall {r['recall']:.3f} mass {r['mass']:.3f}"
-        for r in stats))
+        for r in stats
+      )
+    )
   return rows, maps
 
 
@@ -273,13 +354,19 @@ def plot_curves(rows, warmup_steps, path):
       pts = sorted((r["step"], r[key]) for r in rows if r["layer"] == l)
       ax.plot(*zip(*pts), marker="o", ms=3, label=f"layer {l}")
       if key == "mass":
-        pts = sorted((r["step"], r["oracle_mass"]) for r in rows
-                     if r["layer"] == l)
+        pts = sorted(
+          (r["step"], r["oracle_mass"]) for r in rows if r["layer"] == l
+        )
         ax.plot(*zip(*pts), ls=":", label=f"layer {l} oracle")
     if warmup_steps is not None:
       ax.axvline(warmup_steps, color="k", lw=0.8, ls="--")
-    ax.set_title({"recall": "recall of dense top-k", "mass":
-                  "dense attention mass captured", "kl": "KL(p || indexer)"}[key])
+    ax.set_title(
+      {
+        "recall": "recall of dense top-k",
+        "mass": "dense attention mass captured",
+        "kl": "KL(p || indexer)",
+      }[key]
+    )
     ax.set_xlabel("DSA step (warm-up | sparse)")
     ax.grid(True, alpha=0.3)
   axes[0].legend(fontsize=7)
@@ -295,20 +382,23 @@ def plot_heatmaps(maps, path):
   steps = sorted(maps)
   steps = [steps[0], steps[-1]] if len(steps) > 1 else steps
   layers = len(maps[steps[0]])
-  fig, axes = plt.subplots(layers, len(steps),
-                           figsize=(5 * len(steps), 4.5 * layers), squeeze=False)
+  fig, axes = plt.subplots(
+    layers, len(steps), figsize=(5 * len(steps), 4.5 * layers), squeeze=False
+  )
   for j, st in enumerate(steps):
     for l in range(layers):
       sel, ref = maps[st][l]["sel"], maps[st][l]["ref"]
       img = np.ones(sel.shape + (3,))
       both = (sel > 0) & (ref > 0)
-      img[(sel > 0) & ~both] = (0.85, 0.1, 0.1)    # indexer only: red
-      img[(ref > 0) & ~both] = (0.1, 0.3, 0.9)     # dense top-k only: blue
-      img[both] = (0.1, 0.6, 0.1)                  # both: green
+      img[(sel > 0) & ~both] = (0.85, 0.1, 0.1)  # indexer only: red
+      img[(ref > 0) & ~both] = (0.1, 0.3, 0.9)  # dense top-k only: blue
+      img[both] = (0.1, 0.6, 0.1)  # both: green
       ax = axes[l][j]
       ax.imshow(img, interpolation="nearest", aspect="auto")
-      ax.set_title(f"step {st}, layer {l}: green both, red indexer only, "
-                   f"blue dense only", fontsize=8)
+      ax.set_title(
+        f"step {st}, layer {l}: green both, red indexer only, blue dense only",
+        fontsize=8,
+      )
       ax.set_xlabel("key")
       ax.set_ylabel("query")
   fig.tight_layout()
@@ -329,10 +419,14 @@ def main(argv=None):
     rows, maps = train_and_analyse(a, log)
     warm = a.warmup_steps
   C.write_csv(os.path.join(a.out_dir, "indexer_analysis.csv"), rows, COLUMNS)
-  with open(os.path.join(a.out_dir, "indexer_analysis.json"), "w",
-            encoding="utf-8") as f:
-    json.dump({"args": vars(a), "rows": rows,
-               "seconds": time.perf_counter() - t0}, f, indent=1)
+  with open(
+    os.path.join(a.out_dir, "indexer_analysis.json"), "w", encoding="utf-8"
+  ) as f:
+    json.dump(
+      {"args": vars(a), "rows": rows, "seconds": time.perf_counter() - t0},
+      f,
+      indent=1,
+    )
   plot_curves(rows, warm, os.path.join(a.out_dir, "indexer_curves.png"))
   plot_heatmaps(maps, os.path.join(a.out_dir, "indexer_heatmaps.png"))
   log(f"wrote {a.out_dir} ({time.perf_counter() - t0:.0f} s)")

@@ -48,10 +48,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparse_attn import registry  # noqa: E402
@@ -60,20 +58,40 @@ from sparse_attn.budgets import key_budget, match_budget  # noqa: E402
 from sparse_attn.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from sparse_attn.data import make_dataset  # noqa: E402
 
-COLUMNS = ("task", "kind", "label", "protocol", "train_len", "eval_len",
-           "exact_match", "token_acc", "n_examples", "keys_per_query",
-           "budget_nominal", "attended_fraction", "train_time_s",
-           "pretrain_time_s", "steps", "final_loss", "top_k", "params")
+COLUMNS = (
+  "task",
+  "kind",
+  "label",
+  "protocol",
+  "train_len",
+  "eval_len",
+  "exact_match",
+  "token_acc",
+  "n_examples",
+  "keys_per_query",
+  "budget_nominal",
+  "attended_fraction",
+  "train_time_s",
+  "pretrain_time_s",
+  "steps",
+  "final_loss",
+  "top_k",
+  "params",
+)
 
 # Task options, fixed across lengths so longer evaluations only add filler.
 TASK_KWARGS = {
-    # 8 keys and 8 values: a 2-layer model learns the binding (not just the
-    # value distribution) in a few hundred CPU steps (see notebook 02).
-    "mqar": {"key_vocab": 8, "value_vocab": 8},
-    "passkey": {"num_digits": 5},
-    "niah": {"num_needles": 2, "num_digits": 5, "name_chars": 4},
-    "vartrack": {"num_hops": 2, "num_chains": 2, "num_digits": 4,
-                 "name_chars": 3},
+  # 8 keys and 8 values: a 2-layer model learns the binding (not just the
+  # value distribution) in a few hundred CPU steps (see notebook 02).
+  "mqar": {"key_vocab": 8, "value_vocab": 8},
+  "passkey": {"num_digits": 5},
+  "niah": {"num_needles": 2, "num_digits": 5, "name_chars": 4},
+  "vartrack": {
+    "num_hops": 2,
+    "num_chains": 2,
+    "num_digits": 4,
+    "name_chars": 3,
+  },
 }
 
 
@@ -96,49 +114,110 @@ class Preset:
   lr_warmup_steps: int = 20
 
 
-ALL_KINDS = registry.names()   # every registered kind (dense and dsa first)
+ALL_KINDS = registry.names()  # every registered kind (dense and dsa first)
 
 PRESETS = {
-    # Sizes measured on a shared 2-core CPU: see docs/experiments.md.
-    "quick": Preset(
-        tasks=("mqar",), seq_len=64, eval_lens=(64, 128, 256),
-        dsa_top_k=(8, 16), budget_top_k=8, kinds=ALL_KINDS,
-        pretrain_steps=300, warmup_steps=10, adapt_steps=40, batch_size=32,
-        eval_examples=64,
-        model=dict(embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=32, mlp_dim=384, indexer_heads=4, indexer_dim=32),
-        lr=1e-3, adapt_lr=1e-3, lr_warmup_steps=10),
-    "full": Preset(
-        tasks=("mqar", "passkey", "niah", "vartrack"), seq_len=8192,
-        eval_lens=(8192, 16384, 32768), dsa_top_k=(128, 256, 512),
-        budget_top_k=256, kinds=ALL_KINDS, pretrain_steps=3000,
-        warmup_steps=100, adapt_steps=1000, batch_size=16, eval_examples=256,
-        model=dict(embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2,
-                   head_dim=32, mlp_dim=768, indexer_heads=4, indexer_dim=32),
-        lr=1e-3, adapt_lr=5e-4, lr_warmup_steps=100),
-    "smoke": Preset(
-        tasks=("mqar",), seq_len=64, eval_lens=(64, 128), dsa_top_k=(8,),
-        budget_top_k=8, kinds=("dense", "dsa", "sliding_window"),
-        pretrain_steps=3, warmup_steps=1, adapt_steps=2, batch_size=4,
-        eval_examples=4,
-        model=dict(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                   head_dim=16, mlp_dim=64, indexer_heads=2, indexer_dim=8),
-        lr_warmup_steps=1),
+  # Sizes measured on a shared 2-core CPU: see docs/experiments.md.
+  "quick": Preset(
+    tasks=("mqar",),
+    seq_len=64,
+    eval_lens=(64, 128, 256),
+    dsa_top_k=(8, 16),
+    budget_top_k=8,
+    kinds=ALL_KINDS,
+    pretrain_steps=300,
+    warmup_steps=10,
+    adapt_steps=40,
+    batch_size=32,
+    eval_examples=64,
+    model=dict(
+      embed_dim=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      mlp_dim=384,
+      indexer_heads=4,
+      indexer_dim=32,
+    ),
+    lr=1e-3,
+    adapt_lr=1e-3,
+    lr_warmup_steps=10,
+  ),
+  "full": Preset(
+    tasks=("mqar", "passkey", "niah", "vartrack"),
+    seq_len=8192,
+    eval_lens=(8192, 16384, 32768),
+    dsa_top_k=(128, 256, 512),
+    budget_top_k=256,
+    kinds=ALL_KINDS,
+    pretrain_steps=3000,
+    warmup_steps=100,
+    adapt_steps=1000,
+    batch_size=16,
+    eval_examples=256,
+    model=dict(
+      embed_dim=256,
+      num_layers=4,
+      num_heads=8,
+      num_kv_heads=2,
+      head_dim=32,
+      mlp_dim=768,
+      indexer_heads=4,
+      indexer_dim=32,
+    ),
+    lr=1e-3,
+    adapt_lr=5e-4,
+    lr_warmup_steps=100,
+  ),
+  "smoke": Preset(
+    tasks=("mqar",),
+    seq_len=64,
+    eval_lens=(64, 128),
+    dsa_top_k=(8,),
+    budget_top_k=8,
+    kinds=("dense", "dsa", "sliding_window"),
+    pretrain_steps=3,
+    warmup_steps=1,
+    adapt_steps=2,
+    batch_size=4,
+    eval_examples=4,
+    model=dict(
+      embed_dim=32,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=16,
+      mlp_dim=64,
+      indexer_heads=2,
+      indexer_dim=8,
+    ),
+    lr_warmup_steps=1,
+  ),
 }
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   g = p.add_mutually_exclusive_group()
   for name in PRESETS:
-    g.add_argument(f"--{name}", dest="preset", action="store_const",
-                   const=name, help=f"the {name} preset")
+    g.add_argument(
+      f"--{name}",
+      dest="preset",
+      action="store_const",
+      const=name,
+      help=f"the {name} preset",
+    )
   p.add_argument("--tasks", help="comma list (default: the preset's)")
   p.add_argument("--kinds", help="comma list of attention kinds")
   p.add_argument("--dsa-top-k", help="comma list of DSA top_k values")
-  p.add_argument("--budget-top-k", type=int,
-                 help="baselines match DSA's key budget at this top_k")
+  p.add_argument(
+    "--budget-top-k",
+    type=int,
+    help="baselines match DSA's key budget at this top_k",
+  )
   p.add_argument("--seq-len", type=int)
   p.add_argument("--eval-lens", help="comma list of evaluation lengths")
   p.add_argument("--pretrain-steps", type=int)
@@ -146,8 +225,9 @@ def parse_args(argv=None):
   p.add_argument("--adapt-steps", type=int)
   p.add_argument("--batch-size", type=int)
   p.add_argument("--eval-examples", type=int)
-  p.add_argument("--protocol", choices=("convert", "scratch"),
-                 default="convert")
+  p.add_argument(
+    "--protocol", choices=("convert", "scratch"), default="convert"
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out-dir", default="results/retrieval")
   a = p.parse_args(argv)
@@ -162,8 +242,15 @@ def parse_args(argv=None):
     pr.dsa_top_k = ints(a.dsa_top_k)
   if a.eval_lens:
     pr.eval_lens = ints(a.eval_lens)
-  for f in ("budget_top_k", "seq_len", "pretrain_steps", "warmup_steps",
-            "adapt_steps", "batch_size", "eval_examples"):
+  for f in (
+    "budget_top_k",
+    "seq_len",
+    "pretrain_steps",
+    "warmup_steps",
+    "adapt_steps",
+    "batch_size",
+    "eval_examples",
+  ):
     if getattr(a, f) is not None:
       setattr(pr, f, getattr(a, f))
   for k in pr.kinds:
@@ -192,22 +279,44 @@ def runs_for(pr: Preset):
   return out
 
 
-def make_config(pr: Preset, task: str, kind: str, top_k: int, params: dict,
-                *, warmup: int, steps: int, lr: float, seed: int) -> Config:
-  model = ModelConfig(top_k=top_k, implementation="xla"
-                      if jax.default_backend() == "cpu" else None,
-                      **pr.model).with_attention(kind, **params)
-  train = TrainConfig(dataset=task, seq_len=pr.seq_len,
-                      batch_size=pr.batch_size, seed=seed,
-                      warmup_stage_steps=warmup, sparse_stage_steps=steps,
-                      lr=lr, indexer_lr=lr, lr_warmup_steps=pr.lr_warmup_steps,
-                      checkpoint_every=0, eval_every=0, log_every=10**9)
+def make_config(
+  pr: Preset,
+  task: str,
+  kind: str,
+  top_k: int,
+  params: dict,
+  *,
+  warmup: int,
+  steps: int,
+  lr: float,
+  seed: int,
+) -> Config:
+  model = ModelConfig(
+    top_k=top_k,
+    implementation="xla" if jax.default_backend() == "cpu" else None,
+    **pr.model,
+  ).with_attention(kind, **params)
+  train = TrainConfig(
+    dataset=task,
+    seq_len=pr.seq_len,
+    batch_size=pr.batch_size,
+    seed=seed,
+    warmup_stage_steps=warmup,
+    sparse_stage_steps=steps,
+    lr=lr,
+    indexer_lr=lr,
+    lr_warmup_steps=pr.lr_warmup_steps,
+    checkpoint_every=0,
+    eval_every=0,
+    log_every=10**9,
+  )
   return Config(model=model, train=train, name=f"retrieval_{task}_{kind}")
 
 
 def dataset(task, length, split, seed=0):
-  return make_dataset(task, seq_len=length, split=split, seed=seed,
-                      **TASK_KWARGS.get(task, {}))
+  return make_dataset(
+    task, seq_len=length, split=split, seed=seed, **TASK_KWARGS.get(task, {})
+  )
 
 
 def train_steps(s, state, ds, first_step: int, log, label: str):
@@ -223,9 +332,11 @@ def train_steps(s, state, ds, first_step: int, log, label: str):
     nonlocal last
     if r.step % every == 0 or r.step == total:
       last = T.host_metrics(r.metrics)
-      log(f"    [{label}:{r.stage}] step {r.step}/{total} loss "
-          f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
-          f"{last['attended_fraction']:.3f}")
+      log(
+        f"    [{label}:{r.stage}] step {r.step}/{total} loss "
+        f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
+        f"{last['attended_fraction']:.3f}"
+      )
 
   state = T.run_stages(s, state, ds, first_step=first_step, on_step=log_step)
   return state, last
@@ -237,9 +348,14 @@ def make_eval_fn(s, mode):
     logits, aux = model(inputs, mode=mode)
     ok = (jnp.argmax(logits, -1) == targets) & (mask > 0)
     exact = jnp.all(ok | (mask == 0), axis=-1) & (jnp.sum(mask, -1) > 0)
-    return {"exact": jnp.sum(exact), "tok_ok": jnp.sum(ok),
-            "tok": jnp.sum(mask), "attended": aux["attended_keys"],
-            "visible": aux["visible_keys"]}
+    return {
+      "exact": jnp.sum(exact),
+      "tok_ok": jnp.sum(ok),
+      "tok": jnp.sum(mask),
+      "attended": aux["attended_keys"],
+      "visible": aux["visible_keys"],
+    }
+
   return jax.jit(fn)
 
 
@@ -250,16 +366,23 @@ def evaluate(s, state, task, length, n_examples, eval_fn):
   n_batches = -(-n_examples // bsz)
   for i in range(n_batches):
     b = ds.eval_batch(i, bsz)
-    out = eval_fn(state["params"], jnp.asarray(b.inputs),
-                  jnp.asarray(b.targets), jnp.asarray(b.loss_mask))
+    out = eval_fn(
+      state["params"],
+      jnp.asarray(b.inputs),
+      jnp.asarray(b.targets),
+      jnp.asarray(b.loss_mask),
+    )
     for k, v in out.items():
       tot[k] = tot.get(k, 0.0) + float(v)
   n = n_batches * bsz
   num_layers = s.cfg.model.num_layers
-  return {"exact_match": tot["exact"] / n, "token_acc": tot["tok_ok"] / tot["tok"],
-          "n_examples": n,
-          "keys_per_query": tot["attended"] / (num_layers * n * length),
-          "attended_fraction": tot["attended"] / max(tot["visible"], 1.0)}
+  return {
+    "exact_match": tot["exact"] / n,
+    "token_acc": tot["tok_ok"] / tot["tok"],
+    "n_examples": n,
+    "keys_per_query": tot["attended"] / (num_layers * n * length),
+    "attended_fraction": tot["attended"] / max(tot["visible"], 1.0),
+  }
 
 
 def run_task(pr: Preset, a, task: str, log):
@@ -267,13 +390,24 @@ def run_task(pr: Preset, a, task: str, log):
   ds = dataset(task, pr.seq_len, "train", a.seed)
   pre_state, pre_time = None, 0.0
   if a.protocol == "convert":
-    cfg = make_config(pr, task, "dense", pr.budget_top_k, {}, warmup=0,
-                      steps=pr.pretrain_steps, lr=pr.lr, seed=a.seed)
+    cfg = make_config(
+      pr,
+      task,
+      "dense",
+      pr.budget_top_k,
+      {},
+      warmup=0,
+      steps=pr.pretrain_steps,
+      lr=pr.lr,
+      seed=a.seed,
+    )
     s = T.setup(cfg)
     t0 = time.perf_counter()
     state = T.init_state(s)
-    log(f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at "
-        f"L={pr.seq_len}")
+    log(
+      f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at "
+      f"L={pr.seq_len}"
+    )
     pre_state, _ = train_steps(s, state, ds, 0, log, "pretrain")
     jax.block_until_ready(pre_state)
     pre_time = time.perf_counter() - t0
@@ -281,14 +415,30 @@ def run_task(pr: Preset, a, task: str, log):
   for label, kind, top_k, params in runs_for(pr):
     if a.protocol == "convert":
       warm = pr.warmup_steps
-      cfg = make_config(pr, task, kind, top_k, params, warmup=warm,
-                        steps=pr.adapt_steps, lr=pr.adapt_lr, seed=a.seed)
+      cfg = make_config(
+        pr,
+        task,
+        kind,
+        top_k,
+        params,
+        warmup=warm,
+        steps=pr.adapt_steps,
+        lr=pr.adapt_lr,
+        seed=a.seed,
+      )
       first = pr.pretrain_steps
     else:
-      cfg = make_config(pr, task, kind, top_k, params,
-                        warmup=pr.warmup_steps,
-                        steps=pr.pretrain_steps + pr.adapt_steps, lr=pr.lr,
-                        seed=a.seed)
+      cfg = make_config(
+        pr,
+        task,
+        kind,
+        top_k,
+        params,
+        warmup=pr.warmup_steps,
+        steps=pr.pretrain_steps + pr.adapt_steps,
+        lr=pr.lr,
+        seed=a.seed,
+      )
       first = 0
     t0 = time.perf_counter()
     s = T.setup(cfg)
@@ -296,8 +446,10 @@ def run_task(pr: Preset, a, task: str, log):
     if pre_state is not None:
       state, moved = T.init_from(state, pre_state["params"]["main"])
       if moved.kept:
-        log(f"    {label}: {len(moved.kept)} parameter(s) not in the dense "
-            f"checkpoint keep their init")
+        log(
+          f"    {label}: {len(moved.kept)} parameter(s) not in the dense "
+          f"checkpoint keep their init"
+        )
     state, last = train_steps(s, state, ds, first, log, label)
     jax.block_until_ready(state)
     train_time = time.perf_counter() - t0
@@ -305,17 +457,28 @@ def run_task(pr: Preset, a, task: str, log):
     eval_fn = make_eval_fn(s, mode)
     for length in pr.eval_lens:
       ev = evaluate(s, state, task, length, pr.eval_examples, eval_fn)
-      row = {"task": task, "kind": kind, "label": label,
-             "protocol": a.protocol, "train_len": pr.seq_len,
-             "eval_len": length, "train_time_s": train_time,
-             "pretrain_time_s": pre_time, "steps": s.cfg.train.total_steps,
-             "final_loss": last["loss"] if last else None, "top_k": top_k,
-             "budget_nominal": key_budget(kind, length, **params),
-             "params": json.dumps(params, sort_keys=True), **ev}
+      row = {
+        "task": task,
+        "kind": kind,
+        "label": label,
+        "protocol": a.protocol,
+        "train_len": pr.seq_len,
+        "eval_len": length,
+        "train_time_s": train_time,
+        "pretrain_time_s": pre_time,
+        "steps": s.cfg.train.total_steps,
+        "final_loss": last["loss"] if last else None,
+        "top_k": top_k,
+        "budget_nominal": key_budget(kind, length, **params),
+        "params": json.dumps(params, sort_keys=True),
+        **ev,
+      }
       rows.append(row)
-      log(f"  [{task}] {label:15s} L={length:6d} exact {ev['exact_match']:.3f} "
-          f"token {ev['token_acc']:.3f} keys/query {ev['keys_per_query']:.1f} "
-          f"(train {train_time:.0f} s)")
+      log(
+        f"  [{task}] {label:15s} L={length:6d} exact {ev['exact_match']:.3f} "
+        f"token {ev['token_acc']:.3f} keys/query {ev['keys_per_query']:.1f} "
+        f"(train {train_time:.0f} s)"
+      )
   return rows
 
 
@@ -325,8 +488,9 @@ def run_task(pr: Preset, a, task: str, log):
 
 def summary_markdown(rows, pr):
   lens = sorted({r["eval_len"] for r in rows})
-  header = (["task", "kind", "keys/query @train L", "train s"] +
-            [f"L={l} exact / token" for l in lens])
+  header = ["task", "kind", "keys/query @train L", "train s"] + [
+    f"L={l} exact / token" for l in lens
+  ]
   table = []
   seen = []
   for r in rows:
@@ -334,25 +498,38 @@ def summary_markdown(rows, pr):
     if key not in seen:
       seen.append(key)
   for task, label in seen:
-    rs = {r["eval_len"]: r for r in rows
-          if r["task"] == task and r["label"] == label}
+    rs = {
+      r["eval_len"]: r
+      for r in rows
+      if r["task"] == task and r["label"] == label
+    }
     first = rs[min(rs)]
     train_len = first["train_len"]
     at_train = rs.get(train_len, first)
-    cells = [task, label, f"{at_train['keys_per_query']:.1f}",
-             f"{first['train_time_s']:.0f}"]
+    cells = [
+      task,
+      label,
+      f"{at_train['keys_per_query']:.1f}",
+      f"{first['train_time_s']:.0f}",
+    ]
     for l in lens:
       r = rs.get(l)
-      cells.append("" if r is None else
-                   f"{r['exact_match']:.2f} / {r['token_acc']:.2f}"
-                   f" ({r['keys_per_query']:.0f}k)")
+      cells.append(
+        ""
+        if r is None
+        else f"{r['exact_match']:.2f} / {r['token_acc']:.2f}"
+        f" ({r['keys_per_query']:.0f}k)"
+      )
     table.append(cells)
   pre = {r["task"]: r["pretrain_time_s"] for r in rows}
-  note = ("Cells: exact-match / per-token accuracy on answer tokens (keys per "
-          "query actually attended, mean over layers and positions). Train s: "
-          "adaptation (or scratch) training time of that kind incl. "
-          "compilation; shared dense pretraining: " +
-          ", ".join(f"{t} {v:.0f} s" for t, v in pre.items()) + ".")
+  note = (
+    "Cells: exact-match / per-token accuracy on answer tokens (keys per "
+    "query actually attended, mean over layers and positions). Train s: "
+    "adaptation (or scratch) training time of that kind incl. "
+    "compilation; shared dense pretraining: "
+    + ", ".join(f"{t} {v:.0f} s" for t, v in pre.items())
+    + "."
+  )
   return C.markdown_table(table, header) + "\n\n" + note
 
 
@@ -361,19 +538,23 @@ def plot(rows, path):
   if plt is None:
     return False
   tasks = list(dict.fromkeys(r["task"] for r in rows))
-  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False
+  )
   for ax, task in zip(axes[0], tasks):
     labels = list(dict.fromkeys(r["label"] for r in rows if r["task"] == task))
     for label in labels:
-      pts = sorted((r["eval_len"], r["exact_match"]) for r in rows
-                   if r["task"] == task and r["label"] == label)
+      pts = sorted(
+        (r["eval_len"], r["exact_match"])
+        for r in rows
+        if r["task"] == task and r["label"] == label
+      )
       lw = 2.5 if label.startswith("dsa") or label == "dense" else 1.2
       ax.plot(*zip(*pts), marker="o", lw=lw, label=label)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(f"{task}: exact match vs eval length")
-    ax.set_xlabel("evaluation length (trained at %d)" % rows[0]["train_len"])
+    ax.set_xlabel(f"evaluation length (trained at {rows[0]['train_len']})")
     ax.set_ylabel("exact match")
     ax.grid(True, alpha=0.3)
   axes[0][0].legend(fontsize=7)
@@ -387,13 +568,24 @@ def main(argv=None):
   a, pr = parse_args(argv)
   os.makedirs(a.out_dir, exist_ok=True)
   log = lambda s: print(s, flush=True)
-  log(f"retrieval: preset {a.preset}, protocol {a.protocol}; "
-      f"{dataclasses.asdict(pr)}; {C.env_line()}")
-  with open(os.path.join(a.out_dir, "retrieval_config.json"), "w",
-            encoding="utf-8") as f:
-    json.dump({"preset": a.preset, "protocol": a.protocol, "seed": a.seed,
-               "task_kwargs": TASK_KWARGS, **dataclasses.asdict(pr)}, f,
-              indent=2)
+  log(
+    f"retrieval: preset {a.preset}, protocol {a.protocol}; "
+    f"{dataclasses.asdict(pr)}; {C.env_line()}"
+  )
+  with open(
+    os.path.join(a.out_dir, "retrieval_config.json"), "w", encoding="utf-8"
+  ) as f:
+    json.dump(
+      {
+        "preset": a.preset,
+        "protocol": a.protocol,
+        "seed": a.seed,
+        "task_kwargs": TASK_KWARGS,
+        **dataclasses.asdict(pr),
+      },
+      f,
+      indent=2,
+    )
   t0 = time.perf_counter()
   rows = []
   csv_path = os.path.join(a.out_dir, "retrieval.csv")
@@ -401,11 +593,14 @@ def main(argv=None):
     rows += run_task(pr, a, task, log)
     C.write_csv(csv_path, rows, COLUMNS)
   total = time.perf_counter() - t0
-  md = (f"Preset `{a.preset}`, protocol `{a.protocol}`, trained at "
-        f"L={pr.seq_len}; {C.env_line()}; total {total:.0f} s.\n\n"
-        + summary_markdown(rows, pr))
-  with open(os.path.join(a.out_dir, "retrieval.md"), "w",
-            encoding="utf-8") as f:
+  md = (
+    f"Preset `{a.preset}`, protocol `{a.protocol}`, trained at "
+    f"L={pr.seq_len}; {C.env_line()}; total {total:.0f} s.\n\n"
+    + summary_markdown(rows, pr)
+  )
+  with open(
+    os.path.join(a.out_dir, "retrieval.md"), "w", encoding="utf-8"
+  ) as f:
     f.write(md + "\n")
   plot(rows, os.path.join(a.out_dir, "retrieval.png"))
   log(md)

@@ -23,13 +23,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--preset", default="tiny", help="tiny | small | base")
-  p.add_argument("--config", help="JSON config file (e.g. a run's config.json); "
-                 "replaces --preset")
-  p.add_argument("--run-dir", help="checkpoints, config.json, metrics.jsonl "
-                 "(default runs/<name>_<attention>)")
+  p.add_argument(
+    "--config",
+    help="JSON config file (e.g. a run's config.json); replaces --preset",
+  )
+  p.add_argument(
+    "--run-dir",
+    help="checkpoints, config.json, metrics.jsonl "
+    "(default runs/<name>_<attention>)",
+  )
   p.add_argument("--name", help="run name (config.name)")
   p.add_argument("--attention", help="attention kind: dsa | dense | ...")
   p.add_argument("--top-k", type=int)
@@ -42,42 +48,65 @@ def parse_args(argv=None):
   p.add_argument("--dataset", help="text | mqar | passkey | niah | vartrack")
   p.add_argument("--data-path", help="text corpus file/directory")
   p.add_argument("--mesh", help="data,fsdp,tensor (product = device count)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override any field, e.g. model.num_layers=4")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override any field, e.g. model.num_layers=4",
+  )
   p.add_argument("--no-resume", action="store_true")
-  p.add_argument("--host-devices", type=int,
-                 help="CPU only: expose N virtual devices (sets XLA_FLAGS)")
+  p.add_argument(
+    "--host-devices",
+    type=int,
+    help="CPU only: expose N virtual devices (sets XLA_FLAGS)",
+  )
   p.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
   p.add_argument("--num-processes", type=int)
   p.add_argument("--process-id", type=int)
-  p.add_argument("--print-config", action="store_true",
-                 help="print the resolved config and exit")
+  p.add_argument(
+    "--print-config",
+    action="store_true",
+    help="print the resolved config and exit",
+  )
   return p.parse_args(argv)
 
 
 def build_config(args):
   from sparse_attn.config import Config, override, preset  # pylint: disable=g-import-not-at-top
+
   if args.config:
     with open(args.config, encoding="utf-8") as f:
       cfg = Config.from_json(f.read())
   else:
     cfg = preset(args.preset)
   sets = []
-  flag_fields = {"attention": "model.attention", "top_k": "model.top_k",
-                 "warmup_steps": "train.warmup_stage_steps",
-                 "sparse_steps": "train.sparse_stage_steps",
-                 "lr": "train.lr", "indexer_lr": "train.indexer_lr",
-                 "batch_size": "train.batch_size", "seq_len": "train.seq_len",
-                 "dataset": "train.dataset", "name": "name"}
-  changes = {field: getattr(args, flag) for flag, field in flag_fields.items()
-             if getattr(args, flag) is not None}
+  flag_fields = {
+    "attention": "model.attention",
+    "top_k": "model.top_k",
+    "warmup_steps": "train.warmup_stage_steps",
+    "sparse_steps": "train.sparse_stage_steps",
+    "lr": "train.lr",
+    "indexer_lr": "train.indexer_lr",
+    "batch_size": "train.batch_size",
+    "seq_len": "train.seq_len",
+    "dataset": "train.dataset",
+    "name": "name",
+  }
+  changes = {
+    field: getattr(args, flag)
+    for flag, field in flag_fields.items()
+    if getattr(args, flag) is not None
+  }
   if args.data_path is not None:
     changes["train.data_path"] = args.data_path
   if args.mesh:
     try:
       mesh = tuple(int(x) for x in args.mesh.split(","))
     except ValueError:
-      raise ValueError(f"--mesh must be three ints like 2,2,2, got {args.mesh!r}") from None
+      raise ValueError(
+        f"--mesh must be three ints like 2,2,2, got {args.mesh!r}"
+      ) from None
     changes["train.mesh_shape"] = mesh
   sets.extend(args.set)
   return override(cfg, *sets, **changes)
@@ -88,21 +117,28 @@ def main(argv=None):
   if args.host_devices:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={args.host_devices}")
+      f"{flags} --xla_force_host_platform_device_count={args.host_devices}"
+    )
   from sparse_attn import training as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.init_distributed(args.coordinator, args.num_processes,
-                             args.process_id)
+
+  train_lib.init_distributed(
+    args.coordinator, args.num_processes, args.process_id
+  )
   cfg = build_config(args)
   if args.print_config:
     print(cfg.to_json())
     return None
   run_dir = args.run_dir or os.path.join(
-      "runs", f"{cfg.name}_{cfg.model.attention}")
+    "runs", f"{cfg.name}_{cfg.model.attention}"
+  )
   result = train_lib.train(cfg, run_dir, resume=not args.no_resume)
   if result.final_eval:
     ev = result.final_eval
-    print(f"final: validation loss {ev['loss']:.4f} "
-          f"attended {ev['attended_fraction']:.3f} -> {run_dir}", flush=True)
+    print(
+      f"final: validation loss {ev['loss']:.4f} "
+      f"attended {ev['attended_fraction']:.3f} -> {run_dir}",
+      flush=True,
+    )
   return result
 
 

@@ -30,6 +30,7 @@ The Triton-specific helpers are :func:`gpu_compiler_params` and
 :func:`gpu_masked_load` (JAX >= 0.11 deprecates the Triton backend in favour
 of Mosaic GPU, which would get its own ``gpu_mosaic.py`` modules).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,9 @@ def hardware(formulation: str) -> str:
   return formulation.split("_", 1)[0]
 
 
-def resolve(interpret: bool | None, platform: str | None,
-            formulations=PLATFORMS) -> tuple[str, bool]:
+def resolve(
+  interpret: bool | None, platform: str | None, formulations=PLATFORMS
+) -> tuple[str, bool]:
   """Returns (formulation, interpret).
 
   formulations: the names a kernel implements (its ``BACKENDS`` keys).
@@ -71,7 +73,9 @@ def resolve(interpret: bool | None, platform: str | None,
   if platform is None:
     platform = "gpu" if hw == "gpu" else "tpu"
   if platform not in formulations:
-    raise ValueError(f"platform must be one of {tuple(formulations)} or None, got {platform!r}")
+    raise ValueError(
+      f"platform must be one of {tuple(formulations)} or None, got {platform!r}"
+    )
   if interpret is None:
     interpret = hw != hardware(platform)
   return platform, bool(interpret)
@@ -98,14 +102,18 @@ def coerce_block_sizes(cls, value, name: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - fields)
     if unknown:
-      raise ValueError(f"{name}: unknown {cls.__module__}.{cls.__qualname__} field(s) "
-                       f"{unknown}; known: {sorted(fields)}")
+      raise ValueError(
+        f"{name}: unknown {cls.__module__}.{cls.__qualname__} field(s) "
+        f"{unknown}; known: {sorted(fields)}"
+      )
     try:
       return cls(**value)
     except ValueError as e:
       raise ValueError(f"{name}: {e}") from None
-  raise ValueError(f"{name} must be None, a {cls.__module__}.{cls.__qualname__} or a dict "
-                   f"of its fields, got {type(value).__name__}: {value!r}")
+  raise ValueError(
+    f"{name} must be None, a {cls.__module__}.{cls.__qualname__} or a dict "
+    f"of its fields, got {type(value).__name__}: {value!r}"
+  )
 
 
 def cdiv(a: int, b: int) -> int:
@@ -125,7 +133,9 @@ def pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
   axis = axis % x.ndim
   extra = size - x.shape[axis]
   if extra < 0:
-    raise ValueError(f"cannot pad axis {axis} of shape {x.shape} down to {size}")
+    raise ValueError(
+      f"cannot pad axis {axis} of shape {x.shape} down to {size}"
+    )
   if extra == 0:
     return x
   widths = [(0, 0)] * x.ndim
@@ -137,31 +147,36 @@ def check_tpu_block(name: str, block: int, full: int, multiple: int) -> None:
   """TPU rule: a block dim must be a multiple of ``multiple`` or the full dim."""
   if block != full and block % multiple:
     raise ValueError(
-        f"{name}={block} must be a multiple of {multiple} or equal the full "
-        f"dimension {full} (Mosaic TPU (8, 128) tiling rule)")
+      f"{name}={block} must be a multiple of {multiple} or equal the full "
+      f"dimension {full} (Mosaic TPU (8, 128) tiling rule)"
+    )
 
 
 def tpu_compiler_params(dimension_semantics: tuple[str, ...], **kw):
   from jax.experimental.pallas import tpu as pltpu
-  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+
+  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
   return cls(dimension_semantics=dimension_semantics, **kw)
 
 
 def gpu_compiler_params(num_warps: int = 4, num_stages: int = 2):
   """Triton compiler params (the only GPU backend used here)."""
   from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def gpu_masked_load(ref, *, mask, other):
   """Masked load on the Triton backend (``ref`` already indexed with .at)."""
   from jax.experimental.pallas import triton as plgpu
+
   return plgpu.load(ref, mask=mask, other=other)
 
 
 def smem():
   from jax.experimental.pallas import tpu as pltpu
+
   return getattr(pltpu, "SMEM", None) or pltpu.MemorySpace.SMEM
 
 
@@ -180,19 +195,27 @@ def normalize_positions(name_off, q_offset, kv_lengths, B: int, T: int, S: int):
     if q_offset.ndim == 0:
       q_off = jnp.full((B,), q_offset, jnp.int32)
     elif q_offset.shape != (B,):
-      raise ValueError(f"{name_off}: q_offset must be an int or have shape ({B},), got {q_offset.shape}")
+      raise ValueError(
+        f"{name_off}: q_offset must be an int or have shape ({B},), got {q_offset.shape}"
+      )
     else:
       if not jnp.issubdtype(q_offset.dtype, jnp.integer):
-        raise ValueError(f"{name_off}: q_offset must be integer, got {q_offset.dtype}")
+        raise ValueError(
+          f"{name_off}: q_offset must be integer, got {q_offset.dtype}"
+        )
       q_off = q_offset.astype(jnp.int32)
   if kv_lengths is None:
     kv_len = jnp.full((B,), S, jnp.int32)
   else:
     kv_lengths = jnp.asarray(kv_lengths)
     if kv_lengths.shape != (B,):
-      raise ValueError(f"{name_off}: kv_lengths must have shape ({B},), got {kv_lengths.shape}")
+      raise ValueError(
+        f"{name_off}: kv_lengths must have shape ({B},), got {kv_lengths.shape}"
+      )
     if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-      raise ValueError(f"{name_off}: kv_lengths must be integer, got {kv_lengths.dtype}")
+      raise ValueError(
+        f"{name_off}: kv_lengths must be integer, got {kv_lengths.dtype}"
+      )
     kv_len = kv_lengths.astype(jnp.int32)
   return q_off, kv_len
 
@@ -216,7 +239,9 @@ def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
       break
   if template is not None:
     try:
-      mat = type(template)(varying=varying, unreduced=frozenset(), reduced=frozenset())
+      mat = type(template)(
+        varying=varying, unreduced=frozenset(), reduced=frozenset()
+      )
       return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
     except TypeError:
       pass
@@ -257,5 +282,6 @@ def varying_like(x: jax.Array, *like) -> jax.Array:
 
 def fill_none(sizes, defaults: dict):
   """Copy of the dataclass ``sizes`` with its None fields taken from ``defaults``."""
-  return dataclasses.replace(sizes, **{
-      f: v for f, v in defaults.items() if getattr(sizes, f) is None})
+  return dataclasses.replace(
+    sizes, **{f: v for f, v in defaults.items() if getattr(sizes, f) is None}
+  )

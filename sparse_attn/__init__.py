@@ -25,18 +25,33 @@ from sparse_attn import registry
 from sparse_attn.budgets import key_budget, keys_per_query, match_budget
 from sparse_attn.config import Config, ModelConfig, TrainConfig
 from sparse_attn.models import Cache, Transformer, build_model
-from sparse_attn.nn import (AttentionKind, AttentionLayer, DenseAttention,
-                            DSAAttention, FixedAttention, LightningIndexer,
-                            LSHAttention, MoBAAttention, NSAAttention,
-                            SlidingWindowAttention, StridedAttention)
-from sparse_attn.ops.attention import (dense_attention, dsa_attention,
-                                       gathered_attention,
-                                       gathered_attention_reference)
+from sparse_attn.nn import (
+  AttentionKind,
+  AttentionLayer,
+  DenseAttention,
+  DSAAttention,
+  FixedAttention,
+  LightningIndexer,
+  LSHAttention,
+  MoBAAttention,
+  NSAAttention,
+  SlidingWindowAttention,
+  StridedAttention,
+)
+from sparse_attn.ops.attention import (
+  dense_attention,
+  dsa_attention,
+  gathered_attention,
+  gathered_attention_reference,
+)
 from sparse_attn.ops.indexer import indexer_scores, lightning_topk, select_topk
 from sparse_attn.ops.losses import dense_indexer_kl, lm_loss, sparse_indexer_kl
 from sparse_attn.ops.rope import apply_rope
-from sparse_attn.registry import (ATTENTION_KINDS, BASELINE_LAYERS,
-                                  register_attention)
+from sparse_attn.registry import (
+  ATTENTION_KINDS,
+  BASELINE_LAYERS,
+  register_attention,
+)
 
 # Aliases named after the DeepSeek training stages.
 indexer_warmup_kl = dense_indexer_kl
@@ -45,41 +60,41 @@ indexer_sparse_kl = sparse_indexer_kl
 __version__ = "0.2.0"
 
 __all__ = [
-    "ATTENTION_KINDS",
-    "AttentionKind",
-    "AttentionLayer",
-    "BASELINE_LAYERS",
-    "Cache",
-    "Config",
-    "DSAAttention",
-    "DenseAttention",
-    "FixedAttention",
-    "LSHAttention",
-    "LightningIndexer",
-    "MoBAAttention",
-    "ModelConfig",
-    "NSAAttention",
-    "SlidingWindowAttention",
-    "StridedAttention",
-    "TrainConfig",
-    "Transformer",
-    "apply_rope",
-    "build_model",
-    "dense_attention",
-    "dense_indexer_kl",
-    "dsa_attention",
-    "gathered_attention",
-    "gathered_attention_reference",
-    "indexer_scores",
-    "indexer_sparse_kl",
-    "indexer_warmup_kl",
-    "key_budget",
-    "keys_per_query",
-    "lightning_topk",
-    "lm_loss",
-    "match_budget",
-    "register_attention",
-    "registry",
-    "select_topk",
-    "sparse_indexer_kl",
+  "ATTENTION_KINDS",
+  "AttentionKind",
+  "AttentionLayer",
+  "BASELINE_LAYERS",
+  "Cache",
+  "Config",
+  "DSAAttention",
+  "DenseAttention",
+  "FixedAttention",
+  "LSHAttention",
+  "LightningIndexer",
+  "MoBAAttention",
+  "ModelConfig",
+  "NSAAttention",
+  "SlidingWindowAttention",
+  "StridedAttention",
+  "TrainConfig",
+  "Transformer",
+  "apply_rope",
+  "build_model",
+  "dense_attention",
+  "dense_indexer_kl",
+  "dsa_attention",
+  "gathered_attention",
+  "gathered_attention_reference",
+  "indexer_scores",
+  "indexer_sparse_kl",
+  "indexer_warmup_kl",
+  "key_budget",
+  "keys_per_query",
+  "lightning_topk",
+  "lm_loss",
+  "match_budget",
+  "register_attention",
+  "registry",
+  "select_topk",
+  "sparse_indexer_kl",
 ]

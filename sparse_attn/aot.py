@@ -36,7 +36,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,40 +56,57 @@ def topology_devices(topology: str, platform: str = "tpu") -> list:
   saying so when it is missing.
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
-    topo = topologies.get_topology_desc(topology_name=topology, platform=platform)
+    topo = topologies.get_topology_desc(
+      topology_name=topology, platform=platform
+    )
   except Exception as e:  # the plugin raises several types for "not installed"
     raise RuntimeError(
-        f"cannot describe {platform} topology {topology!r} on this host ({e}). "
-        f"For TPU install libtpu: pip install 'jax[tpu]'.") from e
+      f"cannot describe {platform} topology {topology!r} on this host ({e}). "
+      f"For TPU install libtpu: pip install 'jax[tpu]'."
+    ) from e
   return list(topo.devices)
 
 
 GPU_TARGETS = {"h100": "h100_sxm.txtpb"}
-_TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_targets")
+_TARGET_DIR = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "aot_targets"
+)
 
 
 def gpu_target_devices(target: str = "h100") -> list:
   """A compile-only CUDA device for `target` (see GPU_TARGETS); no GPU needed."""
   if target not in GPU_TARGETS:
-    raise ValueError(f"target must be one of {tuple(GPU_TARGETS)}, got {target!r}.")
+    raise ValueError(
+      f"target must be one of {tuple(GPU_TARGETS)}, got {target!r}."
+    )
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(_TARGET_DIR, GPU_TARGETS[target]), encoding="utf-8") as f:
+
+  with open(
+    os.path.join(_TARGET_DIR, GPU_TARGETS[target]), encoding="utf-8"
+  ) as f:
     config = f.read()
   try:
-    topo = topologies.get_topology_desc(platform="cuda", topology_name=target,
-                                        target_config=config, topology="1x1x1")
+    topo = topologies.get_topology_desc(
+      platform="cuda",
+      topology_name=target,
+      target_config=config,
+      topology="1x1x1",
+    )
   except Exception as e:  # missing plugin, or the plugin looked for a driver
     raise RuntimeError(
-        f"cannot describe GPU target {target!r} on this host ({e}). Install "
-        f"'jax[cuda12-local]' and nvidia-cuda-nvcc-cu12, and start the process with "
-        f"JAX_PLATFORMS=cpu or JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1.") from e
+      f"cannot describe GPU target {target!r} on this host ({e}). Install "
+      f"'jax[cuda12-local]' and nvidia-cuda-nvcc-cu12, and start the process with "
+      f"JAX_PLATFORMS=cpu or JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1."
+    ) from e
   return list(topo.devices)
 
 
 @dataclasses.dataclass
 class KernelResources:
   """What ptxas gave one GPU kernel of a compiled program."""
+
   name: str
   registers: int | None
   spill_store_bytes: int | None
@@ -98,8 +116,10 @@ class KernelResources:
   grid: tuple[int, ...]
 
 
-_THUNK = re.compile(r"\]\s+(\S+)\s+grid: \[([^\]]*)\] threads: \[([^\]]*)\]\s+"
-                    r"shared_memory: (\d+) bytes")
+_THUNK = re.compile(
+  r"\]\s+(\S+)\s+grid: \[([^\]]*)\] threads: \[([^\]]*)\]\s+"
+  r"shared_memory: (\d+) bytes"
+)
 _PTXAS_FN = re.compile(r"Compiling entry function '([^']+)'")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -109,6 +129,7 @@ def ptxas_path() -> str | None:
   """ptxas from the nvidia-cuda-nvcc wheel, else from PATH."""
   try:
     import nvidia.cuda_nvcc as nvcc  # pylint: disable=g-import-not-at-top
+
     path = os.path.join(list(nvcc.__path__)[0], "bin", "ptxas")
     if os.path.exists(path):
       return path
@@ -135,9 +156,16 @@ def _ptxas_stats(ptx_files: Sequence[str]) -> dict[str, dict[str, int]]:
   stats: dict[str, dict[str, int]] = {}
   for ptx in ptx_files:
     with open(ptx, encoding="utf-8", errors="replace") as f:
-      arch = next((l.split()[1].strip(",") for l in f if l.startswith(".target")), "sm_90a")
-    res = subprocess.run([ptxas, ptx, "-o", os.devnull, f"-arch={arch}", "-v"],
-                         capture_output=True, text=True, check=False)
+      arch = next(
+        (l.split()[1].strip(",") for l in f if l.startswith(".target")),
+        "sm_90a",
+      )
+    res = subprocess.run(
+      [ptxas, ptx, "-o", os.devnull, f"-arch={arch}", "-v"],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
     _parse_ptxas(res.stdout + res.stderr, stats)
   return stats
 
@@ -173,7 +201,9 @@ def gpu_kernel_resources(lowered) -> list[KernelResources]:
     # before JAX starts; see experiments/compile_kernels.py).
     with _capture_fd2() as log:
       lowered.compile({"xla_dump_to": dump})
-    ptx = [f for f in glob.glob(os.path.join(dump, "*.ptx")) if os.path.getsize(f)]
+    ptx = [
+      f for f in glob.glob(os.path.join(dump, "*.ptx")) if os.path.getsize(f)
+    ]
     if ptx:
       stats = _ptxas_stats(ptx)
     else:
@@ -188,9 +218,17 @@ def gpu_kernel_resources(lowered) -> list[KernelResources]:
             continue
           st = stats.get(m.group(1), {})
           ints = lambda g: tuple(int(x) for x in g.replace(",", " ").split())
-          out.append(KernelResources(
-              m.group(1), st.get("regs"), st.get("spill_st"), st.get("spill_ld"),
-              int(m.group(4)), math.prod(ints(m.group(3))), ints(m.group(2))))
+          out.append(
+            KernelResources(
+              m.group(1),
+              st.get("regs"),
+              st.get("spill_st"),
+              st.get("spill_ld"),
+              int(m.group(4)),
+              math.prod(ints(m.group(3))),
+              ints(m.group(2)),
+            )
+          )
   return out
 
 
@@ -202,6 +240,7 @@ def _platform_of(devices: Sequence[Any]) -> str:
 @dataclasses.dataclass
 class StepReport:
   """What compiling one step for the target gave."""
+
   name: str
   seconds: float
   argument_bytes: int
@@ -219,14 +258,19 @@ def _batch_struct(s: train_lib.Setup):
   t = s.cfg.train
   shape = (t.batch_size, t.seq_len)
   sds = lambda dt: jax.ShapeDtypeStruct(shape, dt, sharding=s.batch_sharding)
-  return {"inputs": sds(jnp.int32), "targets": sds(jnp.int32),
-          "loss_mask": sds(jnp.float32)}
+  return {
+    "inputs": sds(jnp.int32),
+    "targets": sds(jnp.int32),
+    "loss_mask": sds(jnp.float32),
+  }
 
 
 def _state_struct(s: train_lib.Setup):
   return jax.tree.map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-      s.abstract_state, s.state_shardings)
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+    s.abstract_state,
+    s.state_shardings,
+  )
 
 
 def _report(name: str, lowered, t0: float) -> StepReport:
@@ -236,13 +280,22 @@ def _report(name: str, lowered, t0: float) -> StepReport:
   text = lowered.as_text()
   uses = "tpu_custom_call" in text or "__gpu$xla.gpu.triton" in text
   get = lambda f: int(getattr(mem, f, 0) or 0) if mem is not None else 0
-  return StepReport(name, seconds, get("argument_size_in_bytes"),
-                    get("output_size_in_bytes"), get("temp_size_in_bytes"), uses)
+  return StepReport(
+    name,
+    seconds,
+    get("argument_size_in_bytes"),
+    get("output_size_in_bytes"),
+    get("temp_size_in_bytes"),
+    uses,
+  )
 
 
-def compile_train_steps(cfg: Config, devices: Sequence[Any],
-                        stages: Sequence[str] = _STAGES,
-                        eval_step: bool = True) -> list[StepReport]:
+def compile_train_steps(
+  cfg: Config,
+  devices: Sequence[Any],
+  stages: Sequence[str] = _STAGES,
+  eval_step: bool = True,
+) -> list[StepReport]:
   """Compiles the train step of each stage (and the eval step) for `devices`.
 
   Args:
@@ -255,11 +308,16 @@ def compile_train_steps(cfg: Config, devices: Sequence[Any],
   """
   bad = [x for x in stages if x not in _STAGES]
   if bad:
-    raise ValueError(f"stages must be a subset of {_STAGES}, got {tuple(stages)}.")
+    raise ValueError(
+      f"stages must be a subset of {_STAGES}, got {tuple(stages)}."
+    )
   platform = _platform_of(devices)
   reports = []
-  target = (dispatch.compile_target(platform) if platform in ("tpu", "gpu")
-            else contextlib.nullcontext())
+  target = (
+    dispatch.compile_target(platform)
+    if platform in ("tpu", "gpu")
+    else contextlib.nullcontext()
+  )
   with target:
     s = train_lib.setup(cfg, devices)
     state, batch = _state_struct(s), _batch_struct(s)
@@ -270,6 +328,7 @@ def compile_train_steps(cfg: Config, devices: Sequence[Any],
     if eval_step:
       t0 = time.perf_counter()
       step = train_lib.make_eval_step(s, "sparse")
-      reports.append(_report("eval_sparse", step.lower(state["params"], batch), t0))
+      reports.append(
+        _report("eval_sparse", step.lower(state["params"], batch), t0)
+      )
   return reports
-

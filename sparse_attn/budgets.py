@@ -27,8 +27,10 @@ EXHAUSTIVE_UP_TO = 1024
 
 def _split(kind: registry.AttentionKind, params: dict[str, Any]):
   params = dict(params)
-  structural = {"num_heads": params.pop("num_heads", None),
-                "layer_index": params.pop("layer_index", None)}
+  structural = {
+    "num_heads": params.pop("num_heads", None),
+    "layer_index": params.pop("layer_index", None),
+  }
   return kind.make_params(**params), structural
 
 
@@ -38,8 +40,9 @@ def keys_per_query(kind: str, seq_len: int, **params: Any) -> np.ndarray:
   if spec.keys_per_query is None:
     raise ValueError(f"attention kind {kind!r} states no key budget.")
   p, structural = _split(spec, params)
-  return np.asarray(spec.keys_per_query(int(seq_len), p, **structural),
-                    np.float64)
+  return np.asarray(
+    spec.keys_per_query(int(seq_len), p, **structural), np.float64
+  )
 
 
 def key_budget(kind: str, seq_len: int, **params: Any) -> float:
@@ -57,8 +60,14 @@ def candidates(seq_len: int) -> list[int]:
   return out
 
 
-def match_budget(kind: str, seq_len: int, target: float, *,
-                 free: str | None = None, **params: Any) -> dict[str, Any]:
+def match_budget(
+  kind: str,
+  seq_len: int,
+  target: float,
+  *,
+  free: str | None = None,
+  **params: Any,
+) -> dict[str, Any]:
   """Kind parameters whose key budget is closest to `target` keys per query.
 
   Tries the `free` parameter (default: the kind's budget parameter) at
@@ -72,13 +81,15 @@ def match_budget(kind: str, seq_len: int, target: float, *,
   spec = registry.get(kind)
   free = free or spec.budget_param
   base, structural = _split(spec, params)
-  given = {k: v for k, v in params.items()
-           if k not in ("num_heads", "layer_index")}
+  given = {
+    k: v for k, v in params.items() if k not in ("num_heads", "layer_index")
+  }
   if free is None:
     return given
   if free not in spec.param_names:
-    raise ValueError(f"{free!r} is not a parameter of kind {kind!r}: "
-                     f"{list(spec.param_names)}.")
+    raise ValueError(
+      f"{free!r} is not a parameter of kind {kind!r}: {list(spec.param_names)}."
+    )
   values = as_kwargs(base)
   best, best_err = None, np.inf
   for value in candidates(int(seq_len)):
@@ -97,5 +108,6 @@ def match_budget(kind: str, seq_len: int, target: float, *,
 
 #: First-API names: kind -> default parameters, kind -> budget parameter.
 DEFAULTS = registry.KindView(lambda k: k.defaults)
-BUDGET_PARAM = registry.KindView(lambda k: k.budget_param,
-                              lambda k: k.budget_param is not None)
+BUDGET_PARAM = registry.KindView(
+  lambda k: k.budget_param, lambda k: k.budget_param is not None
+)

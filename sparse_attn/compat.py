@@ -18,28 +18,38 @@ from typing import Any
 
 #: old module -> the modules its public names now live in (searched in order).
 MOVED: dict[str, tuple[str, ...]] = {
-    "sparse_attn._checks": ("sparse_attn.ops.checks",),
-    "sparse_attn.masking": ("sparse_attn.ops.masking",),
-    "sparse_attn.chunking": ("sparse_attn.ops.chunking",),
-    "sparse_attn.rope": ("sparse_attn.ops.rope",),
-    "sparse_attn.attention": ("sparse_attn.ops.attention",),
-    "sparse_attn.losses": ("sparse_attn.ops.losses",),
-    "sparse_attn.indexer": ("sparse_attn.ops.indexer", "sparse_attn.nn.indexer"),
-    "sparse_attn.patterns": ("sparse_attn.kinds.patterns",),
-    "sparse_attn.lsh": ("sparse_attn.kinds.lsh",),
-    "sparse_attn.nsa": ("sparse_attn.kinds.nsa",),
-    "sparse_attn.moba": ("sparse_attn.kinds.moba",),
-    "sparse_attn.params": ("sparse_attn.nn.params",),
-    "sparse_attn.layers": ("sparse_attn.nn", "sparse_attn.nn.base"),
-    "sparse_attn.baseline_layers": ("sparse_attn.nn", "sparse_attn.budgets",
-                                    "sparse_attn.registry"),
-    "sparse_attn.model": ("sparse_attn.models", "sparse_attn.models.transformer",
-                          "sparse_attn.registry", "sparse_attn.nn"),
-    "sparse_attn.decode": ("sparse_attn.inference",
-                           "sparse_attn.inference.decoder",
-                           "sparse_attn.models.cache", "sparse_attn.nn.base",
-                           "sparse_attn.ops.quantize"),
-    "sparse_attn.train": ("sparse_attn.training",),
+  "sparse_attn._checks": ("sparse_attn.ops.checks",),
+  "sparse_attn.masking": ("sparse_attn.ops.masking",),
+  "sparse_attn.chunking": ("sparse_attn.ops.chunking",),
+  "sparse_attn.rope": ("sparse_attn.ops.rope",),
+  "sparse_attn.attention": ("sparse_attn.ops.attention",),
+  "sparse_attn.losses": ("sparse_attn.ops.losses",),
+  "sparse_attn.indexer": ("sparse_attn.ops.indexer", "sparse_attn.nn.indexer"),
+  "sparse_attn.patterns": ("sparse_attn.kinds.patterns",),
+  "sparse_attn.lsh": ("sparse_attn.kinds.lsh",),
+  "sparse_attn.nsa": ("sparse_attn.kinds.nsa",),
+  "sparse_attn.moba": ("sparse_attn.kinds.moba",),
+  "sparse_attn.params": ("sparse_attn.nn.params",),
+  "sparse_attn.layers": ("sparse_attn.nn", "sparse_attn.nn.base"),
+  "sparse_attn.baseline_layers": (
+    "sparse_attn.nn",
+    "sparse_attn.budgets",
+    "sparse_attn.registry",
+  ),
+  "sparse_attn.model": (
+    "sparse_attn.models",
+    "sparse_attn.models.transformer",
+    "sparse_attn.registry",
+    "sparse_attn.nn",
+  ),
+  "sparse_attn.decode": (
+    "sparse_attn.inference",
+    "sparse_attn.inference.decoder",
+    "sparse_attn.models.cache",
+    "sparse_attn.nn.base",
+    "sparse_attn.ops.quantize",
+  ),
+  "sparse_attn.train": ("sparse_attn.training",),
 }
 
 
@@ -57,9 +67,11 @@ class MovedModule(types.ModuleType):
       module = importlib.import_module(target)
       if hasattr(module, attr):
         return getattr(module, attr)
-    raise AttributeError(f"module {self.__name__!r} (moved to "
-                         f"{', '.join(self.__targets)}) has no attribute "
-                         f"{attr!r}")
+    raise AttributeError(
+      f"module {self.__name__!r} (moved to "
+      f"{', '.join(self.__targets)}) has no attribute "
+      f"{attr!r}"
+    )
 
   def __dir__(self) -> list[str]:
     names: set[str] = set()
@@ -69,14 +81,15 @@ class MovedModule(types.ModuleType):
 
 
 class _Loader(importlib.abc.Loader):
-
   def create_module(self, spec):
     return MovedModule(spec.name, MOVED[spec.name])
 
   def exec_module(self, module):
-    warnings.warn(f"{module.__name__} moved to "
-                  f"{', '.join(MOVED[module.__name__])}", DeprecationWarning,
-                  stacklevel=2)
+    warnings.warn(
+      f"{module.__name__} moved to {', '.join(MOVED[module.__name__])}",
+      DeprecationWarning,
+      stacklevel=2,
+    )
 
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder):

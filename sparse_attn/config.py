@@ -31,19 +31,20 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder-only transformer sizes and attention kind."""
+
   vocab_size: int = 256
   embed_dim: int = 128
   num_layers: int = 2
   num_heads: int = 4
-  num_kv_heads: int = 2          # GQA (1 = MQA, num_heads = MHA)
+  num_kv_heads: int = 2  # GQA (1 = MQA, num_heads = MHA)
   head_dim: int = 32
-  mlp_dim: int = 384             # SwiGLU hidden size
-  attention: str = "dsa"         # a kind of sparse_attn.registry
-  top_k: int = 32                # DSA keys per query
+  mlp_dim: int = 384  # SwiGLU hidden size
+  attention: str = "dsa"  # a kind of sparse_attn.registry
+  top_k: int = 32  # DSA keys per query
   indexer_heads: int = 4
   indexer_dim: int = 32
-  indexer_rope_dim: int | None = None   # None: indexer_dim // 2
-  implementation: str | None = None     # None (platform default), "xla", "pallas"
+  indexer_rope_dim: int | None = None  # None: indexer_dim // 2
+  implementation: str | None = None  # None (platform default), "xla", "pallas"
   # Kind-specific constructor arguments of the baseline kinds (window, stride,
   # n_hashes, ...): a dict in JSON, stored as sorted (name, value) pairs so
   # the config stays hashable.
@@ -55,9 +56,8 @@ class ModelConfig:
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
-  dtype: str = "float32"         # activation dtype
+  dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"
-
 
   def __post_init__(self):
     params = self.attention_params
@@ -66,20 +66,27 @@ class ModelConfig:
     try:
       pairs = tuple(sorted((str(k), v) for k, v in params))
     except (TypeError, ValueError) as e:
-      raise ValueError(f"model.attention_params must be a dict of kind "
-                       f"arguments, got {self.attention_params!r}.") from e
+      raise ValueError(
+        f"model.attention_params must be a dict of kind "
+        f"arguments, got {self.attention_params!r}."
+      ) from e
     object.__setattr__(self, "attention_params", pairs)
     sizes = self.kernel_block_sizes
     if isinstance(sizes, dict):
       sizes = sizes.items()
     try:
-      nested = tuple(sorted(
+      nested = tuple(
+        sorted(
           (str(name), tuple(sorted(dict(fields).items())))
-          for name, fields in sizes))
+          for name, fields in sizes
+        )
+      )
     except (TypeError, ValueError) as e:
-      raise ValueError(f"model.kernel_block_sizes must be a dict kernel -> "
-                       f"dict of BlockSizes fields, got "
-                       f"{self.kernel_block_sizes!r}.") from e
+      raise ValueError(
+        f"model.kernel_block_sizes must be a dict kernel -> "
+        f"dict of BlockSizes fields, got "
+        f"{self.kernel_block_sizes!r}."
+      ) from e
     object.__setattr__(self, "kernel_block_sizes", nested)
 
   @property
@@ -91,7 +98,7 @@ class ModelConfig:
     """kernel_block_sizes as {kernel: {field: value}}."""
     return {name: dict(fields) for name, fields in self.kernel_block_sizes}
 
-  def with_attention(self, kind: str, **params: Any) -> "ModelConfig":
+  def with_attention(self, kind: str, **params: Any) -> ModelConfig:
     """This config with attention `kind` and its parameters `params`.
 
     Parameters that are config fields of the kind (DSA: top_k, indexer_heads,
@@ -100,42 +107,48 @@ class ModelConfig:
     the dicts `sparse_attn.budgets.match_budget` returns.
     """
     spec = registry.get(kind)
-    spec.make_params(**params)                 # validates names and values
+    spec.make_params(**params)  # validates names and values
     fields = {k: v for k, v in params.items() if k in spec.config_fields}
     defaults = spec.defaults
-    extra = {k: v for k, v in params.items()
-             if k not in spec.config_fields and
-             (k not in defaults or defaults[k] != v)}
-    return dataclasses.replace(self, attention=kind, attention_params=extra,
-                               **fields)
+    extra = {
+      k: v
+      for k, v in params.items()
+      if k not in spec.config_fields and (k not in defaults or defaults[k] != v)
+    }
+    return dataclasses.replace(
+      self, attention=kind, attention_params=extra, **fields
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Data, stages, optimiser, mesh, checkpointing and logging."""
-  dataset: str = "text"          # "text" or a synthetic task of sparse_attn.data
-  data_path: str | None = None   # text only; None = Python stdlib sources
-  max_bytes: int | None = 4_000_000       # text train split prefix
+
+  dataset: str = "text"  # "text" or a synthetic task of sparse_attn.data
+  data_path: str | None = None  # text only; None = Python stdlib sources
+  max_bytes: int | None = 4_000_000  # text train split prefix
   eval_max_bytes: int | None = 1_000_000  # text validation split prefix
   seq_len: int = 128
-  batch_size: int = 16           # global batch
+  batch_size: int = 16  # global batch
   seed: int = 0
-  warmup_stage_steps: int = 30   # stage 1: dense warm-up, indexer only
+  warmup_stage_steps: int = 30  # stage 1: dense warm-up, indexer only
   sparse_stage_steps: int = 200  # stage 2: sparse, everything trains
-  lr: float = 3e-3               # main model peak learning rate
-  indexer_lr: float = 3e-3       # indexer peak learning rate (both stages)
-  lr_warmup_steps: int = 20      # linear LR warm-up of each schedule
-  min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
-  weight_decay: float = 0.1      # AdamW, matrices only
+  lr: float = 3e-3  # main model peak learning rate
+  indexer_lr: float = 3e-3  # indexer peak learning rate (both stages)
+  lr_warmup_steps: int = 20  # linear LR warm-up of each schedule
+  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+  weight_decay: float = 0.1  # AdamW, matrices only
   b1: float = 0.9
   b2: float = 0.95
-  grad_clip: float = 1.0         # global-norm clipping (per parameter group)
+  grad_clip: float = 1.0  # global-norm clipping (per parameter group)
   indexer_loss_scale: float = 1.0
-  mesh_shape: tuple[int, int, int] | None = None  # (data, fsdp, tensor); None: (devices, 1, 1)
-  checkpoint_every: int = 100    # 0 disables periodic checkpoints
+  mesh_shape: tuple[int, int, int] | None = (
+    None  # (data, fsdp, tensor); None: (devices, 1, 1)
+  )
+  checkpoint_every: int = 100  # 0 disables periodic checkpoints
   keep_checkpoints: int = 2
   async_checkpointing: bool = True
-  eval_every: int = 100          # 0: evaluate only at the end
+  eval_every: int = 100  # 0: evaluate only at the end
   eval_batches: int = 4
   log_every: int = 10
 
@@ -160,28 +173,31 @@ class Config:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Config":
+  def from_dict(cls, d: dict[str, Any]) -> Config:
     d = dict(d)
     unknown = set(d) - {"model", "train", "name"}
     if unknown:
       raise ValueError(f"unknown config sections {sorted(unknown)}.")
-    return cls(model=_build(ModelConfig, d.get("model", {}), "model"),
-               train=_build(TrainConfig, d.get("train", {}), "train"),
-               name=d.get("name", "run"))
+    return cls(
+      model=_build(ModelConfig, d.get("model", {}), "model"),
+      train=_build(TrainConfig, d.get("train", {}), "train"),
+      name=d.get("name", "run"),
+    )
 
   @classmethod
-  def from_json(cls, text: str) -> "Config":
+  def from_json(cls, text: str) -> Config:
     return cls.from_dict(json.loads(text))
 
-  def replace(self, **changes) -> "Config":
+  def replace(self, **changes) -> Config:
     return override(self, **changes)
 
-  def resolved(self) -> "Config":
+  def resolved(self) -> Config:
     """Folds the warm-up stage into the main stage for kinds without an indexer."""
     t = self.train
     if t.warmup_stage_steps and not registry.has_indexer(self.model.attention):
-      t = dataclasses.replace(t, warmup_stage_steps=0,
-                              sparse_stage_steps=t.total_steps)
+      t = dataclasses.replace(
+        t, warmup_stage_steps=0, sparse_stage_steps=t.total_steps
+      )
     return dataclasses.replace(self, train=t)
 
 
@@ -189,8 +205,10 @@ def _build(cls, d: dict[str, Any], section: str):
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = set(d) - names
   if unknown:
-    raise ValueError(f"unknown {section} config fields {sorted(unknown)}; "
-                     f"known: {sorted(names)}.")
+    raise ValueError(
+      f"unknown {section} config fields {sorted(unknown)}; "
+      f"known: {sorted(names)}."
+    )
   d = dict(d)
   if d.get("mesh_shape") is not None:
     d["mesh_shape"] = tuple(d["mesh_shape"])
@@ -239,14 +257,24 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
   """
   m, t = cfg.model, cfg.train
   errors: list[str] = []
-  _positive(errors, "model", vocab_size=m.vocab_size, embed_dim=m.embed_dim,
-            num_layers=m.num_layers, num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-            mlp_dim=m.mlp_dim, indexer_heads=m.indexer_heads,
-            indexer_dim=m.indexer_dim)
+  _positive(
+    errors,
+    "model",
+    vocab_size=m.vocab_size,
+    embed_dim=m.embed_dim,
+    num_layers=m.num_layers,
+    num_heads=m.num_heads,
+    num_kv_heads=m.num_kv_heads,
+    head_dim=m.head_dim,
+    mlp_dim=m.mlp_dim,
+    indexer_heads=m.indexer_heads,
+    indexer_dim=m.indexer_dim,
+  )
   if m.attention not in registry.names():
-    errors.append(f"model.attention must be one of {list(registry.names())}, "
-                  f"got {m.attention!r}")
+    errors.append(
+      f"model.attention must be one of {list(registry.names())}, "
+      f"got {m.attention!r}"
+    )
   else:
     try:
       registry.get(m.attention).params_from_config(m)
@@ -254,8 +282,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       errors.append(f"model.attention_params: {e}")
   for name, fields in m.kernel_block_sizes_dict.items():
     if name not in KERNELS:
-      errors.append(f"model.kernel_block_sizes: unknown kernel {name!r}; "
-                    f"known: {list(KERNELS)}")
+      errors.append(
+        f"model.kernel_block_sizes: unknown kernel {name!r}; "
+        f"known: {list(KERNELS)}"
+      )
       continue
     try:
       dispatch.block_sizes(name, fields, f"model.kernel_block_sizes[{name!r}]")
@@ -263,33 +293,60 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       errors.append(str(e))
   if not isinstance(m.top_k, int) or m.top_k < 1:
     errors.append(f"model.top_k must be >= 1, got {m.top_k!r}")
-  if (isinstance(m.num_kv_heads, int) and m.num_kv_heads >= 1
-      and isinstance(m.num_heads, int) and m.num_heads % m.num_kv_heads):
-    errors.append(f"model.num_heads={m.num_heads} must be divisible by "
-                  f"model.num_kv_heads={m.num_kv_heads}")
+  if (
+    isinstance(m.num_kv_heads, int)
+    and m.num_kv_heads >= 1
+    and isinstance(m.num_heads, int)
+    and m.num_heads % m.num_kv_heads
+  ):
+    errors.append(
+      f"model.num_heads={m.num_heads} must be divisible by "
+      f"model.num_kv_heads={m.num_kv_heads}"
+    )
   if isinstance(m.head_dim, int) and m.head_dim % 2:
     errors.append(f"model.head_dim must be even (RoPE), got {m.head_dim}")
   if m.indexer_rope_dim is not None and (
-      m.indexer_rope_dim % 2 or not 0 <= m.indexer_rope_dim <= m.indexer_dim):
-    errors.append(f"model.indexer_rope_dim must be even and in [0, "
-                  f"indexer_dim={m.indexer_dim}], got {m.indexer_rope_dim}")
+    m.indexer_rope_dim % 2 or not 0 <= m.indexer_rope_dim <= m.indexer_dim
+  ):
+    errors.append(
+      f"model.indexer_rope_dim must be even and in [0, "
+      f"indexer_dim={m.indexer_dim}], got {m.indexer_rope_dim}"
+    )
   if m.implementation not in (None, "xla", "pallas"):
-    errors.append(f"model.implementation must be None, 'xla' or 'pallas', got "
-                  f"{m.implementation!r}")
+    errors.append(
+      f"model.implementation must be None, 'xla' or 'pallas', got "
+      f"{m.implementation!r}"
+    )
   for k in ("dtype", "param_dtype"):
     if getattr(m, k) not in _DTYPES:
-      errors.append(f"model.{k} must be one of {_DTYPES}, got {getattr(m, k)!r}")
-  _positive(errors, "train", seq_len=t.seq_len, batch_size=t.batch_size,
-            eval_batches=t.eval_batches, log_every=t.log_every,
-            keep_checkpoints=t.keep_checkpoints)
-  for k in ("warmup_stage_steps", "sparse_stage_steps", "lr_warmup_steps",
-            "checkpoint_every", "eval_every", "seed"):
+      errors.append(
+        f"model.{k} must be one of {_DTYPES}, got {getattr(m, k)!r}"
+      )
+  _positive(
+    errors,
+    "train",
+    seq_len=t.seq_len,
+    batch_size=t.batch_size,
+    eval_batches=t.eval_batches,
+    log_every=t.log_every,
+    keep_checkpoints=t.keep_checkpoints,
+  )
+  for k in (
+    "warmup_stage_steps",
+    "sparse_stage_steps",
+    "lr_warmup_steps",
+    "checkpoint_every",
+    "eval_every",
+    "seed",
+  ):
     v = getattr(t, k)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
       errors.append(f"train.{k} must be an integer >= 0, got {v!r}")
   if not errors and t.total_steps < 1:
-    errors.append("train.warmup_stage_steps + train.sparse_stage_steps must be "
-                  ">= 1 (both stages are empty)")
+    errors.append(
+      "train.warmup_stage_steps + train.sparse_stage_steps must be "
+      ">= 1 (both stages are empty)"
+    )
   for k in ("lr", "indexer_lr"):
     if not getattr(t, k) > 0:
       errors.append(f"train.{k} must be > 0, got {getattr(t, k)!r}")
@@ -299,23 +356,31 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
     if t.data_path is not None and not os.path.exists(t.data_path):
       errors.append(f"train.data_path {t.data_path!r} does not exist")
   elif t.data_path is not None:
-    errors.append(f"train.data_path applies only to dataset 'text', not "
-                  f"{t.dataset!r}")
+    errors.append(
+      f"train.data_path applies only to dataset 'text', not {t.dataset!r}"
+    )
   if num_devices is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     num_devices = jax.device_count()
   mesh = t.mesh_shape if t.mesh_shape is not None else (num_devices, 1, 1)
-  if (len(mesh) != 3 or any(not isinstance(x, int) or x < 1 for x in mesh)):
-    errors.append(f"train.mesh_shape must be 3 positive ints (data, fsdp, "
-                  f"tensor), got {mesh!r}")
+  if len(mesh) != 3 or any(not isinstance(x, int) or x < 1 for x in mesh):
+    errors.append(
+      f"train.mesh_shape must be 3 positive ints (data, fsdp, "
+      f"tensor), got {mesh!r}"
+    )
   else:
     n = mesh[0] * mesh[1] * mesh[2]
     if n != num_devices:
-      errors.append(f"train.mesh_shape {tuple(mesh)} has {n} devices but "
-                    f"{num_devices} are available")
+      errors.append(
+        f"train.mesh_shape {tuple(mesh)} has {n} devices but "
+        f"{num_devices} are available"
+      )
     if isinstance(t.batch_size, int) and t.batch_size % (mesh[0] * mesh[1]):
-      errors.append(f"train.batch_size={t.batch_size} must be divisible by "
-                    f"data*fsdp={mesh[0] * mesh[1]} of mesh {tuple(mesh)}")
+      errors.append(
+        f"train.batch_size={t.batch_size} must be divisible by "
+        f"data*fsdp={mesh[0] * mesh[1]} of mesh {tuple(mesh)}"
+      )
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
   return cfg.resolved()
@@ -325,6 +390,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
 # presets
 # ---------------------------------------------------------------------------
 
+
 def tiny() -> Config:
   """0.47M params (0.43M main + 42K indexer), T=128, top-k 32: a 2-core CPU."""
   return Config(name="tiny")
@@ -333,29 +399,68 @@ def tiny() -> Config:
 def small() -> Config:
   """26.7M params (24.3M main + 2.4M indexer), T=2048, top-k 256: one accelerator."""
   return Config(
-      name="small",
-      model=ModelConfig(embed_dim=512, num_layers=8, num_heads=8,
-                        num_kv_heads=2, head_dim=64, mlp_dim=1536, top_k=256,
-                        indexer_heads=8, indexer_dim=64),
-      train=TrainConfig(seq_len=2048, batch_size=32, max_bytes=None,
-                        eval_max_bytes=None, warmup_stage_steps=500,
-                        sparse_stage_steps=20_000, lr=1e-3, indexer_lr=1e-3,
-                        lr_warmup_steps=500, checkpoint_every=1000,
-                        eval_every=1000, eval_batches=16, log_every=50))
+    name="small",
+    model=ModelConfig(
+      embed_dim=512,
+      num_layers=8,
+      num_heads=8,
+      num_kv_heads=2,
+      head_dim=64,
+      mlp_dim=1536,
+      top_k=256,
+      indexer_heads=8,
+      indexer_dim=64,
+    ),
+    train=TrainConfig(
+      seq_len=2048,
+      batch_size=32,
+      max_bytes=None,
+      eval_max_bytes=None,
+      warmup_stage_steps=500,
+      sparse_stage_steps=20_000,
+      lr=1e-3,
+      indexer_lr=1e-3,
+      lr_warmup_steps=500,
+      checkpoint_every=1000,
+      eval_every=1000,
+      eval_batches=16,
+      log_every=50,
+    ),
+  )
 
 
 def base() -> Config:
   """85.9M params (75.7M main + 10.2M indexer), T=4096, top-k 512: e.g. 8 chips."""
   return Config(
-      name="base",
-      model=ModelConfig(embed_dim=768, num_layers=12, num_heads=12,
-                        num_kv_heads=4, head_dim=64, mlp_dim=2048, top_k=512,
-                        indexer_heads=16, indexer_dim=64, dtype="bfloat16"),
-      train=TrainConfig(seq_len=4096, batch_size=64, max_bytes=None,
-                        eval_max_bytes=None, warmup_stage_steps=1000,
-                        sparse_stage_steps=50_000, lr=6e-4, indexer_lr=1e-3,
-                        lr_warmup_steps=1000, checkpoint_every=2000,
-                        eval_every=2000, eval_batches=32, log_every=100))
+    name="base",
+    model=ModelConfig(
+      embed_dim=768,
+      num_layers=12,
+      num_heads=12,
+      num_kv_heads=4,
+      head_dim=64,
+      mlp_dim=2048,
+      top_k=512,
+      indexer_heads=16,
+      indexer_dim=64,
+      dtype="bfloat16",
+    ),
+    train=TrainConfig(
+      seq_len=4096,
+      batch_size=64,
+      max_bytes=None,
+      eval_max_bytes=None,
+      warmup_stage_steps=1000,
+      sparse_stage_steps=50_000,
+      lr=6e-4,
+      indexer_lr=1e-3,
+      lr_warmup_steps=1000,
+      checkpoint_every=2000,
+      eval_every=2000,
+      eval_batches=32,
+      log_every=100,
+    ),
+  )
 
 
 PRESETS = {"tiny": tiny, "small": small, "base": base}

@@ -25,17 +25,24 @@ import jax
 IMPLEMENTATIONS = ("xla", "pallas")
 _KERNEL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _TARGETS = ("tpu", "gpu")
-_target = (jax.make_user_context(default_value=None)
-           if hasattr(jax, "make_user_context") else None)
+_target = (
+  jax.make_user_context(default_value=None)
+  if hasattr(jax, "make_user_context")
+  else None
+)
 
 
 @contextlib.contextmanager
 def compile_target(platform: str):
   """Traces for `platform` ("tpu" | "gpu") instead of the default backend."""
   if platform not in _TARGETS:
-    raise ValueError(f"compile_target platform must be one of {_TARGETS}, got {platform!r}.")
+    raise ValueError(
+      f"compile_target platform must be one of {_TARGETS}, got {platform!r}."
+    )
   if _target is None:
-    raise RuntimeError("compile_target needs jax.make_user_context (jax >= 0.10).")
+    raise RuntimeError(
+      "compile_target needs jax.make_user_context (jax >= 0.10)."
+    )
   with _target(platform):
     yield
 
@@ -82,7 +89,9 @@ def block_sizes(module: str, value, name: str):
   if value is None:
     return None
   mod = kernel_module(module)
-  return kernel_module("backend").coerce_block_sizes(mod.BlockSizes, value, name)
+  return kernel_module("backend").coerce_block_sizes(
+    mod.BlockSizes, value, name
+  )
 
 
 def resolve(implementation: str | None) -> str:
@@ -93,15 +102,15 @@ def resolve(implementation: str | None) -> str:
     return "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS} or None, got "
-        f"{implementation!r}."
+      f"implementation must be one of {IMPLEMENTATIONS} or None, got "
+      f"{implementation!r}."
     )
   if implementation == "pallas":
     platform = target_platform()
     if platform not in _KERNEL_PLATFORMS + ("cpu",):
       raise ValueError(
-          f"implementation='pallas' is not supported on platform {platform!r}; "
-          f"supported: {_KERNEL_PLATFORMS + ('cpu (interpret mode)',)}."
+        f"implementation='pallas' is not supported on platform {platform!r}; "
+        f"supported: {_KERNEL_PLATFORMS + ('cpu (interpret mode)',)}."
       )
   return implementation
 

@@ -16,18 +16,37 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from flax import nnx
 
-from sparse_attn.nn import (dense, dsa, lsh, moba, nsa, sliding_window,
-                            sparse_transformer)
+from sparse_attn.nn import (
+  dense,
+  dsa,
+  lsh,
+  moba,
+  nsa,
+  sliding_window,
+  sparse_transformer,
+)
 from sparse_attn.nn.kind import AttentionKind
 
-__all__ = ["AttentionKind", "get", "has_indexer", "kinds", "names", "register",
-           "unregister", "KindView", "ATTENTION_KINDS", "BASELINE_LAYERS",
-           "register_attention", "kind_has_indexer", "attention_param_names"]
+__all__ = [
+  "AttentionKind",
+  "get",
+  "has_indexer",
+  "kinds",
+  "names",
+  "register",
+  "unregister",
+  "KindView",
+  "ATTENTION_KINDS",
+  "BASELINE_LAYERS",
+  "register_attention",
+  "kind_has_indexer",
+  "attention_param_names",
+]
 
 _KINDS: dict[str, AttentionKind] = {}
 
@@ -37,12 +56,18 @@ def register(kind: AttentionKind, *, replace: bool = False) -> AttentionKind:
   if not isinstance(kind, AttentionKind):
     raise ValueError(f"register takes an AttentionKind, got {type(kind)}.")
   if kind.name in _KINDS and not replace:
-    raise ValueError(f"attention kind {kind.name!r} is already registered "
-                     f"(pass replace=True to override it).")
-  if kind.budget_param is not None and kind.budget_param not in kind.param_names:
-    raise ValueError(f"budget_param {kind.budget_param!r} of kind "
-                     f"{kind.name!r} is not one of its parameters "
-                     f"{list(kind.param_names)}.")
+    raise ValueError(
+      f"attention kind {kind.name!r} is already registered "
+      f"(pass replace=True to override it)."
+    )
+  if (
+    kind.budget_param is not None and kind.budget_param not in kind.param_names
+  ):
+    raise ValueError(
+      f"budget_param {kind.budget_param!r} of kind "
+      f"{kind.name!r} is not one of its parameters "
+      f"{list(kind.param_names)}."
+    )
   _KINDS[kind.name] = kind
   return kind
 
@@ -57,8 +82,9 @@ def get(name: str) -> AttentionKind:
   try:
     return _KINDS[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown attention kind {name!r}; known: "
-                     f"{list(_KINDS)}.") from None
+    raise ValueError(
+      f"unknown attention kind {name!r}; known: {list(_KINDS)}."
+    ) from None
 
 
 def names() -> tuple[str, ...]:
@@ -75,9 +101,16 @@ def has_indexer(name: str) -> bool:
   return get(name).has_indexer
 
 
-for _builtin in (dense.KIND, dsa.KIND, sliding_window.KIND,
-                 sparse_transformer.STRIDED, sparse_transformer.FIXED,
-                 lsh.KIND, nsa.KIND, moba.KIND):
+for _builtin in (
+  dense.KIND,
+  dsa.KIND,
+  sliding_window.KIND,
+  sparse_transformer.STRIDED,
+  sparse_transformer.FIXED,
+  lsh.KIND,
+  nsa.KIND,
+  moba.KIND,
+):
   register(_builtin)
 
 # ---------------------------------------------------------------------------
@@ -87,8 +120,11 @@ for _builtin in (dense.KIND, dsa.KIND, sliding_window.KIND,
 class KindView(Mapping):
   """A live read-only mapping name -> value(kind) over the registered kinds."""
 
-  def __init__(self, value: Callable[[AttentionKind], Any],
-               include: Callable[[AttentionKind], bool] = lambda k: True):
+  def __init__(
+    self,
+    value: Callable[[AttentionKind], Any],
+    include: Callable[[AttentionKind], bool] = lambda k: True,
+  ):
     self._value, self._include = value, include
 
   def __getitem__(self, name: str) -> Any:
@@ -106,17 +142,22 @@ class KindView(Mapping):
 
 #: name -> factory(cfg, *, layer_index=0, rngs) -> layer.
 ATTENTION_KINDS: Mapping[str, Callable[..., nnx.Module]] = KindView(
-    lambda k: k.build)
+  lambda k: k.build
+)
 #: name -> layer class of the kinds DSA is compared with.
 BASELINE_LAYERS: Mapping[str, type] = KindView(
-    lambda k: k.layer, lambda k: k.name not in ("dense", "dsa")
-    and k.layer is not None)
+  lambda k: k.layer,
+  lambda k: k.name not in ("dense", "dsa") and k.layer is not None,
+)
 
 
-def register_attention(name: str, factory: Callable[..., nnx.Module], *,
-                       has_indexer: bool = False,
-                       params: frozenset[str] | tuple[str, ...] = frozenset()
-                       ) -> AttentionKind:
+def register_attention(
+  name: str,
+  factory: Callable[..., nnx.Module],
+  *,
+  has_indexer: bool = False,
+  params: frozenset[str] | tuple[str, ...] = frozenset(),
+) -> AttentionKind:
   """Registers a kind from a layer factory (the first API's form).
 
   factory(cfg, *, layer_index, rngs) -> layer (factories without
@@ -126,7 +167,8 @@ def register_attention(name: str, factory: Callable[..., nnx.Module], *,
   """
   accepted = inspect.signature(factory).parameters
   takes_index = "layer_index" in accepted or any(
-      p.kind == p.VAR_KEYWORD for p in accepted.values())
+    p.kind == p.VAR_KEYWORD for p in accepted.values()
+  )
 
   def build(cfg, *, layer_index: int = 0, rngs: nnx.Rngs) -> nnx.Module:
     if takes_index:
@@ -134,11 +176,19 @@ def register_attention(name: str, factory: Callable[..., nnx.Module], *,
     return factory(cfg, rngs=rngs)
 
   fields = [(p, Any, dataclasses.field(default=None)) for p in sorted(params)]
-  params_cls = dataclasses.make_dataclass(f"{name.title()}Params", fields,
-                                          frozen=True)
-  return register(AttentionKind(name=name, layer=None, params=params_cls,
-                                has_indexer=has_indexer, factory=build),
-                  replace=True)
+  params_cls = dataclasses.make_dataclass(
+    f"{name.title()}Params", fields, frozen=True
+  )
+  return register(
+    AttentionKind(
+      name=name,
+      layer=None,
+      params=params_cls,
+      has_indexer=has_indexer,
+      factory=build,
+    ),
+    replace=True,
+  )
 
 
 def kind_has_indexer(name: str) -> bool:

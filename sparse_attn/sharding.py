@@ -23,32 +23,36 @@ it when the kernels are in use; the XLA path needs no wrapper).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("indexer_heads", "tensor"),
-    ("head_dim", None),
-    ("indexer_dim", None),
-    ("length", None),
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("indexer_heads", "tensor"),
+  ("head_dim", None),
+  ("indexer_dim", None),
+  ("length", None),
 )
 
 
-def make_mesh(mesh_shape: Sequence[int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  mesh_shape: Sequence[int] | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """Mesh over `devices` (default: all) with axes (data, fsdp, tensor).
 
   mesh_shape None means (len(devices), 1, 1): pure data parallelism.
@@ -60,11 +64,14 @@ def make_mesh(mesh_shape: Sequence[int] | None = None,
     mesh_shape = (len(devices), 1, 1)
   mesh_shape = tuple(int(x) for x in mesh_shape)
   if len(mesh_shape) != 3 or min(mesh_shape) < 1:
-    raise ValueError(f"mesh_shape must be 3 positive ints {MESH_AXES}, got "
-                     f"{mesh_shape}.")
+    raise ValueError(
+      f"mesh_shape must be 3 positive ints {MESH_AXES}, got {mesh_shape}."
+    )
   if math.prod(mesh_shape) != len(devices):
-    raise ValueError(f"mesh_shape {mesh_shape} needs {math.prod(mesh_shape)} "
-                     f"devices, but {len(devices)} are available.")
+    raise ValueError(
+      f"mesh_shape {mesh_shape} needs {math.prod(mesh_shape)} "
+      f"devices, but {len(devices)} are available."
+    )
   return Mesh(np.asarray(devices, dtype=object).reshape(mesh_shape), MESH_AXES)
 
 
@@ -74,21 +81,28 @@ def _as_tuple(x) -> tuple[str, ...]:
   return (x,) if isinstance(x, str) else tuple(x)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None,
-                    shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> P:
+def logical_to_spec(
+  logical_axes: Sequence[str | None] | None,
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+) -> P:
   """PartitionSpec for an array with these logical axis names and shape."""
   if logical_axes is None:
     return P()
   if len(logical_axes) != len(shape):
-    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape "
-                     f"{tuple(shape)}.")
+    raise ValueError(
+      f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}."
+    )
   table = dict(rules)
   used: set[str] = set()
   spec = []
   for name, size in zip(logical_axes, shape):
-    mesh_axes = tuple(a for a in _as_tuple(table.get(name))
-                      if a not in used and mesh.shape[a] > 1)
+    mesh_axes = tuple(
+      a
+      for a in _as_tuple(table.get(name))
+      if a not in used and mesh.shape[a] > 1
+    )
     n = math.prod(mesh.shape[a] for a in mesh_axes)
     if not mesh_axes or size % n:
       spec.append(None)
@@ -102,8 +116,9 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def tree_shardings(tree: Any, mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+def tree_shardings(
+  tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
+) -> Any:
   """NamedSharding for every array leaf of `tree` (same structure).
 
   Leaves inside an nnx.Variable with `logical_axes` metadata (parameters and
@@ -116,8 +131,9 @@ def tree_shardings(tree: Any, mesh: Mesh,
     if _is_variable(x):
       axes = x.get_metadata().get("logical_axes")
       value = x.get_value() if hasattr(x, "get_value") else x.value
-      sh = NamedSharding(mesh, logical_to_spec(axes, np.shape(value), mesh,
-                                               rules))
+      sh = NamedSharding(
+        mesh, logical_to_spec(axes, np.shape(value), mesh, rules)
+      )
       return jax.tree.map(lambda _: sh, x)
     return replicated
 
@@ -133,7 +149,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def local_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+def local_batch_rows(
+  sharding: NamedSharding, global_batch: int
+) -> tuple[int, int]:
   """(shard_index, num_shards): which contiguous rows this process loads.
 
   A process holds the union of its devices' row blocks; data loading then
@@ -147,18 +165,24 @@ def local_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, i
     rows.update(range(*sl.indices(global_batch)))
   lo, hi = min(rows), max(rows) + 1
   if len(rows) != hi - lo or global_batch % (hi - lo) or lo % (hi - lo):
-    raise ValueError(f"this process's batch rows {sorted(rows)} are not one "
-                     f"aligned contiguous block of {global_batch}.")
+    raise ValueError(
+      f"this process's batch rows {sorted(rows)} are not one "
+      f"aligned contiguous block of {global_batch}."
+    )
   return lo // (hi - lo), global_batch // (hi - lo)
 
 
-def make_global_batch(local: Any, sharding: NamedSharding,
-                      global_batch: int) -> Any:
+def make_global_batch(
+  local: Any, sharding: NamedSharding, global_batch: int
+) -> Any:
   """Process-local numpy rows -> global jax.Arrays sharded by `sharding`."""
+
   def one(x):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(
-        sharding, x, (global_batch,) + x.shape[1:])
+      sharding, x, (global_batch,) + x.shape[1:]
+    )
+
   return jax.tree.map(one, local)
 
 

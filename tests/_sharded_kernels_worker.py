@@ -40,14 +40,23 @@ T = S = 16
 D, DV, HI, DI, K = 8, 16, 2, 8, 4
 # What plan_axes must choose (mesh -> layout -> (batch axes, heads axes)).
 SPLITS = {
-    (2, 1, 4): {"gqa": (("data",), ()), "mqa": (("data",), ()),
-                "g3": (("data", "tensor"), ())},
-    (1, 1, 8): {"gqa": ((), ()), "mqa": ((), ()), "g3": (("tensor",), ())},
-    (4, 1, 2): {"gqa": ((), ("tensor",)), "mqa": (("data",), ()),
-                "g3": (("data", "tensor"), ())},
-    (2, 2, 2): {"gqa": (("data",), ("tensor",)), "mqa": (("data", "fsdp"), ()),
-                "g3": (("data", "fsdp", "tensor"), ())},
-    (1, 8, 1): {"gqa": ((), ()), "mqa": ((), ()), "g3": (("fsdp",), ())},
+  (2, 1, 4): {
+    "gqa": (("data",), ()),
+    "mqa": (("data",), ()),
+    "g3": (("data", "tensor"), ()),
+  },
+  (1, 1, 8): {"gqa": ((), ()), "mqa": ((), ()), "g3": (("tensor",), ())},
+  (4, 1, 2): {
+    "gqa": ((), ("tensor",)),
+    "mqa": (("data",), ()),
+    "g3": (("data", "tensor"), ()),
+  },
+  (2, 2, 2): {
+    "gqa": (("data",), ("tensor",)),
+    "mqa": (("data", "fsdp"), ()),
+    "g3": (("data", "fsdp", "tensor"), ()),
+  },
+  (1, 8, 1): {"gqa": ((), ()), "mqa": ((), ()), "g3": (("fsdp",), ())},
 }
 
 
@@ -57,20 +66,38 @@ def make_inputs(seed, B, H, G):
   x = dict(q=mk(B, T, H, D), k=mk(B, S, G, D), v=mk(B, S, G, DV))
   # Positive indexer inputs: no relu zeros, hence no tied scores, so both
   # implementations select the same set and the gradients are comparable.
-  x.update(qi=jnp.abs(mk(B, T, HI, DI)), ki=jnp.abs(mk(B, S, DI)), w=jnp.abs(mk(B, T, HI)))
+  x.update(
+    qi=jnp.abs(mk(B, T, HI, DI)),
+    ki=jnp.abs(mk(B, S, DI)),
+    w=jnp.abs(mk(B, T, HI)),
+  )
   x["cot"] = mk(B, T, H, DV)
   x["kv"] = jnp.asarray(rng.integers(S // 2, S + 1, B), jnp.int32)
   x["off"] = jnp.asarray(rng.integers(0, 3, B), jnp.int32)
   # -1, out-of-range (S) and duplicated indices for the direct call.
-  x["idx"] = jnp.asarray(rng.integers(-1, S + 1, (B, T, K + 2)), jnp.int32).at[:, 0, :2].set(3)
+  x["idx"] = (
+    jnp.asarray(rng.integers(-1, S + 1, (B, T, K + 2)), jnp.int32)
+    .at[:, 0, :2]
+    .set(3)
+  )
   return x
 
 
 def run_all(x, impl):
   """Everything compared, in one jitted program per mesh."""
+
   def dsa_loss(q, k, v):
-    out = sa.dsa_attention(q, k, v, x["qi"], x["ki"], x["w"], top_k=K, kv_lengths=x["kv"],
-                           implementation=impl)
+    out = sa.dsa_attention(
+      q,
+      k,
+      v,
+      x["qi"],
+      x["ki"],
+      x["w"],
+      top_k=K,
+      kv_lengths=x["kv"],
+      implementation=impl,
+    )
     return jnp.sum(out * x["cot"]), out
 
   def ga_loss(q, k, v):
@@ -80,43 +107,83 @@ def run_all(x, impl):
   def f(q, k, v):
     dsa_grads, dsa_out = jax.grad(dsa_loss, (0, 1, 2), has_aux=True)(q, k, v)
     ga_grads, ga_out = jax.grad(ga_loss, (0, 1, 2), has_aux=True)(q, k, v)
-    sel = sa.lightning_topk(x["qi"], x["ki"], x["w"], K, q_offset=x["off"],
-                            kv_lengths=x["kv"], implementation=impl)
-    return dict(dsa_out=dsa_out, dsa_grads=dsa_grads, ga_out=ga_out, ga_grads=ga_grads, sel=sel)
+    sel = sa.lightning_topk(
+      x["qi"],
+      x["ki"],
+      x["w"],
+      K,
+      q_offset=x["off"],
+      kv_lengths=x["kv"],
+      implementation=impl,
+    )
+    return dict(
+      dsa_out=dsa_out,
+      dsa_grads=dsa_grads,
+      ga_out=ga_out,
+      ga_grads=ga_grads,
+      sel=sel,
+    )
 
   return f
 
 
 def check(name, got, want):
-  np.testing.assert_array_equal(np.sort(np.asarray(got["sel"]), -1),
-                                np.sort(np.asarray(want["sel"]), -1), err_msg=f"{name} topk")
+  np.testing.assert_array_equal(
+    np.sort(np.asarray(got["sel"]), -1),
+    np.sort(np.asarray(want["sel"]), -1),
+    err_msg=f"{name} topk",
+  )
   for key in ("dsa", "ga"):
-    np.testing.assert_allclose(got[f"{key}_out"], want[f"{key}_out"], rtol=1e-5, atol=1e-5,
-                               err_msg=f"{name} {key} out")
+    np.testing.assert_allclose(
+      got[f"{key}_out"],
+      want[f"{key}_out"],
+      rtol=1e-5,
+      atol=1e-5,
+      err_msg=f"{name} {key} out",
+    )
     for n, a, b in zip("qkv", got[f"{key}_grads"], want[f"{key}_grads"]):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name} {key} d{n}")
+      np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name} {key} d{n}"
+      )
 
 
 def main():
   t0 = time.perf_counter()
-  inputs = {n: make_inputs(i, *layout) for i, (n, layout) in enumerate(LAYOUTS.items())}
-  want = {n: jax.jit(run_all(x, "xla"))(x["q"], x["k"], x["v"]) for n, x in inputs.items()}
+  inputs = {
+    n: make_inputs(i, *layout) for i, (n, layout) in enumerate(LAYOUTS.items())
+  }
+  want = {
+    n: jax.jit(run_all(x, "xla"))(x["q"], x["k"], x["v"])
+    for n, x in inputs.items()
+  }
   for mesh_shape in MESHES:
     t1 = time.perf_counter()
     mesh = shd.make_mesh(mesh_shape)
     for n, (B, H, G) in LAYOUTS.items():
       plan = kernel_sharding.plan_axes(mesh, {"batch": [B], "heads": [H, G]})
-      assert (plan["batch"], plan["heads"]) == SPLITS[mesh_shape][n], (mesh_shape, n, plan)
+      assert (plan["batch"], plan["heads"]) == SPLITS[mesh_shape][n], (
+        mesh_shape,
+        n,
+        plan,
+      )
     # Inputs laid out as the model lays out activations (batch over data,
     # heads over tensor where they divide): the kernel call reshards them.
-    place = lambda a: jax.device_put(a, NamedSharding(mesh, shd.logical_to_spec(
-        ("batch", None, "heads", None), a.shape, mesh)))
+    place = lambda a, mesh=mesh: jax.device_put(
+      a,
+      NamedSharding(
+        mesh, shd.logical_to_spec(("batch", None, "heads", None), a.shape, mesh)
+      ),
+    )
     with jax.set_mesh(mesh):
-      f = jax.jit(lambda xs: {n: run_all(x, "pallas")(*xs[n]) for n, x in inputs.items()})
+      f = jax.jit(
+        lambda xs: {n: run_all(x, "pallas")(*xs[n]) for n, x in inputs.items()}
+      )
       got = f({n: tuple(place(x[a]) for a in "qkv") for n, x in inputs.items()})
     for n in LAYOUTS:
       check(f"mesh {mesh_shape} {n}", got[n], want[n])
-    print(f"mesh {mesh_shape}: ok in {time.perf_counter() - t1:.1f} s", flush=True)
+    print(
+      f"mesh {mesh_shape}: ok in {time.perf_counter() - t1:.1f} s", flush=True
+    )
   print(f"OK sharded pallas == xla ({time.perf_counter() - t0:.1f} s)")
 
 

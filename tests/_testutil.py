@@ -15,24 +15,37 @@ def rand(rng, shape, dtype=np.float32):
 # (B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths): odd sizes, T != S,
 # per-sequence offsets, padding, and K above the number of visible keys.
 CASES = [
-    pytest.param(2, 37, 101, 6, 3, 40, 4, 16, 17, None, None, id="odd"),
-    pytest.param(2, 37, 101, 6, 3, 40, 4, 16, 17, 20, [101, 45], id="offset_kvlen"),
-    pytest.param(1, 29, 29, 4, 1, 8, 2, 8, 17, None, None, id="causal_k_gt_visible"),
-    pytest.param(2, 5, 33, 4, 2, 16, 3, 8, 40, [3, 28], [30, 33], id="per_seq_offset_k_gt_s"),
-    pytest.param(3, 1, 50, 8, 8, 16, 2, 8, 7, None, [50, 10, 1], id="decode_step"),
+  pytest.param(2, 37, 101, 6, 3, 40, 4, 16, 17, None, None, id="odd"),
+  pytest.param(
+    2, 37, 101, 6, 3, 40, 4, 16, 17, 20, [101, 45], id="offset_kvlen"
+  ),
+  pytest.param(
+    1, 29, 29, 4, 1, 8, 2, 8, 17, None, None, id="causal_k_gt_visible"
+  ),
+  pytest.param(
+    2, 5, 33, 4, 2, 16, 3, 8, 40, [3, 28], [30, 33], id="per_seq_offset_k_gt_s"
+  ),
+  pytest.param(
+    3, 1, 50, 8, 8, 16, 2, 8, 7, None, [50, 10, 1], id="decode_step"
+  ),
 ]
 
 
 def make_inputs(rng, B, T, S, H, G, D, HI, DI, dtype=np.float32, Dv=None):
   Dv = D if Dv is None else Dv
   return dict(
-      q=rand(rng, (B, T, H, D), dtype), k=rand(rng, (B, S, G, D), dtype),
-      v=rand(rng, (B, S, G, Dv), dtype), q_idx=rand(rng, (B, T, HI, DI), dtype),
-      k_idx=rand(rng, (B, S, DI), dtype), weights=rand(rng, (B, T, HI), dtype))
+    q=rand(rng, (B, T, H, D), dtype),
+    k=rand(rng, (B, S, G, D), dtype),
+    v=rand(rng, (B, S, G, Dv), dtype),
+    q_idx=rand(rng, (B, T, HI, DI), dtype),
+    k_idx=rand(rng, (B, S, DI), dtype),
+    weights=rand(rng, (B, T, HI), dtype),
+  )
 
 
 def as_jnp_opt(x):
   import jax.numpy as jnp
+
   return None if x is None else jnp.asarray(x, jnp.int32)
 
 
@@ -45,14 +58,27 @@ def run_script(name, *args, timeout=600):
   A fresh process on the CPU backend (one device, whatever XLA_FLAGS the
   test process has), the repository importable without an install.
   """
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"),
-       *map(str, args)], env=env, capture_output=True, text=True,
-      timeout=timeout, cwd=ROOT, check=False)
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", f"{name}.py"),
+      *map(str, args),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
+    check=False,
+  )
   assert proc.returncode == 0, (
-      f"experiments/{name}.py {' '.join(map(str, args))} failed:\n"
-      f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    f"experiments/{name}.py {' '.join(map(str, args))} failed:\n"
+    f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+  )
   return proc.stdout

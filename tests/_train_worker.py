@@ -16,37 +16,58 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A few-second config shared by the subprocess tests.
-SMALL = ("model.num_layers=1", "model.embed_dim=32", "model.num_heads=4",
-         "model.num_kv_heads=2", "model.head_dim=8", "model.mlp_dim=64",
-         "model.top_k=8", "model.indexer_heads=2", "model.indexer_dim=8",
-         "train.seq_len=32", "train.batch_size=8", "train.max_bytes=100000",
-         "train.eval_max_bytes=20000", "train.eval_batches=1",
-         "train.lr_warmup_steps=1", "train.log_every=1", "train.eval_every=0")
+SMALL = (
+  "model.num_layers=1",
+  "model.embed_dim=32",
+  "model.num_heads=4",
+  "model.num_kv_heads=2",
+  "model.head_dim=8",
+  "model.mlp_dim=64",
+  "model.top_k=8",
+  "model.indexer_heads=2",
+  "model.indexer_dim=8",
+  "train.seq_len=32",
+  "train.batch_size=8",
+  "train.max_bytes=100000",
+  "train.eval_max_bytes=20000",
+  "train.eval_batches=1",
+  "train.lr_warmup_steps=1",
+  "train.log_every=1",
+  "train.eval_every=0",
+)
 
 
 def small_config(*extra):
   from sparse_attn.config import override, tiny
+
   return override(tiny(), *SMALL, *extra)
 
 
 def _flat(tree):
   import jax
   import numpy as np
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def mesh_equiv():
   """One warm-up and one sparse step on mesh (1,1,1) vs (2,2,2)."""
   import jax
   import numpy as np
+
   from sparse_attn import sharding as shd
   from sparse_attn import training as T
+
   assert jax.device_count() == 8, jax.devices()
   out = {}
   results = {}
-  for name, devices, mesh in (("one", jax.devices()[:1], [1, 1, 1]),
-                              ("eight", jax.devices(), [2, 2, 2])):
+  for name, devices, mesh in (
+    ("one", jax.devices()[:1], [1, 1, 1]),
+    ("eight", jax.devices(), [2, 2, 2]),
+  ):
     cfg = small_config(f"train.mesh_shape={json.dumps(mesh)}")
     s = T.setup(cfg, devices)
     state = T.init_state(s)
@@ -60,9 +81,14 @@ def mesh_equiv():
     if name == "eight":
       wq = state["params"]["main"]["blocks"][0]["attn"]["wq"]
       out["wq_spec"] = str(wq.get_value().sharding.spec)
-      out["wq_shards"] = len({tuple((s.start, s.stop) for s in idx)
-                              for idx in wq.get_value().sharding
-                              .devices_indices_map(wq.shape).values()})
+      out["wq_shards"] = len(
+        {
+          tuple((s.start, s.stop) for s in idx)
+          for idx in wq.get_value()
+          .sharding.devices_indices_map(wq.shape)
+          .values()
+        }
+      )
       out["batch_spec"] = str(s.batch_sharding.spec)
       out["rows"] = shd.local_batch_rows(s.batch_sharding, 8)
   (l1, p1), (l8, p8) = results["one"], results["eight"]
@@ -74,26 +100,37 @@ def mesh_equiv():
 
 def _run(out_path, run_dir, steps):
   import numpy as np
+
   from sparse_attn import training as T
-  cfg = small_config("train.warmup_stage_steps=2",
-                     f"train.sparse_stage_steps={steps - 2}",
-                     "train.checkpoint_every=2")
+
+  cfg = small_config(
+    "train.warmup_stage_steps=2",
+    f"train.sparse_stage_steps={steps - 2}",
+    "train.checkpoint_every=2",
+  )
   r = T.train(cfg, run_dir, resume=False, echo=None)
   import jax
+
   if jax.process_index() == 0:
-    res = {"losses": [h["loss"] for h in r.history],
-           "kls": [h["indexer_kl"] for h in r.history],
-           "eval": r.final_eval["loss"], "processes": jax.process_count(),
-           "mesh": dict(r.setup.mesh.shape),
-           "param_sum": float(sum(np.sum(np.abs(v)) for v in
-                                  _flat(r.state["params"]).values()))
-           if jax.process_count() == 1 else None}
+    res = {
+      "losses": [h["loss"] for h in r.history],
+      "kls": [h["indexer_kl"] for h in r.history],
+      "eval": r.final_eval["loss"],
+      "processes": jax.process_count(),
+      "mesh": dict(r.setup.mesh.shape),
+      "param_sum": float(
+        sum(np.sum(np.abs(v)) for v in _flat(r.state["params"]).values())
+      )
+      if jax.process_count() == 1
+      else None,
+    }
     with open(out_path, "w", encoding="utf-8") as f:
       json.dump(res, f)
 
 
 def multihost(out_path, process_id, num_processes, port, run_dir=None):
   from sparse_attn import training as T
+
   T.init_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id))
   _run(out_path, run_dir, 5)
 
@@ -104,4 +141,6 @@ def single(out_path, run_dir=None):
 
 if __name__ == "__main__":
   cmd, *rest = sys.argv[1:]
-  {"mesh_equiv": mesh_equiv, "multihost": multihost, "single": single}[cmd](*rest)
+  {"mesh_equiv": mesh_equiv, "multihost": multihost, "single": single}[cmd](
+    *rest
+  )

@@ -52,33 +52,41 @@ ALL = "*"  # every test of the file
 
 # marker -> {path under tests/: ALL or the names of the test functions}.
 MARKED: dict[str, dict[str, str | frozenset[str]]] = {
-    "aot": {
-        "kernels_pallas/test_tpu_compile.py": ALL,
-        "kernels_pallas/test_gpu_compile.py": ALL,
-        "test_aot.py": ALL,
-        "test_sharded_kernels.py": frozenset({
-            "test_native_kernels_keep_check_vma_under_a_mesh"}),
-    },
-    "multiprocess": {
-        "kernels_pallas/test_bench_smoke.py": ALL,
-        "kernels_pallas/test_gpu_compile.py": ALL,  # compiles in a subprocess
-        "kernels_pallas/test_kernel_shard_map.py": ALL,
-        "test_decode.py": frozenset({
-            "test_sharded_cache", "test_generate_script_from_checkpoint",
-            "test_generate_script_smoke", "test_bench_decode_smoke"}),
-        "test_experiments.py": ALL,  # runs each script in its own process
-        "test_multihost.py": ALL,
-        "test_sharded_kernels.py": frozenset({
-            "test_pallas_under_every_mesh_matches_xla"}),
-        "test_sharding.py": frozenset({
-            "test_train_step_8_devices_matches_1_device"}),
-        "test_train.py": frozenset({
-            "test_kill_and_resume_matches_uninterrupted",
-            "test_quickstart_smoke"}),
-    },
-    "notebooks": {
-        "test_notebooks.py": ALL,
-    },
+  "aot": {
+    "kernels_pallas/test_tpu_compile.py": ALL,
+    "kernels_pallas/test_gpu_compile.py": ALL,
+    "test_aot.py": ALL,
+    "test_sharded_kernels.py": frozenset(
+      {"test_native_kernels_keep_check_vma_under_a_mesh"}
+    ),
+  },
+  "multiprocess": {
+    "kernels_pallas/test_bench_smoke.py": ALL,
+    "kernels_pallas/test_gpu_compile.py": ALL,  # compiles in a subprocess
+    "kernels_pallas/test_kernel_shard_map.py": ALL,
+    "test_decode.py": frozenset(
+      {
+        "test_sharded_cache",
+        "test_generate_script_from_checkpoint",
+        "test_generate_script_smoke",
+        "test_bench_decode_smoke",
+      }
+    ),
+    "test_experiments.py": ALL,  # runs each script in its own process
+    "test_multihost.py": ALL,
+    "test_sharded_kernels.py": frozenset(
+      {"test_pallas_under_every_mesh_matches_xla"}
+    ),
+    "test_sharding.py": frozenset(
+      {"test_train_step_8_devices_matches_1_device"}
+    ),
+    "test_train.py": frozenset(
+      {"test_kill_and_resume_matches_uninterrupted", "test_quickstart_smoke"}
+    ),
+  },
+  "notebooks": {
+    "test_notebooks.py": ALL,
+  },
 }
 
 # The aot tests that need a compiler of the aot extra: "tpu" (libtpu) or
@@ -87,14 +95,15 @@ MARKED: dict[str, dict[str, str | frozenset[str]]] = {
 # (pytest_make_collect_report); test_tpu_compile.py and test_gpu_compile.py
 # also check for their plugin themselves at import.
 AOT_NEEDS: dict[str, dict[str, str]] = {
-    "kernels_pallas/test_tpu_compile.py": {ALL: "tpu"},
-    "kernels_pallas/test_gpu_compile.py": {ALL: "gpu"},
-    "test_aot.py": {
-        "test_tiny_model_compiles_for_a_tpu_slice_with_kernels": "tpu",
-        "test_compile_model_script": "tpu",
-    },
-    "test_sharded_kernels.py": {
-        "test_native_kernels_keep_check_vma_under_a_mesh": "tpu"},
+  "kernels_pallas/test_tpu_compile.py": {ALL: "tpu"},
+  "kernels_pallas/test_gpu_compile.py": {ALL: "gpu"},
+  "test_aot.py": {
+    "test_tiny_model_compiles_for_a_tpu_slice_with_kernels": "tpu",
+    "test_compile_model_script": "tpu",
+  },
+  "test_sharded_kernels.py": {
+    "test_native_kernels_keep_check_vma_under_a_mesh": "tpu"
+  },
 }
 
 _AOT_HINT = "pip install -e '.[aot]'"
@@ -145,8 +154,11 @@ def _check_tables(seen: set[str]) -> None:
     for rel, entry in table.items():
       path = _TESTS / rel
       if not path.exists():
-        warnings.warn(f"tests/conftest.py: the {marker} table names "
-                      f"tests/{rel}, which does not exist", stacklevel=1)
+        warnings.warn(
+          f"tests/conftest.py: the {marker} table names "
+          f"tests/{rel}, which does not exist",
+          stacklevel=1,
+        )
         continue
       if rel not in seen:  # not collected in this run: nothing to check
         continue
@@ -154,9 +166,11 @@ def _check_tables(seen: set[str]) -> None:
       source = path.read_text(encoding="utf-8")
       for name in sorted(names):
         if f"def {name}(" not in source:
-          warnings.warn(f"tests/conftest.py: the {marker} table names "
-                        f"{name} in tests/{rel}, which has no such test",
-                        stacklevel=1)
+          warnings.warn(
+            f"tests/conftest.py: the {marker} table names "
+            f"{name} in tests/{rel}, which has no such test",
+            stacklevel=1,
+          )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -173,8 +187,9 @@ def pytest_make_collect_report(collector):
   if not why:
     return None  # collected as usual
   reason = f"needs the aot extra: {why}; {_AOT_HINT}"
-  return pytest.CollectReport(collector.nodeid, "skipped",
-                              (str(collector.path), 1, reason), [])
+  return pytest.CollectReport(
+    collector.nodeid, "skipped", (str(collector.path), 1, reason), []
+  )
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -196,9 +211,11 @@ def pytest_collection_modifyitems(config, items):
       if missing[kind]:
         # First among the item's skipif marks, so this reason is the one shown.
         item.add_marker(
-            pytest.mark.skipif(True, reason=f"needs the aot extra: "
-                               f"{missing[kind]}; {_AOT_HINT}"),
-            append=False)
+          pytest.mark.skipif(
+            True, reason=f"needs the aot extra: {missing[kind]}; {_AOT_HINT}"
+          ),
+          append=False,
+        )
   _check_tables(seen)
 
 

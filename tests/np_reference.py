@@ -5,7 +5,9 @@ import numpy as np
 
 
 def positions(B, T, S, q_offset):
-  off = np.broadcast_to(np.asarray(S - T if q_offset is None else q_offset), (B,))
+  off = np.broadcast_to(
+    np.asarray(S - T if q_offset is None else q_offset), (B,)
+  )
   return [[int(off[b]) + t for t in range(T)] for b in range(B)]
 
 
@@ -23,8 +25,10 @@ def indexer_scores(q_idx, k_idx, w, q_offset=None, kv_lengths=None):
       for s in range(S):
         if is_visible(s, pos[b][t], b, kv_lengths):
           out[b, t, s] = sum(
-              float(w[b, t, j]) * max(0.0, float(np.dot(q_idx[b, t, j], k_idx[b, s])))
-              for j in range(HI))
+            float(w[b, t, j])
+            * max(0.0, float(np.dot(q_idx[b, t, j], k_idx[b, s])))
+            for j in range(HI)
+          )
   return out
 
 
@@ -41,7 +45,7 @@ def _softmax_attend(q_row, keys, values, scale):
 def dense_attention(q, k, v, q_offset=None, kv_lengths=None, scale=None):
   B, T, H, D = q.shape
   S, G = k.shape[1], k.shape[2]
-  scale = D ** -0.5 if scale is None else scale
+  scale = D**-0.5 if scale is None else scale
   pos = positions(B, T, S, q_offset)
   out = np.zeros((B, T, H, v.shape[-1]))
   for b in range(B):
@@ -49,21 +53,25 @@ def dense_attention(q, k, v, q_offset=None, kv_lengths=None, scale=None):
       keys = [s for s in range(S) if is_visible(s, pos[b][t], b, kv_lengths)]
       for h in range(H):
         g = h // (H // G)
-        out[b, t, h] = _softmax_attend(q[b, t, h], k[b, keys, g], v[b, keys, g], scale)
+        out[b, t, h] = _softmax_attend(
+          q[b, t, h], k[b, keys, g], v[b, keys, g], scale
+        )
   return out
 
 
 def gathered_attention(q, k, v, indices, scale=None):
   B, T, H, D = q.shape
   S, G = k.shape[1], k.shape[2]
-  scale = D ** -0.5 if scale is None else scale
+  scale = D**-0.5 if scale is None else scale
   out = np.zeros((B, T, H, v.shape[-1]))
   for b in range(B):
     for t in range(T):
       keys = [int(i) for i in indices[b, t] if 0 <= i < S]
       for h in range(H):
         g = h // (H // G)
-        out[b, t, h] = _softmax_attend(q[b, t, h], k[b, keys, g], v[b, keys, g], scale)
+        out[b, t, h] = _softmax_attend(
+          q[b, t, h], k[b, keys, g], v[b, keys, g], scale
+        )
   return out
 
 
@@ -98,7 +106,7 @@ def dense_indexer_kl(q, k, q_idx, k_idx, w, q_offset=None, kv_lengths=None):
       keys = [s for s in range(S) if is_visible(s, pos[b][t], b, kv_lengths)]
       if not keys:
         continue
-      p = head_avg_target(q, k, b, t, keys, D ** -0.5)
+      p = head_avg_target(q, k, b, t, keys, D**-0.5)
       total += kl(p, scores[b, t, keys])
       count += 1
   return total / max(count, 1)
@@ -113,9 +121,15 @@ def sparse_indexer_kl(q, k, q_idx, k_idx, w, indices):
       keys = [int(i) for i in indices[b, t] if 0 <= i < S]
       if not keys:
         continue
-      p = head_avg_target(q, k, b, t, keys, D ** -0.5)
-      logits = [sum(float(w[b, t, j]) * max(0.0, float(np.dot(q_idx[b, t, j], k_idx[b, s])))
-                    for j in range(HI)) for s in keys]
+      p = head_avg_target(q, k, b, t, keys, D**-0.5)
+      logits = [
+        sum(
+          float(w[b, t, j])
+          * max(0.0, float(np.dot(q_idx[b, t, j], k_idx[b, s])))
+          for j in range(HI)
+        )
+        for s in keys
+      ]
       total += kl(p, logits)
       count += 1
   return total / max(count, 1)

@@ -40,10 +40,16 @@ def kind_namespace():
 
 
 def _cfg(**params):
-  return config.ModelConfig(embed_dim=32, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=8, mlp_dim=64,
-                            attention="dilated_window",
-                            attention_params=params)
+  return config.ModelConfig(
+    embed_dim=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    attention="dilated_window",
+    attention_params=params,
+  )
 
 
 def test_registered_and_validated(kind_namespace):
@@ -63,8 +69,9 @@ def test_budget_matches_the_layer_and_no_future_leakage(kind_namespace):
   tokens = jax.random.randint(jax.random.key(0), (2, 37), 0, 256)
   fwd = nnx.jit(lambda m, t: m(t))
   logits, aux = fwd(model, tokens)
-  want = 2 * 2 * 37 * budgets.key_budget("dilated_window", 37, window=5,
-                                         dilation=3)
+  want = (
+    2 * 2 * 37 * budgets.key_budget("dilated_window", 37, window=5, dilation=3)
+  )
   assert float(aux["attended_keys"]) == pytest.approx(want)
   changed = tokens.at[:, 20:].set((tokens[:, 20:] + 1) % 256)
   logits2, _ = fwd(model, changed)
@@ -73,8 +80,10 @@ def test_budget_matches_the_layer_and_no_future_leakage(kind_namespace):
   assert set(params) == {"dilation", "window"} and params["dilation"] == 4
   got = budgets.key_budget("dilated_window", 4096, **params)
   for other in (params["window"] - 1, params["window"] + 1):
-    assert abs(got - 48.0) <= abs(budgets.key_budget(
-        "dilated_window", 4096, window=other, dilation=4) - 48.0)
+    assert abs(got - 48.0) <= abs(
+      budgets.key_budget("dilated_window", 4096, window=other, dilation=4)
+      - 48.0
+    )
 
 
 def test_decode_matches_forward_and_trains(kind_namespace):
@@ -85,15 +94,17 @@ def test_decode_matches_forward_and_trains(kind_namespace):
   ref = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, jnp.asarray(tokens)))
   dec = Decoder(model, chunk_size=8, min_view=16)
   cache = dec.init_cache(2, 32)
-  logits, cache = dec.prefill(cache, tokens[:, :25], [25, 18],
-                              return_all=True)
-  np.testing.assert_allclose(np.asarray(logits)[0], ref[0, :25], atol=1e-4,
-                             rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(logits)[1, :18], ref[1, :18],
-                             atol=1e-4, rtol=1e-4)
+  logits, cache = dec.prefill(cache, tokens[:, :25], [25, 18], return_all=True)
+  np.testing.assert_allclose(
+    np.asarray(logits)[0], ref[0, :25], atol=1e-4, rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    np.asarray(logits)[1, :18], ref[1, :18], atol=1e-4, rtol=1e-4
+  )
   step, _ = dec.step(cache, tokens[:, 25])
-  np.testing.assert_allclose(np.asarray(step)[0], ref[0, 25], atol=1e-4,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(step)[0], ref[0, 25], atol=1e-4, rtol=1e-4
+  )
 
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
   batch = jnp.asarray(tokens)
@@ -103,6 +114,7 @@ def test_decode_matches_forward_and_trains(kind_namespace):
     def loss_fn(model):
       logits, _ = model(batch[:, :-1])
       return lm_loss(logits, batch[:, 1:])[0]
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
     return loss

@@ -2,16 +2,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _testutil import CASES, as_jnp_opt, make_inputs
 from jax.test_util import check_grads
 
 import np_reference as ref
 import sparse_attn as sa
+from _testutil import CASES, as_jnp_opt, make_inputs
 
 
 def _kw(q_offset, kv_lengths):
-  return dict(q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
-              kv_lengths=as_jnp_opt(kv_lengths))
+  return dict(
+    q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
+    kv_lengths=as_jnp_opt(kv_lengths),
+  )
 
 
 def random_indices(rng, B, T, S, K, empty_rows=()):
@@ -22,28 +24,34 @@ def random_indices(rng, B, T, S, K, empty_rows=()):
 
 
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)
-def test_dense_attention_matches_numpy(rng, B, T, S, H, G, D, HI, DI, K, q_offset,
-                                       kv_lengths):
+def test_dense_attention_matches_numpy(
+  rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths
+):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI, Dv=D + 3)
   want = ref.dense_attention(x["q"], x["k"], x["v"], q_offset, kv_lengths)
   for chunk in (None, 7):
-    got = sa.dense_attention(x["q"], x["k"], x["v"], query_chunk=chunk,
-                             **_kw(q_offset, kv_lengths))
+    got = sa.dense_attention(
+      x["q"], x["k"], x["v"], query_chunk=chunk, **_kw(q_offset, kv_lengths)
+    )
     assert got.shape == (B, T, H, D + 3)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)
 def test_gathered_attention_matches_numpy_and_masked_dense(
-    rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths):
+  rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths
+):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
-  idx = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K,
-                          **_kw(q_offset, kv_lengths))
+  idx = sa.lightning_topk(
+    x["q_idx"], x["k_idx"], x["weights"], K, **_kw(q_offset, kv_lengths)
+  )
   want = ref.gathered_attention(x["q"], x["k"], x["v"], np.asarray(idx))
   got = sa.gathered_attention(x["q"], x["k"], x["v"], idx, implementation="xla")
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   for method in ("gather", "counted"):
-    alt = sa.gathered_attention_reference(x["q"], x["k"], x["v"], idx, method=method)
+    alt = sa.gathered_attention_reference(
+      x["q"], x["k"], x["v"], idx, method=method
+    )
     np.testing.assert_allclose(alt, want, rtol=1e-4, atol=1e-5, err_msg=method)
   # dense attention restricted by a mask built from the same indices
   q, k, v = (jnp.asarray(x[n]) for n in "qkv")
@@ -51,25 +59,44 @@ def test_gathered_attention_matches_numpy_and_masked_dense(
   for b in range(B):
     for t in range(T):
       mask[b, t, [i for i in np.asarray(idx[b, t]) if i >= 0]] = True
-  logits = jnp.einsum("btgrd,bsgd->btgrs", q.reshape(B, T, G, H // G, D), k) * D ** -0.5
+  logits = (
+    jnp.einsum("btgrd,bsgd->btgrs", q.reshape(B, T, G, H // G, D), k) * D**-0.5
+  )
   m = jnp.asarray(mask)[:, :, None, None, :]
   p = jax.nn.softmax(jnp.where(m, logits, -jnp.inf), axis=-1)
   p = jnp.where(m.any(-1, keepdims=True), p, 0.0)
   masked_dense = jnp.einsum("btgrs,bsgv->btgrv", p, v).reshape(B, T, H, D)
   np.testing.assert_allclose(got, masked_dense, rtol=1e-4, atol=1e-5)
   # dsa_attention composes the two
-  dsa = sa.dsa_attention(q, k, v, x["q_idx"], x["k_idx"], x["weights"], top_k=K,
-                         **_kw(q_offset, kv_lengths))
+  dsa = sa.dsa_attention(
+    q,
+    k,
+    v,
+    x["q_idx"],
+    x["k_idx"],
+    x["weights"],
+    top_k=K,
+    **_kw(q_offset, kv_lengths),
+  )
   np.testing.assert_allclose(dsa, got, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)
-def test_dsa_with_k_at_least_s_equals_dense(rng, B, T, S, H, G, D, HI, DI, K,
-                                           q_offset, kv_lengths):
+def test_dsa_with_k_at_least_s_equals_dense(
+  rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths
+):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
   kw = _kw(q_offset, kv_lengths)
-  dsa = sa.dsa_attention(x["q"], x["k"], x["v"], x["q_idx"], x["k_idx"], x["weights"],
-                         top_k=S + 3, **kw)
+  dsa = sa.dsa_attention(
+    x["q"],
+    x["k"],
+    x["v"],
+    x["q_idx"],
+    x["k_idx"],
+    x["weights"],
+    top_k=S + 3,
+    **kw,
+  )
   dense = sa.dense_attention(x["q"], x["k"], x["v"], **kw)
   np.testing.assert_allclose(dsa, dense, rtol=1e-4, atol=1e-5)
 
@@ -81,17 +108,27 @@ def test_empty_rows_are_zero_with_finite_grads(rng):
   idx[1, 4] = [S, S + 5, -7]  # out of range counts as invalid too
   q, k, v = (jnp.asarray(x[n]) for n in "qkv")
   for method in ("gather", "counted"):
-    f = lambda q, k, v: sa.gathered_attention_reference(q, k, v, idx, method=method)
+    f = lambda q, k, v, method=method: sa.gathered_attention_reference(
+      q, k, v, idx, method=method
+    )
     out = f(q, k, v)
-    assert np.all(out[0, 0] == 0) and np.all(out[1, 3] == 0) and np.all(out[1, 4] == 0)
-    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    assert (
+      np.all(out[0, 0] == 0)
+      and np.all(out[1, 3] == 0)
+      and np.all(out[1, 4] == 0)
+    )
+    grads = jax.grad(
+      lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)
+    )(q, k, v)
     for g in grads:
       assert np.all(np.isfinite(g))
     assert np.all(grads[0][0, 0] == 0)
   # fully padded sequence in dense attention
   dense = sa.dense_attention(q, k, v, kv_lengths=jnp.array([0, S]))
   assert np.all(dense[0] == 0) and np.all(np.isfinite(dense))
-  gd = jax.grad(lambda q: jnp.sum(sa.dense_attention(q, k, v, kv_lengths=jnp.array([0, S]))))(q)
+  gd = jax.grad(
+    lambda q: jnp.sum(sa.dense_attention(q, k, v, kv_lengths=jnp.array([0, S])))
+  )(q)
   assert np.all(np.isfinite(gd))
 
 
@@ -105,12 +142,17 @@ def test_bf16_close_to_f32(rng):
   f32 = sa.gathered_attention(x["q"], x["k"], x["v"], idx)
   b16 = sa.gathered_attention(xb["q"], xb["k"], xb["v"], idx)
   assert b16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(b16, np.float32), f32, atol=3e-2, rtol=3e-2)
+  np.testing.assert_allclose(
+    np.asarray(b16, np.float32), f32, atol=3e-2, rtol=3e-2
+  )
   d32 = sa.dense_attention(x["q"], x["k"], x["v"])
   d16 = sa.dense_attention(xb["q"], xb["k"], xb["v"])
-  np.testing.assert_allclose(np.asarray(d16, np.float32), d32, atol=3e-2, rtol=3e-2)
-  dsa16 = sa.dsa_attention(*(xb[n] for n in ("q", "k", "v", "q_idx", "k_idx", "weights")),
-                           top_k=K)
+  np.testing.assert_allclose(
+    np.asarray(d16, np.float32), d32, atol=3e-2, rtol=3e-2
+  )
+  dsa16 = sa.dsa_attention(
+    *(xb[n] for n in ("q", "k", "v", "q_idx", "k_idx", "weights")), top_k=K
+  )
   assert np.all(np.isfinite(np.asarray(dsa16, np.float32)))
 
 
@@ -121,10 +163,26 @@ def test_check_grads_gathered_attention(rng):
   idx = jnp.asarray(random_indices(rng, B, T, S, K, empty_rows=[(0, 2)]))
   with jax.enable_x64(True):
     for method in ("gather", "counted"):
-      f = lambda q, k, v: sa.gathered_attention_reference(q, k, v, idx, method=method)
-      check_grads(f, (x["q"], x["k"], x["v"]), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+      f = lambda q, k, v, method=method: sa.gathered_attention_reference(
+        q, k, v, idx, method=method
+      )
+      check_grads(
+        f,
+        (x["q"], x["k"], x["v"]),
+        order=1,
+        modes=("rev",),
+        atol=1e-6,
+        rtol=1e-6,
+      )
     fd = lambda q, k, v: sa.dense_attention(q, k, v, kv_lengths=jnp.array([5]))
-    check_grads(fd, (x["q"], x["k"], x["v"]), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    check_grads(
+      fd,
+      (x["q"], x["k"], x["v"]),
+      order=1,
+      modes=("rev",),
+      atol=1e-6,
+      rtol=1e-6,
+    )
 
 
 def test_jit_vmap_grad(rng):
@@ -133,12 +191,18 @@ def test_jit_vmap_grad(rng):
   names = ("q", "k", "v", "q_idx", "k_idx", "weights")
   f = lambda *a: sa.dsa_attention(*a, top_k=K)
   base = f(*(x[n] for n in names))
-  np.testing.assert_allclose(jax.jit(f)(*(x[n] for n in names)), base, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(f)(*(x[n] for n in names)), base, rtol=1e-6, atol=1e-6
+  )
   stacked = [jnp.stack([x[n], 2 * x[n]]) for n in names]
   vm = jax.vmap(f)(*stacked)
   np.testing.assert_allclose(vm[0], base, rtol=1e-5, atol=1e-6)
-  g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *(x[n] for n in names[3:]))),
-                       argnums=(0, 1, 2)))(x["q"], x["k"], x["v"])
+  g = jax.jit(
+    jax.grad(
+      lambda q, k, v: jnp.sum(f(q, k, v, *(x[n] for n in names[3:]))),
+      argnums=(0, 1, 2),
+    )
+  )(x["q"], x["k"], x["v"])
   assert all(np.all(np.isfinite(gi)) for gi in g)
   gv = jax.vmap(jax.grad(lambda q, *r: jnp.sum(f(q, *r))))(*stacked)
   assert gv.shape == stacked[0].shape

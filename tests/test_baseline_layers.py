@@ -13,29 +13,57 @@ E, H, G, D, T = 24, 6, 3, 8, 37
 
 # Small kind params so that T=37 is genuinely sparse for every kind.
 KINDS = [
-    pytest.param("sliding_window", dict(window=5), id="sliding_window"),
-    pytest.param("strided", dict(stride=4, combine="split"), id="strided"),
-    pytest.param("fixed", dict(stride=8, summary=2), id="fixed"),
-    pytest.param("lsh", dict(n_buckets=4, n_hashes=2, chunk_size=4), id="lsh"),
-    pytest.param("nsa", dict(cmp_block=8, cmp_stride=4, select_block=8,
-                             num_selected=2, window=4), id="nsa_mean"),
-    pytest.param("nsa", dict(cmp_block=4, cmp_stride=4, select_block=8,
-                             num_selected=2, window=4, compress="mlp"),
-                 id="nsa_mlp"),
-    pytest.param("moba", dict(block_size=8, top_k=2), id="moba"),
+  pytest.param("sliding_window", dict(window=5), id="sliding_window"),
+  pytest.param("strided", dict(stride=4, combine="split"), id="strided"),
+  pytest.param("fixed", dict(stride=8, summary=2), id="fixed"),
+  pytest.param("lsh", dict(n_buckets=4, n_hashes=2, chunk_size=4), id="lsh"),
+  pytest.param(
+    "nsa",
+    dict(cmp_block=8, cmp_stride=4, select_block=8, num_selected=2, window=4),
+    id="nsa_mean",
+  ),
+  pytest.param(
+    "nsa",
+    dict(
+      cmp_block=4,
+      cmp_stride=4,
+      select_block=8,
+      num_selected=2,
+      window=4,
+      compress="mlp",
+    ),
+    id="nsa_mlp",
+  ),
+  pytest.param("moba", dict(block_size=8, top_k=2), id="moba"),
 ]
 
 
 def test_registry():
-  assert set(registry.BASELINE_LAYERS) == {"sliding_window", "strided", "fixed",
-                                     "lsh", "nsa", "moba"}
-  for name, cls in registry.BASELINE_LAYERS.items():
+  assert set(registry.BASELINE_LAYERS) == {
+    "sliding_window",
+    "strided",
+    "fixed",
+    "lsh",
+    "nsa",
+    "moba",
+  }
+  for cls in registry.BASELINE_LAYERS.values():
     assert issubclass(cls, AttentionLayer)
-    layer = cls(16, 4, 2, 8, layer_index=3, rope_base=500.0,
-                dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    layer = cls(
+      16,
+      4,
+      2,
+      8,
+      layer_index=3,
+      rope_base=500.0,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs=nnx.Rngs(0),
+    )
     assert layer.layer_index == 3 and layer.rope_base == 500.0
-    for p in jax.tree.leaves(nnx.state(layer, nnx.Param),
-                             is_leaf=lambda x: isinstance(x, nnx.Param)):
+    for p in jax.tree.leaves(
+      nnx.state(layer, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Param)
+    ):
       assert len(p.logical_axes) == p[...].ndim
 
 
@@ -51,7 +79,8 @@ def test_layer_jit_grad_causal_and_counts(kind, params):
   def run(state, x, x2):
     def loss(state):
       y, aux = nnx.merge(graphdef, state)(x, mode="sparse")
-      return jnp.mean(y ** 2), (y, aux)
+      return jnp.mean(y**2), (y, aux)
+
     (l, (y, aux)), grads = jax.value_and_grad(loss, has_aux=True)(state)
     y2, _ = nnx.merge(graphdef, state)(x2, mode="dense")
     return y, aux, grads, y2
@@ -63,17 +92,17 @@ def test_layer_jit_grad_causal_and_counts(kind, params):
   assert float(aux["visible_keys"]) == 2 * T * (T + 1) / 2
   leaves = jax.tree.leaves(grads)
   assert all(np.all(np.isfinite(g)) for g in leaves)
-  assert all(np.any(np.asarray(g) != 0) for g in leaves)   # every param learns
+  assert all(np.any(np.asarray(g) != 0) for g in leaves)  # every param learns
   # No future leakage: changing tokens >= t leaves outputs < t unchanged.
   np.testing.assert_allclose(y2[:, :t], y[:, :t], rtol=1e-5, atol=1e-5)
   assert not np.allclose(y2[:, t:], y[:, t:])
   attended = float(aux["attended_keys"])
   if kind == "lsh":
-    assert 2 * T <= attended <= 2 * 2 * 4 * T   # >= 1 key, <= rounds*(c+1) each
+    assert 2 * T <= attended <= 2 * 2 * 4 * T  # >= 1 key, <= rounds*(c+1) each
   else:
     want = 2 * budgets.key_budget(kind, T, num_heads=H, **params) * T
     assert attended == pytest.approx(want)
-    if kind != "nsa":     # NSA's branches may attend a key more than once
+    if kind != "nsa":  # NSA's branches may attend a key more than once
       assert attended < float(aux["visible_keys"])
 
 
@@ -85,12 +114,14 @@ def test_kv_lengths_and_interface_match_dense():
   # Budgets covering the whole sequence reproduce dense attention (same
   # weights: the q/k/v/o projections are drawn first from the same Rngs).
   full = {
-      "sliding_window": dict(window=12),
-      "strided": dict(stride=12),
-      "moba": dict(block_size=4, top_k=3),
+    "sliding_window": dict(window=12),
+    "strided": dict(stride=12),
+    "moba": dict(block_size=4, top_k=3),
   }
   for kind, params in full.items():
-    layer = registry.BASELINE_LAYERS[kind](E, H, G, D, rngs=nnx.Rngs(0), **params)
+    layer = registry.BASELINE_LAYERS[kind](
+      E, H, G, D, rngs=nnx.Rngs(0), **params
+    )
     y, aux = nnx.jit(lambda l, x: l(x, kv_lengths=kv))(layer, x)
     np.testing.assert_allclose(y, y_dense, rtol=1e-5, atol=1e-5)
     assert aux["attended_keys"] == aux_dense["visible_keys"]
@@ -100,13 +131,32 @@ def test_alternate_uses_layer_parity():
   x = jax.random.normal(jax.random.key(4), (1, 16, E))
   counts = []
   for li in (0, 1, 2):
-    layer = nn.StridedAttention(E, H, G, D, stride=4, combine="alternate",
-                                layer_index=li, rngs=nnx.Rngs(0))
+    layer = nn.StridedAttention(
+      E,
+      H,
+      G,
+      D,
+      stride=4,
+      combine="alternate",
+      layer_index=li,
+      rngs=nnx.Rngs(0),
+    )
     counts.append(float(layer(x)[1]["attended_keys"]))
-  assert counts[0] == counts[2] == budgets.key_budget(
-      "strided", 16, stride=4, combine="alternate", layer_index=0) * 16
-  assert counts[1] == budgets.key_budget("strided", 16, stride=4,
-                                    combine="alternate", layer_index=1) * 16
+  assert (
+    counts[0]
+    == counts[2]
+    == budgets.key_budget(
+      "strided", 16, stride=4, combine="alternate", layer_index=0
+    )
+    * 16
+  )
+  assert (
+    counts[1]
+    == budgets.key_budget(
+      "strided", 16, stride=4, combine="alternate", layer_index=1
+    )
+    * 16
+  )
   assert counts[0] != counts[1]
 
 
@@ -117,25 +167,42 @@ def test_key_budgets_and_matching():
   assert budgets.key_budget("dsa", n, top_k=n) == (n + 1) / 2
   # Defaults come from the kind's params dataclass.
   assert budgets.key_budget("moba", n) == budgets.key_budget(
-      "moba", n, **{k: v for k, v in registry.get("moba").defaults.items()})
+    "moba", n, **{k: v for k, v in registry.get("moba").defaults.items()}
+  )
   target = 96.0
-  for kind in ("dsa", "sliding_window", "strided", "fixed", "lsh", "nsa",
-               "moba"):
+  for kind in (
+    "dsa",
+    "sliding_window",
+    "strided",
+    "fixed",
+    "lsh",
+    "nsa",
+    "moba",
+  ):
     params = budgets.match_budget(kind, n, target)
     got = budgets.key_budget(kind, n, **params)
     assert abs(got - target) / target < 0.1, (kind, params, got)
   p = budgets.match_budget("sliding_window", n, 100.0)
-  assert p["window"] == int(round(np.argmin(
-      [abs(budgets.key_budget("sliding_window", n, window=w) - 100) for w in
-       range(1, n + 1)]) + 1))
+  assert p["window"] == int(
+    round(
+      np.argmin(
+        [
+          abs(budgets.key_budget("sliding_window", n, window=w) - 100)
+          for w in range(1, n + 1)
+        ]
+      )
+      + 1
+    )
+  )
   with pytest.raises(ValueError, match="unknown attention kind"):
     budgets.key_budget("bigbird", n)
 
 
 def test_bfloat16_forward():
   x = jax.random.normal(jax.random.key(5), (1, 16, E))
-  layer = nn.MoBAAttention(E, H, G, D, block_size=4, top_k=2,
-                           dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  layer = nn.MoBAAttention(
+    E, H, G, D, block_size=4, top_k=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+  )
   y, aux = nnx.jit(lambda l, x: l(x))(layer, x)
   assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, float)))
 

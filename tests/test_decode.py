@@ -19,34 +19,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _testutil import run_script
 from flax import nnx
 
+from _testutil import run_script
 from sparse_attn import inference as D
 from sparse_attn.config import ModelConfig
+from sparse_attn.models import build_model
 from sparse_attn.nn import LightningIndexer
 from sparse_attn.ops.indexer import lightning_topk
-from sparse_attn.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 BASELINE_PARAMS = {
-    "sliding_window": {"window": 8},
-    "moba": {"block_size": 8, "top_k": 2},
-    "strided": {"stride": 4},
-    "fixed": {"stride": 8, "summary": 2},
-    "nsa": {"cmp_block": 8, "cmp_stride": 4, "select_block": 8,
-            "num_selected": 2, "window": 8},
-    "lsh": {"chunk_size": 8, "n_buckets": 4},
+  "sliding_window": {"window": 8},
+  "moba": {"block_size": 8, "top_k": 2},
+  "strided": {"stride": 4},
+  "fixed": {"stride": 8, "summary": 2},
+  "nsa": {
+    "cmp_block": 8,
+    "cmp_stride": 4,
+    "select_block": 8,
+    "num_selected": 2,
+    "window": 8,
+  },
+  "lsh": {"chunk_size": 8, "n_buckets": 4},
 }
 
 
 def _model(kind, num_layers=1, top_k=8, **params):
-  cfg = ModelConfig(embed_dim=32, num_layers=num_layers, num_heads=4,
-                    num_kv_heads=2, head_dim=8, mlp_dim=64, attention=kind,
-                    top_k=top_k, indexer_heads=4, indexer_dim=8,
-                    attention_params=params)
+  cfg = ModelConfig(
+    embed_dim=32,
+    num_layers=num_layers,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    attention=kind,
+    top_k=top_k,
+    indexer_heads=4,
+    indexer_dim=8,
+    attention_params=params,
+  )
   model = build_model(cfg, seed=1)
   if kind == "dsa":  # non-negative head weights: no ties at the k-th score
     for blk in model.blocks:
@@ -60,9 +74,18 @@ def _forward(model, tokens, mode="sparse"):
   return np.asarray(fwd(model, jnp.asarray(tokens)))
 
 
-def _check_against_forward(model, *, prompt_lens, chunk, new_tokens=4,
-                           max_len=64, min_view=256, index_dtype="float32",
-                           mode="sparse", seed=0):
+def _check_against_forward(
+  model,
+  *,
+  prompt_lens,
+  chunk,
+  new_tokens=4,
+  max_len=64,
+  min_view=256,
+  index_dtype="float32",
+  mode="sparse",
+  seed=0,
+):
   """Prefill (all positions) + teacher-forced decode vs one full forward."""
   rng = np.random.default_rng(seed)
   lens = np.asarray(prompt_lens)
@@ -71,16 +94,21 @@ def _check_against_forward(model, *, prompt_lens, chunk, new_tokens=4,
   cont = rng.integers(0, 256, (batch, new_tokens))
   full = np.zeros((batch, plen + new_tokens), np.int64)
   for b in range(batch):
-    full[b, :lens[b]] = prompts[b, :lens[b]]
-    full[b, lens[b]:lens[b] + new_tokens] = cont[b]
+    full[b, : lens[b]] = prompts[b, : lens[b]]
+    full[b, lens[b] : lens[b] + new_tokens] = cont[b]
   ref = _forward(model, full, mode)
-  dec = D.Decoder(model, chunk_size=chunk, min_view=min_view,
-                  index_dtype=index_dtype, mode=mode)
+  dec = D.Decoder(
+    model,
+    chunk_size=chunk,
+    min_view=min_view,
+    index_dtype=index_dtype,
+    mode=mode,
+  )
   cache = dec.init_cache(batch, max_len)
   logits, cache = dec.prefill(cache, prompts, lens, return_all=True)
   logits = np.asarray(logits)
   for b in range(batch):
-    np.testing.assert_allclose(logits[b, :lens[b]], ref[b, :lens[b]], **TOL)
+    np.testing.assert_allclose(logits[b, : lens[b]], ref[b, : lens[b]], **TOL)
   np.testing.assert_array_equal(np.asarray(cache.lengths), lens)
   for j in range(new_tokens):
     step, cache = dec.step(cache, cont[:, j])
@@ -91,25 +119,34 @@ def _check_against_forward(model, *, prompt_lens, chunk, new_tokens=4,
 
 
 @pytest.mark.parametrize("kind", ["dense", "dsa"])
-@pytest.mark.parametrize("chunk,prompt_lens,layers", [
-    (16, [37, 29], 2),       # 16 does not divide 37: chunks 16, 16, 5
-    (8, [32, 32], 1),        # 8 divides 32
-])
+@pytest.mark.parametrize(
+  "chunk,prompt_lens,layers",
+  [
+    (16, [37, 29], 2),  # 16 does not divide 37: chunks 16, 16, 5
+    (8, [32, 32], 1),  # 8 divides 32
+  ],
+)
 def test_prefill_decode_matches_forward(kind, chunk, prompt_lens, layers):
-  _check_against_forward(_model(kind, num_layers=layers),
-                         prompt_lens=prompt_lens, chunk=chunk)
+  _check_against_forward(
+    _model(kind, num_layers=layers), prompt_lens=prompt_lens, chunk=chunk
+  )
 
 
 def test_view_buckets_match_forward():
   """Small min_view: views 16, 32, 64 across prefill chunks and decode."""
-  _check_against_forward(_model("dsa"), prompt_lens=[37, 20], chunk=16,
-                         min_view=16, new_tokens=6)
+  _check_against_forward(
+    _model("dsa"), prompt_lens=[37, 20], chunk=16, min_view=16, new_tokens=6
+  )
 
 
 @pytest.mark.parametrize("kind", sorted(BASELINE_PARAMS))
 def test_baseline_kinds_decode_matches_forward(kind):
-  _check_against_forward(_model(kind, **BASELINE_PARAMS[kind]),
-                         prompt_lens=[32, 27], chunk=16, new_tokens=3)
+  _check_against_forward(
+    _model(kind, **BASELINE_PARAMS[kind]),
+    prompt_lens=[32, 27],
+    chunk=16,
+    new_tokens=3,
+  )
 
 
 def test_dsa_topk_ge_context_equals_dense_decode():
@@ -154,8 +191,12 @@ def test_index_cache_precision():
     kq = D.dequantize_index_keys(stored, scale)
     sel = np.sort(np.asarray(lightning_topk(q, kq, w, K)), -1)[:, K:]
     same = np.all(sel == ref, -1).mean()
-    overlap = np.array([len(np.intersect1d(a, b)) / K for a, b in
-                        zip(sel.reshape(-1, K), ref.reshape(-1, K))])
+    overlap = np.array(
+      [
+        len(np.intersect1d(a, b)) / K
+        for a, b in zip(sel.reshape(-1, K), ref.reshape(-1, K))
+      ]
+    )
     stats[dt] = (same, overlap.mean(), (overlap >= 0.95).mean())
   same, mean_ov, _ = stats["bfloat16"]
   assert same >= 0.88 and mean_ov >= 0.997, stats
@@ -181,7 +222,7 @@ def test_low_precision_index_cache_decodes(index_dtype):
   assert lc.k_idx.dtype == jnp.dtype(index_dtype)
   deq = np.asarray(D.dequantize_index_keys(lc.k_idx, lc.k_idx_scale))
   ref = np.asarray(caches["float32"].k_idx)
-  rel = 2.0 ** -7 if index_dtype == "bfloat16" else 2.0 ** -3
+  rel = 2.0**-7 if index_dtype == "bfloat16" else 2.0**-3
   amax = np.abs(ref).max(-1, keepdims=True)
   assert np.all(np.abs(deq - ref)[:, :20] <= rel * amax[:, :20] + 1e-6)
 
@@ -202,7 +243,7 @@ def test_cache_overflow_raises_never_wraps():
     dec.extend(dec.init_cache(2, 16), np.ones((2, 17), np.int32))
   with pytest.raises(ValueError, match="overflow"):
     dec.prefill(dec.init_cache(2, 16), np.ones((2, 17), np.int32))
-  with pytest.raises(ValueError, match="overflow"):   # checked up front
+  with pytest.raises(ValueError, match="overflow"):  # checked up front
     dec.generate(prompts, [12, 9], max_new_tokens=6, max_len=16)
   out = dec.generate(prompts, [12, 9], max_new_tokens=5, max_len=16)
   assert out.tokens.shape == (2, 5)
@@ -219,13 +260,15 @@ def test_sampling():
   np.testing.assert_array_equal(D.sample_logits(logits, key), [1, 0])
   # top_p below the top token's probability keeps only the top token.
   for i in range(5):
-    tok = D.sample_logits(logits, jax.random.key(i), temperature=1.0,
-                          top_p=0.3)
+    tok = D.sample_logits(logits, jax.random.key(i), temperature=1.0, top_p=0.3)
     np.testing.assert_array_equal(tok, [1, 0])
   # top_p = 0.9: row 1's nucleus is {0, 3}; temperature sampling stays in it.
   keys = jax.random.split(key, 200)
-  toks = np.asarray(jax.vmap(lambda k: D.sample_logits(
-      logits, k, temperature=1.0, top_p=0.9))(keys))
+  toks = np.asarray(
+    jax.vmap(lambda k: D.sample_logits(logits, k, temperature=1.0, top_p=0.9))(
+      keys
+    )
+  )
   assert set(toks[:, 1]) == {0, 3}
   assert set(toks[:, 0]) <= {1, 2}
   with pytest.raises(ValueError):
@@ -239,12 +282,13 @@ def test_generate_greedy_matches_forward_argmax():
   out = D.generate(model, prompts, lens, max_new_tokens=4, chunk_size=4)
   full = np.zeros((2, 15), np.int64)
   for b in range(2):
-    full[b, :lens[b]] = prompts[b, :lens[b]]
-    full[b, lens[b]:lens[b] + 4] = out.tokens[b]
+    full[b, : lens[b]] = prompts[b, : lens[b]]
+    full[b, lens[b] : lens[b] + 4] = out.tokens[b]
   ref = _forward(model, full)
-  for b in range(2):   # each generated token is the argmax after its prefix
+  for b in range(2):  # each generated token is the argmax after its prefix
     np.testing.assert_array_equal(
-        out.tokens[b], np.argmax(ref[b, lens[b] - 1:lens[b] + 3], -1))
+      out.tokens[b], np.argmax(ref[b, lens[b] - 1 : lens[b] + 3], -1)
+    )
 
 
 _SHARDED = r"""
@@ -277,11 +321,20 @@ print("OK")
 
 def test_sharded_cache():
   """Batch over data, kv heads over tensor; same logits as one device."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  res = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True,
-                       text=True, timeout=300, env=env, cwd=ROOT)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  res = subprocess.run(
+    [sys.executable, "-c", _SHARDED],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+    cwd=ROOT,
+  )
   assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
@@ -289,16 +342,33 @@ def test_generate_script_from_checkpoint(tmp_path):
   """Train 2 steps into a run dir, then generate from its checkpoint."""
   from _train_worker import small_config  # pylint: disable=g-import-not-at-top
   from sparse_attn import training as T  # pylint: disable=g-import-not-at-top
-  cfg = small_config("train.mesh_shape=[1,1,1]", "train.warmup_stage_steps=0",
-                     "train.sparse_stage_steps=2", "train.batch_size=2",
-                     "train.async_checkpointing=false")
+
+  cfg = small_config(
+    "train.mesh_shape=[1,1,1]",
+    "train.warmup_stage_steps=0",
+    "train.sparse_stage_steps=2",
+    "train.batch_size=2",
+    "train.async_checkpointing=false",
+  )
   run_dir = str(tmp_path / "run")
-  T.train(cfg, run_dir, devices=jax.devices()[:1], echo=None,
-          final_eval=False)
-  text = run_script("generate", "--run-dir", run_dir, "--prompt", "hello",
-                    "--prompt", "ab", "--max-new-tokens", "5",
-                    "--chunk-size", "4", "--temperature", "0.8",
-                    "--top-p", "0.9")
+  T.train(cfg, run_dir, devices=jax.devices()[:1], echo=None, final_eval=False)
+  text = run_script(
+    "generate",
+    "--run-dir",
+    run_dir,
+    "--prompt",
+    "hello",
+    "--prompt",
+    "ab",
+    "--max-new-tokens",
+    "5",
+    "--chunk-size",
+    "4",
+    "--temperature",
+    "0.8",
+    "--top-p",
+    "0.9",
+  )
   assert text.count("--- ") == 2 and "'hello'" in text and "'ab'" in text
   assert "tokens/s" in text and "loaded" in text
 

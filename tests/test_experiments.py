@@ -13,8 +13,9 @@ import sys
 
 from _testutil import run_script
 
-EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   "experiments")
+EXP = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
 
 
 def _module(name):
@@ -43,18 +44,36 @@ def test_retrieval_smoke(tmp_path):
   labels = [label for label, *_ in mod.runs_for(pr)]
   for task in pr.tasks:
     for label in labels:
-      got = sorted(int(r["eval_len"]) for r in rows
-                   if r["task"] == task and r["label"] == label)
+      got = sorted(
+        int(r["eval_len"])
+        for r in rows
+        if r["task"] == task and r["label"] == label
+      )
       assert got == sorted(pr.eval_lens), (task, label, got)
   for r in rows:
-    _finite(r, ("exact_match", "token_acc", "keys_per_query", "train_time_s",
-                "budget_nominal"))
-    assert 0.0 <= float(r["exact_match"]) <= float(r["token_acc"]) + 1e-9 <= 1.0 + 1e-9
+    _finite(
+      r,
+      (
+        "exact_match",
+        "token_acc",
+        "keys_per_query",
+        "train_time_s",
+        "budget_nominal",
+      ),
+    )
+    assert (
+      0.0
+      <= float(r["exact_match"])
+      <= float(r["token_acc"]) + 1e-9
+      <= 1.0 + 1e-9
+    )
   sparse = [r for r in rows if r["kind"] != "dense"]
   dense = [r for r in rows if r["kind"] == "dense"]
   # Sparse kinds attend fewer keys than dense at the longest length.
   longest = max(pr.eval_lens)
-  kd = [float(r["keys_per_query"]) for r in dense if int(r["eval_len"]) == longest]
+  kd = [
+    float(r["keys_per_query"]) for r in dense if int(r["eval_len"]) == longest
+  ]
   for r in sparse:
     if int(r["eval_len"]) == longest:
       assert float(r["keys_per_query"]) < kd[0]
@@ -93,8 +112,9 @@ def test_indexer_analysis_smoke(tmp_path):
   assert steps[0] == 0 and steps[-1] == a.warmup_steps + a.sparse_steps
   assert {r["stage"] for r in rows} == {"warmup", "sparse"}
   for s in steps:
-    assert sorted(int(r["layer"]) for r in rows
-                  if int(r["step"]) == s) == list(range(a.num_layers))
+    assert sorted(int(r["layer"]) for r in rows if int(r["step"]) == s) == list(
+      range(a.num_layers)
+    )
   for r in rows:
     _finite(r, ("recall", "mass", "oracle_mass", "kl"))
     assert 0.0 <= float(r["recall"]) <= 1.0 + 1e-6

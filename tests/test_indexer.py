@@ -2,10 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _testutil import CASES, as_jnp_opt, make_inputs
 
 import np_reference as ref
 import sparse_attn as sa
+from _testutil import CASES, as_jnp_opt, make_inputs
 
 
 def assert_topk_matches(indices, scores, k):
@@ -22,26 +22,36 @@ def assert_topk_matches(indices, scores, k):
       assert len(set(chosen.tolist())) == m
       assert np.all(np.isfinite(row[chosen]))
       want = np.sort(row[np.isfinite(row)])[::-1][:m]
-      np.testing.assert_allclose(np.sort(row[chosen])[::-1], want, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(
+        np.sort(row[chosen])[::-1], want, rtol=1e-5, atol=1e-5
+      )
 
 
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)
-def test_indexer_scores_and_topk_match_numpy(rng, B, T, S, H, G, D, HI, DI, K,
-                                             q_offset, kv_lengths):
+def test_indexer_scores_and_topk_match_numpy(
+  rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths
+):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
-  kw = dict(q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
-            kv_lengths=as_jnp_opt(kv_lengths))
-  want = ref.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], q_offset, kv_lengths)
+  kw = dict(
+    q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
+    kv_lengths=as_jnp_opt(kv_lengths),
+  )
+  want = ref.indexer_scores(
+    x["q_idx"], x["k_idx"], x["weights"], q_offset, kv_lengths
+  )
   got = sa.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], **kw)
   assert got.dtype == jnp.float32
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   fin = np.isfinite(want)
-  np.testing.assert_allclose(np.asarray(got)[fin], want[fin], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(got)[fin], want[fin], rtol=1e-4, atol=1e-4
+  )
 
   assert_topk_matches(sa.select_topk(got, K), want, K)
   for chunk in (None, 1, 8):
-    sel = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K,
-                            query_chunk=chunk, **kw)
+    sel = sa.lightning_topk(
+      x["q_idx"], x["k_idx"], x["weights"], K, query_chunk=chunk, **kw
+    )
     assert sel.dtype == jnp.int32
     assert_topk_matches(sel, want, K)
 
@@ -67,9 +77,11 @@ def test_lightning_topk_jit_vmap():
 def test_lightning_topk_memory_is_chunked():
   """Compiled temp memory at T=S=16K stays far below one [T, S] f32 matrix."""
   B, T, S, HI, DI, K = 1, 16384, 16384, 4, 32, 128
-  args = (jax.ShapeDtypeStruct((B, T, HI, DI), jnp.float32),
-          jax.ShapeDtypeStruct((B, S, DI), jnp.float32),
-          jax.ShapeDtypeStruct((B, T, HI), jnp.float32))
+  args = (
+    jax.ShapeDtypeStruct((B, T, HI, DI), jnp.float32),
+    jax.ShapeDtypeStruct((B, S, DI), jnp.float32),
+    jax.ShapeDtypeStruct((B, T, HI), jnp.float32),
+  )
   f = jax.jit(lambda qi, ki, w: sa.lightning_topk(qi, ki, w, K))
   mem = f.lower(*args).compile().memory_analysis()
   full_scores = B * T * S * 4
@@ -79,16 +91,25 @@ def test_lightning_topk_memory_is_chunked():
   assert mem.output_size_in_bytes == topk_out
   g = jax.jit(lambda qi, ki, w: sa.select_topk(sa.indexer_scores(qi, ki, w), K))
   dense_mem = g.lower(*args).compile().memory_analysis()
-  assert dense_mem.temp_size_in_bytes >= full_scores  # the unchunked path does build [T, S]
+  assert (
+    dense_mem.temp_size_in_bytes >= full_scores
+  )  # the unchunked path does build [T, S]
 
 
 def test_indexer_module_shapes_and_rope():
   from flax import nnx
-  idx = sa.LightningIndexer(32, num_heads=4, head_dim=16, rope_dim=8, rngs=nnx.Rngs(0))
+
+  idx = sa.LightningIndexer(
+    32, num_heads=4, head_dim=16, rope_dim=8, rngs=nnx.Rngs(0)
+  )
   x = jax.random.normal(jax.random.key(0), (2, 10, 32))
   pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
   q, k, w = idx(x, pos)
-  assert q.shape == (2, 10, 4, 16) and k.shape == (2, 10, 16) and w.shape == (2, 10, 4)
+  assert (
+    q.shape == (2, 10, 4, 16)
+    and k.shape == (2, 10, 16)
+    and w.shape == (2, 10, 4)
+  )
   # Dims past rope_dim are position-free: shifting positions leaves them unchanged.
   q2, k2, _ = idx(x, pos + 5)
   np.testing.assert_allclose(q[..., 8:], q2[..., 8:], rtol=1e-6)
@@ -102,6 +123,7 @@ def test_indexer_module_shapes_and_rope():
 
 def test_indexer_query_latent():
   from flax import nnx
+
   idx = sa.LightningIndexer(32, 2, 8, query_input_dim=12, rngs=nnx.Rngs(0))
   x = jnp.ones((1, 3, 32))
   pos = jnp.zeros((1, 3), jnp.int32)
@@ -115,6 +137,7 @@ def test_indexer_query_latent():
 def test_two_stage_selection_with_ties(sub_block):
   """Integer-valued scores with many ties and masked entries: same score sets."""
   from sparse_attn.ops.indexer import two_stage_topk
+
   rng = np.random.default_rng(3)
   scores = rng.integers(0, 6, size=(2, 9, 203)).astype(np.float32)
   scores[rng.random(scores.shape) < 0.3] = -np.inf
@@ -125,13 +148,18 @@ def test_two_stage_selection_with_ties(sub_block):
     assert_topk_matches(sel, scores, k)
 
 
-@pytest.mark.parametrize("T,chunk,kv", [(64, 8, None), (61, 4, [61, 30]), (100, 16, [7, 100])])
+@pytest.mark.parametrize(
+  "T,chunk,kv", [(64, 8, None), (61, 4, [61, 30]), (100, 16, [7, 100])]
+)
 def test_causal_paired_topk_matches_reference(T, chunk, kv):
   rng = np.random.default_rng(T)
   x = make_inputs(rng, 2, T, T, 1, 1, 4, 3, 8)
   kvl = as_jnp_opt(kv)
-  want = np.asarray(sa.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], kv_lengths=kvl))
+  want = np.asarray(
+    sa.indexer_scores(x["q_idx"], x["k_idx"], x["weights"], kv_lengths=kvl)
+  )
   for k in (5, 40):
-    sel = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], k, kv_lengths=kvl,
-                            query_chunk=chunk)
+    sel = sa.lightning_topk(
+      x["q_idx"], x["k_idx"], x["weights"], k, kv_lengths=kvl, query_chunk=chunk
+    )
     assert_topk_matches(sel, want, k)

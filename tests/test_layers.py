@@ -8,14 +8,26 @@ import sparse_attn as sa
 
 
 def make_dsa(top_k=4, **kw):
-  return sa.DSAAttention(32, num_heads=4, num_kv_heads=2, head_dim=8, top_k=top_k,
-                         indexer_heads=2, indexer_dim=8, rngs=nnx.Rngs(0), **kw)
+  return sa.DSAAttention(
+    32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    top_k=top_k,
+    indexer_heads=2,
+    indexer_dim=8,
+    rngs=nnx.Rngs(0),
+    **kw,
+  )
 
 
 def _split(layer):
   """(indexer params, main params) as separate states."""
   graphdef, idx_state, main_state = nnx.split(
-      layer, lambda path, v: isinstance(v, nnx.Param) and "indexer" in path, nnx.Param)
+    layer,
+    lambda path, v: isinstance(v, nnx.Param) and "indexer" in path,
+    nnx.Param,
+  )
   return graphdef, idx_state, main_state
 
 
@@ -53,7 +65,9 @@ def test_dsa_budget_counts(x):
   # query t attends min(4, t+1) keys
   assert aux["attended_keys"] == 2 * sum(min(4, t + 1) for t in range(12))
   _, aux = layer(x, mode="sparse", kv_lengths=jnp.array([12, 3]))
-  want = sum(min(4, t + 1) for t in range(12)) + sum(min(4, t + 1, 3) for t in range(12))
+  want = sum(min(4, t + 1) for t in range(12)) + sum(
+    min(4, t + 1, 3) for t in range(12)
+  )
   assert aux["attended_keys"] == want
 
 
@@ -64,13 +78,15 @@ def test_gradient_isolation(x, mode):
 
   def run(idx_state, main_state, x):
     y, aux = nnx.merge(graphdef, idx_state, main_state)(x, mode=mode)
-    return jnp.sum(y ** 2), aux["indexer_kl"]
+    return jnp.sum(y**2), aux["indexer_kl"]
 
   # jitted: eager op-by-op dispatch of the backward is the slow part here.
   lm_grads = jax.jit(jax.grad(lambda i, m, x: run(i, m, x)[0], argnums=(0, 1)))(
-      idx_state, main_state, x)
-  kl_grads = jax.jit(jax.grad(lambda i, m, x: run(i, m, x)[1], argnums=(0, 1, 2)))(
-      idx_state, main_state, x)
+    idx_state, main_state, x
+  )
+  kl_grads = jax.jit(
+    jax.grad(lambda i, m, x: run(i, m, x)[1], argnums=(0, 1, 2))
+  )(idx_state, main_state, x)
   leaves = lambda t: jax.tree.leaves(t)
   # LM path: nothing reaches the indexer; the main model does learn.
   assert all(np.all(g == 0) for g in leaves(lm_grads[0]))
@@ -97,7 +113,11 @@ def test_layer_validation():
 
 
 def test_layer_jit_bf16(x):
-  layer = sa.DSAAttention(32, 4, 1, 8, top_k=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  layer = sa.DSAAttention(
+    32, 4, 1, 8, top_k=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+  )
   y, aux = nnx.jit(lambda m, x: m(x, mode="sparse"))(layer, x)
-  assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
+  assert y.dtype == jnp.bfloat16 and np.all(
+    np.isfinite(np.asarray(y, np.float32))
+  )
   assert np.isfinite(aux["indexer_kl"])

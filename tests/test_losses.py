@@ -2,22 +2,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _testutil import CASES, as_jnp_opt, make_inputs
 from jax.test_util import check_grads
 
 import np_reference as ref
 import sparse_attn as sa
+from _testutil import CASES, as_jnp_opt, make_inputs
 
 NAMES = ("q", "k", "q_idx", "k_idx", "weights")
 
 
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES[:4])
-def test_kl_losses_match_numpy(rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths):
+def test_kl_losses_match_numpy(
+  rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths
+):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
   # small indexer inputs keep softmax(I) away from one-hot so the KL is informative
   x["q_idx"] *= 0.3
-  kw = dict(q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
-            kv_lengths=as_jnp_opt(kv_lengths))
+  kw = dict(
+    q_offset=as_jnp_opt(q_offset) if isinstance(q_offset, list) else q_offset,
+    kv_lengths=as_jnp_opt(kv_lengths),
+  )
   args = [x[n] for n in NAMES]
   want = ref.dense_indexer_kl(*args, q_offset, kv_lengths)
   for chunk in (None, 5):
@@ -27,7 +31,9 @@ def test_kl_losses_match_numpy(rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_le
   want_s = ref.sparse_indexer_kl(*args, np.asarray(idx))
   for method in (None, "gather", "counted"):
     got_s = sa.sparse_indexer_kl(*args, idx, method=method)
-    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-5, err_msg=method)
+    np.testing.assert_allclose(
+      got_s, want_s, rtol=1e-4, atol=1e-5, err_msg=method
+    )
   assert got >= 0 and got_s >= 0
 
 
@@ -36,36 +42,60 @@ def test_sparse_kl_with_all_keys_equals_dense_kl(rng):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
   args = [x[n] for n in NAMES]
   idx = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], S)
-  np.testing.assert_allclose(sa.sparse_indexer_kl(*args, idx), sa.dense_indexer_kl(*args),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    sa.sparse_indexer_kl(*args, idx),
+    sa.dense_indexer_kl(*args),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_losses_check_grads(rng):
   B, T, S, H, G, D, HI, DI, K = 1, 6, 6, 2, 1, 4, 2, 4, 3
-  x = {n: np.asarray(a, np.float64) * 0.5
-       for n, a in make_inputs(rng, B, T, S, H, G, D, HI, DI).items()}
+  x = {
+    n: np.asarray(a, np.float64) * 0.5
+    for n, a in make_inputs(rng, B, T, S, H, G, D, HI, DI).items()
+  }
   with jax.enable_x64(True):
     idx = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K)
     q, k = x["q"], x["k"]
-    fd = lambda qi, ki, w: sa.dense_indexer_kl(q, k, qi, ki, w, kv_lengths=jnp.array([5]))
-    fs = lambda qi, ki, w: sa.sparse_indexer_kl(q, k, qi, ki, w, idx, method="gather")
-    fc = lambda qi, ki, w: sa.sparse_indexer_kl(q, k, qi, ki, w, idx, method="counted")
+    fd = lambda qi, ki, w: sa.dense_indexer_kl(
+      q, k, qi, ki, w, kv_lengths=jnp.array([5])
+    )
+    fs = lambda qi, ki, w: sa.sparse_indexer_kl(
+      q, k, qi, ki, w, idx, method="gather"
+    )
+    fc = lambda qi, ki, w: sa.sparse_indexer_kl(
+      q, k, qi, ki, w, idx, method="counted"
+    )
     for f in (fd, fs, fc):
-      check_grads(f, (x["q_idx"], x["k_idx"], x["weights"]), order=1, modes=("rev",),
-                  atol=1e-5, rtol=1e-5)
+      check_grads(
+        f,
+        (x["q_idx"], x["k_idx"], x["weights"]),
+        order=1,
+        modes=("rev",),
+        atol=1e-5,
+        rtol=1e-5,
+      )
 
 
 def test_kl_sends_no_gradient_to_main_qkv(rng):
   B, T, S, H, G, D, HI, DI, K = 2, 9, 9, 4, 2, 8, 2, 8, 4
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
   idx = sa.lightning_topk(x["q_idx"], x["k_idx"], x["weights"], K)
-  gd = jax.grad(lambda q, k: sa.dense_indexer_kl(q, k, *(x[n] for n in NAMES[2:])),
-                argnums=(0, 1))(x["q"], x["k"])
-  gs = jax.grad(lambda q, k: sa.sparse_indexer_kl(q, k, *(x[n] for n in NAMES[2:]), idx),
-                argnums=(0, 1))(x["q"], x["k"])
+  gd = jax.grad(
+    lambda q, k: sa.dense_indexer_kl(q, k, *(x[n] for n in NAMES[2:])),
+    argnums=(0, 1),
+  )(x["q"], x["k"])
+  gs = jax.grad(
+    lambda q, k: sa.sparse_indexer_kl(q, k, *(x[n] for n in NAMES[2:]), idx),
+    argnums=(0, 1),
+  )(x["q"], x["k"])
   for g in gd + gs:
     assert np.all(g == 0)
-  gi = jax.grad(lambda w: sa.sparse_indexer_kl(*(x[n] for n in NAMES[:4]), w, idx))(x["weights"])
+  gi = jax.grad(
+    lambda w: sa.sparse_indexer_kl(*(x[n] for n in NAMES[:4]), w, idx)
+  )(x["weights"])
   assert np.any(gi != 0)
 
 
@@ -74,10 +104,13 @@ def test_kl_empty_rows_finite(rng):
   x = make_inputs(rng, B, T, S, H, G, D, HI, DI)
   args = [x[n] for n in NAMES]
   idx = jnp.full((B, T, 3), -1, jnp.int32)
-  val, g = jax.value_and_grad(lambda w: sa.sparse_indexer_kl(*args[:4], w, idx))(x["weights"])
+  val, g = jax.value_and_grad(
+    lambda w: sa.sparse_indexer_kl(*args[:4], w, idx)
+  )(x["weights"])
   assert val == 0 and np.all(np.isfinite(g))
   val, g = jax.value_and_grad(
-      lambda w: sa.dense_indexer_kl(*args[:4], w, kv_lengths=jnp.array([0])))(x["weights"])
+    lambda w: sa.dense_indexer_kl(*args[:4], w, kv_lengths=jnp.array([0]))
+  )(x["weights"])
   assert val == 0 and np.all(np.isfinite(g))
 
 

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from sparse_attn.kinds import lsh
-
 from test_patterns import np_masked_attention
 
-
-_STATIC = ("n_buckets", "n_hashes", "chunk_size", "lookback", "same_bucket",
-           "return_counts")
+_STATIC = (
+  "n_buckets",
+  "n_hashes",
+  "chunk_size",
+  "lookback",
+  "same_bucket",
+  "return_counts",
+)
 lsh_attention = jax.jit(lsh.lsh_attention, static_argnames=_STATIC)
 
 
@@ -31,9 +35,13 @@ def shared_qk_reference(qk, v, allowed_other, scale=None):
   # Keys are per query head: fold heads into the kv axis of the reference.
   out = np.zeros(qk.shape[:3] + (v.shape[-1],))
   for h in range(H):
-    out[:, :, h:h + 1] = np_masked_attention(
-        qk[:, :, h:h + 1], keys[:, :, h:h + 1], v[:, :, g(h):g(h) + 1],
-        allowed[:, h:h + 1], scale=scale)
+    out[:, :, h : h + 1] = np_masked_attention(
+      qk[:, :, h : h + 1],
+      keys[:, :, h : h + 1],
+      v[:, :, g(h) : g(h) + 1],
+      allowed[:, h : h + 1],
+      scale=scale,
+    )
   return out
 
 
@@ -63,10 +71,17 @@ def test_two_buckets_one_hash_equals_bucket_restricted_dense(lookback, chunk):
   kv = np.array([16, 11], np.int32)
   rot = lsh.lsh_rotations(jax.random.key(0), 8, 2, 1)
   out, counts = lsh_attention(
-      jnp.asarray(qk), jnp.asarray(v), n_buckets=2, n_hashes=1,
-      chunk_size=chunk, rotations=rot, lookback=lookback,
-      kv_lengths=jnp.asarray(kv), return_counts=True)
-  b = np.asarray(lsh.lsh_buckets(jnp.asarray(qk), rot))[0]    # [B, H, T]
+    jnp.asarray(qk),
+    jnp.asarray(v),
+    n_buckets=2,
+    n_hashes=1,
+    chunk_size=chunk,
+    rotations=rot,
+    lookback=lookback,
+    kv_lengths=jnp.asarray(kv),
+    return_counts=True,
+  )
+  b = np.asarray(lsh.lsh_buckets(jnp.asarray(qk), rot))[0]  # [B, H, T]
   T = qk.shape[1]
   same = b[..., :, None] == b[..., None, :]
   causal = np.tril(np.ones((T, T), bool))
@@ -82,8 +97,15 @@ def test_two_buckets_one_hash_equals_bucket_restricted_dense(lookback, chunk):
 
 @functools.partial(jax.jit, static_argnames=("n_hashes",))
 def _lsh(qk, v, key, n_hashes):
-  return lsh.lsh_attention(qk, v, n_buckets=8, n_hashes=n_hashes,
-                           chunk_size=8, key=key, lookback="chunk")
+  return lsh.lsh_attention(
+    qk,
+    v,
+    n_buckets=8,
+    n_hashes=n_hashes,
+    chunk_size=8,
+    key=key,
+    lookback="chunk",
+  )
 
 
 def test_more_hashes_do_not_increase_error():
@@ -104,13 +126,20 @@ def test_union_of_rounds_is_exact():
   """With dedup the combined rounds are exact attention over the union."""
   qk, v = inputs(4, T=12)
   rot = lsh.lsh_rotations(jax.random.key(5), 8, 4, 3)
-  out = lsh_attention(jnp.asarray(qk), jnp.asarray(v), n_buckets=4,
-                          n_hashes=3, chunk_size=16, rotations=rot)
-  b = np.asarray(lsh.lsh_buckets(jnp.asarray(qk), rot))      # [R, B, H, T]
+  out = lsh_attention(
+    jnp.asarray(qk),
+    jnp.asarray(v),
+    n_buckets=4,
+    n_hashes=3,
+    chunk_size=16,
+    rotations=rot,
+  )
+  b = np.asarray(lsh.lsh_buckets(jnp.asarray(qk), rot))  # [R, B, H, T]
   same = np.any(b[..., :, None] == b[..., None, :], axis=0)
   allowed = same & np.tril(np.ones((12, 12), bool))
-  np.testing.assert_allclose(out, shared_qk_reference(qk, v, allowed),
-                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(
+    out, shared_qk_reference(qk, v, allowed), rtol=2e-5, atol=2e-5
+  )
 
 
 def test_causality():
@@ -122,7 +151,8 @@ def test_causality():
   v2[:, t:] += 5.0
   kw = dict(n_buckets=4, n_hashes=2, chunk_size=4, key=jax.random.key(1))
   run = lambda a, b, **k: np.asarray(
-      lsh_attention(jnp.asarray(a), jnp.asarray(b), **kw, **k))
+    lsh_attention(jnp.asarray(a), jnp.asarray(b), **kw, **k)
+  )
   # "window" is strictly causal: nothing about future tokens matters (up to
   # float summation order: the sorted slots of past keys may move).
   a, b = run(qk, v, lookback="window"), run(qk2, v2, lookback="window")
@@ -135,17 +165,34 @@ def test_causality():
 
 def test_grad_finite_and_validation():
   qk, v = inputs(7, T=10)
-  f = lambda qk, v: jnp.sum(lsh.lsh_attention(
-      qk, v, n_buckets=4, n_hashes=2, chunk_size=4, key=jax.random.key(0),
-      kv_lengths=jnp.array([10, 3])) ** 2)
+  f = lambda qk, v: jnp.sum(
+    lsh.lsh_attention(
+      qk,
+      v,
+      n_buckets=4,
+      n_hashes=2,
+      chunk_size=4,
+      key=jax.random.key(0),
+      kv_lengths=jnp.array([10, 3]),
+    )
+    ** 2
+  )
   g = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(qk), jnp.asarray(v))
   assert all(np.all(np.isfinite(x)) for x in g)
   assert np.any(np.asarray(g[0]) != 0)
   with pytest.raises(ValueError, match="even"):
-    lsh_attention(qk, v, n_buckets=3, n_hashes=1, chunk_size=4,
-                      key=jax.random.key(0))
+    lsh_attention(
+      qk, v, n_buckets=3, n_hashes=1, chunk_size=4, key=jax.random.key(0)
+    )
   with pytest.raises(ValueError, match="exactly one"):
     lsh_attention(qk, v, n_buckets=4, n_hashes=1, chunk_size=4)
   with pytest.raises(ValueError, match="lookback"):
-    lsh_attention(qk, v, n_buckets=4, n_hashes=1, chunk_size=4,
-                      key=jax.random.key(0), lookback="all")
+    lsh_attention(
+      qk,
+      v,
+      n_buckets=4,
+      n_hashes=1,
+      chunk_size=4,
+      key=jax.random.key(0),
+      lookback="all",
+    )

@@ -13,9 +13,17 @@ from sparse_attn import registry
 from sparse_attn.config import ModelConfig
 from sparse_attn.nn import DenseAttention
 
-CFG = ModelConfig(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, top_k=4, indexer_heads=2,
-                  indexer_dim=8)
+CFG = ModelConfig(
+  embed_dim=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  top_k=4,
+  indexer_heads=2,
+  indexer_dim=8,
+)
 
 
 def _run(model, tok, mode="sparse"):
@@ -24,8 +32,9 @@ def _run(model, tok, mode="sparse"):
 
 
 def _tokens(b=2, t=12, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, 256, (b, t)), jnp.int32
+  )
 
 
 @pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
@@ -33,8 +42,12 @@ def test_forward_shapes_and_aux(mode):
   model = M.build_model(CFG)
   logits, aux = _run(model, _tokens(), mode)
   assert logits.shape == (2, 12, 256) and logits.dtype == jnp.float32
-  assert set(aux) == {"indexer_kl", "attended_keys", "visible_keys",
-                      "attended_fraction"}
+  assert set(aux) == {
+    "indexer_kl",
+    "attended_keys",
+    "visible_keys",
+    "attended_fraction",
+  }
   visible = 2 * 2 * sum(range(1, 13))  # layers * batch * causal pairs
   assert float(aux["visible_keys"]) == visible
   if mode == "sparse":
@@ -71,8 +84,9 @@ def test_causal(attention):
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("kv", [1, 4])
 def test_tied_untied_gqa_mqa(tie, kv):
-  cfg = dataclasses.replace(CFG, tie_embeddings=tie, num_kv_heads=kv,
-                            attention="dense", num_layers=1)
+  cfg = dataclasses.replace(
+    CFG, tie_embeddings=tie, num_kv_heads=kv, attention="dense", num_layers=1
+  )
   model = M.build_model(cfg)
   logits, _ = _run(model, _tokens(1, 5))
   assert logits.shape == (1, 5, 256)
@@ -103,8 +117,11 @@ def test_registry_is_extensible():
   class Doubled(DenseAttention):
     pass
 
-  registry.register(dataclasses.replace(registry.get("dense"),
-                                        name="test_doubled", layer=Doubled))
+  registry.register(
+    dataclasses.replace(
+      registry.get("dense"), name="test_doubled", layer=Doubled
+    )
+  )
   try:
     model = M.build_model(dataclasses.replace(CFG, attention="test_doubled"))
     assert isinstance(model.blocks[0].attn, Doubled)
@@ -118,11 +135,16 @@ def test_registry_is_extensible():
 
 def test_first_api_registration_still_works():
   """register_attention(name, factory) and the ATTENTION_KINDS view."""
+
   class Doubled(DenseAttention):
     pass
 
-  registry.register_attention("test_legacy", lambda cfg, *, rngs: Doubled(
-      cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs))
+  registry.register_attention(
+    "test_legacy",
+    lambda cfg, *, rngs: Doubled(
+      cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs
+    ),
+  )
   try:
     assert "test_legacy" in registry.ATTENTION_KINDS
     model = M.build_model(dataclasses.replace(CFG, attention="test_legacy"))
@@ -149,7 +171,7 @@ def test_jit_and_grad():
   @nnx.jit
   def loss(m, tok):
     logits, aux = m(tok, mode="sparse")
-    return jnp.mean(logits ** 2) + aux["indexer_kl"]
+    return jnp.mean(logits**2) + aux["indexer_kl"]
 
   grads = nnx.grad(loss)(model, _tokens())
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -158,7 +180,9 @@ def test_jit_and_grad():
 @pytest.mark.parametrize("name", ["tiny", "small", "base"])
 def test_preset_docstrings_state_the_real_parameter_count(name):
   import re  # pylint: disable=g-import-not-at-top
+
   from sparse_attn import config  # pylint: disable=g-import-not-at-top
+
   cfg = config.preset(name)
   model = nnx.eval_shape(lambda: M.Transformer(cfg.model, rngs=nnx.Rngs(0)))
   total = sum(M.count_params(model).values())
@@ -172,8 +196,13 @@ def test_kernel_block_sizes_reach_the_kernels_from_the_config():
   cfg = dataclasses.replace(CFG, num_layers=1, implementation="pallas")
   tok = _tokens(1, 16)
   ref, _ = _run(M.build_model(cfg), tok)
-  ok = dataclasses.replace(cfg, kernel_block_sizes={
-      "topk": {"block_t": 16}, "gathered_attention": {"bwd_chunk_t": 3}})
+  ok = dataclasses.replace(
+    cfg,
+    kernel_block_sizes={
+      "topk": {"block_t": 16},
+      "gathered_attention": {"bwd_chunk_t": 3},
+    },
+  )
   model = M.build_model(ok)
   attn = model.blocks[0].attn
   assert attn.topk_block_sizes.block_t == 16
@@ -181,8 +210,9 @@ def test_kernel_block_sizes_reach_the_kernels_from_the_config():
   got, _ = _run(model, tok)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   # Sizes the (interpreted) TPU formulation cannot take fail in the kernel.
-  bad = M.build_model(dataclasses.replace(cfg, kernel_block_sizes={
-      "topk": {"block_t": 12}}))
+  bad = M.build_model(
+    dataclasses.replace(cfg, kernel_block_sizes={"topk": {"block_t": 12}})
+  )
   with pytest.raises(ValueError, match="multiple of 8"):
     _run(bad, tok)
   with pytest.raises(ValueError, match="unknown kernels"):

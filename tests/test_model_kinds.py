@@ -1,22 +1,39 @@
 """Every attention kind plugs into the model and trains a few steps without NaN."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from sparse_attn import config
-from sparse_attn.ops import losses
-from sparse_attn import registry
+from sparse_attn import config, registry
 from sparse_attn.models import build_model
+from sparse_attn.ops import losses
 
-KINDS = ["dense", "dsa", "sliding_window", "strided", "fixed", "lsh", "nsa", "moba"]
-SMALL = {"sliding_window": {"window": 8}, "strided": {"stride": 4}, "fixed": {"stride": 8},
-         "lsh": {"n_buckets": 4, "chunk_size": 8}, "moba": {"block_size": 8, "top_k": 2},
-         "nsa": {"cmp_block": 8, "cmp_stride": 4, "select_block": 8, "num_selected": 2,
-                 "window": 8}}
+KINDS = [
+  "dense",
+  "dsa",
+  "sliding_window",
+  "strided",
+  "fixed",
+  "lsh",
+  "nsa",
+  "moba",
+]
+SMALL = {
+  "sliding_window": {"window": 8},
+  "strided": {"stride": 4},
+  "fixed": {"stride": 8},
+  "lsh": {"n_buckets": 4, "chunk_size": 8},
+  "moba": {"block_size": 8, "top_k": 2},
+  "nsa": {
+    "cmp_block": 8,
+    "cmp_stride": 4,
+    "select_block": 8,
+    "num_selected": 2,
+    "window": 8,
+  },
+}
 
 
 def test_registry_has_every_kind():
@@ -26,9 +43,15 @@ def test_registry_has_every_kind():
 @pytest.mark.parametrize("kind", KINDS)
 def test_kind_trains_without_nan(kind):
   cfg = config.override(
-      config.tiny(), f'model.attention="{kind}"', "model.num_layers=2",
-      "model.embed_dim=32", "model.mlp_dim=64", "model.head_dim=8", "model.top_k=8",
-      **{"model.attention_params": SMALL.get(kind, {})})
+    config.tiny(),
+    f'model.attention="{kind}"',
+    "model.num_layers=2",
+    "model.embed_dim=32",
+    "model.mlp_dim=64",
+    "model.head_dim=8",
+    "model.top_k=8",
+    **{"model.attention_params": SMALL.get(kind, {})},
+  )
   cfg = config.validate(cfg, 1)
   model = build_model(cfg.model)
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
@@ -40,6 +63,7 @@ def test_kind_trains_without_nan(kind):
       logits, aux = model(tokens[:, :-1], mode="sparse")
       lm, _ = losses.lm_loss(logits, tokens[:, 1:])
       return lm + aux["indexer_kl"], (lm, aux)
+
     (_, (lm, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     opt.update(model, grads)
     return lm, aux, grads

@@ -24,14 +24,32 @@ def test_two_process_run_matches_single_process(tmp_path):
   env.pop("XLA_FLAGS", None)  # one CPU device per process
   port = _free_port()
   outs = [tmp_path / f"multi{i}.json" for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, WORKER, "multihost", str(outs[i]), str(i), "2",
-       str(port), str(tmp_path / "multi_run")],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  single = subprocess.run([sys.executable, WORKER, "single",
-                           str(tmp_path / "single.json")], env=env,
-                          capture_output=True, text=True, timeout=300)
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        WORKER,
+        "multihost",
+        str(outs[i]),
+        str(i),
+        "2",
+        str(port),
+        str(tmp_path / "multi_run"),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  single = subprocess.run(
+    [sys.executable, WORKER, "single", str(tmp_path / "single.json")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   logs = []
   for p in procs:
     try:
@@ -52,5 +70,3 @@ def test_two_process_run_matches_single_process(tmp_path):
   assert multi["eval"] == pytest.approx(ref["eval"], rel=1e-5)
   # both processes wrote one shared checkpoint directory
   assert (tmp_path / "multi_run" / "checkpoints" / "5").exists()
-
-

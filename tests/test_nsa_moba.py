@@ -7,14 +7,24 @@ import pytest
 
 from sparse_attn.kinds import moba, nsa
 from sparse_attn.ops.attention import dense_attention
-
 from test_patterns import np_masked_attention
 
-nsa_attention = jax.jit(nsa.nsa_attention, static_argnames=(
-    "cmp_block", "cmp_stride", "select_block", "num_selected", "window",
-    "return_branches", "return_counts"))
-moba_attention = jax.jit(moba.moba_attention, static_argnames=(
-    "block_size", "top_k", "return_counts", "return_blocks"))
+nsa_attention = jax.jit(
+  nsa.nsa_attention,
+  static_argnames=(
+    "cmp_block",
+    "cmp_stride",
+    "select_block",
+    "num_selected",
+    "window",
+    "return_branches",
+    "return_counts",
+  ),
+)
+moba_attention = jax.jit(
+  moba.moba_attention,
+  static_argnames=("block_size", "top_k", "return_counts", "return_blocks"),
+)
 
 
 def inputs(seed, B=2, T=37, S=37, H=6, G=3, D=8, Dv=8):
@@ -24,9 +34,9 @@ def inputs(seed, B=2, T=37, S=37, H=6, G=3, D=8, Dv=8):
 
 
 CASES = [
-    pytest.param(37, None, None, id="causal_odd"),
-    pytest.param(11, None, [37, 20], id="short_block_kvlen"),
-    pytest.param(11, [3, 26], [37, 20], id="per_seq_offset_kvlen"),
+  pytest.param(37, None, None, id="causal_odd"),
+  pytest.param(11, None, [37, 20], id="short_block_kvlen"),
+  pytest.param(11, [3, 26], [37, 20], id="per_seq_offset_kvlen"),
 ]
 
 
@@ -37,10 +47,20 @@ def test_nsa_full_budget_selected_branch_is_dense(T, q_offset, kv):
   q_offset = None if q_offset is None else jnp.asarray(q_offset, jnp.int32)
   gates = jnp.broadcast_to(jnp.array([0.0, 1.0, 0.0]), q.shape[:3] + (3,))
   # ceil(37 / 8) = 5 selection blocks: num_selected=5 covers everything.
-  out, br = nsa_attention(q, k, v, gates, cmp_block=8, cmp_stride=4,
-                          select_block=8, num_selected=5, window=3,
-                          q_offset=q_offset, kv_lengths=kv,
-                          return_branches=True)
+  out, br = nsa_attention(
+    q,
+    k,
+    v,
+    gates,
+    cmp_block=8,
+    cmp_stride=4,
+    select_block=8,
+    num_selected=5,
+    window=3,
+    q_offset=q_offset,
+    kv_lengths=kv,
+    return_branches=True,
+  )
   want = dense_attention(q, k, v, q_offset=q_offset, kv_lengths=kv)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(br["selected"], want, rtol=1e-5, atol=1e-5)
@@ -51,16 +71,26 @@ def test_nsa_branches_against_reference():
   q, k, v = inputs(1, B=B, T=T, S=T, H=H, G=G, D=D)
   g = jax.nn.sigmoid(jax.random.normal(jax.random.key(0), (B, T, H, 3)))
   l, d, ls, n, w = 4, 2, 4, 2, 3
-  out, br, counts = nsa_attention(q, k, v, g, cmp_block=l, cmp_stride=d,
-                                  select_block=ls, num_selected=n, window=w,
-                                  return_branches=True, return_counts=True)
+  out, br, counts = nsa_attention(
+    q,
+    k,
+    v,
+    g,
+    cmp_block=l,
+    cmp_stride=d,
+    select_block=ls,
+    num_selected=n,
+    window=w,
+    return_branches=True,
+    return_counts=True,
+  )
   qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
   i = np.arange(T)
   # Compressed: mean-pooled blocks m*d .. m*d+l-1, visible when fully past.
   N = (T - l) // d + 1
-  kc = np.stack([kn[:, m * d:m * d + l].mean(1) for m in range(N)], 1)
-  vc = np.stack([vn[:, m * d:m * d + l].mean(1) for m in range(N)], 1)
-  vis_c = (np.arange(N) * d + l - 1)[None, :] <= i[:, None]         # [T, N]
+  kc = np.stack([kn[:, m * d : m * d + l].mean(1) for m in range(N)], 1)
+  vc = np.stack([vn[:, m * d : m * d + l].mean(1) for m in range(N)], 1)
+  vis_c = (np.arange(N) * d + l - 1)[None, :] <= i[:, None]  # [T, N]
   want_c = np_masked_attention(qn, kc, vc, np.broadcast_to(vis_c, (B, H, T, N)))
   np.testing.assert_allclose(br["compressed"], want_c, rtol=1e-5, atol=1e-5)
   # Window.
@@ -70,17 +100,25 @@ def test_nsa_branches_against_reference():
   np.testing.assert_allclose(br["window"], want_w, rtol=1e-5, atol=1e-5)
   # Selection: block importance = compressed probs summed over the group's
   # heads and the compressed blocks overlapping the selection block.
-  logits = np.einsum("bthd,bnhd->bhtn", qn, np.repeat(kc, H // G, 2)) * D**-.5
+  logits = np.einsum("bthd,bnhd->bhtn", qn, np.repeat(kc, H // G, 2)) * D**-0.5
   logits = np.where(vis_c, logits, -np.inf)
   mx = np.max(logits, -1, keepdims=True)
   p = np.where(vis_c, np.exp(logits - np.where(np.isfinite(mx), mx, 0)), 0)
-  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)             # [B,H,T,N]
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)  # [B,H,T,N]
   M = -(-T // ls)
-  ov = np.array([[(m * d <= (jb + 1) * ls - 1) and (m * d + l - 1 >= jb * ls)
-                  for jb in range(M)] for m in range(N)], float)
+  ov = np.array(
+    [
+      [
+        (m * d <= (jb + 1) * ls - 1) and (m * d + l - 1 >= jb * ls)
+        for jb in range(M)
+      ]
+      for m in range(N)
+    ],
+    float,
+  )
   imp = np.einsum("bhtn,nm->bhtm", p, ov)
-  imp = imp.reshape(B, G, H // G, T, M).sum(2)                      # [B,G,T,M]
-  sel = np.asarray(br["selection"])                                  # [B,T,G,n]
+  imp = imp.reshape(B, G, H // G, T, M).sum(2)  # [B,G,T,M]
+  sel = np.asarray(br["selection"])  # [B,T,G,n]
   allowed = np.zeros((B, H, T, T), bool)
   for b in range(B):
     for t in range(T):
@@ -88,21 +126,25 @@ def test_nsa_branches_against_reference():
         cur = t // ls
         past = [m for m in range(M) if m * ls <= t and m != cur]
         past.sort(key=lambda m: -imp[b, gg, t, m])
-        want = {cur} | set(past[:n - 1])
+        want = {cur} | set(past[: n - 1])
         got = set(sel[b, t, gg].tolist()) - {-1}
         assert got == want, (t, gg, got, want)
         for m in want:
           for h in range(gg * (H // G), (gg + 1) * (H // G)):
-            allowed[b, h, t, m * ls:min((m + 1) * ls, t + 1)] = True
+            allowed[b, h, t, m * ls : min((m + 1) * ls, t + 1)] = True
   want_s = np_masked_attention(qn, kn, vn, allowed)
   np.testing.assert_allclose(br["selected"], want_s, rtol=1e-5, atol=1e-5)
   gn = np.asarray(g, np.float64)
   mix = gn[..., 0:1] * want_c + gn[..., 1:2] * want_s + gn[..., 2:3] * want_w
   np.testing.assert_allclose(out, mix, rtol=1e-5, atol=1e-5)
-  want_counts = (vis_c.sum(-1) + allowed[0].sum(-1).mean(0) + win.sum(-1))
+  want_counts = vis_c.sum(-1) + allowed[0].sum(-1).mean(0) + win.sum(-1)
   np.testing.assert_allclose(counts[0], want_counts)
-  np.testing.assert_allclose(counts[0], nsa.nsa_keys_per_query(
-      T, cmp_block=l, cmp_stride=d, select_block=ls, num_selected=n, window=w))
+  np.testing.assert_allclose(
+    counts[0],
+    nsa.nsa_keys_per_query(
+      T, cmp_block=l, cmp_stride=d, select_block=ls, num_selected=n, window=w
+    ),
+  )
 
 
 @pytest.mark.parametrize("T,q_offset,kv", CASES)
@@ -110,21 +152,22 @@ def test_moba_full_budget_is_dense(T, q_offset, kv):
   q, k, v = inputs(2, T=T)
   kv = None if kv is None else jnp.asarray(kv, jnp.int32)
   q_offset = None if q_offset is None else jnp.asarray(q_offset, jnp.int32)
-  out = moba_attention(q, k, v, block_size=8, top_k=5, q_offset=q_offset,
-                       kv_lengths=kv)
+  out = moba_attention(
+    q, k, v, block_size=8, top_k=5, q_offset=q_offset, kv_lengths=kv
+  )
   want = dense_attention(q, k, v, q_offset=q_offset, kv_lengths=kv)
-  np.testing.assert_allclose(out, want,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_moba_against_reference():
   B, T, H, G, D, bs, top = 2, 29, 4, 2, 8, 4, 3
   q, k, v = inputs(3, B=B, T=T, S=T, H=H, G=G, D=D)
-  out, counts, blocks = moba_attention(q, k, v, block_size=bs, top_k=top,
-                                       return_counts=True, return_blocks=True)
+  out, counts, blocks = moba_attention(
+    q, k, v, block_size=bs, top_k=top, return_counts=True, return_blocks=True
+  )
   qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
   M = -(-T // bs)
-  pooled = np.stack([kn[:, m * bs:(m + 1) * bs].mean(1) for m in range(M)], 1)
+  pooled = np.stack([kn[:, m * bs : (m + 1) * bs].mean(1) for m in range(M)], 1)
   aff = np.einsum("bthd,bmhd->bhtm", qn, np.repeat(pooled, H // G, 2))
   blocks = np.asarray(blocks).reshape(B, T, H, top)
   allowed = np.zeros((B, H, T, T), bool)
@@ -133,15 +176,17 @@ def test_moba_against_reference():
       for t in range(T):
         cur = t // bs
         past = sorted(range(cur), key=lambda m: -aff[b, h, t, m])
-        want = {cur} | set(past[:top - 1])
+        want = {cur} | set(past[: top - 1])
         assert set(blocks[b, t, h].tolist()) - {-1} == want
         for m in want:
-          allowed[b, h, t, m * bs:min((m + 1) * bs, t + 1)] = True
-  np.testing.assert_allclose(out, np_masked_attention(qn, kn, vn, allowed),
-                             rtol=1e-5, atol=1e-5)
+          allowed[b, h, t, m * bs : min((m + 1) * bs, t + 1)] = True
+  np.testing.assert_allclose(
+    out, np_masked_attention(qn, kn, vn, allowed), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(counts, allowed.sum(-1).mean(1))
-  np.testing.assert_allclose(counts[0], moba.moba_keys_per_query(
-      T, block_size=bs, top_k=top))
+  np.testing.assert_allclose(
+    counts[0], moba.moba_keys_per_query(T, block_size=bs, top_k=top)
+  )
 
 
 def test_no_future_leakage():
@@ -150,9 +195,18 @@ def test_no_future_leakage():
   k2, v2 = k.at[:, t:].add(2.0), v.at[:, t:].add(-3.0)
   g = jnp.full(q.shape[:3] + (3,), 0.5)
   fns = [
-      lambda k, v: nsa_attention(q, k, v, g, cmp_block=4, cmp_stride=2,
-                                 select_block=4, num_selected=2, window=3),
-      lambda k, v: moba_attention(q, k, v, block_size=4, top_k=2),
+    lambda k, v: nsa_attention(
+      q,
+      k,
+      v,
+      g,
+      cmp_block=4,
+      cmp_stride=2,
+      select_block=4,
+      num_selected=2,
+      window=3,
+    ),
+    lambda k, v: moba_attention(q, k, v, block_size=4, top_k=2),
   ]
   for fn in fns:
     a, b = np.asarray(fn(k, v)), np.asarray(fn(k2, v2))
@@ -170,8 +224,17 @@ def test_validation():
   with pytest.raises(ValueError, match="top_k"):
     moba.moba_attention(q, k, v, block_size=4, top_k=0)
   # Shorter than one compression block: the compressed branch is empty (zeros).
-  out, br = nsa_attention(q, k, v, g, cmp_block=16, cmp_stride=8,
-                              select_block=4, num_selected=2, window=2,
-                              return_branches=True)
+  out, br = nsa_attention(
+    q,
+    k,
+    v,
+    g,
+    cmp_block=16,
+    cmp_stride=8,
+    select_block=4,
+    num_selected=2,
+    window=2,
+    return_branches=True,
+  )
   assert np.all(np.asarray(br["compressed"]) == 0)
   assert np.all(np.isfinite(np.asarray(out)))

@@ -17,7 +17,7 @@ def np_masked_attention(q, k, v, allowed, scale=None):
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   B, T, H, D = q.shape
   G = k.shape[2]
-  scale = D ** -0.5 if scale is None else scale
+  scale = D**-0.5 if scale is None else scale
   kh = np.repeat(k, H // G, axis=2)
   vh = np.repeat(v, H // G, axis=2)
   logits = np.einsum("bthd,bshd->bhts", q, kh) * scale
@@ -87,12 +87,16 @@ def test_masks_equal_formula_and_combines(pattern):
   assert merged.shape == (H, T, S)
   np.testing.assert_array_equal(merged, np.broadcast_to(A | Bm, (H, T, S)))
   for li, want in ((0, A), (1, Bm), (2, A), (3, Bm)):
-    alt = P.sparse_transformer_mask(pattern, q_pos, jnp.arange(S),
-                                    combine="alternate", layer_index=li, **kw)
+    alt = P.sparse_transformer_mask(
+      pattern, q_pos, jnp.arange(S), combine="alternate", layer_index=li, **kw
+    )
     np.testing.assert_array_equal(alt, np.broadcast_to(want, (H, T, S)))
-  split = np.asarray(P.sparse_transformer_mask(
-      pattern, q_pos, jnp.arange(S), combine="split", **kw))
-  for h in range(H):   # first ceil(5/2) = 3 heads pattern A, the rest B
+  split = np.asarray(
+    P.sparse_transformer_mask(
+      pattern, q_pos, jnp.arange(S), combine="split", **kw
+    )
+  )
+  for h in range(H):  # first ceil(5/2) = 3 heads pattern A, the rest B
     np.testing.assert_array_equal(split[h], A if h < 3 else Bm)
 
 
@@ -102,9 +106,17 @@ def test_block_layout():
   np.testing.assert_array_equal(lay, [[True, False], [False, True]])
 
 
-@pytest.mark.parametrize("pattern,combine", [
-    ("strided", "merged"), ("strided", "alternate"), ("strided", "split"),
-    ("fixed", "merged"), ("fixed", "alternate"), ("fixed", "split")])
+@pytest.mark.parametrize(
+  "pattern,combine",
+  [
+    ("strided", "merged"),
+    ("strided", "alternate"),
+    ("strided", "split"),
+    ("fixed", "merged"),
+    ("fixed", "alternate"),
+    ("fixed", "split"),
+  ],
+)
 def test_attention_matches_masked_reference(pattern, combine):
   rng = np.random.default_rng(0)
   B, T, S, H, G, D = 2, 13, 17, 6, 3, 8
@@ -114,9 +126,18 @@ def test_attention_matches_masked_reference(pattern, combine):
   kv = np.array([17, 9], np.int32)
   li = 1
   out, counts = P.sparse_transformer_attention(
-      q, k, v, pattern=pattern, stride=3, summary=2, combine=combine,
-      layer_index=li, kv_lengths=jnp.asarray(kv), query_chunk=4,
-      return_counts=True)
+    q,
+    k,
+    v,
+    pattern=pattern,
+    stride=3,
+    summary=2,
+    combine=combine,
+    layer_index=li,
+    kv_lengths=jnp.asarray(kv),
+    query_chunk=4,
+    return_counts=True,
+  )
   A, Bm = formula_masks(pattern, T, S, 3, 2, S - T)
   if combine == "merged":
     per_head = [A | Bm] * H
@@ -124,8 +145,9 @@ def test_attention_matches_masked_reference(pattern, combine):
     per_head = [Bm] * H
   else:
     per_head = [A] * 3 + [Bm] * 3
-  allowed = np.stack(per_head)[None] & (np.arange(S) < kv[:, None])[:, None,
-                                                                    None, :]
+  allowed = (
+    np.stack(per_head)[None] & (np.arange(S) < kv[:, None])[:, None, None, :]
+  )
   want = np_masked_attention(q, k, v, allowed)
   np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(counts, allowed.sum(-1).mean(1), rtol=1e-6)
@@ -140,15 +162,23 @@ def test_sliding_window_matches_reference_and_offsets():
   off = np.array([2, 7], np.int32)
   kv = np.array([12, 8], np.int32)
   out, counts = P.sliding_window_attention(
-      q, k, v, window=w, q_offset=jnp.asarray(off), kv_lengths=jnp.asarray(kv),
-      return_counts=True)
-  i = off[:, None] + np.arange(T)[None]                     # [B, T]
+    q,
+    k,
+    v,
+    window=w,
+    q_offset=jnp.asarray(off),
+    kv_lengths=jnp.asarray(kv),
+    return_counts=True,
+  )
+  i = off[:, None] + np.arange(T)[None]  # [B, T]
   j = np.arange(S)
-  allowed = (j <= i[..., None]) & (j > i[..., None] - w) & (j < kv[:, None,
-                                                                  None])
+  allowed = (
+    (j <= i[..., None]) & (j > i[..., None] - w) & (j < kv[:, None, None])
+  )
   allowed = np.broadcast_to(allowed[:, None], (B, H, T, S))
-  np.testing.assert_allclose(out, np_masked_attention(q, k, v, allowed),
-                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(
+    out, np_masked_attention(q, k, v, allowed), rtol=2e-5, atol=2e-5
+  )
   np.testing.assert_array_equal(counts, allowed[:, 0].sum(-1))
 
 
@@ -160,9 +190,14 @@ def test_no_future_leakage():
   k = jnp.asarray(rng.standard_normal((B, T, G, D)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((B, T, G, D)), jnp.float32)
   fns = [lambda q, k, v: P.sliding_window_attention(q, k, v, window=5)] + [
-      (lambda q, k, v, p=p, c=c: P.sparse_transformer_attention(
-          q, k, v, pattern=p, stride=4, summary=2, combine=c))
-      for p in P.PATTERNS for c in P.COMBINES]
+    (
+      lambda q, k, v, p=p, c=c: P.sparse_transformer_attention(
+        q, k, v, pattern=p, stride=4, summary=2, combine=c
+      )
+    )
+    for p in P.PATTERNS
+    for c in P.COMBINES
+  ]
   t = 9
   k2 = k.at[:, t:].add(3.0)
   v2 = v.at[:, t:].add(-2.0)
@@ -178,18 +213,34 @@ def test_key_budget_formulas_match_masks():
   for pattern in P.PATTERNS:
     for combine in P.COMBINES:
       for li in (0, 1):
-        m = np.asarray(P.sparse_transformer_mask(
-            pattern, pos, pos, num_heads=H, stride=l, summary=c,
-            combine=combine, layer_index=li))
+        m = np.asarray(
+          P.sparse_transformer_mask(
+            pattern,
+            pos,
+            pos,
+            num_heads=H,
+            stride=l,
+            summary=c,
+            combine=combine,
+            layer_index=li,
+          )
+        )
         want = m.sum(-1).mean(0)
         got = P.sparse_transformer_keys_per_query(
-            n, pattern=pattern, stride=l, summary=c, combine=combine,
-            layer_index=li, num_heads=H)
+          n,
+          pattern=pattern,
+          stride=l,
+          summary=c,
+          combine=combine,
+          layer_index=li,
+          num_heads=H,
+        )
         np.testing.assert_allclose(got, want)
   for w in (1, 3, 30):
     np.testing.assert_array_equal(
-        P.sliding_window_keys_per_query(n, w),
-        np.asarray(P.sliding_window_mask(pos, pos, w)).sum(-1))
+      P.sliding_window_keys_per_query(n, w),
+      np.asarray(P.sliding_window_mask(pos, pos, w)).sum(-1),
+    )
 
 
 def test_validation():
@@ -198,11 +249,13 @@ def test_validation():
   with pytest.raises(ValueError, match="pattern"):
     P.sparse_transformer_attention(q, k, k, pattern="dilated", stride=2)
   with pytest.raises(ValueError, match="combine"):
-    P.sparse_transformer_attention(q, k, k, pattern="fixed", stride=2,
-                                   combine="both")
+    P.sparse_transformer_attention(
+      q, k, k, pattern="fixed", stride=2, combine="both"
+    )
   with pytest.raises(ValueError, match="summary"):
-    P.sparse_transformer_attention(q, k, k, pattern="fixed", stride=2,
-                                   summary=3)
+    P.sparse_transformer_attention(
+      q, k, k, pattern="fixed", stride=2, summary=3
+    )
   with pytest.raises(ValueError, match="window"):
     P.sliding_window_attention(q, k, k, window=0)
   with pytest.raises(ValueError, match="q must have rank 4"):

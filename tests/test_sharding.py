@@ -7,7 +7,8 @@ import sys
 
 import jax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from sparse_attn import sharding as shd
 
@@ -20,25 +21,32 @@ def _abstract_mesh(shape):
 
 def test_logical_rules_map_to_mesh_axes():
   mesh = _abstract_mesh((2, 2, 2))
-  assert shd.logical_to_spec(("embed", "heads", "head_dim"), (32, 4, 8),
-                             mesh) == P("fsdp", "tensor", None)
+  assert shd.logical_to_spec(
+    ("embed", "heads", "head_dim"), (32, 4, 8), mesh
+  ) == P("fsdp", "tensor", None)
   assert shd.logical_to_spec(("vocab", "embed"), (256, 32), mesh) == P(
-      "tensor", "fsdp")
+    "tensor", "fsdp"
+  )
   assert shd.logical_to_spec(("mlp", "embed"), (64, 32), mesh) == P(
-      "tensor", "fsdp")
+    "tensor", "fsdp"
+  )
   assert shd.logical_to_spec(None, (3,), mesh) == P()
 
 
 def test_indivisible_or_reused_axes_stay_replicated():
   mesh = _abstract_mesh((1, 2, 2))
   # MQA: one kv head cannot be split over tensor=2.
-  assert shd.logical_to_spec(("embed", "kv_heads", "head_dim"), (32, 1, 8),
-                             mesh) == P("fsdp", None, None)
+  assert shd.logical_to_spec(
+    ("embed", "kv_heads", "head_dim"), (32, 1, 8), mesh
+  ) == P("fsdp", None, None)
   # A mesh axis is used at most once per array.
-  assert shd.logical_to_spec(("heads", "mlp"), (4, 8), mesh) == P("tensor", None)
+  assert shd.logical_to_spec(("heads", "mlp"), (4, 8), mesh) == P(
+    "tensor", None
+  )
   # Size-1 mesh axes are dropped.
   assert shd.logical_to_spec(("batch",), (8,), _abstract_mesh((4, 1, 1))) == P(
-      "data")
+    "data"
+  )
 
 
 def test_logical_axes_length_mismatch_raises():
@@ -57,8 +65,9 @@ def test_make_mesh_checks_device_count():
 
 
 def test_tree_shardings_follow_param_metadata():
-  from sparse_attn import training as T
   from _train_worker import small_config
+  from sparse_attn import training as T
+
   s = T.setup(small_config("train.mesh_shape=[1,1,1]"), jax.devices()[:1])
   sh = s.state_shardings
   wq = sh["params"]["main"]["blocks"][0]["attn"]["wq"]
@@ -72,15 +81,21 @@ def test_tree_shardings_follow_param_metadata():
 
 def test_train_step_8_devices_matches_1_device():
   """Mesh (2,2,2) on 8 virtual CPU devices == 1 device (loss and params)."""
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
   proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, "_train_worker.py"), "mesh_equiv"],
-      env=env, capture_output=True, text=True, timeout=300)
+    [sys.executable, os.path.join(HERE, "_train_worker.py"), "mesh_equiv"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  out = json.loads(lines[-1][len("RESULT "):])
+  out = json.loads(lines[-1][len("RESULT ") :])
   # the parameters really are partitioned on the 8-device mesh
   assert out["wq_spec"] == "P('fsdp', 'tensor', None)"
   assert out["wq_shards"] == 4

@@ -33,8 +33,10 @@ def setup_and_batch():
 
 
 def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _assert_same_leaves(a, b):
@@ -74,39 +76,56 @@ def test_warmup_changes_only_indexer_sparse_changes_all(setup_and_batch):
   assert int(jax.tree.leaves(state["opt"]["main"])[0]) == 0
   state, m = T.make_train_step(s, "sparse")(state, batch)
   after_sparse = _flat(state["params"])
-  unchanged = {k for k in before
-               if np.array_equal(after_warm[k], after_sparse[k])}
+  unchanged = {
+    k for k in before if np.array_equal(after_warm[k], after_sparse[k])
+  }
   assert not unchanged, unchanged
   assert int(state["step"]) == 2 and np.isfinite(m["loss"])
 
 
 def test_loss_decreases_both_stages():
-  cfg = override(tiny(), "train.mesh_shape=[1,1,1]", "model.num_layers=1",
-                 "train.seq_len=64", "train.batch_size=8", "model.top_k=16",
-                 "train.warmup_stage_steps=12", "train.sparse_stage_steps=24",
-                 "train.lr_warmup_steps=3", "train.log_every=1",
-                 "train.eval_every=0", "train.max_bytes=300000",
-                 "train.eval_max_bytes=30000", "train.eval_batches=1")
+  cfg = override(
+    tiny(),
+    "train.mesh_shape=[1,1,1]",
+    "model.num_layers=1",
+    "train.seq_len=64",
+    "train.batch_size=8",
+    "model.top_k=16",
+    "train.warmup_stage_steps=12",
+    "train.sparse_stage_steps=24",
+    "train.lr_warmup_steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.max_bytes=300000",
+    "train.eval_max_bytes=30000",
+    "train.eval_batches=1",
+  )
   r = T.train(cfg, None, devices=DEV1, echo=None, final_eval=False)
   warm = [h for h in r.history if h["stage"] == "warmup"]
   sparse = [h for h in r.history if h["stage"] == "sparse"]
   assert len(warm) == 12 and len(sparse) == 24
   # warm-up: the indexer learns to imitate dense attention; LM loss is frozen
   assert np.mean([h["indexer_kl"] for h in warm[-3:]]) < 0.8 * np.mean(
-      [h["indexer_kl"] for h in warm[:3]])
-  assert np.mean([h["loss"] for h in sparse[-4:]]) < np.mean(
-      [h["loss"] for h in sparse[:4]]) - 0.5
+    [h["indexer_kl"] for h in warm[:3]]
+  )
+  assert (
+    np.mean([h["loss"] for h in sparse[-4:]])
+    < np.mean([h["loss"] for h in sparse[:4]]) - 0.5
+  )
   assert all(h["attended_fraction"] < 1.0 for h in sparse)
 
 
-@pytest.mark.parametrize("change,match", [
+@pytest.mark.parametrize(
+  "change,match",
+  [
     (("model.top_k=0",), "top_k must be >= 1"),
     (("model.num_heads=3",), "must be divisible by model.num_kv_heads"),
     (("train.mesh_shape=[2,2,2]",), r"mesh_shape \(2, 2, 2\) has 8 devices"),
-    (("train.data_path=\"/nonexistent/corpus\"",), "does not exist"),
-    (("model.attention=\"nope\"",), "model.attention must be one of"),
+    (('train.data_path="/nonexistent/corpus"',), "does not exist"),
+    (('model.attention="nope"',), "model.attention must be one of"),
     (("train.batch_size=3", "train.mesh_shape=[1,1,1]"), None),
-])
+  ],
+)
 def test_bad_config_fails_at_start(change, match, tmp_path):
   cfg = override(small_config("train.mesh_shape=[1,1,1]"), *change)
   if match is None:  # a valid config (sanity check of the parametrisation)
@@ -119,8 +138,12 @@ def test_bad_config_fails_at_start(change, match, tmp_path):
 
 def _staged(warmup, sparse):
   """(Setup, train dataset) of the small one-device config with these stages."""
-  s = T.setup(_one_device(f"train.warmup_stage_steps={warmup}",
-                          f"train.sparse_stage_steps={sparse}"), DEV1)
+  s = T.setup(
+    _one_device(
+      f"train.warmup_stage_steps={warmup}", f"train.sparse_stage_steps={sparse}"
+    ),
+    DEV1,
+  )
   return s, T.make_datasets(s.cfg)[0]
 
 
@@ -129,11 +152,16 @@ def test_stage_runner_segments_match_one_run_and_pick_stages():
   s, ds = _staged(2, 2)
   runner = T.StageRunner(s, ds)
   seen = []
-  whole = runner.run(T.init_state(s),
-                     on_step=lambda r: seen.append((r.step, r.stage)))
+  whole = runner.run(
+    T.init_state(s), on_step=lambda r: seen.append((r.step, r.stage))
+  )
   assert seen == [(1, "warmup"), (2, "warmup"), (3, "sparse"), (4, "sparse")]
   assert [T.stage_of(s.cfg, i) for i in range(4)] == [
-      "warmup", "warmup", "sparse", "sparse"]
+    "warmup",
+    "warmup",
+    "sparse",
+    "sparse",
+  ]
   state = runner.run(T.init_state(s), start=0, stop=1)
   state = runner.run(state, start=1)
   assert int(state["step"]) == int(whole["step"]) == 4
@@ -143,15 +171,20 @@ def test_stage_runner_segments_match_one_run_and_pick_stages():
 def test_run_stages_first_step_offsets_the_data():
   s, ds = _staged(1, 1)
   got = T.run_stages(s, T.init_state(s), ds, first_step=5, stop=1)
-  want, _ = T.make_train_step(s, "warmup")(T.init_state(s),
-                                           T.BatchLoader(ds, s).train(5))
+  want, _ = T.make_train_step(s, "warmup")(
+    T.init_state(s), T.BatchLoader(ds, s).train(5)
+  )
   _assert_same_leaves(got["params"], want["params"])
 
 
 def test_transfer_params_copies_matching_paths_shapes_and_dtypes():
   src = {"a": jnp.ones(2), "b": jnp.ones(3), "d": jnp.ones(2, jnp.int32)}
-  dst = {"a": jnp.zeros(2), "b": jnp.zeros(4), "c": jnp.zeros(1),
-         "d": jnp.zeros(2)}
+  dst = {
+    "a": jnp.zeros(2),
+    "b": jnp.zeros(4),
+    "c": jnp.zeros(1),
+    "d": jnp.zeros(2),
+  }
   t = T.transfer_params(src, dst)
   assert t.copied == ("['a']",)
   assert t.kept == ("['b']", "['c']", "['d']")
@@ -161,7 +194,7 @@ def test_transfer_params_copies_matching_paths_shapes_and_dtypes():
 
 
 def test_init_from_converts_a_dense_state_to_dsa():
-  dense = T.setup(_one_device("model.attention=\"dense\""), DEV1)
+  dense = T.setup(_one_device('model.attention="dense"'), DEV1)
   dsa = T.setup(_one_device(), DEV1)
   dense_state, dsa_state = T.init_state(dense), T.init_state(dsa)
   state, moved = T.init_from(dsa_state, dense_state["params"]["main"])
@@ -174,7 +207,7 @@ def test_init_from_converts_a_dense_state_to_dsa():
 def test_config_json_roundtrip_and_resolution():
   cfg = small_config()
   assert Config.from_json(cfg.to_json()) == cfg
-  dense = override(cfg, "model.attention=\"dense\"", "train.mesh_shape=[1,1,1]")
+  dense = override(cfg, 'model.attention="dense"', "train.mesh_shape=[1,1,1]")
   r = validate(dense, num_devices=1)
   assert r.train.warmup_stage_steps == 0
   assert r.train.total_steps == dense.train.total_steps
@@ -184,9 +217,17 @@ def test_config_json_roundtrip_and_resolution():
 
 def _cli(run_dir, extra=()):
   from _train_worker import SMALL
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
-         "--run-dir", str(run_dir), "--warmup-steps", "4",
-         "--sparse-steps", "26"]
+
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "train.py"),
+    "--run-dir",
+    str(run_dir),
+    "--warmup-steps",
+    "4",
+    "--sparse-steps",
+    "26",
+  ]
   for a in SMALL + ("train.checkpoint_every=3", "train.keep_checkpoints=2"):
     cmd += ["--set", a]
   return cmd + list(extra)
@@ -196,17 +237,26 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-  ref = subprocess.Popen(_cli(ref_dir), env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-  victim = subprocess.Popen(_cli(run_dir), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+  ref = subprocess.Popen(
+    _cli(ref_dir),
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  victim = subprocess.Popen(
+    _cli(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   metrics = run_dir / "metrics.jsonl"
   deadline = time.time() + 240
   killed_at = None
   while time.time() < deadline and victim.poll() is None:
     if metrics.exists():
-      steps = [json.loads(l).get("step", 0) for l in
-               metrics.read_text().splitlines() if '"train"' in l]
+      steps = [
+        json.loads(l).get("step", 0)
+        for l in metrics.read_text().splitlines()
+        if '"train"' in l
+      ]
       if steps and max(steps) >= 10:
         victim.send_signal(signal.SIGKILL)
         killed_at = max(steps)
@@ -216,8 +266,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   assert killed_at is not None, "the run finished before it could be killed"
   assert victim.returncode == -signal.SIGKILL
   assert killed_at < 30
-  resumed = subprocess.run(_cli(run_dir), env=env, capture_output=True,
-                           text=True, timeout=240)
+  resumed = subprocess.run(
+    _cli(run_dir), env=env, capture_output=True, text=True, timeout=240
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from checkpoint at step" in resumed.stdout
   _, err = ref.communicate(timeout=240)
@@ -231,8 +282,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     rec = json.loads(line)
     if rec.get("event") == "train":
       seen.add(rec["step"])
-      assert rec["loss"] == pytest.approx(ref_losses[rec["step"]], rel=1e-6,
-                                          abs=1e-7), rec["step"]
+      assert rec["loss"] == pytest.approx(
+        ref_losses[rec["step"]], rel=1e-6, abs=1e-7
+      ), rec["step"]
   assert seen == set(range(1, 31))
   _, a = T.load_checkpoint(str(ref_dir), devices=DEV1)
   _, b = T.load_checkpoint(str(run_dir), devices=DEV1)
@@ -241,15 +293,25 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_allclose(fa[k], fb[k], rtol=1e-6, atol=1e-7, err_msg=k)
-  assert json.loads((run_dir / "config.json").read_text())["model"]["top_k"] == 8
+  assert (
+    json.loads((run_dir / "config.json").read_text())["model"]["top_k"] == 8
+  )
 
 
 def test_quickstart_smoke():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "quickstart.py"),
-       "--smoke"], env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "quickstart.py"),
+      "--smoke",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert "validation loss  DSA" in out and "dense twin" in out

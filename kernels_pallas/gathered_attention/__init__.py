@@ -34,6 +34,7 @@ outside the kernel. To bound memory the backward runs over chunks of queries
 (lax.scan) sized so the contribution buffer stays under ``bwd_buffer_bytes``.
 (A transposed key-major pass or GPU atomics would avoid the buffer; not done.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,10 +44,17 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import backend as bk_
-from kernels_pallas.gathered_attention.reference import gathered_attention_reference
+from kernels_pallas.gathered_attention.reference import (
+  gathered_attention_reference,
+)
 
-__all__ = ["BACKENDS", "BlockSizes", "backend_module", "gathered_attention",
-           "gathered_attention_reference"]
+__all__ = [
+  "BACKENDS",
+  "BlockSizes",
+  "backend_module",
+  "gathered_attention",
+  "gathered_attention_reference",
+]
 
 # Formulation -> module of this package. A Mosaic GPU backend is one more
 # entry ("gpu_mosaic": "gpu_mosaic"), or replaces "gpu_triton" under "gpu".
@@ -79,6 +87,7 @@ class BlockSizes:
   instance. Plain dicts of these fields are accepted wherever a BlockSizes
   is (model configs are JSON).
   """
+
   block_k: int | None = None
   bwd_chunk_t: int | None = None
   num_warps: int | None = None
@@ -91,11 +100,15 @@ class BlockSizes:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise ValueError(f"BlockSizes.{f.name} must be a positive int or None, got {v!r}")
+      if v is not None and (
+        not isinstance(v, int) or isinstance(v, bool) or v < 1
+      ):
+        raise ValueError(
+          f"BlockSizes.{f.name} must be a positive int or None, got {v!r}"
+        )
 
   @classmethod
-  def get_default(cls, platform: str, q, k, v, indices) -> "BlockSizes":
+  def get_default(cls, platform: str, q, k, v, indices) -> BlockSizes:
     """Every field for formulation ``platform`` ("tpu" | "gpu") at this shape.
 
     q, k, v, indices: arrays or ShapeDtypeStructs as passed to
@@ -103,14 +116,16 @@ class BlockSizes:
     """
     return cls().with_defaults(platform, q, k, v, indices)
 
-  def with_defaults(self, platform: str, q, k, v, indices) -> "BlockSizes":
+  def with_defaults(self, platform: str, q, k, v, indices) -> BlockSizes:
     """Copy with the None fields resolved for ``platform`` and this shape."""
     mod = backend_module(platform)
     bs = mod.fill_defaults(self)
     B, T, H, D = q.shape
     G, Dv, K = k.shape[2], v.shape[-1], indices.shape[-1]
     if bs.bwd_chunk_t is None:
-      per_query = B * mod.contribution_bytes(bs, G, H // G, mod.padded_k(K, bs), D, Dv)
+      per_query = B * mod.contribution_bytes(
+        bs, G, H // G, mod.padded_k(K, bs), D, Dv
+      )
       most = max(1, min(T, bs.bwd_buffer_bytes // per_query))
       chunk = bk_.cdiv(T, bk_.cdiv(T, most))  # equal chunks: little padding
     else:
@@ -125,37 +140,61 @@ class BlockSizes:
 
 
 def _validate(q, k, v, indices):
-  for name, x, r in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("indices", indices, 3)):
+  for name, x, r in (
+    ("q", q, 4),
+    ("k", k, 4),
+    ("v", v, 4),
+    ("indices", indices, 3),
+  ):
     if getattr(x, "ndim", None) != r:
-      raise ValueError(f"gathered_attention: {name} must have rank {r}, got shape {getattr(x, 'shape', None)}")
+      raise ValueError(
+        f"gathered_attention: {name} must have rank {r}, got shape {getattr(x, 'shape', None)}"
+      )
   B, T, H, D = q.shape
   Bk, S, G, Dk = k.shape
   if (Bk, Dk) != (B, D):
-    raise ValueError(f"gathered_attention: k shape {k.shape} incompatible with q shape {q.shape} "
-                     "(expected [B,S,G,D])")
+    raise ValueError(
+      f"gathered_attention: k shape {k.shape} incompatible with q shape {q.shape} "
+      "(expected [B,S,G,D])"
+    )
   if v.shape[:3] != k.shape[:3]:
-    raise ValueError(f"gathered_attention: v shape {v.shape} incompatible with k shape {k.shape} "
-                     "(expected [B,S,G,Dv])")
+    raise ValueError(
+      f"gathered_attention: v shape {v.shape} incompatible with k shape {k.shape} "
+      "(expected [B,S,G,Dv])"
+    )
   if G < 1 or H % G:
-    raise ValueError(f"gathered_attention: H % G != 0 (q shape {q.shape}, k shape {k.shape})")
+    raise ValueError(
+      f"gathered_attention: H % G != 0 (q shape {q.shape}, k shape {k.shape})"
+    )
   if indices.shape[:2] != (B, T) or indices.shape[2] < 1:
-    raise ValueError(f"gathered_attention: indices shape {indices.shape} must be [B={B},T={T},K>=1]")
+    raise ValueError(
+      f"gathered_attention: indices shape {indices.shape} must be [B={B},T={T},K>=1]"
+    )
   if not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise ValueError(f"gathered_attention: indices must be integer, got {indices.dtype}")
+    raise ValueError(
+      f"gathered_attention: indices must be integer, got {indices.dtype}"
+    )
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-      raise ValueError(f"gathered_attention: {name} dtype {x.dtype} not supported (f32/bf16/f16)")
+      raise ValueError(
+        f"gathered_attention: {name} dtype {x.dtype} not supported (f32/bf16/f16)"
+      )
   if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f"gathered_attention: q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    raise ValueError(
+      f"gathered_attention: q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    )
 
 
 # --------------------------------------------------------------------------
 # custom_vjp wiring (shared by every formulation)
 # --------------------------------------------------------------------------
 
+
 def _fwd_impl(qg, k, v, idxp, scale, bs, platform, interpret):
   mod = backend_module(platform)
-  return mod.forward(qg, *mod.kv_layout(k, v), idxp, scale=scale, bs=bs, interpret=interpret)
+  return mod.forward(
+    qg, *mod.kv_layout(k, v), idxp, scale=scale, bs=bs, interpret=interpret
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -173,7 +212,9 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
   mod = backend_module(platform)
   B, T, G, hg, D = qg.shape
   S, Dv = k.shape[1], v.shape[-1]
-  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = jnp.sum(
+    do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True
+  )
   do = do.astype(qg.dtype)
   tc = bs.bwd_chunk_t
   nc = bk_.cdiv(T, tc)
@@ -183,7 +224,13 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
     x = bk_.pad_axis(x, 1, Tp, fill)
     return x.reshape(B, nc, tc, *x.shape[2:]).swapaxes(0, 1)
 
-  xs = (chunked(qg), chunked(idxp, -1), chunked(do), chunked(lse), chunked(delta))
+  xs = (
+    chunked(qg),
+    chunked(idxp, -1),
+    chunked(do),
+    chunked(lse),
+    chunked(delta),
+  )
   bidx = jnp.arange(B)[:, None, None]
   # Made once here, not inside the loop for every chunk (a copy for bf16 on TPU).
   kk, vv = mod.kv_layout(k, v)
@@ -191,8 +238,9 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
   def step(carry, x):
     dk_acc, dv_acc = carry
     qc, ic, doc, lc, dc = x
-    dq_c, dk_s, dv_s = mod.backward(qc, kk, vv, ic, doc, lc, dc, scale=scale, bs=bs,
-                                    interpret=interpret)
+    dq_c, dk_s, dv_s = mod.backward(
+      qc, kk, vv, ic, doc, lc, dc, scale=scale, bs=bs, interpret=interpret
+    )
     valid = (ic >= 0) & (ic < S)
     tgt = jnp.where(valid, ic, S)  # out of range -> dropped
     # dk_s: [B, tc, G, Kp, D] -> [B, tc, Kp, G, D] to scatter rows of [B, S, G, D].
@@ -202,8 +250,10 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
 
   # Under shard_map(check_vma=True) the accumulators vary like what they sum.
   like = (qg, k, v, idxp, do, lse)
-  init = (bk_.varying_like(jnp.zeros((B, S, G, D), jnp.float32), *like),
-          bk_.varying_like(jnp.zeros((B, S, G, Dv), jnp.float32), *like))
+  init = (
+    bk_.varying_like(jnp.zeros((B, S, G, D), jnp.float32), *like),
+    bk_.varying_like(jnp.zeros((B, S, G, Dv), jnp.float32), *like),
+  )
   (dk, dv), dq = jax.lax.scan(step, init, xs)
   dq = dq.swapaxes(0, 1).reshape(B, Tp, G, hg, D)[:, :T]
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -212,9 +262,17 @@ def _ga_bwd(scale, bs, platform, interpret, res, do):
 _ga.defvjp(_ga_fwd, _ga_bwd)
 
 
-def gathered_attention(q, k, v, indices, *, scale=None,
-                       block_sizes: BlockSizes | dict | None = None,
-                       interpret: bool | None = None, platform: str | None = None):
+def gathered_attention(
+  q,
+  k,
+  v,
+  indices,
+  *,
+  scale=None,
+  block_sizes: BlockSizes | dict | None = None,
+  interpret: bool | None = None,
+  platform: str | None = None,
+):
   """Sparse attention of each query over its selected keys.
 
   Args:
@@ -239,7 +297,7 @@ def gathered_attention(q, k, v, indices, *, scale=None,
   G = k.shape[2]
   K = indices.shape[2]
   mod.check_block_sizes(bs, K)
-  scale = float(D ** -0.5 if scale is None else scale)
+  scale = float(D**-0.5 if scale is None else scale)
   idxp = bk_.pad_axis(indices.astype(jnp.int32), 2, mod.padded_k(K, bs), -1)
   qg = q.reshape(B, T, G, H // G, D)
   o = _ga(qg, k, v, jax.lax.stop_gradient(idxp), scale, bs, platform, interpret)

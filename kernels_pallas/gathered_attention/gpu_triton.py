@@ -9,6 +9,7 @@ outputs are padded and sliced. The backward writes one dK/dV contribution
 per (query, slot, head block); the caller sums the head blocks by XLA.
 Defaults come from compiling for sm_90 (docs/kernels.md).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,15 @@ _NEG_INF = float("-inf")
 # without spills and ~70 KiB of shared memory; the backward holds dq and
 # recomputes p, so it takes 16 keys per step. The 4 GiB backward buffer keeps
 # >= 4 programs per SM at the MQA shape.
-DEFAULTS = dict(block_k=32, bwd_block_k=16, block_h=32, bwd_block_h=32, num_warps=8,
-                num_stages=2, bwd_buffer_bytes=1 << 32)
+DEFAULTS = dict(
+  block_k=32,
+  bwd_block_k=16,
+  block_h=32,
+  bwd_block_h=32,
+  num_warps=8,
+  num_stages=2,
+  bwd_buffer_bytes=1 << 32,
+)
 
 
 def fill_defaults(bs):
@@ -39,7 +47,9 @@ def check_block_sizes(bs, K: int) -> None:
   for f in ("block_k", "bwd_block_k", "block_h", "bwd_block_h"):
     x = getattr(bs, f)
     if x < 16 or x & (x - 1):
-      raise ValueError(f"BlockSizes.{f}={x} must be a power of two >= 16 on GPU")
+      raise ValueError(
+        f"BlockSizes.{f}={x} must be a power of two >= 16 on GPU"
+      )
 
 
 def padded_k(K: int, bs) -> int:
@@ -92,19 +102,25 @@ def _load_pieces(ref_at, n, row_ok):
   out = []
   for piece in feature_pieces(n):
     c, cm = _cols(piece, n)
-    out.append(bk_.gpu_masked_load(ref_at(c), mask=row_ok[:, None] & cm, other=0.0))
+    out.append(
+      bk_.gpu_masked_load(ref_at(c), mask=row_ok[:, None] & cm, other=0.0)
+    )
   return out
 
 
 def _dot_pieces(a, b):
   """sum_i a_i @ b_i.T over matching feature pieces (f32)."""
-  return sum(jnp.dot(x, y.T, preferred_element_type=jnp.float32) for x, y in zip(a, b))
+  return sum(
+    jnp.dot(x, y.T, preferred_element_type=jnp.float32) for x, y in zip(a, b)
+  )
 
 
 def _store_pieces(ref, lead, rows, vals, n):
   """ref[*lead, rows, cols] = vals piece by piece (into the padded array)."""
   for (off, w), x in zip(feature_pieces(n), vals):
-    ref[(*lead, rows[:, None], (off + jnp.arange(w))[None, :])] = x.astype(ref.dtype)
+    ref[(*lead, rows[:, None], (off + jnp.arange(w))[None, :])] = x.astype(
+      ref.dtype
+    )
 
 
 def _gpu_heads(hi, hb, hg):
@@ -122,15 +138,32 @@ def _gpu_gather_kv(idx_ref, k_ref, v_ref, b, t, g, j, *, S, D, Dv, bk):
   return valid, kk, vv
 
 
-def _fwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    S, hg, hb, D, Dv, bk, nk, scale):
+def _fwd_gpu_kernel(
+  idx_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  *,
+  S,
+  hg,
+  hb,
+  D,
+  Dv,
+  bk,
+  nk,
+  scale,
+):
   b, t, g, hi = (pl.program_id(i) for i in range(4))
   hr, hc, hok = _gpu_heads(hi, hb, hg)
   q = _load_pieces(lambda c: q_ref.at[b, t, g, hc[:, None], c], D, hok)
 
   def body(j, carry):
     m, l, acc = carry
-    valid, kk, vv = _gpu_gather_kv(idx_ref, k_ref, v_ref, b, t, g, j, S=S, D=D, Dv=Dv, bk=bk)
+    valid, kk, vv = _gpu_gather_kv(
+      idx_ref, k_ref, v_ref, b, t, g, j, S=S, D=D, Dv=Dv, bk=bk
+    )
     s = _dot_pieces(q, kk) * scale
     s = jnp.where(valid[None, :], s, _NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -139,8 +172,10 @@ def _fwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     p = jnp.exp(s - m_safe[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
     pv = p.astype(vv[0].dtype)
-    acc = tuple(alpha[:, None] * a + jnp.dot(pv, x, preferred_element_type=jnp.float32)
-                for a, x in zip(acc, vv))
+    acc = tuple(
+      alpha[:, None] * a + jnp.dot(pv, x, preferred_element_type=jnp.float32)
+      for a, x in zip(acc, vv)
+    )
     return m_new, l, acc
 
   m0 = jnp.full((hb,), _NEG_INF, jnp.float32)
@@ -149,8 +184,13 @@ def _fwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
   m, l, acc = jax.lax.fori_loop(0, nk, body, (m0, l0, a0))
   ok = l > 0
   l_safe = jnp.where(ok, l, 1.0)
-  _store_pieces(o_ref, (b, t, g), hr,
-                [jnp.where(ok[:, None], a / l_safe[:, None], 0.0) for a in acc], Dv)
+  _store_pieces(
+    o_ref,
+    (b, t, g),
+    hr,
+    [jnp.where(ok[:, None], a / l_safe[:, None], 0.0) for a in acc],
+    Dv,
+  )
   lse_ref[b, t, g, hr] = jnp.where(ok, m + jnp.log(l_safe), 0.0)
 
 
@@ -172,12 +212,25 @@ class _GpuLayout:
     self.Kp = idx3.shape[-1]
     self.bk = bs.bwd_block_k if backward else bs.block_k
     self.nk = self.Kp // self.bk
-    self.hb = _gpu_head_block(bs.bwd_block_h if backward else bs.block_h, self.hg)
+    self.hb = _gpu_head_block(
+      bs.bwd_block_h if backward else bs.block_h, self.hg
+    )
     self.nh = bk_.cdiv(self.hg, self.hb)
-    self.hp, self.Dp, self.Dvp = self.nh * self.hb, _padded(self.D), _padded(self.Dv)
+    self.hp, self.Dp, self.Dvp = (
+      self.nh * self.hb,
+      _padded(self.D),
+      _padded(self.Dv),
+    )
     self.grid = (self.B, self.T, self.G, self.nh)
-    self.statics = dict(S=self.S, hg=self.hg, hb=self.hb, D=self.D, Dv=self.Dv,
-                        bk=self.bk, nk=self.nk)
+    self.statics = dict(
+      S=self.S,
+      hg=self.hg,
+      hb=self.hb,
+      D=self.D,
+      Dv=self.Dv,
+      bk=self.bk,
+      nk=self.nk,
+    )
     self.compiler_params = bk_.gpu_compiler_params(bs.num_warps, bs.num_stages)
 
 
@@ -188,21 +241,42 @@ def forward(qg, k, v, idx3, *, scale, bs, interpret):
   any_ = bk_.any_memory_space()
   kernel = functools.partial(_fwd_gpu_kernel, scale=scale, **lay.statics)
   o, lse = pl.pallas_call(
-      kernel,
-      grid=lay.grid,
-      in_specs=[pl.BlockSpec(memory_space=any_)] * 4,
-      out_specs=[pl.BlockSpec(memory_space=any_)] * 2,
-      out_shape=[bk_.out_struct((B, T, G, hp, lay.Dvp), qg.dtype, idx3, qg, k, v),
-                 bk_.out_struct((B, T, G, hp), jnp.float32, idx3, qg, k, v)],
-      compiler_params=lay.compiler_params,
-      interpret=interpret,
-      name="gathered_attention_fwd_gpu",
+    kernel,
+    grid=lay.grid,
+    in_specs=[pl.BlockSpec(memory_space=any_)] * 4,
+    out_specs=[pl.BlockSpec(memory_space=any_)] * 2,
+    out_shape=[
+      bk_.out_struct((B, T, G, hp, lay.Dvp), qg.dtype, idx3, qg, k, v),
+      bk_.out_struct((B, T, G, hp), jnp.float32, idx3, qg, k, v),
+    ],
+    compiler_params=lay.compiler_params,
+    interpret=interpret,
+    name="gathered_attention_fwd_gpu",
   )(idx3, qg, k, v)
-  return o[..., :lay.hg, :lay.Dv], lse[..., :lay.hg, None]
+  return o[..., : lay.hg, : lay.Dv], lse[..., : lay.hg, None]
 
 
-def _bwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    dq_ref, dk_ref, dv_ref, *, S, hg, hb, D, Dv, bk, nk, scale):
+def _bwd_gpu_kernel(
+  idx_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  S,
+  hg,
+  hb,
+  D,
+  Dv,
+  bk,
+  nk,
+  scale,
+):
   b, t, g, hi = (pl.program_id(i) for i in range(4))
   hr, hc, hok = _gpu_heads(hi, hb, hg)
   q = _load_pieces(lambda c: q_ref.at[b, t, g, hc[:, None], c], D, hok)
@@ -211,20 +285,34 @@ def _bwd_gpu_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   delta = bk_.gpu_masked_load(delta_ref.at[b, t, g, hc], mask=hok, other=0.0)
 
   def body(j, dq):
-    valid, kk, vv = _gpu_gather_kv(idx_ref, k_ref, v_ref, b, t, g, j, S=S, D=D, Dv=Dv, bk=bk)
+    valid, kk, vv = _gpu_gather_kv(
+      idx_ref, k_ref, v_ref, b, t, g, j, S=S, D=D, Dv=Dv, bk=bk
+    )
     s = _dot_pieces(q, kk) * scale
     p = jnp.where(valid[None, :] & hok[:, None], jnp.exp(s - lse[:, None]), 0.0)
     ds = p * (_dot_pieces(do, vv) - delta[:, None])
     dsk = ds.astype(kk[0].dtype)
-    dq = tuple(a + jnp.dot(dsk, x, preferred_element_type=jnp.float32) * scale
-               for a, x in zip(dq, kk))
+    dq = tuple(
+      a + jnp.dot(dsk, x, preferred_element_type=jnp.float32) * scale
+      for a, x in zip(dq, kk)
+    )
     # Per-slot contributions of this head block (summed over blocks outside).
     rows = j * bk + jnp.arange(bk)
     dsT, pT = ds.T.astype(q[0].dtype), p.T.astype(do[0].dtype)
-    _store_pieces(dk_ref, (b, t, g, hi), rows,
-                  [jnp.dot(dsT, x, preferred_element_type=jnp.float32) * scale for x in q], D)
-    _store_pieces(dv_ref, (b, t, g, hi), rows,
-                  [jnp.dot(pT, x, preferred_element_type=jnp.float32) for x in do], Dv)
+    _store_pieces(
+      dk_ref,
+      (b, t, g, hi),
+      rows,
+      [jnp.dot(dsT, x, preferred_element_type=jnp.float32) * scale for x in q],
+      D,
+    )
+    _store_pieces(
+      dv_ref,
+      (b, t, g, hi),
+      rows,
+      [jnp.dot(pT, x, preferred_element_type=jnp.float32) for x in do],
+      Dv,
+    )
     return dq
 
   dq0 = tuple(jnp.zeros((hb, w), jnp.float32) for _, w in feature_pieces(D))
@@ -240,16 +328,21 @@ def backward(qg, k, v, idx3, do, lse, delta, *, scale, bs, interpret):
   like = (idx3, qg, k, v, do, lse, delta)
   kernel = functools.partial(_bwd_gpu_kernel, scale=scale, **lay.statics)
   dq, dk, dv = pl.pallas_call(
-      kernel,
-      grid=lay.grid,
-      in_specs=[pl.BlockSpec(memory_space=any_)] * 7,
-      out_specs=[pl.BlockSpec(memory_space=any_)] * 3,
-      out_shape=[bk_.out_struct((B, T, G, hp, lay.Dp), qg.dtype, *like),
-                 bk_.out_struct((B, T, G, nh, Kp, lay.Dp), jnp.float32, *like),
-                 bk_.out_struct((B, T, G, nh, Kp, lay.Dvp), jnp.float32, *like)],
-      compiler_params=lay.compiler_params,
-      interpret=interpret,
-      name="gathered_attention_bwd_gpu",
+    kernel,
+    grid=lay.grid,
+    in_specs=[pl.BlockSpec(memory_space=any_)] * 7,
+    out_specs=[pl.BlockSpec(memory_space=any_)] * 3,
+    out_shape=[
+      bk_.out_struct((B, T, G, hp, lay.Dp), qg.dtype, *like),
+      bk_.out_struct((B, T, G, nh, Kp, lay.Dp), jnp.float32, *like),
+      bk_.out_struct((B, T, G, nh, Kp, lay.Dvp), jnp.float32, *like),
+    ],
+    compiler_params=lay.compiler_params,
+    interpret=interpret,
+    name="gathered_attention_bwd_gpu",
   )(idx3, qg, k, v, do, lse[..., 0], delta[..., 0])
-  return (dq[..., :lay.hg, :lay.D], jnp.sum(dk[..., :lay.D], axis=3),
-          jnp.sum(dv[..., :lay.Dv], axis=3))
+  return (
+    dq[..., : lay.hg, : lay.D],
+    jnp.sum(dk[..., : lay.D], axis=3),
+    jnp.sum(dv[..., : lay.Dv], axis=3),
+  )

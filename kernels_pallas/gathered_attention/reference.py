@@ -1,4 +1,5 @@
 """XLA reference of the gathered sparse attention (the kernels' oracle)."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -6,7 +7,9 @@ import jax.numpy as jnp
 _NEG_INF = float("-inf")
 
 
-def gathered_attention_reference(q, k, v, indices, *, scale=None, return_lse=False):
+def gathered_attention_reference(
+  q, k, v, indices, *, scale=None, return_lse=False
+):
   """Pure-jnp reference (materialises the gathered [B,T,K,G,D] keys).
 
   Args:
@@ -19,7 +22,7 @@ def gathered_attention_reference(q, k, v, indices, *, scale=None, return_lse=Fal
   B, T, H, D = q.shape
   S, G = k.shape[1], k.shape[2]
   hg = H // G
-  scale = D ** -0.5 if scale is None else scale
+  scale = D**-0.5 if scale is None else scale
   valid = (indices >= 0) & (indices < S)
   idx = jnp.where(valid, indices, 0)
   bidx = jnp.arange(B)[:, None, None]

@@ -13,6 +13,7 @@ The backward recomputes p from the LSE, accumulates dq over the key blocks
 in VMEM and writes every (query, slot)'s head-summed dK/dV contribution;
 the caller scatter-adds those (see the package docstring).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,15 @@ _NEG_INF = float("-inf")
 
 # A 128-lane block of selected keys per grid step; the grid runs sequentially,
 # so a 256 MiB backward buffer is enough to keep chunks large.
-DEFAULTS = dict(block_k=128, bwd_block_k=128, block_h=128, bwd_block_h=128, num_warps=4,
-                num_stages=2, bwd_buffer_bytes=1 << 28)
+DEFAULTS = dict(
+  block_k=128,
+  bwd_block_k=128,
+  block_h=128,
+  bwd_block_h=128,
+  num_warps=4,
+  num_stages=2,
+  bwd_buffer_bytes=1 << 28,
+)
 
 
 def fill_defaults(bs):
@@ -41,11 +49,15 @@ def fill_defaults(bs):
 
 def check_block_sizes(bs, K: int) -> None:
   if bs.bwd_block_k != bs.block_k:
-    raise ValueError(f"BlockSizes.bwd_block_k={bs.bwd_block_k} must equal "
-                     f"block_k={bs.block_k} on TPU")
+    raise ValueError(
+      f"BlockSizes.bwd_block_k={bs.bwd_block_k} must equal "
+      f"block_k={bs.block_k} on TPU"
+    )
   if bs.block_k % 128 and bs.block_k < K:
-    raise ValueError(f"BlockSizes.block_k={bs.block_k} must be a multiple of 128 "
-                     f"(TPU lane tiling) or >= K={K}")
+    raise ValueError(
+      f"BlockSizes.block_k={bs.block_k} must be a multiple of 128 "
+      f"(TPU lane tiling) or >= K={K}"
+    )
 
 
 def padded_k(K: int, bs) -> int:
@@ -84,6 +96,7 @@ def _tpu_gather_rows(b, g, S, bk, idx_smem, k_hbm, v_hbm, kbuf, vbuf, sem):
     pltpu.make_async_copy(k_hbm.at[b, i, g], kbuf.at[j], sem.at[0]).start()
     pltpu.make_async_copy(v_hbm.at[b, i, g], vbuf.at[j], sem.at[1]).start()
     return c
+
   jax.lax.fori_loop(0, bk, issue, 0)
 
   def wait(j, c):
@@ -91,11 +104,13 @@ def _tpu_gather_rows(b, g, S, bk, idx_smem, k_hbm, v_hbm, kbuf, vbuf, sem):
     pltpu.make_async_copy(k_hbm.at[b, 0, g], kbuf.at[0], sem.at[0]).wait()
     pltpu.make_async_copy(v_hbm.at[b, 0, g], vbuf.at[0], sem.at[1]).wait()
     return c
+
   jax.lax.fori_loop(0, bk, wait, 0)
 
 
 def _pltpu():
   from jax.experimental.pallas import tpu as pltpu
+
   return pltpu
 
 
@@ -105,15 +120,37 @@ def _gathered(buf):
 
 
 def _nt(a, b):  # a @ b.T
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(
+    a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+  )
 
 
 def _tn(a, b):  # a.T @ b
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(
+    a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
 
 
-def _fwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, o_ref, lse_ref,
-                    kbuf, vbuf, sem, m_sc, l_sc, acc_sc, *, S, bk, scale, nk):
+def _fwd_tpu_kernel(
+  idx_smem,
+  idx_vmem,
+  q_ref,
+  k_hbm,
+  v_hbm,
+  o_ref,
+  lse_ref,
+  kbuf,
+  vbuf,
+  sem,
+  m_sc,
+  l_sc,
+  acc_sc,
+  *,
+  S,
+  bk,
+  scale,
+  nk,
+):
   b, g, kb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(kb == 0)
@@ -134,8 +171,9 @@ def _fwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, o_ref, lse_ref,
   alpha = jnp.exp(m_prev - m_safe)
   p = jnp.exp(s - m_safe)
   l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-  acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(vbuf.dtype), _gathered(vbuf),
-                                              preferred_element_type=jnp.float32)
+  acc_sc[...] = alpha * acc_sc[...] + jnp.dot(
+    p.astype(vbuf.dtype), _gathered(vbuf), preferred_element_type=jnp.float32
+  )
   m_sc[...] = m_new
 
   @pl.when(kb == nk - 1)
@@ -143,7 +181,9 @@ def _fwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, o_ref, lse_ref,
     l = l_sc[...]
     ok = l > 0
     l_safe = jnp.where(ok, l, 1.0)
-    o_ref[0, 0, 0] = jnp.where(ok, acc_sc[...] / l_safe, 0.0).astype(o_ref.dtype)
+    o_ref[0, 0, 0] = jnp.where(ok, acc_sc[...] / l_safe, 0.0).astype(
+      o_ref.dtype
+    )
     lse_ref[0, 0, 0] = jnp.where(ok, m_sc[...] + jnp.log(l_safe), 0.0)
 
 
@@ -168,20 +208,21 @@ class _TpuLayout:
     idx_map = lambda b, t, g, j: (b, t, 0, j)
     any_ = bk_.any_memory_space()
     self.gather_in_specs = [
-        pl.BlockSpec((1, 1, 1, self.bk), idx_map, memory_space=bk_.smem()),
-        pl.BlockSpec((1, 1, 1, self.bk), idx_map),
-        pl.BlockSpec((1, 1, 1, self.hg, self.D), self.row_map),
-        pl.BlockSpec(memory_space=any_),
-        pl.BlockSpec(memory_space=any_),
+      pl.BlockSpec((1, 1, 1, self.bk), idx_map, memory_space=bk_.smem()),
+      pl.BlockSpec((1, 1, 1, self.bk), idx_map),
+      pl.BlockSpec((1, 1, 1, self.hg, self.D), self.row_map),
+      pl.BlockSpec(memory_space=any_),
+      pl.BlockSpec(memory_space=any_),
     ]
     pltpu = _pltpu()
     self.gather_scratch = [
-        pltpu.VMEM((self.bk, 1, self.D), k.dtype),
-        pltpu.VMEM((self.bk, 1, self.Dv), v.dtype),
-        pltpu.SemaphoreType.DMA((2,)),
+      pltpu.VMEM((self.bk, 1, self.D), k.dtype),
+      pltpu.VMEM((self.bk, 1, self.Dv), v.dtype),
+      pltpu.SemaphoreType.DMA((2,)),
     ]
     self.compiler_params = bk_.tpu_compiler_params(
-        ("parallel", "parallel", "parallel", "arbitrary"))
+      ("parallel", "parallel", "parallel", "arbitrary")
+    )
 
   def rows(self, width):
     """BlockSpec of a per-(query, group) [hg, width] tile."""
@@ -194,30 +235,52 @@ def forward(qg, k, v, idxp, *, scale, bs, interpret):
   lay = _TpuLayout(qg, k, v, idx4, bs)
   B, T, G, hg, Dv = lay.B, lay.T, lay.G, lay.hg, lay.Dv
   pltpu = _pltpu()
-  kernel = functools.partial(_fwd_tpu_kernel, S=lay.S, bk=lay.bk, scale=scale,
-                             nk=lay.nk)
+  kernel = functools.partial(
+    _fwd_tpu_kernel, S=lay.S, bk=lay.bk, scale=scale, nk=lay.nk
+  )
   return pl.pallas_call(
-      kernel,
-      grid=lay.grid,
-      in_specs=lay.gather_in_specs,
-      out_specs=[lay.rows(Dv), lay.rows(1)],
-      out_shape=[
-          bk_.out_struct((B, T, G, hg, Dv), qg.dtype, idx4, qg, k, v),
-          bk_.out_struct((B, T, G, hg, 1), jnp.float32, idx4, qg, k, v),
-      ],
-      scratch_shapes=lay.gather_scratch + [
-          pltpu.VMEM((hg, 1), jnp.float32),
-          pltpu.VMEM((hg, 1), jnp.float32),
-          pltpu.VMEM((hg, Dv), jnp.float32),
-      ],
-      compiler_params=lay.compiler_params,
-      interpret=interpret,
-      name="gathered_attention_fwd_tpu",
+    kernel,
+    grid=lay.grid,
+    in_specs=lay.gather_in_specs,
+    out_specs=[lay.rows(Dv), lay.rows(1)],
+    out_shape=[
+      bk_.out_struct((B, T, G, hg, Dv), qg.dtype, idx4, qg, k, v),
+      bk_.out_struct((B, T, G, hg, 1), jnp.float32, idx4, qg, k, v),
+    ],
+    scratch_shapes=lay.gather_scratch
+    + [
+      pltpu.VMEM((hg, 1), jnp.float32),
+      pltpu.VMEM((hg, 1), jnp.float32),
+      pltpu.VMEM((hg, Dv), jnp.float32),
+    ],
+    compiler_params=lay.compiler_params,
+    interpret=interpret,
+    name="gathered_attention_fwd_tpu",
   )(idx4, idx4, qg, k, v)
 
 
-def _bwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, do_ref, lse_ref, delta_ref,
-                    dq_ref, dk_ref, dv_ref, kbuf, vbuf, sem, dq_sc, *, S, bk, scale, nk):
+def _bwd_tpu_kernel(
+  idx_smem,
+  idx_vmem,
+  q_ref,
+  k_hbm,
+  v_hbm,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  dk_ref,
+  dv_ref,
+  kbuf,
+  vbuf,
+  sem,
+  dq_sc,
+  *,
+  S,
+  bk,
+  scale,
+  nk,
+):
   b, g, kb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(kb == 0)
@@ -234,7 +297,9 @@ def _bwd_tpu_kernel(idx_smem, idx_vmem, q_ref, k_hbm, v_hbm, do_ref, lse_ref, de
   p = jnp.where(valid, jnp.exp(s - lse_ref[0, 0, 0]), 0.0)  # [hg, bk]
   dp = _nt(do, vv)
   ds = p * (dp - delta_ref[0, 0, 0])
-  dq_sc[...] += jnp.dot(ds.astype(kk.dtype), kk, preferred_element_type=jnp.float32) * scale
+  dq_sc[...] += (
+    jnp.dot(ds.astype(kk.dtype), kk, preferred_element_type=jnp.float32) * scale
+  )
   dk_ref[0, 0, 0] = _tn(ds.astype(q.dtype), q) * scale
   dv_ref[0, 0, 0] = _tn(p.astype(do.dtype), do)
 
@@ -247,28 +312,37 @@ def backward(qg, k, v, idxp, do, lse, delta, *, scale, bs, interpret):
   """(dq, dK and dV contributions f32[B,T,G,Kp,D|Dv] per slot)."""
   idx4 = idxp.reshape(*qg.shape[:2], 1, -1)  # blocks of [1, 1, 1, bk]
   lay = _TpuLayout(qg, k, v, idx4, bs)
-  B, T, G, hg, D, Dv, Kp, bk = (lay.B, lay.T, lay.G, lay.hg, lay.D, lay.Dv,
-                                lay.Kp, lay.bk)
+  B, T, G, hg, D, Dv, Kp, bk = (
+    lay.B,
+    lay.T,
+    lay.G,
+    lay.hg,
+    lay.D,
+    lay.Dv,
+    lay.Kp,
+    lay.bk,
+  )
   pltpu = _pltpu()
-  kernel = functools.partial(_bwd_tpu_kernel, S=lay.S, bk=bk, scale=scale,
-                             nk=lay.nk)
+  kernel = functools.partial(
+    _bwd_tpu_kernel, S=lay.S, bk=bk, scale=scale, nk=lay.nk
+  )
   like = (idx4, qg, k, v, do, lse, delta)
   return pl.pallas_call(
-      kernel,
-      grid=lay.grid,
-      in_specs=lay.gather_in_specs + [lay.rows(Dv), lay.rows(1), lay.rows(1)],
-      out_specs=[
-          lay.rows(D),
-          pl.BlockSpec((1, 1, 1, bk, D), lay.slot_map),
-          pl.BlockSpec((1, 1, 1, bk, Dv), lay.slot_map),
-      ],
-      out_shape=[
-          bk_.out_struct((B, T, G, hg, D), qg.dtype, *like),
-          bk_.out_struct((B, T, G, Kp, D), jnp.float32, *like),
-          bk_.out_struct((B, T, G, Kp, Dv), jnp.float32, *like),
-      ],
-      scratch_shapes=lay.gather_scratch + [pltpu.VMEM((hg, D), jnp.float32)],
-      compiler_params=lay.compiler_params,
-      interpret=interpret,
-      name="gathered_attention_bwd_tpu",
+    kernel,
+    grid=lay.grid,
+    in_specs=lay.gather_in_specs + [lay.rows(Dv), lay.rows(1), lay.rows(1)],
+    out_specs=[
+      lay.rows(D),
+      pl.BlockSpec((1, 1, 1, bk, D), lay.slot_map),
+      pl.BlockSpec((1, 1, 1, bk, Dv), lay.slot_map),
+    ],
+    out_shape=[
+      bk_.out_struct((B, T, G, hg, D), qg.dtype, *like),
+      bk_.out_struct((B, T, G, Kp, D), jnp.float32, *like),
+      bk_.out_struct((B, T, G, Kp, Dv), jnp.float32, *like),
+    ],
+    scratch_shapes=lay.gather_scratch + [pltpu.VMEM((hg, D), jnp.float32)],
+    compiler_params=lay.compiler_params,
+    interpret=interpret,
+    name="gathered_attention_bwd_tpu",
   )(idx4, idx4, qg, k, v, do, lse, delta)

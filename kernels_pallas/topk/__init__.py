@@ -20,6 +20,7 @@ A formulation module provides ``DEFAULTS`` (its BlockSizes defaults),
 ``fill_defaults(bs)``, ``check_block_sizes(bs)`` and
 ``topk(q_idx, k_idx, weights, q_off, kv_len, K, *, bs, interpret)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +28,22 @@ import dataclasses
 import jax
 
 from kernels_pallas import backend as bk_
-from kernels_pallas.topk.reference import (check_inputs, indexer_scores_reference,
-                                           lightning_topk_reference, select_topk_reference)
+from kernels_pallas.topk.reference import (
+  check_inputs,
+  indexer_scores_reference,
+  lightning_topk_reference,
+  select_topk_reference,
+)
 
-__all__ = ["BACKENDS", "BlockSizes", "backend_module", "indexer_scores_reference",
-           "lightning_topk", "lightning_topk_reference", "select_topk_reference"]
+__all__ = [
+  "BACKENDS",
+  "BlockSizes",
+  "backend_module",
+  "indexer_scores_reference",
+  "lightning_topk",
+  "lightning_topk_reference",
+  "select_topk_reference",
+]
 
 # Formulation -> module of this package; a new backend is one more entry.
 BACKENDS = {"tpu": "tpu", "gpu": "gpu_triton"}
@@ -58,6 +70,7 @@ class BlockSizes:
   an instance. Plain dicts of these fields are accepted wherever a BlockSizes
   is (model configs are JSON).
   """
+
   block_t: int | None = None
   block_s: int | None = None
   gpu_chunk_t: int | None = None
@@ -67,11 +80,17 @@ class BlockSizes:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise ValueError(f"BlockSizes.{f.name} must be a positive int or None, got {v!r}")
+      if v is not None and (
+        not isinstance(v, int) or isinstance(v, bool) or v < 1
+      ):
+        raise ValueError(
+          f"BlockSizes.{f.name} must be a positive int or None, got {v!r}"
+        )
 
   @classmethod
-  def get_default(cls, platform: str, q_idx, k_idx, weights, k: int) -> "BlockSizes":
+  def get_default(
+    cls, platform: str, q_idx, k_idx, weights, k: int
+  ) -> BlockSizes:
     """Every field for formulation ``platform`` ("tpu" | "gpu") at this shape.
 
     The defaults do not depend on the shape today; the arguments (arrays or
@@ -80,7 +99,9 @@ class BlockSizes:
     """
     return cls().with_defaults(platform, q_idx, k_idx, weights, k)
 
-  def with_defaults(self, platform: str, q_idx, k_idx, weights, k: int) -> "BlockSizes":
+  def with_defaults(
+    self, platform: str, q_idx, k_idx, weights, k: int
+  ) -> BlockSizes:
     """Copy with the None fields resolved for ``platform`` and this shape."""
     del q_idx, k_idx, weights, k
     return backend_module(platform).fill_defaults(self)
@@ -91,9 +112,18 @@ class BlockSizes:
     mod.check_block_sizes(mod.fill_defaults(self))
 
 
-def lightning_topk(q_idx, k_idx, weights, k: int, *, q_offset=None, kv_lengths=None,
-                   block_sizes: BlockSizes | dict | None = None,
-                   interpret: bool | None = None, platform: str | None = None):
+def lightning_topk(
+  q_idx,
+  k_idx,
+  weights,
+  k: int,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  block_sizes: BlockSizes | dict | None = None,
+  interpret: bool | None = None,
+  platform: str | None = None,
+):
   """Fused indexer scores + top-k. Returns int32[B, T, k] (-1 past the visible keys).
 
   Args:
@@ -111,12 +141,18 @@ def lightning_topk(q_idx, k_idx, weights, k: int, *, q_offset=None, kv_lengths=N
   block_sizes = bk_.coerce_block_sizes(BlockSizes, block_sizes, "block_sizes")
   platform, interpret = bk_.resolve(interpret, platform, BACKENDS)
   mod = backend_module(platform)
-  bs = (block_sizes or BlockSizes()).with_defaults(platform, q_idx, k_idx, weights, k)
+  bs = (block_sizes or BlockSizes()).with_defaults(
+    platform, q_idx, k_idx, weights, k
+  )
   mod.check_block_sizes(bs)
   B, T = q_idx.shape[:2]
   S = k_idx.shape[1]
-  q_off, kv_len = bk_.normalize_positions("lightning_topk", q_offset, kv_lengths, B, T, S)
+  q_off, kv_len = bk_.normalize_positions(
+    "lightning_topk", q_offset, kv_lengths, B, T, S
+  )
   q_idx = jax.lax.stop_gradient(q_idx)
   k_idx = jax.lax.stop_gradient(k_idx)
   weights = jax.lax.stop_gradient(weights)
-  return mod.topk(q_idx, k_idx, weights, q_off, kv_len, k, bs=bs, interpret=interpret)
+  return mod.topk(
+    q_idx, k_idx, weights, q_off, kv_len, k, bs=bs, interpret=interpret
+  )

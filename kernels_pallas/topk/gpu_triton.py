@@ -4,6 +4,7 @@ A Pallas kernel computes fused score tiles for a chunk of queries
 ([B, gpu_chunk_t, S_pad] at a time, lax.map over chunks, so memory is
 O(gpu_chunk_t * S)), then XLA's lax.top_k (native on GPU) selects.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,7 +18,9 @@ from kernels_pallas.topk.reference import select_topk_reference
 
 _NEG_INF = float("-inf")
 
-DEFAULTS = dict(block_t=16, block_s=64, gpu_chunk_t=256, num_warps=4, num_stages=2)
+DEFAULTS = dict(
+  block_t=16, block_s=64, gpu_chunk_t=256, num_warps=4, num_stages=2
+)
 
 
 def fill_defaults(bs):
@@ -28,11 +31,28 @@ def check_block_sizes(bs) -> None:
   for f in ("block_t", "block_s"):
     v = getattr(bs, f)
     if v < 16 or v & (v - 1):
-      raise ValueError(f"BlockSizes.{f}={v} must be a power of two >= 16 on GPU")
+      raise ValueError(
+        f"BlockSizes.{f}={v} must be a power of two >= 16 on GPU"
+      )
 
 
-def _scores_gpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, *,
-                       HI, HIp, DI, DIp, S, bt, bs, t_base):
+def _scores_gpu_kernel(
+  qoff_ref,
+  kvlen_ref,
+  q_ref,
+  w_ref,
+  k_ref,
+  o_ref,
+  *,
+  HI,
+  HIp,
+  DI,
+  DIp,
+  S,
+  bt,
+  bs,
+  t_base,
+):
   b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t0 = ti * bt
   s0 = si * bs
@@ -42,16 +62,22 @@ def _scores_gpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, *,
   dmask = dr < DI
   dc = jnp.minimum(dr, DI - 1)
   Sk = k_ref.shape[1]
-  kk = bk_.gpu_masked_load(k_ref.at[b, jnp.minimum(cols, Sk - 1)[:, None], dc[None, :]],
-                           mask=(cols < Sk)[:, None] & dmask[None, :], other=0.0)
+  kk = bk_.gpu_masked_load(
+    k_ref.at[b, jnp.minimum(cols, Sk - 1)[:, None], dc[None, :]],
+    mask=(cols < Sk)[:, None] & dmask[None, :],
+    other=0.0,
+  )
   Tq = q_ref.shape[2]
   trow = jnp.arange(bt) + t0
   tmask = trow < Tq
   tc = jnp.minimum(trow, Tq - 1)
 
   def head(j, acc):
-    qj = bk_.gpu_masked_load(q_ref.at[b, j, tc[:, None], dc[None, :]],
-                             mask=tmask[:, None] & dmask[None, :], other=0.0)
+    qj = bk_.gpu_masked_load(
+      q_ref.at[b, j, tc[:, None], dc[None, :]],
+      mask=tmask[:, None] & dmask[None, :],
+      other=0.0,
+    )
     wj = bk_.gpu_masked_load(w_ref.at[b, j, tc], mask=tmask, other=0.0)
     d = jnp.dot(qj, kk.T, preferred_element_type=jnp.float32)
     return acc + wj.astype(jnp.float32)[:, None] * jnp.maximum(d, 0.0)
@@ -59,7 +85,11 @@ def _scores_gpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, *,
   acc = jax.lax.fori_loop(0, HI, head, jnp.zeros((bt, bs), jnp.float32))
   qoff = qoff_ref[b]
   kvl = kvlen_ref[b]
-  vis = (cols[None, :] <= qoff + rows[:, None]) & (cols[None, :] < kvl) & (cols[None, :] < S)
+  vis = (
+    (cols[None, :] <= qoff + rows[:, None])
+    & (cols[None, :] < kvl)
+    & (cols[None, :] < S)
+  )
   o_ref[0] = jnp.where(vis, acc, _NEG_INF)
 
 
@@ -81,20 +111,35 @@ def topk(q_idx, k_idx, weights, q_off, kv_len, K, *, bs, interpret):
 
   def one_chunk(args):
     c, qc, wc = args
-    kernel = functools.partial(_scores_gpu_kernel, HI=HI, HIp=HIp, DI=DI, DIp=DIp, S=S,
-                               bt=bt, bs=bsz, t_base=0)
-    qo = q_off + c * tc  # shift positions so row r of the chunk is query c*tc + r
+    kernel = functools.partial(
+      _scores_gpu_kernel,
+      HI=HI,
+      HIp=HIp,
+      DI=DI,
+      DIp=DIp,
+      S=S,
+      bt=bt,
+      bs=bsz,
+      t_base=0,
+    )
+    qo = (
+      q_off + c * tc
+    )  # shift positions so row r of the chunk is query c*tc + r
     sc = pl.pallas_call(
-        kernel,
-        grid=(B, tc // bt, Sp // bsz),
-        in_specs=[pl.BlockSpec(memory_space=any_)] * 5,
-        out_specs=pl.BlockSpec((1, bt, bsz), lambda b, t, s: (b, t, s)),
-        out_shape=bk_.out_struct((B, tc, Sp), jnp.float32, qo, kv_len, qc, wc, k_idx),
-        compiler_params=bk_.gpu_compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="lightning_scores_gpu",
+      kernel,
+      grid=(B, tc // bt, Sp // bsz),
+      in_specs=[pl.BlockSpec(memory_space=any_)] * 5,
+      out_specs=pl.BlockSpec((1, bt, bsz), lambda b, t, s: (b, t, s)),
+      out_shape=bk_.out_struct(
+        (B, tc, Sp), jnp.float32, qo, kv_len, qc, wc, k_idx
+      ),
+      compiler_params=bk_.gpu_compiler_params(bs.num_warps, bs.num_stages),
+      interpret=interpret,
+      name="lightning_scores_gpu",
     )(qo, kv_len, qc, wc, k_idx)
     return select_topk_reference(sc, K)
 
-  out = jax.lax.map(one_chunk, (jnp.arange(nc, dtype=jnp.int32), qt, wt))  # [nc, B, tc, K]
+  out = jax.lax.map(
+    one_chunk, (jnp.arange(nc, dtype=jnp.int32), qt, wt)
+  )  # [nc, B, tc, K]
   return out.transpose(1, 0, 2, 3).reshape(B, Tp, K)[:, :T]

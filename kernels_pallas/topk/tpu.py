@@ -23,6 +23,7 @@ again cost O(K*S) compares. Iterative extraction is the simplest correct
 kernel with the same asymptotic cost; fine for K << S, and the obvious next
 step (radix threshold + blocked compaction) is noted in docs/kernels.md.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,9 @@ from kernels_pallas import backend as bk_
 _NEG_INF = float("-inf")
 
 # 8 queries per step keep the [8, S] score rows in VMEM at long S.
-DEFAULTS = dict(block_t=8, block_s=128, gpu_chunk_t=256, num_warps=4, num_stages=2)
+DEFAULTS = dict(
+  block_t=8, block_s=128, gpu_chunk_t=256, num_warps=4, num_stages=2
+)
 
 
 def fill_defaults(bs):
@@ -49,8 +52,26 @@ def check_block_sizes(bs) -> None:
   bk_.check_tpu_block("BlockSizes.block_s", bs.block_s, -1, 128)
 
 
-def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt_sc, wcol_sc, *,
-                     HI, S, K, Kp, bt, bs, ns, wb):
+def _topk_tpu_kernel(
+  qoff_ref,
+  kvlen_ref,
+  q_ref,
+  w_ref,
+  k_ref,
+  o_ref,
+  sc_ref,
+  wt_sc,
+  wcol_sc,
+  *,
+  HI,
+  S,
+  K,
+  Kp,
+  bt,
+  bs,
+  ns,
+  wb,
+):
   b, ti, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t0 = ti * bt
 
@@ -59,14 +80,19 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt
     # Weights arrive lane-major ([HI, queries], compact in HBM); the score
     # tiles need one per-query column per head: made once per query block.
     wt_sc[...] = w_ref[0].T  # [wb, HIp]
-    wc = wt_sc[pl.ds(pl.multiple_of(jax.lax.rem(t0, wb), 8), bt), :]  # [bt, HIp]
+    wc = wt_sc[
+      pl.ds(pl.multiple_of(jax.lax.rem(t0, wb), 8), bt), :
+    ]  # [bt, HIp]
     head_lane = jax.lax.broadcasted_iota(jnp.int32, wc.shape, 1)
 
     def column(j, c):
-      wcol_sc[j] = jnp.sum(jnp.where(head_lane == j, wc, 0.0), axis=1, keepdims=True)
+      wcol_sc[j] = jnp.sum(
+        jnp.where(head_lane == j, wc, 0.0), axis=1, keepdims=True
+      )
       return c
 
     jax.lax.fori_loop(0, HI, column, 0)
+
   # limit[r] = number of visible keys of query row r (exclusive upper bound).
   rows = jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0) + t0
   limit = jnp.minimum(jnp.minimum(qoff_ref[b] + rows + 1, kvlen_ref[b]), S)
@@ -78,8 +104,12 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt
     kk = k_ref[0]  # [bs, DI]
 
     def head(j, acc):
-      d = jax.lax.dot_general(q_ref[0, j], kk, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
+      d = jax.lax.dot_general(
+        q_ref[0, j],
+        kk,
+        (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32,
+      )
       return acc + wcol_sc[j] * jnp.maximum(d, 0.0)  # wcol: [bt, 1]
 
     acc = jax.lax.fori_loop(0, HI, head, jnp.zeros((bt, bs), jnp.float32))
@@ -107,10 +137,18 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt
         return jnp.where(upd, x, mv), jnp.where(upd, cols, ai)
 
       mv, ai = jax.lax.fori_loop(
-          0, ns, blk, (jnp.full((bt, bs), _NEG_INF, jnp.float32),
-                       jnp.full((bt, bs), bk_.BIG_INDEX, jnp.int32)))
+        0,
+        ns,
+        blk,
+        (
+          jnp.full((bt, bs), _NEG_INF, jnp.float32),
+          jnp.full((bt, bs), bk_.BIG_INDEX, jnp.int32),
+        ),
+      )
       m = jnp.max(mv, axis=1, keepdims=True)
-      idx = jnp.min(jnp.where(mv == m, ai, bk_.BIG_INDEX), axis=1, keepdims=True)
+      idx = jnp.min(
+        jnp.where(mv == m, ai, bk_.BIG_INDEX), axis=1, keepdims=True
+      )
       return jnp.where(m == _NEG_INF, -1, idx)
 
     def chunk(c, prev):
@@ -120,7 +158,9 @@ def _topk_tpu_kernel(qoff_ref, kvlen_ref, q_ref, w_ref, k_ref, o_ref, sc_ref, wt
         return idx, jnp.where(lane128 == l, idx, acc)
 
       nslots = jnp.minimum(K - c * 128, 128)
-      prev, acc = jax.lax.fori_loop(0, nslots, slot, (prev, jnp.full((bt, 128), -1, jnp.int32)))
+      prev, acc = jax.lax.fori_loop(
+        0, nslots, slot, (prev, jnp.full((bt, 128), -1, jnp.int32))
+      )
       o_ref[0, :, pl.ds(pl.multiple_of(c * 128, 128), 128)] = acc
       return prev
 
@@ -141,36 +181,46 @@ def topk(q_idx, k_idx, weights, q_off, kv_len, K, *, bs, interpret):
   wb = math.lcm(bt, 128)
   wb = Tp if Tp <= wb else wb
   HIp = bk_.round_up(HI, 8)
-  wt = bk_.pad_axis(bk_.pad_axis(weights.astype(jnp.float32), 1, bk_.round_up(Tp, wb)), 2, HIp)
+  wt = bk_.pad_axis(
+    bk_.pad_axis(weights.astype(jnp.float32), 1, bk_.round_up(Tp, wb)), 2, HIp
+  )
   wt = wt.transpose(0, 2, 1)  # [B, HIp, Tw]
   kp = bk_.pad_axis(k_idx, 1, Sp)
   pltpu = _pltpu()
-  kernel = functools.partial(_topk_tpu_kernel, HI=HI, S=S, K=K, Kp=Kp, bt=bt, bs=bsz, ns=ns,
-                             wb=wb)
+  kernel = functools.partial(
+    _topk_tpu_kernel, HI=HI, S=S, K=K, Kp=Kp, bt=bt, bs=bsz, ns=ns, wb=wb
+  )
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
-      grid=(B, Tp // bt, ns),
-      in_specs=[
-          pl.BlockSpec((1, HI, bt, DI), lambda b, t, s, *_: (b, 0, t, 0)),
-          pl.BlockSpec((1, HIp, wb), lambda b, t, s, *_: (b, 0, jax.lax.div(t * bt, wb))),
-          pl.BlockSpec((1, bsz, DI), lambda b, t, s, *_: (b, s, 0)),
-      ],
-      out_specs=pl.BlockSpec((1, bt, Kp), lambda b, t, s, *_: (b, t, 0)),
-      scratch_shapes=[pltpu.VMEM((ns, bt, bsz), jnp.float32),
-                      pltpu.VMEM((wb, HIp), jnp.float32),
-                      pltpu.VMEM((HI, bt, 1), jnp.float32)],
+    num_scalar_prefetch=2,
+    grid=(B, Tp // bt, ns),
+    in_specs=[
+      pl.BlockSpec((1, HI, bt, DI), lambda b, t, s, *_: (b, 0, t, 0)),
+      pl.BlockSpec(
+        (1, HIp, wb), lambda b, t, s, *_: (b, 0, jax.lax.div(t * bt, wb))
+      ),
+      pl.BlockSpec((1, bsz, DI), lambda b, t, s, *_: (b, s, 0)),
+    ],
+    out_specs=pl.BlockSpec((1, bt, Kp), lambda b, t, s, *_: (b, t, 0)),
+    scratch_shapes=[
+      pltpu.VMEM((ns, bt, bsz), jnp.float32),
+      pltpu.VMEM((wb, HIp), jnp.float32),
+      pltpu.VMEM((HI, bt, 1), jnp.float32),
+    ],
   )
   out = pl.pallas_call(
-      kernel,
-      grid_spec=grid_spec,
-      out_shape=bk_.out_struct((B, Tp, Kp), jnp.int32, q_off, kv_len, qt, wt, kp),
-      compiler_params=bk_.tpu_compiler_params(("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-      name="lightning_topk_tpu",
+    kernel,
+    grid_spec=grid_spec,
+    out_shape=bk_.out_struct((B, Tp, Kp), jnp.int32, q_off, kv_len, qt, wt, kp),
+    compiler_params=bk_.tpu_compiler_params(
+      ("parallel", "parallel", "arbitrary")
+    ),
+    interpret=interpret,
+    name="lightning_topk_tpu",
   )(q_off, kv_len, qt, wt, kp)
   return out[:, :T, :K]
 
 
 def _pltpu():
   from jax.experimental.pallas import tpu as pltpu
+
   return pltpu

@@ -19,21 +19,60 @@ loss_mask, aligned with targets).
 """
 
 from sparse_attn.data.checks import SPLITS
-from sparse_attn.data.dataset import (Dataset, TaskDataset, TextDataset,
-                                      make_dataset)
+from sparse_attn.data.dataset import (
+  Dataset,
+  TaskDataset,
+  TextDataset,
+  make_dataset,
+)
 from sparse_attn.data.example import VOCAB_SIZE, Batch, Example, decode
-from sparse_attn.data.tasks import (MQAR_KEY_BASE, TASKS, MQARTask,
-                                    NeedleTask, PasskeyTask, Task,
-                                    VariableTrackingTask, mqar, niah, passkey,
-                                    vartrack)
-from sparse_attn.data.text import (DOC_SEP, TextCorpus, clear_cache,
-                                   list_text_files, load_text, split_files)
+from sparse_attn.data.tasks import (
+  MQAR_KEY_BASE,
+  TASKS,
+  MQARTask,
+  NeedleTask,
+  PasskeyTask,
+  Task,
+  VariableTrackingTask,
+  mqar,
+  niah,
+  passkey,
+  vartrack,
+)
+from sparse_attn.data.text import (
+  DOC_SEP,
+  TextCorpus,
+  clear_cache,
+  list_text_files,
+  load_text,
+  split_files,
+)
 
 __all__ = [
-    "VOCAB_SIZE", "DOC_SEP", "MQAR_KEY_BASE", "TASKS", "SPLITS",
-    "Example", "Batch", "TextCorpus",
-    "list_text_files", "split_files", "load_text", "clear_cache",
-    "Task", "MQARTask", "PasskeyTask", "NeedleTask", "VariableTrackingTask",
-    "mqar", "passkey", "niah", "vartrack",
-    "Dataset", "TextDataset", "TaskDataset", "make_dataset", "decode",
+  "VOCAB_SIZE",
+  "DOC_SEP",
+  "MQAR_KEY_BASE",
+  "TASKS",
+  "SPLITS",
+  "Example",
+  "Batch",
+  "TextCorpus",
+  "list_text_files",
+  "split_files",
+  "load_text",
+  "clear_cache",
+  "Task",
+  "MQARTask",
+  "PasskeyTask",
+  "NeedleTask",
+  "VariableTrackingTask",
+  "mqar",
+  "passkey",
+  "niah",
+  "vartrack",
+  "Dataset",
+  "TextDataset",
+  "TaskDataset",
+  "make_dataset",
+  "decode",
 ]

@@ -20,8 +20,9 @@ def as_int(name: str, value: Any, minimum: int | None = None) -> int:
   try:
     out = operator.index(value)
   except TypeError:
-    raise ValueError(f"{name} must be an integer, got {value!r} "
-                     f"({type(value).__name__})") from None
+    raise ValueError(
+      f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+    ) from None
   if minimum is not None and out < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {out}")
   return out

@@ -36,8 +36,9 @@ def _rows(batch_size: int, shard_index: int, num_shards: int) -> range:
   if i >= n:
     raise ValueError(f"shard_index must be in [0, num_shards={n}), got {i}")
   if b % n:
-    raise ValueError(f"batch_size={b} (global) must be divisible by "
-                     f"num_shards={n}")
+    raise ValueError(
+      f"batch_size={b} (global) must be divisible by num_shards={n}"
+    )
   per = b // n
   return range(i * per, (i + 1) * per)
 
@@ -49,6 +50,7 @@ class Dataset:
   iterator state, so resuming at step N or running on many hosts needs no
   bookkeeping. Attributes: name, seq_len, split, seed, vocab_size (256).
   """
+
   vocab_size: int = VOCAB_SIZE
 
   def __init__(self, name: str, seq_len: int, split: str, seed: int):
@@ -64,11 +66,18 @@ class Dataset:
 
   def _eval_row(self, index: int, row: int, batch_size: int) -> Example:
     rng = np.random.default_rng(
-        np.random.SeedSequence([_EVAL_TAG, self._stream, index, row]))
+      np.random.SeedSequence([_EVAL_TAG, self._stream, index, row])
+    )
     return self._train_row(rng)
 
-  def batch(self, step: int, batch_size: int, *, shard_index: int = 0,
-            num_shards: int = 1) -> Batch:
+  def batch(
+    self,
+    step: int,
+    batch_size: int,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+  ) -> Batch:
     """Rows [i*B/n, (i+1)*B/n) of the global batch for `step`.
 
     B = batch_size (global), i = shard_index, n = num_shards. Returns
@@ -77,44 +86,76 @@ class Dataset:
     """
     step = as_int("step", step, 0)
     rows = _rows(batch_size, shard_index, num_shards)
-    return stack([
-        self._train_row(np.random.default_rng(np.random.SeedSequence(
-            [self.seed, _TRAIN_TAG, self._stream, step, r])))
-        for r in rows])
+    return stack(
+      [
+        self._train_row(
+          np.random.default_rng(
+            np.random.SeedSequence(
+              [self.seed, _TRAIN_TAG, self._stream, step, r]
+            )
+          )
+        )
+        for r in rows
+      ]
+    )
 
-  def batches(self, batch_size: int, *, start_step: int = 0,
-              num_steps: int | None = None, shard_index: int = 0,
-              num_shards: int = 1) -> Iterator[Batch]:
+  def batches(
+    self,
+    batch_size: int,
+    *,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+  ) -> Iterator[Batch]:
     """batch(start_step), batch(start_step + 1), ... (forever if None)."""
     step = as_int("start_step", start_step, 0)
-    stop = None if num_steps is None else step + as_int("num_steps",
-                                                        num_steps, 0)
+    stop = (
+      None if num_steps is None else step + as_int("num_steps", num_steps, 0)
+    )
     while stop is None or step < stop:
-      yield self.batch(step, batch_size, shard_index=shard_index,
-                       num_shards=num_shards)
+      yield self.batch(
+        step, batch_size, shard_index=shard_index, num_shards=num_shards
+      )
       step += 1
 
-  def eval_batch(self, index: int, batch_size: int, *, shard_index: int = 0,
-                 num_shards: int = 1) -> Batch:
+  def eval_batch(
+    self,
+    index: int,
+    batch_size: int,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+  ) -> Batch:
     """Evaluation batch `index` (seed-free; from this dataset's split)."""
     index = as_int("index", index, 0)
     rows = _rows(batch_size, shard_index, num_shards)
     return stack([self._eval_row(index, r, batch_size) for r in rows])
 
-  def eval_batches(self, num_batches: int, batch_size: int, *,
-                   shard_index: int = 0, num_shards: int = 1
-                   ) -> Iterator[Batch]:
+  def eval_batches(
+    self,
+    num_batches: int,
+    batch_size: int,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+  ) -> Iterator[Batch]:
     """eval_batch(0), ..., eval_batch(num_batches - 1), lazily; seed-free."""
     num_batches = as_int("num_batches", num_batches, 0)
     _rows(batch_size, shard_index, num_shards)  # validate eagerly
-    return (self.eval_batch(i, batch_size, shard_index=shard_index,
-                            num_shards=num_shards)
-            for i in range(num_batches))
+    return (
+      self.eval_batch(
+        i, batch_size, shard_index=shard_index, num_shards=num_shards
+      )
+      for i in range(num_batches)
+    )
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(name={self.name!r}, "
-            f"seq_len={self.seq_len}, split={self.split!r}, "
-            f"seed={self.seed}, vocab_size={self.vocab_size})")
+    return (
+      f"{type(self).__name__}(name={self.name!r}, "
+      f"seq_len={self.seq_len}, split={self.split!r}, "
+      f"seed={self.seed}, vocab_size={self.vocab_size})"
+    )
 
 
 class TextDataset(Dataset):
@@ -125,25 +166,34 @@ class TextDataset(Dataset):
   fixed shuffled order (wrapping around after all have been used).
   """
 
-  def __init__(self, corpus: TextCorpus, seq_len: int, split: str = "train",
-               seed: int = 0, name: str = "text"):
+  def __init__(
+    self,
+    corpus: TextCorpus,
+    seq_len: int,
+    split: str = "train",
+    seed: int = 0,
+    name: str = "text",
+  ):
     super().__init__(name, seq_len, split, seed)
     self.corpus = corpus
     self.data = corpus.data
     self.files = corpus.files
     n, w = int(self.data.shape[0]), self.seq_len + 1
     if n < w:
-      raise ValueError(f"{split} split of the text corpus has {n} bytes "
-                       f"({len(self.files)} files), fewer than seq_len + 1 = "
-                       f"{w}; use a larger corpus/max_bytes or a smaller "
-                       f"seq_len")
+      raise ValueError(
+        f"{split} split of the text corpus has {n} bytes "
+        f"({len(self.files)} files), fewer than seq_len + 1 = "
+        f"{w}; use a larger corpus/max_bytes or a smaller "
+        f"seq_len"
+      )
     self.num_bytes = n
     self.num_eval_windows = n // w
     self._eval_order: np.ndarray | None = None
 
   def _window(self, start: int) -> Example:
-    seq = np.asarray(self.data[start:start + self.seq_len + 1],
-                     dtype=np.int32)
+    seq = np.asarray(
+      self.data[start : start + self.seq_len + 1], dtype=np.int32
+    )
     return Example(seq[:-1], seq[1:], np.ones(self.seq_len, np.float32))
 
   def _train_row(self, rng: np.random.Generator) -> Example:
@@ -152,11 +202,13 @@ class TextDataset(Dataset):
   def _eval_row(self, index: int, row: int, batch_size: int) -> Example:
     if self._eval_order is None:
       rng = np.random.default_rng(
-          np.random.SeedSequence([_EVAL_TAG, self.num_eval_windows]))
+        np.random.SeedSequence([_EVAL_TAG, self.num_eval_windows])
+      )
       self._eval_order = rng.permutation(self.num_eval_windows)
     w = self.seq_len + 1
-    window = self._eval_order[(index * batch_size + row)
-                              % self.num_eval_windows]
+    window = self._eval_order[
+      (index * batch_size + row) % self.num_eval_windows
+    ]
     return self._window(int(window) * w)
 
 
@@ -171,16 +223,22 @@ class TaskDataset(Dataset):
     return self.task.sample(rng)
 
   def __repr__(self) -> str:
-    return (f"TaskDataset({self.task!r}, split={self.split!r}, "
-            f"seed={self.seed})")
+    return f"TaskDataset({self.task!r}, split={self.split!r}, seed={self.seed})"
 
 
 _TEXT_KWARGS = ("val_fraction", "suffixes", "cache_dir")
 
 
-def make_dataset(name: str, *, seq_len: int, split: str = "train",
-                 seed: int = 0, path=None, max_bytes: int | None = None,
-                 **kwargs) -> Dataset:
+def make_dataset(
+  name: str,
+  *,
+  seq_len: int,
+  split: str = "train",
+  seed: int = 0,
+  path=None,
+  max_bytes: int | None = None,
+  **kwargs,
+) -> Dataset:
   """Builds a dataset by name.
 
   name: "text" (stdlib sources, or `path`), or a synthetic task in TASKS:
@@ -198,21 +256,26 @@ def make_dataset(name: str, *, seq_len: int, split: str = "train",
   if name == "text":
     bad = sorted(set(kwargs) - set(_TEXT_KWARGS))
     if bad:
-      raise ValueError(f"unknown option(s) {bad} for 'text'; accepted: "
-                       f"path, max_bytes, {', '.join(_TEXT_KWARGS)}")
+      raise ValueError(
+        f"unknown option(s) {bad} for 'text'; accepted: "
+        f"path, max_bytes, {', '.join(_TEXT_KWARGS)}"
+      )
     seq_len = as_int("seq_len", seq_len, 1)
     corpus = load_text(path, split=split, max_bytes=max_bytes, **kwargs)
     return TextDataset(corpus, seq_len, split=split, seed=seed)
   if name not in TASKS:
-    raise ValueError(f"unknown dataset {name!r}; expected 'text' or one of "
-                     f"{sorted(TASKS)}")
+    raise ValueError(
+      f"unknown dataset {name!r}; expected 'text' or one of {sorted(TASKS)}"
+    )
   if path is not None or max_bytes is not None:
-    raise ValueError(f"path/max_bytes apply only to 'text', not to the "
-                     f"synthetic task {name!r}")
+    raise ValueError(
+      f"path/max_bytes apply only to 'text', not to the synthetic task {name!r}"
+    )
   cls = TASKS[name]
   fields = [f.name for f in dataclasses.fields(cls) if f.name != "seq_len"]
   bad = sorted(set(kwargs) - set(fields))
   if bad:
-    raise ValueError(f"unknown option(s) {bad} for {name!r}; accepted: "
-                     f"{fields}")
+    raise ValueError(
+      f"unknown option(s) {bad} for {name!r}; accepted: {fields}"
+    )
   return TaskDataset(cls(seq_len, **kwargs), split=split, seed=seed)

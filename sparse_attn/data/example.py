@@ -21,22 +21,25 @@ VOCAB_SIZE = 256
 
 class Example(NamedTuple):
   """One example for next-token prediction (every array has length L)."""
-  inputs: np.ndarray     # int32[L]   tokens fed to the model
-  targets: np.ndarray    # int32[L]   inputs shifted left by one (next token)
+
+  inputs: np.ndarray  # int32[L]   tokens fed to the model
+  targets: np.ndarray  # int32[L]   inputs shifted left by one (next token)
   loss_mask: np.ndarray  # float32[L] 1.0 where targets[i] is an answer token
 
 
 class Batch(NamedTuple):
   """A batch for next-token prediction."""
-  inputs: np.ndarray     # int32[B, L]
-  targets: np.ndarray    # int32[B, L]
+
+  inputs: np.ndarray  # int32[B, L]
+  targets: np.ndarray  # int32[B, L]
   loss_mask: np.ndarray  # float32[B, L]
 
 
 def decode(tokens) -> str:
   """Tokens (any int array/sequence of byte ids) -> str, for display only."""
   return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode(
-      "utf-8", errors="replace")
+    "utf-8", errors="replace"
+  )
 
 
 def shifted(seq: np.ndarray, answer: np.ndarray) -> Example:
@@ -45,8 +48,7 @@ def shifted(seq: np.ndarray, answer: np.ndarray) -> Example:
   The Example has length T - 1: inputs seq[:-1], targets seq[1:].
   """
   seq = np.asarray(seq, dtype=np.int32)
-  return Example(seq[:-1].copy(), seq[1:].copy(),
-                 answer[1:].astype(np.float32))
+  return Example(seq[:-1].copy(), seq[1:].copy(), answer[1:].astype(np.float32))
 
 
 def stack(rows: list[Example]) -> Batch:

@@ -12,15 +12,28 @@ from collections.abc import Sequence
 import numpy as np
 
 # Classic passkey filler (Mohtashami & Jaggi 2023), cycled in order.
-PASSKEY_FILLER = tuple(s.encode() for s in (
-    "The grass is green. ", "The sky is blue. ", "The sun is yellow. ",
-    "Here we go. ", "There and back again. "))
+PASSKEY_FILLER = tuple(
+  s.encode()
+  for s in (
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
+  )
+)
 # Varied filler for niah / vartrack: sentences drawn at random.
-SENTENCES = tuple(s.encode() for s in (
-    "The grass is green. ", "The sky is blue. ", "The sun is yellow. ",
-    "Here we go. ", "There and back again. ",
+SENTENCES = tuple(
+  s.encode()
+  for s in (
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
     "A quiet river runs through the old town. ",
-    "Birds sing in the early morning. ", "The library opens after lunch. ",
+    "Birds sing in the early morning. ",
+    "The library opens after lunch. ",
     "Snow covers the distant hills. ",
     "A cat sleeps on the warm windowsill. ",
     "The market is busy on weekends. ",
@@ -28,11 +41,14 @@ SENTENCES = tuple(s.encode() for s in (
     "The train leaves from the northern station. ",
     "Tea tastes better in a blue cup. ",
     "Old maps hang on the kitchen wall. ",
-    "The garden needs water in summer. "))
+    "The garden needs water in summer. ",
+  )
+)
 
 
-def filler(rng: np.random.Generator | None, n: int, bank: Sequence[bytes]
-           ) -> tuple[bytes, np.ndarray]:
+def filler(
+  rng: np.random.Generator | None, n: int, bank: Sequence[bytes]
+) -> tuple[bytes, np.ndarray]:
   """n filler bytes and the sentence start offsets (int64[k], from 0, <= n).
 
   Sentences of `bank` are cycled in order if rng is None, else drawn at
@@ -41,16 +57,23 @@ def filler(rng: np.random.Generator | None, n: int, bank: Sequence[bytes]
   if n <= 0:
     return b"", np.zeros(1, np.int64)
   k = n // min(len(s) for s in bank) + 1
-  idx = (np.arange(k) % len(bank) if rng is None
-         else rng.integers(0, len(bank), k))
+  idx = (
+    np.arange(k) % len(bank) if rng is None else rng.integers(0, len(bank), k)
+  )
   chosen = [bank[i] for i in idx]
   starts = np.concatenate([[0], np.cumsum([len(s) for s in chosen])])
   return b"".join(chosen)[:n], starts[starts <= n]
 
 
-def compose(rng: np.random.Generator, total: int, pieces: Sequence[bytes],
-            fractions: Sequence[float], suffix: bytes, bank: Sequence[bytes],
-            cycle: bool = False) -> np.ndarray:
+def compose(
+  rng: np.random.Generator,
+  total: int,
+  pieces: Sequence[bytes],
+  fractions: Sequence[float],
+  suffix: bytes,
+  bank: Sequence[bytes],
+  cycle: bool = False,
+) -> np.ndarray:
   """int32[total]: filler with `pieces` inserted, then `suffix`.
 
   The pieces go in order at the sentence boundaries nearest below the given
@@ -77,15 +100,18 @@ def digits(values: np.ndarray, base: int, width: int) -> np.ndarray:
   return (np.asarray(values, np.int64)[:, None] // powers) % base
 
 
-def numbers(rng: np.random.Generator, n: int, num_digits: int,
-            distinct: bool = True) -> list[bytes]:
+def numbers(
+  rng: np.random.Generator, n: int, num_digits: int, distinct: bool = True
+) -> list[bytes]:
   """n random decimal strings of exactly num_digits digits (leading zeros)."""
-  vals = rng.choice(10 ** num_digits, n, replace=not distinct)
+  vals = rng.choice(10**num_digits, n, replace=not distinct)
   return [str(v).zfill(num_digits).encode() for v in vals]
 
 
 def names(rng: np.random.Generator, n: int, chars: int) -> list[bytes]:
   """n distinct random lowercase names of `chars` letters."""
-  vals = rng.choice(26 ** chars, n, replace=False)
-  return [bytes((digits(np.array([v]), 26, chars)[0] + ord("a")).tolist())
-          for v in vals]
+  vals = rng.choice(26**chars, n, replace=False)
+  return [
+    bytes((digits(np.array([v]), 26, chars)[0] + ord("a")).tolist())
+    for v in vals
+  ]

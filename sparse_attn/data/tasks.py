@@ -38,12 +38,15 @@ def _answer_at_end(seq: np.ndarray, n: int) -> Example:
 def _check_widths(num_digits: int, name_chars: int) -> None:
   # Numbers and names are drawn as int64s: 10**18 and 26**12 < 2**63.
   if num_digits > 18 or name_chars > 12:
-    raise ValueError(f"num_digits must be <= 18 and name_chars <= 12, "
-                     f"got {num_digits}, {name_chars}")
+    raise ValueError(
+      f"num_digits must be <= 18 and name_chars <= 12, "
+      f"got {num_digits}, {name_chars}"
+    )
 
 
 class Task:
   """Base of the task specs: frozen dataclasses validated on construction."""
+
   name: str = ""
   seq_len: int
 
@@ -61,13 +64,17 @@ class Task:
   def _fraction_set(self, field: str) -> None:
     # None stays None (a random value per example).
     if getattr(self, field) is not None:
-      self._set(field, as_fraction(field, getattr(self, field), lo_open=False,
-                                   hi_open=False))
+      self._set(
+        field,
+        as_fraction(field, getattr(self, field), lo_open=False, hi_open=False),
+      )
 
   def _need(self, needed: int, what: str) -> None:
     if self.seq_len + 1 < needed:
-      raise ValueError(f"seq_len={self.seq_len} is too short for {self.name} "
-                       f"with {what}: needs seq_len >= {needed - 1}")
+      raise ValueError(
+        f"seq_len={self.seq_len} is too short for {self.name} "
+        f"with {what}: needs seq_len >= {needed - 1}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +94,7 @@ class MQARTask(Task):
   filler: None = random printable ASCII noise (32..126); an int in [0, 128)
     = that constant token.
   """
+
   seq_len: int
   num_pairs: int | None = None
   num_queries: int | None = None
@@ -104,15 +112,18 @@ class MQARTask(Task):
     kv = self._int_set("key_vocab", 1)
     vv = self._int_set("value_vocab", 1)
     if kv + vv > VOCAB_SIZE - MQAR_KEY_BASE:
-      raise ValueError(f"key_vocab + value_vocab must be <= "
-                       f"{VOCAB_SIZE - MQAR_KEY_BASE} (keys and values use "
-                       f"tokens 128..255), got {kv} + {vv}")
+      raise ValueError(
+        f"key_vocab + value_vocab must be <= "
+        f"{VOCAB_SIZE - MQAR_KEY_BASE} (keys and values use "
+        f"tokens 128..255), got {kv} + {vv}"
+      )
     if kl * np.log2(kv) > 62:
       raise ValueError(f"key_vocab**key_len must be < 2**62, got {kv}**{kl}")
     if vl * np.log2(vv) > 62:
       raise ValueError(
-          f"value_vocab**value_len must be < 2**62, got {vv}**{vl}")
-    space, total, item = kv ** kl, self.seq_len + 1, kl + vl
+        f"value_vocab**value_len must be < 2**62, got {vv}**{vl}"
+      )
+    space, total, item = kv**kl, self.seq_len + 1, kl + vl
     if self.num_pairs is None:
       # As many as fit (queries default to one per pair), <= total/16.
       if self.num_queries is None:
@@ -123,18 +134,24 @@ class MQARTask(Task):
       self._set("num_pairs", max(1, min(space, total // 16, fit)))
     p = self._int_set("num_pairs", 1)
     if p > space:
-      raise ValueError(f"num_pairs={p} exceeds the number of distinct keys "
-                       f"key_vocab**key_len={space}")
+      raise ValueError(
+        f"num_pairs={p} exceeds the number of distinct keys "
+        f"key_vocab**key_len={space}"
+      )
     if self.num_queries is None:
       self._set("num_queries", p)
     q = self._int_set("num_queries", 1)
     if self.filler is not None:
       f = self._int_set("filler", 0)
       if f >= MQAR_KEY_BASE:
-        raise ValueError(f"filler must be a token in [0, {MQAR_KEY_BASE}) "
-                         f"(or None for noise), got {f}")
-    self._need((p + q) * item, f"num_pairs={p}, num_queries={q}, "
-                               f"key_len={kl}, value_len={vl}")
+        raise ValueError(
+          f"filler must be a token in [0, {MQAR_KEY_BASE}) "
+          f"(or None for noise), got {f}"
+        )
+    self._need(
+      (p + q) * item,
+      f"num_pairs={p}, num_queries={q}, key_len={kl}, value_len={vl}",
+    )
 
   @property
   def value_base(self) -> int:
@@ -143,11 +160,15 @@ class MQARTask(Task):
   def sample(self, rng: np.random.Generator) -> Example:
     total, kl, vl = self.seq_len + 1, self.key_len, self.value_len
     p, q, item = self.num_pairs, self.num_queries, kl + vl
-    keys = rng.choice(self.key_vocab ** kl, p, replace=False)
-    vals = rng.integers(0, self.value_vocab ** vl, p)
+    keys = rng.choice(self.key_vocab**kl, p, replace=False)
+    vals = rng.integers(0, self.value_vocab**vl, p)
     pairs = np.concatenate(
-        [fill.digits(keys, self.key_vocab, kl) + MQAR_KEY_BASE,
-         fill.digits(vals, self.value_vocab, vl) + self.value_base], axis=1)
+      [
+        fill.digits(keys, self.key_vocab, kl) + MQAR_KEY_BASE,
+        fill.digits(vals, self.value_vocab, vl) + self.value_base,
+      ],
+      axis=1,
+    )
     kv_len = p * item
     if self.filler is None:
       seq = rng.integers(_ASCII_LO, _ASCII_HI, total).astype(np.int32)
@@ -156,8 +177,9 @@ class MQARTask(Task):
     seq[:kv_len] = pairs.reshape(-1)
     which = rng.permutation(p)[:q] if q <= p else rng.integers(0, p, q)
     free = total - kv_len - q * item
-    starts = (kv_len + np.sort(rng.integers(0, free + 1, q))
-              + np.arange(q) * item)
+    starts = (
+      kv_len + np.sort(rng.integers(0, free + 1, q)) + np.arange(q) * item
+    )
     seq[starts[:, None] + np.arange(item)] = pairs[which]
     ans = np.zeros(total, bool)
     ans[(starts[:, None] + kl + np.arange(vl)).reshape(-1)] = True
@@ -173,6 +195,7 @@ class PasskeyTask(Task):
   (fraction of the filler; None = uniform random per example). Answer = the
   final num_digits digits.
   """
+
   seq_len: int
   num_digits: int = 5
   depth: float | None = None
@@ -187,14 +210,23 @@ class PasskeyTask(Task):
       raise ValueError(f"num_digits must be <= 18, got {nd}")
     self._set("num_digits", nd)
     self._fraction_set("depth")
-    self._need(len(self.NEEDLE % (b"0" * nd)) + len(self.QUESTION) + nd,
-               f"num_digits={nd}")
+    self._need(
+      len(self.NEEDLE % (b"0" * nd)) + len(self.QUESTION) + nd,
+      f"num_digits={nd}",
+    )
 
   def sample(self, rng: np.random.Generator) -> Example:
     key = fill.numbers(rng, 1, self.num_digits)[0]
     depth = rng.random() if self.depth is None else self.depth
-    seq = fill.compose(rng, self.seq_len + 1, [self.NEEDLE % key], [depth],
-                       self.QUESTION + key, fill.PASSKEY_FILLER, cycle=True)
+    seq = fill.compose(
+      rng,
+      self.seq_len + 1,
+      [self.NEEDLE % key],
+      [depth],
+      self.QUESTION + key,
+      fill.PASSKEY_FILLER,
+      cycle=True,
+    )
     return _answer_at_end(seq, self.num_digits)
 
 
@@ -209,6 +241,7 @@ class NeedleTask(Task):
   number for <name> is <digits>`. depth: position of the asked needle
   (fraction of the filler; None = random); the distractors are always random.
   """
+
   seq_len: int
   num_needles: int = 4
   num_digits: int = 7
@@ -216,8 +249,10 @@ class NeedleTask(Task):
   depth: float | None = None
   name = "niah"
   NEEDLE = b"The special magic number for %s is %s. "
-  QUESTION = (b"\nWhat is the special magic number for %s? "
-              b"The special magic number for %s is ")
+  QUESTION = (
+    b"\nWhat is the special magic number for %s? "
+    b"The special magic number for %s is "
+  )
 
   def __post_init__(self):
     self._int_set("seq_len", 1)
@@ -225,16 +260,20 @@ class NeedleTask(Task):
     nd = as_int("num_digits", self.num_digits, 1)
     nc = as_int("name_chars", self.name_chars, 1)
     _check_widths(nd, nc)
-    if 10 ** nd < n or 26 ** nc < n:
-      raise ValueError(f"num_needles={n} needs distinct numbers/names: "
-                       f"10**num_digits={10 ** nd}, "
-                       f"26**name_chars={26 ** nc}")
+    if 10**nd < n or 26**nc < n:
+      raise ValueError(
+        f"num_needles={n} needs distinct numbers/names: "
+        f"10**num_digits={10**nd}, "
+        f"26**name_chars={26**nc}"
+      )
     for f, v in (("num_needles", n), ("num_digits", nd), ("name_chars", nc)):
       self._set(f, v)
     self._fraction_set("depth")
     nm, dg = b"a" * nc, b"0" * nd
-    self._need(n * len(self.NEEDLE % (nm, dg)) + len(self.QUESTION % (nm, nm))
-               + nd, f"num_needles={n}, num_digits={nd}, name_chars={nc}")
+    self._need(
+      n * len(self.NEEDLE % (nm, dg)) + len(self.QUESTION % (nm, nm)) + nd,
+      f"num_needles={n}, num_digits={nd}, name_chars={nc}",
+    )
 
   def sample(self, rng: np.random.Generator) -> Example:
     n = self.num_needles
@@ -246,8 +285,9 @@ class NeedleTask(Task):
     order = np.argsort(fr, kind="stable")
     pieces = [self.NEEDLE % (names[i], nums[i]) for i in order]
     suffix = self.QUESTION % (names[0], names[0]) + nums[0]
-    seq = fill.compose(rng, self.seq_len + 1, pieces, fr[order], suffix,
-                       fill.SENTENCES)
+    seq = fill.compose(
+      rng, self.seq_len + 1, pieces, fr[order], suffix, fill.SENTENCES
+    )
     return _answer_at_end(seq, self.num_digits)
 
 
@@ -262,6 +302,7 @@ class VariableTrackingTask(Task):
   question asks for the end of the first chain: `\\n? xH -> 12345`; answer =
   the value digits.
   """
+
   seq_len: int
   num_hops: int = 4
   num_chains: int = 3
@@ -278,27 +319,36 @@ class VariableTrackingTask(Task):
     nd = as_int("num_digits", self.num_digits, 1)
     nc = as_int("name_chars", self.name_chars, 1)
     _check_widths(nd, nc)
-    if 10 ** nd < c or 26 ** nc < c * (h + 1):
-      raise ValueError(f"not enough distinct values/names for "
-                       f"num_chains={c}, num_hops={h}")
-    for f, v in (("num_hops", h), ("num_chains", c), ("num_digits", nd),
-                 ("name_chars", nc)):
+    if 10**nd < c or 26**nc < c * (h + 1):
+      raise ValueError(
+        f"not enough distinct values/names for num_chains={c}, num_hops={h}"
+      )
+    for f, v in (
+      ("num_hops", h),
+      ("num_chains", c),
+      ("num_digits", nd),
+      ("name_chars", nc),
+    ):
       self._set(f, v)
     nm = b"a" * nc
-    per_chain = (len(self.ASSIGN % (nm, b"0" * nd))
-                 + h * len(self.ASSIGN % (nm, nm)))
-    self._need(c * per_chain + len(self.QUESTION % nm) + nd,
-               f"num_hops={h}, num_chains={c}, num_digits={nd}, "
-               f"name_chars={nc}")
+    per_chain = len(self.ASSIGN % (nm, b"0" * nd)) + h * len(
+      self.ASSIGN % (nm, nm)
+    )
+    self._need(
+      c * per_chain + len(self.QUESTION % nm) + nd,
+      f"num_hops={h}, num_chains={c}, num_digits={nd}, name_chars={nc}",
+    )
 
   def sample(self, rng: np.random.Generator) -> Example:
     h, c = self.num_hops, self.num_chains
     names = fill.names(rng, c * (h + 1), self.name_chars)
-    chains = [names[i * (h + 1):(i + 1) * (h + 1)] for i in range(c)]
+    chains = [names[i * (h + 1) : (i + 1) * (h + 1)] for i in range(c)]
     values = fill.numbers(rng, c, self.num_digits)
-    stmts = [[self.ASSIGN % (ch[0], v)]
-             + [self.ASSIGN % (ch[j], ch[j - 1]) for j in range(1, h + 1)]
-             for ch, v in zip(chains, values)]
+    stmts = [
+      [self.ASSIGN % (ch[0], v)]
+      + [self.ASSIGN % (ch[j], ch[j - 1]) for j in range(1, h + 1)]
+      for ch, v in zip(chains, values)
+    ]
     # Which chain speaks at each slot.
     slots = rng.permutation(np.repeat(np.arange(c), h + 1))
     nxt = [0] * c
@@ -308,24 +358,30 @@ class VariableTrackingTask(Task):
       nxt[ci] += 1
     fr = np.sort(rng.random(len(pieces)))
     suffix = self.QUESTION % chains[0][-1] + values[0]
-    seq = fill.compose(rng, self.seq_len + 1, pieces, fr, suffix,
-                       fill.SENTENCES)
+    seq = fill.compose(
+      rng, self.seq_len + 1, pieces, fr, suffix, fill.SENTENCES
+    )
     return _answer_at_end(seq, self.num_digits)
 
 
 TASKS: dict[str, type[Task]] = {
-    "mqar": MQARTask, "passkey": PasskeyTask, "niah": NeedleTask,
-    "vartrack": VariableTrackingTask,
+  "mqar": MQARTask,
+  "passkey": PasskeyTask,
+  "niah": NeedleTask,
+  "vartrack": VariableTrackingTask,
 }
 
 
 def _task_fn(cls):
   def fn(rng: np.random.Generator, seq_len: int, **kwargs) -> Example:
     return cls(seq_len, **kwargs).sample(rng)
+
   fn.__name__ = cls.name
-  fn.__doc__ = (f"One {cls.name} example: (inputs int32[L], targets int32[L], "
-                f"loss_mask float32[L]); kwargs as {cls.__name__}.\n\n"
-                + (cls.__doc__ or ""))
+  fn.__doc__ = (
+    f"One {cls.name} example: (inputs int32[L], targets int32[L], "
+    f"loss_mask float32[L]); kwargs as {cls.__name__}.\n\n"
+    + (cls.__doc__ or "")
+  )
   return fn
 
 

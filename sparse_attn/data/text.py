@@ -42,7 +42,8 @@ CorpusFile = tuple[str, pathlib.Path]
 
 class TextCorpus(NamedTuple):
   """One split of a byte corpus."""
-  data: np.ndarray        # uint8[N], read-only (possibly a np.memmap)
+
+  data: np.ndarray  # uint8[N], read-only (possibly a np.memmap)
   files: tuple[str, ...]  # relative names of the files in `data`, in order
 
 
@@ -51,12 +52,15 @@ def _as_paths(path) -> list[pathlib.Path]:
     return [pathlib.Path(path)]
   if isinstance(path, Sequence) and path:
     return [pathlib.Path(p) for p in path]
-  raise ValueError(f"path must be a file/directory path or a non-empty list "
-                   f"of them, got {path!r}")
+  raise ValueError(
+    f"path must be a file/directory path or a non-empty list "
+    f"of them, got {path!r}"
+  )
 
 
-def list_text_files(path=None, *, suffixes: Sequence[str] | None = None
-                    ) -> list[CorpusFile]:
+def list_text_files(
+  path=None, *, suffixes: Sequence[str] | None = None
+) -> list[CorpusFile]:
   """Files of a corpus as sorted `(relative_name, absolute_path)` pairs.
 
   path: None (Python stdlib `.py` sources), a file, a directory, or a list
@@ -84,18 +88,19 @@ def list_text_files(path=None, *, suffixes: Sequence[str] | None = None
   found: dict[pathlib.Path, str] = {}
   for root in roots:
     if not root.exists():
-      raise FileNotFoundError(
-          f"text corpus path does not exist: {str(root)!r}")
+      raise FileNotFoundError(f"text corpus path does not exist: {str(root)!r}")
     if root.is_file():
       if root.stat().st_size > 0:
         found.setdefault(root.resolve(), root.name)
       continue
     for dirpath, dirnames, filenames in os.walk(root):
-      dirnames[:] = sorted(d for d in dirnames
-                           if not d.startswith(".") and d not in exclude)
+      dirnames[:] = sorted(
+        d for d in dirnames if not d.startswith(".") and d not in exclude
+      )
       for fn in sorted(filenames):
-        if fn.startswith(".") or (suffixes is not None
-                                  and not fn.endswith(suffixes)):
+        if fn.startswith(".") or (
+          suffixes is not None and not fn.endswith(suffixes)
+        ):
           continue
         full = pathlib.Path(dirpath, fn)
         try:
@@ -108,12 +113,13 @@ def list_text_files(path=None, *, suffixes: Sequence[str] | None = None
     if path is None:
       what = "the Python standard library"
     else:
-      what = repr(str(roots[0]) if len(roots) == 1
-                  else [str(r) for r in roots])
-    raise ValueError(f"no non-empty text files found in {what} "
-                     f"(suffixes={suffixes})")
-  return sorted(((rel, p) for p, rel in found.items()),
-                key=lambda t: (t[0], str(t[1])))
+      what = repr(str(roots[0]) if len(roots) == 1 else [str(r) for r in roots])
+    raise ValueError(
+      f"no non-empty text files found in {what} (suffixes={suffixes})"
+    )
+  return sorted(
+    ((rel, p) for p, rel in found.items()), key=lambda t: (t[0], str(t[1]))
+  )
 
 
 def _file_hash(rel: str) -> float:
@@ -122,16 +128,18 @@ def _file_hash(rel: str) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_files(files: Sequence[CorpusFile], val_fraction: float = 0.02
-                ) -> tuple[list[CorpusFile], list[CorpusFile]]:
+def split_files(
+  files: Sequence[CorpusFile], val_fraction: float = 0.02
+) -> tuple[list[CorpusFile], list[CorpusFile]]:
   """Deterministic split BY FILE -> (train, validation), each in hash order.
 
   A file goes to validation iff hash(relative_name) < val_fraction. With two
   or more files each split is guaranteed at least one file (the lowest-hash
   file is moved to validation / the highest-hash file to train if needed).
   """
-  val_fraction = as_fraction("val_fraction", val_fraction, lo_open=True,
-                             hi_open=True)
+  val_fraction = as_fraction(
+    "val_fraction", val_fraction, lo_open=True, hi_open=True
+  )
   ordered = sorted(files, key=lambda f: (_file_hash(f[0]), f[0], str(f[1])))
   train = [f for f in ordered if _file_hash(f[0]) >= val_fraction]
   val = [f for f in ordered if _file_hash(f[0]) < val_fraction]
@@ -152,8 +160,9 @@ def clear_cache() -> None:
   _MEMO.clear()
 
 
-def _concat(files: Sequence[CorpusFile], max_bytes: int | None
-            ) -> tuple[bytes, list[str]]:
+def _concat(
+  files: Sequence[CorpusFile], max_bytes: int | None
+) -> tuple[bytes, list[str]]:
   parts, names, total = [], [], 0
   sep = bytes([DOC_SEP])
   for rel, p in files:
@@ -169,10 +178,15 @@ def _concat(files: Sequence[CorpusFile], max_bytes: int | None
   return (blob[:max_bytes] if max_bytes is not None else blob), names
 
 
-def load_text(path=None, *, split: str = "train", max_bytes: int | None = None,
-              val_fraction: float = 0.02,
-              suffixes: Sequence[str] | None = None,
-              cache_dir: str | os.PathLike | None = None) -> TextCorpus:
+def load_text(
+  path=None,
+  *,
+  split: str = "train",
+  max_bytes: int | None = None,
+  val_fraction: float = 0.02,
+  suffixes: Sequence[str] | None = None,
+  cache_dir: str | os.PathLike | None = None,
+) -> TextCorpus:
   """Loads one split of a byte corpus as a uint8 array (see module docstring).
 
   max_bytes: keep only the first max_bytes bytes of the split (files in hash
@@ -189,30 +203,41 @@ def load_text(path=None, *, split: str = "train", max_bytes: int | None = None,
   train, val = split_files(files, val_fraction)
   single = len(files) == 1
   chosen = files if single else (train if split == "train" else val)
-  stats = [(rel, str(p), p.stat().st_size, p.stat().st_mtime_ns)
-           for rel, p in chosen]
-  key = hashlib.sha256(repr(("v1", split, float(val_fraction), max_bytes,
-                             single, stats)).encode()).hexdigest()[:24]
+  stats = [
+    (rel, str(p), p.stat().st_size, p.stat().st_mtime_ns) for rel, p in chosen
+  ]
+  key = hashlib.sha256(
+    repr(("v1", split, float(val_fraction), max_bytes, single, stats)).encode()
+  ).hexdigest()[:24]
   if key in _MEMO:
     return _MEMO[key]
   if cache_dir is None:
     cache_dir = os.environ.get("SPARSE_ATTN_DATA_CACHE") or None
-  cache_file = (pathlib.Path(cache_dir, f"sparse_attn_text_{key}.npy")
-                if cache_dir else None)
+  cache_file = (
+    pathlib.Path(cache_dir, f"sparse_attn_text_{key}.npy")
+    if cache_dir
+    else None
+  )
   names_file = cache_file.with_suffix(".files.txt") if cache_file else None
-  if (cache_file is not None and cache_file.exists()
-      and names_file.exists()):
-    corpus = TextCorpus(np.load(cache_file, mmap_mode="r"),
-                        tuple(names_file.read_text("utf-8").splitlines()))
+  if cache_file is not None and cache_file.exists() and names_file.exists():
+    corpus = TextCorpus(
+      np.load(cache_file, mmap_mode="r"),
+      tuple(names_file.read_text("utf-8").splitlines()),
+    )
   else:
     if single:
       blob, names = _concat(chosen, None)
       n_val = max(1, int(round(len(blob) * val_fraction)))
       if len(blob) < 2:
-        raise ValueError(f"text file {str(chosen[0][1])!r} is too short to "
-                         f"split into train/validation")
-      blob = (blob[:len(blob) - n_val] if split == "train"
-              else blob[len(blob) - n_val:])
+        raise ValueError(
+          f"text file {str(chosen[0][1])!r} is too short to "
+          f"split into train/validation"
+        )
+      blob = (
+        blob[: len(blob) - n_val]
+        if split == "train"
+        else blob[len(blob) - n_val :]
+      )
       blob = blob[:max_bytes] if max_bytes is not None else blob
     else:
       blob, names = _concat(chosen, max_bytes)

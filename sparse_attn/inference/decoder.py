@@ -31,14 +31,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sparse_attn.inference.sampling import sample_logits
 from sparse_attn.models.cache import Cache, cache_shardings
 from sparse_attn.nn.base import check_mode
 from sparse_attn.ops.quantize import index_dtype as as_index_dtype
-from sparse_attn.inference.sampling import sample_logits
 
 
-def init_cache(model, batch_size: int, max_len: int, *,
-               index_dtype="float32", mesh: Mesh | None = None) -> Cache:
+def init_cache(
+  model,
+  batch_size: int,
+  max_len: int,
+  *,
+  index_dtype="float32",
+  mesh: Mesh | None = None,
+) -> Cache:
   """model.init_cache(...) made by one jitted call, sharded if mesh is given."""
   make = lambda: model.init_cache(batch_size, max_len, index_dtype=index_dtype)
   if mesh is None:
@@ -47,11 +53,13 @@ def init_cache(model, batch_size: int, max_len: int, *,
   return jax.jit(make, out_shardings=cache_shardings(abstract, mesh))()
 
 
-def cache_shapes(model, batch_size: int, max_len: int, *,
-                 index_dtype="float32") -> Cache:
+def cache_shapes(
+  model, batch_size: int, max_len: int, *, index_dtype="float32"
+) -> Cache:
   """Abstract cache (ShapeDtypeStructs) of `model`."""
-  return jax.eval_shape(lambda: model.init_cache(batch_size, max_len,
-                                                 index_dtype=index_dtype))
+  return jax.eval_shape(
+    lambda: model.init_cache(batch_size, max_len, index_dtype=index_dtype)
+  )
 
 
 def _pow2_ceil(x: int) -> int:
@@ -61,13 +69,14 @@ def _pow2_ceil(x: int) -> int:
 @dataclasses.dataclass
 class Generation:
   """Output of `Decoder.generate`."""
-  tokens: np.ndarray          # int32[B, max_new_tokens] generated tokens
+
+  tokens: np.ndarray  # int32[B, max_new_tokens] generated tokens
   prompt_lengths: np.ndarray  # int32[B]
-  prefill_s: float            # wall time of the prefill (incl. compilation)
-  first_step_s: float         # first decode step (incl. its compilation)
-  decode_s: float             # the remaining decode steps
-  prefill_tokens: int         # real prompt tokens processed
-  decode_steps: int           # steps timed in decode_s
+  prefill_s: float  # wall time of the prefill (incl. compilation)
+  first_step_s: float  # first decode step (incl. its compilation)
+  decode_s: float  # the remaining decode steps
+  prefill_tokens: int  # real prompt tokens processed
+  decode_steps: int  # steps timed in decode_s
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -104,13 +113,21 @@ class Decoder:
       powers of two between min_view and S_max.
   """
 
-  def __init__(self, model, *, chunk_size: int = 512, index_dtype="float32",
-               mode: str = "sparse", mesh: Mesh | None = None,
-               min_view: int = 256):
+  def __init__(
+    self,
+    model,
+    *,
+    chunk_size: int = 512,
+    index_dtype="float32",
+    mode: str = "sparse",
+    mesh: Mesh | None = None,
+    min_view: int = 256,
+  ):
     check_mode(mode)
     if chunk_size < 1 or min_view < 1:
-      raise ValueError(f"chunk_size and min_view must be >= 1, got "
-                       f"{chunk_size}, {min_view}.")
+      raise ValueError(
+        f"chunk_size and min_view must be >= 1, got {chunk_size}, {min_view}."
+      )
     self.cfg = model.cfg
     self.index_dtype = as_index_dtype(index_dtype)
     self.chunk_size, self.mode, self.mesh = int(chunk_size), mode, mesh
@@ -119,13 +136,16 @@ class Decoder:
     cache_shapes(model, 1, 1, index_dtype=self.index_dtype)
     self._model = model
     self.graphdef, self.params = nnx.split(model)
-    self._extend = jax.jit(self._extend_fn,
-                           static_argnames=("view", "last_only"),
-                           donate_argnums=(1,))
-    self._decode_sample = jax.jit(self._decode_sample_fn,
-                                  static_argnames=("view", "temperature",
-                                                   "top_p"),
-                                  donate_argnums=(1,))
+    self._extend = jax.jit(
+      self._extend_fn,
+      static_argnames=("view", "last_only"),
+      donate_argnums=(1,),
+    )
+    self._decode_sample = jax.jit(
+      self._decode_sample_fn,
+      static_argnames=("view", "temperature", "top_p"),
+      donate_argnums=(1,),
+    )
 
   # -- jitted bodies -------------------------------------------------------
 
@@ -136,22 +156,28 @@ class Decoder:
     layers = jax.lax.with_sharding_constraint(layers, sh.layers)
     return layers, jax.lax.with_sharding_constraint(lengths, sh.lengths)
 
-  def _extend_fn(self, params, layers, lengths, tokens, num_valid, *, view,
-                 last_only):
+  def _extend_fn(
+    self, params, layers, lengths, tokens, num_valid, *, view, last_only
+  ):
     model = nnx.merge(self.graphdef, params)
     logits, _, cache = model(
-        tokens, mode=self.mode, cache=Cache(layers, lengths),
-        num_valid=num_valid, view=view,
-        logits_at=num_valid - 1 if last_only else None)
+      tokens,
+      mode=self.mode,
+      cache=Cache(layers, lengths),
+      num_valid=num_valid,
+      view=view,
+      logits_at=num_valid - 1 if last_only else None,
+    )
     layers, lengths = self._constrain(cache.layers, cache.lengths)
     return logits, layers, lengths
 
-  def _decode_sample_fn(self, params, layers, lengths, tokens, key, *, view,
-                        temperature, top_p):
+  def _decode_sample_fn(
+    self, params, layers, lengths, tokens, key, *, view, temperature, top_p
+  ):
     ones = jnp.ones_like(lengths)
     logits, layers, lengths = self._extend_fn(
-        params, layers, lengths, tokens[:, None], ones, view=view,
-        last_only=True)
+      params, layers, lengths, tokens[:, None], ones, view=view, last_only=True
+    )
     nxt = sample_logits(logits, key, temperature=temperature, top_p=top_p)
     return nxt, layers, lengths
 
@@ -159,8 +185,13 @@ class Decoder:
 
   def init_cache(self, batch_size: int, max_len: int) -> Cache:
     """Zero cache for batch_size sequences of up to max_len tokens."""
-    return init_cache(self._model, batch_size, max_len,
-                      index_dtype=self.index_dtype, mesh=self.mesh)
+    return init_cache(
+      self._model,
+      batch_size,
+      max_len,
+      index_dtype=self.index_dtype,
+      mesh=self.mesh,
+    )
 
   def view_for(self, cache: Cache, end: int) -> int:
     """Static cache prefix covering `end` tokens (power of two, clipped)."""
@@ -169,12 +200,20 @@ class Decoder:
   def _check_room(self, cache: Cache, num_new: int, what: str):
     if cache.max_length + num_new > cache.capacity:
       raise ValueError(
-          f"KV cache overflow: {what} would write {num_new} token(s) after up "
-          f"to {cache.max_length} cached ones, past the cache capacity "
-          f"S_max={cache.capacity}; allocate a larger cache (max_len).")
+        f"KV cache overflow: {what} would write {num_new} token(s) after up "
+        f"to {cache.max_length} cached ones, past the cache capacity "
+        f"S_max={cache.capacity}; allocate a larger cache (max_len)."
+      )
 
-  def extend(self, cache: Cache, tokens, num_valid=None, *,
-             last_only: bool = True, view: int | None = None):
+  def extend(
+    self,
+    cache: Cache,
+    tokens,
+    num_valid=None,
+    *,
+    last_only: bool = True,
+    view: int | None = None,
+  ):
     """T new tokens per row at each row's own offset -> (logits, cache).
 
     tokens int[B, T]; num_valid int[B] (default T): the first num_valid[b]
@@ -185,8 +224,10 @@ class Decoder:
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[0] != cache.batch_size:
-      raise ValueError(f"tokens must be int[B={cache.batch_size}, T], got "
-                       f"shape {tokens.shape}.")
+      raise ValueError(
+        f"tokens must be int[B={cache.batch_size}, T], got "
+        f"shape {tokens.shape}."
+      )
     num_new = tokens.shape[1]
     self._check_room(cache, num_new, "this step")
     if num_valid is None:
@@ -195,8 +236,14 @@ class Decoder:
     if view is None:
       view = self.view_for(cache, cache.max_length + num_new)
     logits, layers, lengths = self._extend(
-        self.params, cache.layers, cache.lengths, tokens, num_valid,
-        view=view, last_only=last_only)
+      self.params,
+      cache.layers,
+      cache.lengths,
+      tokens,
+      num_valid,
+      view=view,
+      last_only=last_only,
+    )
     return logits, Cache(layers, lengths, cache.max_length + num_new)
 
   def step(self, cache: Cache, tokens, *, view: int | None = None):
@@ -204,8 +251,9 @@ class Decoder:
     tokens = jnp.asarray(tokens, jnp.int32)
     return self.extend(cache, tokens[:, None], view=view)
 
-  def prefill(self, cache: Cache, tokens, prompt_lengths=None, *,
-              return_all: bool = False):
+  def prefill(
+    self, cache: Cache, tokens, prompt_lengths=None, *, return_all: bool = False
+  ):
     """Prompts in chunks of chunk_size -> (logits f32[B, V], cache).
 
     tokens int[B, P] right-padded; prompt_lengths int[B] in [1, P] (default
@@ -215,31 +263,42 @@ class Decoder:
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] != cache.batch_size:
-      raise ValueError(f"tokens must be int[B={cache.batch_size}, P], got "
-                       f"shape {tokens.shape}.")
+      raise ValueError(
+        f"tokens must be int[B={cache.batch_size}, P], got "
+        f"shape {tokens.shape}."
+      )
     batch, plen = tokens.shape
-    lens = (np.full((batch,), plen, np.int64) if prompt_lengths is None
-            else np.asarray(prompt_lengths).astype(np.int64))
+    lens = (
+      np.full((batch,), plen, np.int64)
+      if prompt_lengths is None
+      else np.asarray(prompt_lengths).astype(np.int64)
+    )
     if lens.shape != (batch,) or lens.min() < 1 or lens.max() > plen:
-      raise ValueError(f"prompt_lengths must be int[{batch}] in [1, P={plen}],"
-                       f" got {lens.tolist()}.")
+      raise ValueError(
+        f"prompt_lengths must be int[{batch}] in [1, P={plen}],"
+        f" got {lens.tolist()}."
+      )
     if cache.max_length != 0:
-      raise ValueError("prefill needs an empty cache (use extend() to add "
-                       "tokens to a filled one).")
+      raise ValueError(
+        "prefill needs an empty cache (use extend() to add "
+        "tokens to a filled one)."
+      )
     if int(lens.max()) > cache.capacity:
-      raise ValueError(f"KV cache overflow: prompt of {int(lens.max())} tokens "
-                       f"exceeds the cache capacity S_max={cache.capacity}.")
-    plen = int(lens.max())          # drop all-padding columns
+      raise ValueError(
+        f"KV cache overflow: prompt of {int(lens.max())} tokens "
+        f"exceeds the cache capacity S_max={cache.capacity}."
+      )
+    plen = int(lens.max())  # drop all-padding columns
     tokens = tokens[:, :plen]
     last, outs = None, []
     for start in range(0, plen, self.chunk_size):
-      chunk = tokens[:, start:start + self.chunk_size]
+      chunk = tokens[:, start : start + self.chunk_size]
       valid = np.clip(lens - start, 0, chunk.shape[1]).astype(np.int32)
-      logits, cache = self.extend(cache, chunk, valid,
-                                  last_only=not return_all)
+      logits, cache = self.extend(cache, chunk, valid, last_only=not return_all)
       # extend's bound assumed every row grew by T; the real bound is tighter.
-      cache = cache.replace(max_length=int(np.minimum(lens, start +
-                                                      chunk.shape[1]).max()))
+      cache = cache.replace(
+        max_length=int(np.minimum(lens, start + chunk.shape[1]).max())
+      )
       if return_all:
         outs.append(logits)
         continue
@@ -249,9 +308,17 @@ class Decoder:
       return jnp.concatenate(outs, axis=1), cache
     return last, cache
 
-  def generate(self, tokens, prompt_lengths=None, *, max_new_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               max_len: int | None = None) -> Generation:
+  def generate(
+    self,
+    tokens,
+    prompt_lengths=None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_len: int | None = None,
+  ) -> Generation:
     """Prefill + max_new_tokens sampled tokens per row (greedy by default).
 
     The cache holds max_len tokens (default max(prompt_lengths) +
@@ -262,19 +329,24 @@ class Decoder:
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be int[B, P], got shape {tokens.shape}.")
     batch = tokens.shape[0]
-    lens = (np.full((batch,), tokens.shape[1], np.int64)
-            if prompt_lengths is None else np.asarray(prompt_lengths))
+    lens = (
+      np.full((batch,), tokens.shape[1], np.int64)
+      if prompt_lengths is None
+      else np.asarray(prompt_lengths)
+    )
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    need = int(lens.max()) + max_new_tokens - 1   # the last token is not cached
+    need = int(lens.max()) + max_new_tokens - 1  # the last token is not cached
     max_len = need if max_len is None else int(max_len)
     if need > max_len:
       raise ValueError(
-          f"KV cache overflow: prompt of up to {int(lens.max())} tokens + "
-          f"{max_new_tokens} new tokens needs {need} cached tokens, but "
-          f"max_len={max_len}.")
-    sample_logits(jnp.zeros((1, 2)), jax.random.key(0),
-                  temperature=temperature, top_p=top_p)   # validates args
+        f"KV cache overflow: prompt of up to {int(lens.max())} tokens + "
+        f"{max_new_tokens} new tokens needs {need} cached tokens, but "
+        f"max_len={max_len}."
+      )
+    sample_logits(
+      jnp.zeros((1, 2)), jax.random.key(0), temperature=temperature, top_p=top_p
+    )  # validates args
     cache = self.init_cache(batch, max_len)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
@@ -289,8 +361,15 @@ class Decoder:
       self._check_room(cache, 1, "this decode step")
       key, sub = jax.random.split(key)
       tok, layers, lengths = self._decode_sample(
-          self.params, cache.layers, cache.lengths, tok, sub, view=view,
-          temperature=float(temperature), top_p=float(top_p))
+        self.params,
+        cache.layers,
+        cache.lengths,
+        tok,
+        sub,
+        view=view,
+        temperature=float(temperature),
+        top_p=float(top_p),
+      )
       cache = Cache(layers, lengths, cache.max_length + 1)
       out.append(tok)
       if i == 0:
@@ -299,21 +378,42 @@ class Decoder:
     out = np.stack([np.asarray(t) for t in out], axis=1)
     t2 = time.perf_counter()
     steps = max(max_new_tokens - 2, 0)
-    return Generation(tokens=out.astype(np.int32),
-                      prompt_lengths=lens.astype(np.int32),
-                      prefill_s=t1 - t0, first_step_s=first_s,
-                      decode_s=(t2 - t1 - first_s) if steps else 0.0,
-                      prefill_tokens=int(lens.sum()), decode_steps=steps)
+    return Generation(
+      tokens=out.astype(np.int32),
+      prompt_lengths=lens.astype(np.int32),
+      prefill_s=t1 - t0,
+      first_step_s=first_s,
+      decode_s=(t2 - t1 - first_s) if steps else 0.0,
+      prefill_tokens=int(lens.sum()),
+      decode_steps=steps,
+    )
 
 
-def generate(model, tokens, prompt_lengths=None, *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             chunk_size: int = 512, index_dtype="float32",
-             mode: str = "sparse", mesh: Mesh | None = None,
-             max_len: int | None = None) -> Generation:
+def generate(
+  model,
+  tokens,
+  prompt_lengths=None,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  chunk_size: int = 512,
+  index_dtype="float32",
+  mode: str = "sparse",
+  mesh: Mesh | None = None,
+  max_len: int | None = None,
+) -> Generation:
   """One-call generation (see `Decoder.generate`)."""
-  dec = Decoder(model, chunk_size=chunk_size, index_dtype=index_dtype,
-                mode=mode, mesh=mesh)
-  return dec.generate(tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, seed=seed,
-                      max_len=max_len)
+  dec = Decoder(
+    model, chunk_size=chunk_size, index_dtype=index_dtype, mode=mode, mesh=mesh
+  )
+  return dec.generate(
+    tokens,
+    prompt_lengths,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_p=top_p,
+    seed=seed,
+    max_len=max_len,
+  )

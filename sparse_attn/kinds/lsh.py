@@ -53,24 +53,28 @@ import numpy as np
 from sparse_attn.ops import checks
 from sparse_attn.ops.attention import masked_softmax
 
-
 LOOKBACKS = ("chunk", "window")
 
 
 def check_lsh_params(n_buckets, n_hashes, chunk_size):
-  for name, value in (("n_buckets", n_buckets), ("n_hashes", n_hashes),
-                      ("chunk_size", chunk_size)):
+  for name, value in (
+    ("n_buckets", n_buckets),
+    ("n_hashes", n_hashes),
+    ("chunk_size", chunk_size),
+  ):
     checks.check_positive_int(name, value)
   if n_buckets % 2:
     raise ValueError(f"n_buckets must be even, got {n_buckets}.")
 
 
-def lsh_rotations(key: jax.Array, head_dim: int, n_buckets: int,
-                  n_hashes: int) -> jax.Array:
+def lsh_rotations(
+  key: jax.Array, head_dim: int, n_buckets: int, n_hashes: int
+) -> jax.Array:
   """f32[n_hashes, D, n_buckets / 2] random rotations (i.i.d. normal)."""
   check_lsh_params(n_buckets, n_hashes, 1)
-  return jax.random.normal(key, (n_hashes, head_dim, n_buckets // 2),
-                           jnp.float32)
+  return jax.random.normal(
+    key, (n_hashes, head_dim, n_buckets // 2), jnp.float32
+  )
 
 
 def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
@@ -78,10 +82,13 @@ def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   checks.check_rank("x", x, 4, "[B, T, H, D]")
   checks.check_rank("rotations", rotations, 3, "[n_hashes, D, n_buckets/2]")
   if rotations.shape[1] != x.shape[3]:
-    raise ValueError(f"rotations shape {rotations.shape} must have D="
-                     f"{x.shape[3]} of x shape {x.shape} on axis 1.")
-  proj = jnp.einsum("bthd,rdn->rbhtn", x.astype(jnp.float32),
-                    rotations.astype(jnp.float32))
+    raise ValueError(
+      f"rotations shape {rotations.shape} must have D="
+      f"{x.shape[3]} of x shape {x.shape} on axis 1."
+    )
+  proj = jnp.einsum(
+    "bthd,rdn->rbhtn", x.astype(jnp.float32), rotations.astype(jnp.float32)
+  )
   proj = jnp.concatenate([proj, -proj], axis=-1)
   return jnp.argmax(proj, axis=-1).astype(jnp.int32)
 
@@ -109,12 +116,21 @@ def _look_back(a, axis):
   return jnp.concatenate([prev, a], axis=axis + 1)
 
 
-def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
-                  n_hashes: int, chunk_size: int, key: jax.Array | None = None,
-                  rotations: jax.Array | None = None, same_bucket: bool = True,
-                  lookback: str = "chunk",
-                  kv_lengths: jax.Array | None = None,
-                  scale: float | None = None, return_counts: bool = False):
+def lsh_attention(
+  qk: jax.Array,
+  v: jax.Array,
+  *,
+  n_buckets: int,
+  n_hashes: int,
+  chunk_size: int,
+  key: jax.Array | None = None,
+  rotations: jax.Array | None = None,
+  same_bucket: bool = True,
+  lookback: str = "chunk",
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  return_counts: bool = False,
+):
   """Reformer LSH self-attention [B, T, H, Dv].
 
   Args:
@@ -140,8 +156,10 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
   checks.check_floating("v", v)
   checks.check_same_dtype(qk=qk, v=v)
   if vs[:2] != qs[:2]:
-    raise ValueError(f"v shape {vs} must be [B, T, G, Dv] with [B, T] = "
-                     f"{qs[:2]} of qk shape {qs}.")
+    raise ValueError(
+      f"v shape {vs} must be [B, T, G, Dv] with [B, T] = "
+      f"{qs[:2]} of qk shape {qs}."
+    )
   checks.check_heads(qs[2], vs[2], qs, vs)
   checks.check_kv_lengths(kv_lengths, qs[0])
   check_lsh_params(n_buckets, n_hashes, chunk_size)
@@ -153,9 +171,11 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
   if rotations is None:
     rotations = lsh_rotations(key, dim, n_buckets, n_hashes)
   if rotations.shape != (n_hashes, dim, n_buckets // 2):
-    raise ValueError(f"rotations shape {rotations.shape} must be "
-                     f"{(n_hashes, dim, n_buckets // 2)}.")
-  scale = dim ** -0.5 if scale is None else scale
+    raise ValueError(
+      f"rotations shape {rotations.shape} must be "
+      f"{(n_hashes, dim, n_buckets // 2)}."
+    )
+  scale = dim**-0.5 if scale is None else scale
   acc = checks.acc_dtype(qk)
   nh, c = n_hashes, chunk_size
   nc = -(-seq // c)
@@ -165,7 +185,7 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
   def pad_t(a):
     return jnp.pad(a, [(0, 0), (0, 0), (0, tp - seq), (0, 0)])
 
-  xq = pad_t(jnp.swapaxes(qk, 1, 2))                           # [B, H, Tp, D]
+  xq = pad_t(jnp.swapaxes(qk, 1, 2))  # [B, H, Tp, D]
   xk = pad_t(jnp.swapaxes(normalize_keys(qk), 1, 2))
   xv = pad_t(jnp.repeat(jnp.swapaxes(v, 1, 2), heads // vs[2], axis=1))
   pos = jnp.arange(tp, dtype=jnp.int32)
@@ -174,30 +194,35 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
     key_ok = key_ok & (pos[None] < jnp.asarray(kv_lengths, jnp.int32)[:, None])
   key_ok = jnp.broadcast_to(key_ok[:, None, :], (batch, heads, tp))
 
-  buckets = lsh_buckets(qk, rotations)                          # [NH, B, H, T]
-  buckets = jnp.pad(buckets, [(0, 0), (0, 0), (0, 0), (0, tp - seq)],
-                    constant_values=n_buckets)
+  buckets = lsh_buckets(qk, rotations)  # [NH, B, H, T]
+  buckets = jnp.pad(
+    buckets, [(0, 0), (0, 0), (0, 0), (0, tp - seq)], constant_values=n_buckets
+  )
   perm = jnp.argsort(buckets * tp + pos, axis=-1).astype(jnp.int32)
-  inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)           # sorted slot of t
+  inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)  # sorted slot of t
 
   s_b = jnp.take_along_axis(buckets, perm, axis=-1)
   s_ok = _take_time_int(key_ok, perm)
-  s_q = _take_time(xq, perm)                                    # [NH,B,H,Tp,D]
+  s_q = _take_time(xq, perm)  # [NH,B,H,Tp,D]
   s_k = _take_time(xk, perm)
   s_v = _take_time(xv, perm)
 
   def chunks(a):
     return a.reshape(nh, batch, heads, nc, c, *a.shape[4:])
 
-  q_pos, q_b = chunks(perm), chunks(s_b)                        # [NH,B,H,nc,c]
-  k_pos, k_b = _look_back(q_pos, 3), _look_back(q_b, 3)         # [..., nc, 2c]
+  q_pos, q_b = chunks(perm), chunks(s_b)  # [NH,B,H,nc,c]
+  k_pos, k_b = _look_back(q_pos, 3), _look_back(q_b, 3)  # [..., nc, 2c]
   has_prev = jnp.concatenate(
-      [jnp.broadcast_to((jnp.arange(nc) > 0)[:, None], (nc, c)),
-       jnp.ones((nc, c), bool)], axis=1)
+    [
+      jnp.broadcast_to((jnp.arange(nc) > 0)[:, None], (nc, c)),
+      jnp.ones((nc, c), bool),
+    ],
+    axis=1,
+  )
   k_ok = _look_back(chunks(s_ok), 3) & has_prev
   q_slot = jnp.arange(tp, dtype=jnp.int32).reshape(nc, c)
   slot_lag = q_slot[:, :, None] - _look_back(q_slot, 0)[:, None, :]  # [nc,c,2c]
-  k_vec = _look_back(chunks(s_k), 3)                            # [...,nc,2c,D]
+  k_vec = _look_back(chunks(s_k), 3)  # [...,nc,2c,D]
   v_vec = _look_back(chunks(s_v), 3)
 
   causal = k_pos[..., None, :] <= q_pos[..., :, None]
@@ -216,8 +241,8 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
   # N(i, j): rounds in which j is a candidate of i (chunk window and bucket).
   flat_q = q_pos.reshape(nh, batch, heads, tp)
   flat_k = k_pos.reshape(nh, batch, heads, nc * 2 * c)
-  per_round = jax.vmap(_take_time_int, in_axes=(0, None))       # over r'
-  sq_ = per_round(inv, flat_q).reshape(nh, *q_pos.shape)      # slot of i in r'
+  per_round = jax.vmap(_take_time_int, in_axes=(0, None))  # over r'
+  sq_ = per_round(inv, flat_q).reshape(nh, *q_pos.shape)  # slot of i in r'
   sk_ = per_round(inv, flat_k).reshape(nh, *k_pos.shape)
   if lookback == "window":
     lag = sq_[..., :, None] - sk_[..., None, :]
@@ -231,36 +256,51 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, n_buckets: int,
     member = member & (bq[..., :, None] == bk[..., None, :])
   count = jnp.maximum(jnp.sum(member, axis=0), 1).astype(acc)
 
-  logits = jnp.einsum("rbhncd,rbhnkd->rbhnck", chunks(s_q), k_vec,
-                      preferred_element_type=acc) * scale
+  logits = (
+    jnp.einsum(
+      "rbhncd,rbhnkd->rbhnck", chunks(s_q), k_vec, preferred_element_type=acc
+    )
+    * scale
+  )
   logits = logits - jnp.log(count)
   probs, lse = masked_softmax(logits, valid)
-  out = jnp.einsum("rbhnck,rbhnkv->rbhncv", probs.astype(v.dtype), v_vec,
-                   preferred_element_type=acc)
+  out = jnp.einsum(
+    "rbhnck,rbhnkv->rbhncv",
+    probs.astype(v.dtype),
+    v_vec,
+    preferred_element_type=acc,
+  )
 
   # Back to original order, then combine rounds by their lse weights.
   out = jax.vmap(lambda a, i: jnp.take_along_axis(a, i[..., None], axis=2))(
-      out.reshape(nh, batch, heads, tp, -1), inv)               # [NH,B,H,Tp,Dv]
+    out.reshape(nh, batch, heads, tp, -1), inv
+  )  # [NH,B,H,Tp,Dv]
   lse = jnp.take_along_axis(lse.reshape(nh, batch, heads, tp), inv, axis=-1)
   top = jnp.max(lse, axis=0)
   top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
   w = jnp.exp(lse - top)
   den = jnp.sum(w, axis=0)
   w = w / jnp.where(den > 0, den, 1.0)
-  o = jnp.sum(w[..., None] * out, axis=0)[:, :, :seq]          # [B, H, T, Dv]
+  o = jnp.sum(w[..., None] * out, axis=0)[:, :, :seq]  # [B, H, T, Dv]
   o = jnp.swapaxes(o, 1, 2).astype(qk.dtype)
   if not return_counts:
     return o
   per_query = jnp.sum(jnp.where(valid, 1.0 / count, 0.0), axis=-1)
-  per_query = jnp.take_along_axis(per_query.reshape(nh, batch, heads, tp),
-                                  inv, axis=-1)
+  per_query = jnp.take_along_axis(
+    per_query.reshape(nh, batch, heads, tp), inv, axis=-1
+  )
   counts = jnp.sum(per_query, axis=(0,))[:, :, :seq].mean(axis=1)
   return o, counts.astype(jnp.float32)
 
 
-def lsh_nominal_keys_per_query(seq_len: int, *, n_hashes: int,
-                               chunk_size: int, n_buckets: int,
-                               same_bucket: bool = True) -> np.ndarray:
+def lsh_nominal_keys_per_query(
+  seq_len: int,
+  *,
+  n_hashes: int,
+  chunk_size: int,
+  n_buckets: int,
+  same_bucket: bool = True,
+) -> np.ndarray:
   """Estimated keys per query, float64[n], under uniformly random hashing.
 
       same_bucket:  min(i + 1, max(1, i * (1 - (1 - 1/n_buckets)^n_hashes)),

@@ -22,13 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attn.kinds.patterns import block_sparse_attention, topk_blocks
 from sparse_attn.ops import checks, chunking, masking
 from sparse_attn.ops.attention import ATTN_BUDGET, check_qkv, group_heads
-from sparse_attn.kinds.patterns import block_sparse_attention, topk_blocks
 
 
-def mean_pool_blocks(x: jax.Array, block_size: int,
-                     kv_lengths: jax.Array | None = None) -> jax.Array:
+def mean_pool_blocks(
+  x: jax.Array, block_size: int, kv_lengths: jax.Array | None = None
+) -> jax.Array:
   """x [B, S, G, D] -> [B, ceil(S/bs), G, D]: mean of each block's valid keys."""
   batch, num_keys = x.shape[:2]
   m = -(-num_keys // block_size)
@@ -44,15 +45,23 @@ def mean_pool_blocks(x: jax.Array, block_size: int,
   return (total / jnp.maximum(n, 1.0)).astype(x.dtype)
 
 
-def moba_select(q, k, *, block_size: int, top_k: int, q_offset=None,
-                kv_lengths=None, query_chunk: int | None = None):
+def moba_select(
+  q,
+  k,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths=None,
+  query_chunk: int | None = None,
+):
   """int32[B, T, G, H/G, top_k]: the blocks each query head attends (-1 = none)."""
   qs, ks, _ = check_qkv(q, k, k, q_offset, kv_lengths)
   block_size = checks.check_positive_int("block_size", block_size)
   top_k = checks.check_positive_int("top_k", top_k)
   batch, num_q, num_heads, _ = qs
   num_keys, num_kv = ks[1], ks[2]
-  pooled = mean_pool_blocks(k, block_size, kv_lengths)         # [B, M, G, D]
+  pooled = mean_pool_blocks(k, block_size, kv_lengths)  # [B, M, G, D]
   m = pooled.shape[1]
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   if query_chunk is None:
@@ -62,8 +71,12 @@ def moba_select(q, k, *, block_size: int, top_k: int, q_offset=None,
 
   def block(start, qb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
-    aff = jnp.einsum("bcgrd,bmgd->bcgrm", group_heads(qb, num_kv), pooled,
-                     preferred_element_type=acc)
+    aff = jnp.einsum(
+      "bcgrd,bmgd->bcgrm",
+      group_heads(qb, num_kv),
+      pooled,
+      preferred_element_type=acc,
+    )
     cur = (q_pos // block_size)[:, :, None, None, None]
     cand = blk < cur
     if kv_lengths is not None:
@@ -75,12 +88,20 @@ def moba_select(q, k, *, block_size: int, top_k: int, q_offset=None,
   return chunking.map_query_chunks(block, query_chunk, q)
 
 
-def moba_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                   block_size: int, top_k: int, q_offset=None,
-                   kv_lengths: jax.Array | None = None,
-                   scale: float | None = None,
-                   query_chunk: int | None = None,
-                   return_counts: bool = False, return_blocks: bool = False):
+def moba_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+  return_blocks: bool = False,
+):
   """MoBA attention [B, T, H, Dv].
 
   Args:
@@ -91,13 +112,27 @@ def moba_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return_counts: also return f32[B, T] keys attended (mean over heads).
     return_blocks: also return the int32[B, T, G, H/G, top_k] selection.
   """
-  blocks = moba_select(q, k, block_size=block_size, top_k=top_k,
-                       q_offset=q_offset, kv_lengths=kv_lengths,
-                       query_chunk=query_chunk)
+  blocks = moba_select(
+    q,
+    k,
+    block_size=block_size,
+    top_k=top_k,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    query_chunk=query_chunk,
+  )
   out, counts = block_sparse_attention(
-      q, k, v, jax.lax.stop_gradient(blocks), block_size=block_size,
-      q_offset=q_offset, kv_lengths=kv_lengths, scale=scale,
-      query_chunk=query_chunk, return_counts=True)
+    q,
+    k,
+    v,
+    jax.lax.stop_gradient(blocks),
+    block_size=block_size,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    scale=scale,
+    query_chunk=query_chunk,
+    return_counts=True,
+  )
   result = (out,)
   if return_counts:
     result += (counts,)
@@ -106,8 +141,9 @@ def moba_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return result[0] if len(result) == 1 else result
 
 
-def moba_keys_per_query(seq_len: int, *, block_size: int,
-                        top_k: int) -> np.ndarray:
+def moba_keys_per_query(
+  seq_len: int, *, block_size: int, top_k: int
+) -> np.ndarray:
   """Keys per query: (i mod b) + 1 + min(top_k - 1, floor(i / b)) * b."""
   i = np.arange(seq_len)
   b = block_size

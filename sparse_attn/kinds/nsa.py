@@ -29,34 +29,45 @@ attention (used by the tests).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attn.kinds.patterns import (
+  block_sparse_attention,
+  sliding_window_attention,
+  topk_blocks,
+)
 from sparse_attn.ops import checks, chunking, masking
-from sparse_attn.ops.attention import (ATTN_BUDGET, check_qkv, default_scale,
-                                   group_heads, masked_softmax)
-from sparse_attn.kinds.patterns import (block_sparse_attention,
-                                       sliding_window_attention, topk_blocks)
+from sparse_attn.ops.attention import (
+  ATTN_BUDGET,
+  check_qkv,
+  default_scale,
+  group_heads,
+  masked_softmax,
+)
 
 BRANCHES = ("compressed", "selected", "window")
 
 
-def num_compressed_blocks(num_keys: int, cmp_block: int, cmp_stride: int) -> int:
+def num_compressed_blocks(
+  num_keys: int, cmp_block: int, cmp_stride: int
+) -> int:
   """Blocks m with m*d + l <= S (blocks reaching past S are never visible)."""
   if num_keys < cmp_block:
     return 0
   return (num_keys - cmp_block) // cmp_stride + 1
 
 
-def compression_windows(x: jax.Array, cmp_block: int,
-                        cmp_stride: int) -> jax.Array:
+def compression_windows(
+  x: jax.Array, cmp_block: int, cmp_stride: int
+) -> jax.Array:
   """x [B, S, G, D] -> [B, N, G, l, D]: the tokens of each compressed block."""
   n = num_compressed_blocks(x.shape[1], cmp_block, cmp_stride)
-  idx = (np.arange(n)[:, None] * cmp_stride + np.arange(cmp_block)[None])
-  w = x[:, idx]                                                 # [B, N, l, G, D]
+  idx = np.arange(n)[:, None] * cmp_stride + np.arange(cmp_block)[None]
+  w = x[:, idx]  # [B, N, l, G, D]
   return jnp.swapaxes(w, 2, 3)
 
 
@@ -76,37 +87,55 @@ def _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block):
 
 def check_nsa_sizes(cmp_block, cmp_stride, select_block, num_selected, window):
   """ValueError unless the block sizes are positive ints with stride <= block."""
-  for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride),
-                      ("select_block", select_block),
-                      ("num_selected", num_selected), ("window", window)):
+  for name, value in (
+    ("cmp_block", cmp_block),
+    ("cmp_stride", cmp_stride),
+    ("select_block", select_block),
+    ("num_selected", num_selected),
+    ("window", window),
+  ):
     checks.check_positive_int(name, value)
   if cmp_stride > cmp_block:
-    raise ValueError(f"cmp_stride={cmp_stride} must be <= cmp_block="
-                     f"{cmp_block} (blocks must cover every key).")
+    raise ValueError(
+      f"cmp_stride={cmp_stride} must be <= cmp_block="
+      f"{cmp_block} (blocks must cover every key)."
+    )
 
 
-def _check_nsa(gates, qs, cmp_block, cmp_stride, select_block, num_selected,
-               window):
+def _check_nsa(
+  gates, qs, cmp_block, cmp_stride, select_block, num_selected, window
+):
   check_nsa_sizes(cmp_block, cmp_stride, select_block, num_selected, window)
   gs = checks.check_rank("gates", gates, 4, "[B, T, H, 3]")
   if gs != qs[:3] + (3,):
-    raise ValueError(f"gates shape {gs} must be [B, T, H, 3] = "
-                     f"{qs[:3] + (3,)} for q shape {qs}.")
+    raise ValueError(
+      f"gates shape {gs} must be [B, T, H, 3] = "
+      f"{qs[:3] + (3,)} for q shape {qs}."
+    )
 
 
-def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                  gates: jax.Array, *, cmp_block: int = 32,
-                  cmp_stride: int = 16, select_block: int = 64,
-                  num_selected: int = 16, window: int = 512,
-                  compress_k: Callable | None = None,
-                  compress_v: Callable | None = None, q_offset=None,
-                  kv_lengths: jax.Array | None = None,
-                  scale: float | None = None,
-                  query_chunk: int | None = None,
-                  implementation: str | None = None,
-                  block_sizes=None,
-                  return_branches: bool = False,
-                  return_counts: bool = False):
+def nsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gates: jax.Array,
+  *,
+  cmp_block: int = 32,
+  cmp_stride: int = 16,
+  select_block: int = 64,
+  num_selected: int = 16,
+  window: int = 512,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_branches: bool = False,
+  return_counts: bool = False,
+):
   """Native Sparse Attention [B, T, H, Dv].
 
   Args:
@@ -126,8 +155,9 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       heads), summed over the three branches (compressed keys count as keys).
   """
   qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
-  _check_nsa(gates, qs, cmp_block, cmp_stride, select_block, num_selected,
-             window)
+  _check_nsa(
+    gates, qs, cmp_block, cmp_stride, select_block, num_selected, window
+  )
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
   scale = default_scale(scale, head_dim)
@@ -146,22 +176,29 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     overlap = _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block)
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(
-        num_q, num_heads * (2 * max(n_cmp, 1) + n_sel), ATTN_BUDGET)
+      num_q, num_heads * (2 * max(n_cmp, 1) + n_sel), ATTN_BUDGET
+    )
 
   def block(start, qb):
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
     if n_cmp > 0:
       qg = group_heads(qb, num_kv)
-      logits = jnp.einsum("bcgrd,bngd->bcgrn", qg, kc,
-                          preferred_element_type=acc) * scale
-      valid = cmp_end <= q_pos[:, :, None]                      # [B, C, N]
+      logits = (
+        jnp.einsum("bcgrd,bngd->bcgrn", qg, kc, preferred_element_type=acc)
+        * scale
+      )
+      valid = cmp_end <= q_pos[:, :, None]  # [B, C, N]
       if kv_lengths is not None:
         kv = jnp.asarray(kv_lengths, jnp.int32)
         valid = valid & (cmp_end < kv[:, None, None])
       probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
-      o_cmp = jnp.einsum("bcgrn,bngv->bcgrv", probs.astype(v.dtype), vc,
-                         preferred_element_type=acc)
+      o_cmp = jnp.einsum(
+        "bcgrn,bngv->bcgrv",
+        probs.astype(v.dtype),
+        vc,
+        preferred_element_type=acc,
+      )
       o_cmp = o_cmp.reshape(batch, c, num_heads, vs[3]).astype(q.dtype)
       importance = jnp.einsum("bcgrn,nm->bcgm", probs, overlap)
       n_cmp_keys = jnp.sum(valid, axis=-1).astype(jnp.float32)
@@ -181,37 +218,67 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   o_cmp, sel, n_cmp_keys = chunking.map_query_chunks(block, query_chunk, q)
   sel = jax.lax.stop_gradient(sel)
   o_slc, n_slc = block_sparse_attention(
-      q, k, v, sel[:, :, :, None, :], block_size=select_block,
-      q_offset=q_offset, kv_lengths=kv_lengths, scale=scale,
-      return_counts=True)
+    q,
+    k,
+    v,
+    sel[:, :, :, None, :],
+    block_size=select_block,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    scale=scale,
+    return_counts=True,
+  )
   o_win, n_win = sliding_window_attention(
-      q, k, v, window=window, q_offset=q_offset, kv_lengths=kv_lengths,
-      scale=scale, implementation=implementation, block_sizes=block_sizes,
-      return_counts=True)
+    q,
+    k,
+    v,
+    window=window,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    scale=scale,
+    implementation=implementation,
+    block_sizes=block_sizes,
+    return_counts=True,
+  )
   g = gates.astype(acc)
-  o = (g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win)
+  o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
   o = o.astype(q.dtype)
   result = (o,)
   if return_branches:
-    result += ({"compressed": o_cmp, "selected": o_slc, "window": o_win,
-                "selection": sel},)
+    result += (
+      {
+        "compressed": o_cmp,
+        "selected": o_slc,
+        "window": o_win,
+        "selection": sel,
+      },
+    )
   if return_counts:
     result += (n_cmp_keys + n_slc + n_win,)
   return result[0] if len(result) == 1 else result
 
 
-def nsa_keys_per_query(seq_len: int, *, cmp_block: int, cmp_stride: int,
-                       select_block: int, num_selected: int,
-                       window: int) -> np.ndarray:
+def nsa_keys_per_query(
+  seq_len: int,
+  *,
+  cmp_block: int,
+  cmp_stride: int,
+  select_block: int,
+  num_selected: int,
+  window: int,
+) -> np.ndarray:
   """Keys per query, summed over the branches:
 
-    compressed: #{m : m*d + l - 1 <= i} = floor((i - l + 1) / d) + 1 if i >= l-1
-    selected:   (i mod l') + 1 + min(n - 1, floor(i / l')) * l'
-    window:     min(w, i + 1)
+  compressed: #{m : m*d + l - 1 <= i} = floor((i - l + 1) / d) + 1 if i >= l-1
+  selected:   (i mod l') + 1 + min(n - 1, floor(i / l')) * l'
+  window:     min(w, i + 1)
   """
   i = np.arange(seq_len)
   cmp = np.where(i >= cmp_block - 1, (i - cmp_block + 1) // cmp_stride + 1, 0)
-  slc = i % select_block + 1 + np.minimum(num_selected - 1,
-                                          i // select_block) * select_block
+  slc = (
+    i % select_block
+    + 1
+    + np.minimum(num_selected - 1, i // select_block) * select_block
+  )
   win = np.minimum(window, i + 1)
   return (cmp + slc + win).astype(np.float64)

@@ -34,16 +34,22 @@ Key budgets (keys per query, causal, no padding) are in `*_keys_per_query`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn.ops import checks, chunking, masking
-from sparse_attn.ops.attention import (ATTN_BUDGET, check_qkv, default_scale,
-                                   group_heads, dense_block, gathered_attention,
-                                   masked_softmax)
+from sparse_attn.ops.attention import (
+  ATTN_BUDGET,
+  check_qkv,
+  default_scale,
+  dense_block,
+  gathered_attention,
+  group_heads,
+  masked_softmax,
+)
 
 PATTERNS = ("strided", "fixed")
 COMBINES = ("merged", "alternate", "split")
@@ -106,15 +112,20 @@ def check_pattern(pattern, stride, summary, combine):
   return stride, summary
 
 
-def pattern_masks(pattern: str, q_pos, key_pos, *, stride: int,
-                  summary: int = 1):
+def pattern_masks(
+  pattern: str, q_pos, key_pos, *, stride: int, summary: int = 1
+):
   """(A, B) bool[..., T, S] masks of a Sparse Transformer pattern."""
   stride, summary = check_pattern(pattern, stride, summary, "merged")
   if pattern == "strided":
-    return (strided_local_mask(q_pos, key_pos, stride),
-            strided_stride_mask(q_pos, key_pos, stride))
-  return (fixed_block_mask(q_pos, key_pos, stride),
-          fixed_summary_mask(q_pos, key_pos, stride, summary))
+    return (
+      strided_local_mask(q_pos, key_pos, stride),
+      strided_stride_mask(q_pos, key_pos, stride),
+    )
+  return (
+    fixed_block_mask(q_pos, key_pos, stride),
+    fixed_summary_mask(q_pos, key_pos, stride, summary),
+  )
 
 
 def heads_using_a(num_heads: int) -> int:
@@ -122,9 +133,17 @@ def heads_using_a(num_heads: int) -> int:
   return (num_heads + 1) // 2
 
 
-def sparse_transformer_mask(pattern: str, q_pos, key_pos, *, num_heads: int,
-                            stride: int, summary: int = 1,
-                            combine: str = "merged", layer_index: int = 0):
+def sparse_transformer_mask(
+  pattern: str,
+  q_pos,
+  key_pos,
+  *,
+  num_heads: int,
+  stride: int,
+  summary: int = 1,
+  combine: str = "merged",
+  layer_index: int = 0,
+):
   """bool[..., H, T, S]: the combined pattern (and causal) for every head."""
   stride, summary = check_pattern(pattern, stride, summary, combine)
   a, b = pattern_masks(pattern, q_pos, key_pos, stride=stride, summary=summary)
@@ -149,8 +168,10 @@ def block_layout(mask, block_q: int, block_k: int):
   mask = jnp.asarray(mask)
   t, s = mask.shape[-2:]
   nq, nk = -(-t // block_q), -(-s // block_k)
-  pad = [(0, 0)] * (mask.ndim - 2) + [(0, nq * block_q - t),
-                                      (0, nk * block_k - s)]
+  pad = [(0, 0)] * (mask.ndim - 2) + [
+    (0, nq * block_q - t),
+    (0, nk * block_k - s),
+  ]
   m = jnp.pad(mask, pad)
   m = m.reshape(*m.shape[:-2], nq, block_q, nk, block_k)
   return jnp.any(m, axis=(-3, -1))
@@ -160,10 +181,18 @@ def block_layout(mask, block_q: int, block_k: int):
 # Attention.
 
 
-def masked_pattern_attention(q, k, v, mask_fn: Callable, *, q_offset=None,
-                             kv_lengths=None, scale=None,
-                             query_chunk: int | None = None,
-                             return_counts: bool = False):
+def masked_pattern_attention(
+  q,
+  k,
+  v,
+  mask_fn: Callable,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+):
   """Softmax attention under an arbitrary per-head mask, chunked over queries.
 
   mask_fn(q_pos int32[B, C], key_pos int32[S]) -> bool[B, H or 1, C, S]; it is
@@ -177,16 +206,17 @@ def masked_pattern_attention(q, k, v, mask_fn: Callable, *, q_offset=None,
   scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   if query_chunk is None:
-    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads * 2,
-                                      ATTN_BUDGET)
+    query_chunk = chunking.auto_chunk(
+      num_q, num_keys * num_heads * 2, ATTN_BUDGET
+    )
   key_pos = jnp.arange(num_keys, dtype=jnp.int32)
 
   def block(start, qb):
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
-    pat = jnp.asarray(mask_fn(q_pos, key_pos))                  # [B, H|1, C, S]
+    pat = jnp.asarray(mask_fn(q_pos, key_pos))  # [B, H|1, C, S]
     pat = jnp.broadcast_to(pat, (batch, pat.shape[1], c, num_keys))
-    pat = jnp.moveaxis(pat, 1, 2)                               # [B, C, H|1, S]
+    pat = jnp.moveaxis(pat, 1, 2)  # [B, C, H|1, S]
     vis = masking.visible(q_pos, num_keys, kv_lengths)[:, :, None, :]
     valid = jnp.broadcast_to(pat & vis, (batch, c, num_heads, num_keys))
     valid = valid.reshape(batch, c, num_kv, num_heads // num_kv, num_keys)
@@ -198,12 +228,22 @@ def masked_pattern_attention(q, k, v, mask_fn: Callable, *, q_offset=None,
   return (out, counts) if return_counts else out
 
 
-def sparse_transformer_attention(q, k, v, *, pattern: str, stride: int,
-                                 summary: int = 1, combine: str = "merged",
-                                 layer_index: int = 0, q_offset=None,
-                                 kv_lengths=None, scale=None,
-                                 query_chunk: int | None = None,
-                                 return_counts: bool = False):
+def sparse_transformer_attention(
+  q,
+  k,
+  v,
+  *,
+  pattern: str,
+  stride: int,
+  summary: int = 1,
+  combine: str = "merged",
+  layer_index: int = 0,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+):
   """Sparse Transformer attention [B, T, H, Dv] (strided or fixed pattern).
 
   Args:
@@ -219,19 +259,31 @@ def sparse_transformer_attention(q, k, v, *, pattern: str, stride: int,
   num_heads = checks.check_rank("q", q, 4, "[B, T, H, D]")[2]
 
   def mask_fn(q_pos, key_pos):
-    return sparse_transformer_mask(pattern, q_pos, key_pos,
-                                   num_heads=num_heads, stride=stride,
-                                   summary=summary, combine=combine,
-                                   layer_index=layer_index)
+    return sparse_transformer_mask(
+      pattern,
+      q_pos,
+      key_pos,
+      num_heads=num_heads,
+      stride=stride,
+      summary=summary,
+      combine=combine,
+      layer_index=layer_index,
+    )
 
-  return masked_pattern_attention(q, k, v, mask_fn, q_offset=q_offset,
-                                  kv_lengths=kv_lengths, scale=scale,
-                                  query_chunk=query_chunk,
-                                  return_counts=return_counts)
+  return masked_pattern_attention(
+    q,
+    k,
+    v,
+    mask_fn,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    scale=scale,
+    query_chunk=query_chunk,
+    return_counts=return_counts,
+  )
 
 
-def sliding_window_indices(q_pos, window: int, num_keys: int,
-                           kv_lengths=None):
+def sliding_window_indices(q_pos, window: int, num_keys: int, kv_lengths=None):
   """int32[B, T, min(w, S)]: keys q_pos, q_pos-1, ... of each query, -1 if invalid."""
   w = min(window, num_keys)
   idx = q_pos[:, :, None] - jnp.arange(w, dtype=jnp.int32)
@@ -241,10 +293,19 @@ def sliding_window_indices(q_pos, window: int, num_keys: int,
   return jnp.where(ok, idx, -1).astype(jnp.int32)
 
 
-def sliding_window_attention(q, k, v, *, window: int, q_offset=None,
-                             kv_lengths=None, scale=None,
-                             implementation: str | None = None,
-                             block_sizes=None, return_counts: bool = False):
+def sliding_window_attention(
+  q,
+  k,
+  v,
+  *,
+  window: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_counts: bool = False,
+):
   """Local causal attention [B, T, H, Dv]: each query sees its last `window` keys.
 
   Implemented as gathered attention over int32[B, T, w] indices (O(T * w)
@@ -255,9 +316,15 @@ def sliding_window_attention(q, k, v, *, window: int, q_offset=None,
   qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
   q_pos = masking.query_positions(qs[0], qs[1], ks[1], q_offset)
   idx = sliding_window_indices(q_pos, window, ks[1], kv_lengths)
-  out = gathered_attention(q, k, v, idx, scale=scale,
-                           implementation=implementation,
-                           block_sizes=block_sizes)
+  out = gathered_attention(
+    q,
+    k,
+    v,
+    idx,
+    scale=scale,
+    implementation=implementation,
+    block_sizes=block_sizes,
+  )
   if return_counts:
     return out, jnp.sum(idx >= 0, axis=-1).astype(jnp.float32)
   return out
@@ -288,11 +355,16 @@ def _combine_counts(a, b, union, combine, num_heads, layer_index):
   return (n_a * a + (num_heads - n_a) * b) / num_heads
 
 
-def sparse_transformer_keys_per_query(seq_len: int, *, pattern: str,
-                                      stride: int, summary: int = 1,
-                                      combine: str = "merged",
-                                      layer_index: int | None = None,
-                                      num_heads: int | None = None):
+def sparse_transformer_keys_per_query(
+  seq_len: int,
+  *,
+  pattern: str,
+  stride: int,
+  summary: int = 1,
+  combine: str = "merged",
+  layer_index: int | None = None,
+  num_heads: int | None = None,
+):
   """Keys per query of a Sparse Transformer pattern (closed forms).
 
   strided: A = min(l, i+1), B = floor(i/l) + 1, A|B = min(l, i+1) + floor(i/l)
@@ -310,18 +382,28 @@ def sparse_transformer_keys_per_query(seq_len: int, *, pattern: str,
     a = i % l + 1
     b = c * (i // l) + np.maximum(0, i % l - (l - c) + 1)
     union = i % l + 1 + c * (i // l)
-  return _combine_counts(a, b, union, combine, num_heads,
-                         layer_index).astype(np.float64)
+  return _combine_counts(a, b, union, combine, num_heads, layer_index).astype(
+    np.float64
+  )
 
 
 # --------------------------------------------------------------------------
 # Block-sparse attention over selected key blocks (used by NSA and MoBA).
 
 
-def block_sparse_attention(q, k, v, blocks, *, block_size: int, q_offset=None,
-                           kv_lengths=None, scale=None,
-                           query_chunk: int | None = None,
-                           return_counts: bool = False):
+def block_sparse_attention(
+  q,
+  k,
+  v,
+  blocks,
+  *,
+  block_size: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+):
   """Attention of each query over the keys of its selected blocks [B, T, H, Dv].
 
   Args:
@@ -342,28 +424,35 @@ def block_sparse_attention(q, k, v, blocks, *, block_size: int, q_offset=None,
   bshape = checks.check_rank("blocks", blocks, 5, "[B, T, G, Rb, n]")
   checks.check_integer("blocks", blocks)
   if bshape[:3] != (batch, num_q, num_kv) or bshape[3] not in (1, reps):
-    raise ValueError(f"blocks shape {bshape} must be [B, T, G, Rb, n] with "
-                     f"[B, T, G] = {(batch, num_q, num_kv)} and Rb in "
-                     f"(1, {reps}).")
+    raise ValueError(
+      f"blocks shape {bshape} must be [B, T, G, Rb, n] with "
+      f"[B, T, G] = {(batch, num_q, num_kv)} and Rb in "
+      f"(1, {reps})."
+    )
   per_head = bshape[3] != 1 or reps == 1
   scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   n_keys = bshape[4] * block_size
   if query_chunk is None:
-    per_query = bshape[3] * num_kv * n_keys * (head_dim + vs[3]) \
-        + num_heads * n_keys
+    per_query = (
+      bshape[3] * num_kv * n_keys * (head_dim + vs[3]) + num_heads * n_keys
+    )
     query_chunk = chunking.auto_chunk(num_q, per_query, ATTN_BUDGET)
   acc = checks.acc_dtype(q)
-  k_t = jnp.swapaxes(k, 1, 2)                                   # [B, G, S, D]
+  k_t = jnp.swapaxes(k, 1, 2)  # [B, G, S, D]
   v_t = jnp.swapaxes(v, 1, 2)
 
   def block(start, qb, bb):
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
     idx = bb[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
-    idx = idx.reshape(*bb.shape[:4], n_keys)                    # [B,C,G,Rb,K]
-    valid = (jnp.repeat(bb, block_size, axis=-1) >= 0) & (idx >= 0) \
-        & (idx < num_keys) & (idx <= q_pos[:, :, None, None, None])
+    idx = idx.reshape(*bb.shape[:4], n_keys)  # [B,C,G,Rb,K]
+    valid = (
+      (jnp.repeat(bb, block_size, axis=-1) >= 0)
+      & (idx >= 0)
+      & (idx < num_keys)
+      & (idx <= q_pos[:, :, None, None, None])
+    )
     if kv_lengths is not None:
       kv = jnp.asarray(kv_lengths, jnp.int32)
       valid = valid & (idx < kv[:, None, None, None, None])
@@ -373,22 +462,26 @@ def block_sparse_attention(q, k, v, blocks, *, block_size: int, q_offset=None,
     vg = jnp.take_along_axis(v_t, flat[..., None], axis=2)
     kg = kg.reshape(batch, num_kv, c, bshape[3], n_keys, head_dim)
     vg = vg.reshape(batch, num_kv, c, bshape[3], n_keys, vs[3])
-    qg = group_heads(qb, num_kv)                                   # [B,C,G,R,D]
+    qg = group_heads(qb, num_kv)  # [B,C,G,R,D]
     if per_head:
-      logits = jnp.einsum("bcgrd,bgcrkd->bcgrk", qg, kg,
-                          preferred_element_type=acc)
+      logits = jnp.einsum(
+        "bcgrd,bgcrkd->bcgrk", qg, kg, preferred_element_type=acc
+      )
     else:
-      logits = jnp.einsum("bcgrd,bgckd->bcgrk", qg, kg[:, :, :, 0],
-                          preferred_element_type=acc)
+      logits = jnp.einsum(
+        "bcgrd,bgckd->bcgrk", qg, kg[:, :, :, 0], preferred_element_type=acc
+      )
     valid_h = jnp.broadcast_to(valid, (batch, c, num_kv, reps, n_keys))
     probs, _ = masked_softmax(logits * scale, valid_h)
     probs = probs.astype(v.dtype)
     if per_head:
-      out = jnp.einsum("bcgrk,bgcrkv->bcgrv", probs, vg,
-                       preferred_element_type=acc)
+      out = jnp.einsum(
+        "bcgrk,bgcrkv->bcgrv", probs, vg, preferred_element_type=acc
+      )
     else:
-      out = jnp.einsum("bcgrk,bgckv->bcgrv", probs, vg[:, :, :, 0],
-                       preferred_element_type=acc)
+      out = jnp.einsum(
+        "bcgrk,bgckv->bcgrv", probs, vg[:, :, :, 0], preferred_element_type=acc
+      )
     out = out.reshape(batch, c, num_heads, vs[3]).astype(q.dtype)
     counts = jnp.sum(valid_h, axis=(2, 3, 4)).astype(jnp.float32) / num_heads
     return out, counts

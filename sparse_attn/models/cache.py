@@ -25,6 +25,7 @@ from sparse_attn import sharding as shd
 @struct.dataclass
 class Cache:
   """Per-layer caches + lengths int32[B] (+ a host-side bound, static)."""
+
   layers: tuple[Any, ...]
   lengths: jax.Array
   max_length: int = struct.field(pytree_node=False, default=0)
@@ -39,8 +40,7 @@ class Cache:
     return int(self.lengths.shape[0])
 
 
-def cache_shardings(cache: Cache, mesh: Mesh,
-                    rules=shd.LOGICAL_RULES) -> Cache:
+def cache_shardings(cache: Cache, mesh: Mesh, rules=shd.LOGICAL_RULES) -> Cache:
   """NamedShardings (same structure as `cache`) sharding it like activations.
 
   Batch over the mesh's batch axes (data x fsdp), kv heads over "tensor",
@@ -48,19 +48,31 @@ def cache_shardings(cache: Cache, mesh: Mesh,
   axes stays replicated (`sharding.logical_to_spec`). Works on arrays or
   ShapeDtypeStructs.
   """
+
   def layer(lc: Any) -> Any:
     axes = getattr(type(lc), "axes", None)
     if axes is None:
-      raise ValueError(f"cache type {type(lc).__name__} names no logical axes "
-                       f"(give it an `axes` class attribute).")
+      raise ValueError(
+        f"cache type {type(lc).__name__} names no logical axes "
+        f"(give it an `axes` class attribute)."
+      )
     out = {}
     for name, names in axes.items():
       x = getattr(lc, name)
-      out[name] = None if x is None else NamedSharding(
-          mesh, shd.logical_to_spec(names, x.shape, mesh, rules))
+      out[name] = (
+        None
+        if x is None
+        else NamedSharding(
+          mesh, shd.logical_to_spec(names, x.shape, mesh, rules)
+        )
+      )
     return lc.replace(**out)
 
-  lengths = NamedSharding(mesh, shd.logical_to_spec(
-      ("batch",), cache.lengths.shape, mesh, rules))
-  return Cache(layers=tuple(layer(lc) for lc in cache.layers), lengths=lengths,
-               max_length=cache.max_length)
+  lengths = NamedSharding(
+    mesh, shd.logical_to_spec(("batch",), cache.lengths.shape, mesh, rules)
+  )
+  return Cache(
+    layers=tuple(layer(lc) for lc in cache.layers),
+    lengths=lengths,
+    max_length=cache.max_length,
+  )

@@ -38,27 +38,42 @@ from sparse_attn.nn.params import param
 class Block(nnx.Module):
   """Pre-norm transformer block: attention then SwiGLU, both residual."""
 
-  def __init__(self, cfg: ModelConfig, *, layer_index: int = 0,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, layer_index: int = 0, rngs: nnx.Rngs):
     pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
-    self.attn = registry.get(cfg.attention).build(cfg, layer_index=layer_index,
-                                                  rngs=rngs)
+    self.attn = registry.get(cfg.attention).build(
+      cfg, layer_index=layer_index, rngs=rngs
+    )
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
-    self.mlp = SwiGLU(cfg.embed_dim, cfg.mlp_dim, dtype=dt, param_dtype=pd,
-                      rngs=rngs)
+    self.mlp = SwiGLU(
+      cfg.embed_dim, cfg.mlp_dim, dtype=dt, param_dtype=pd, rngs=rngs
+    )
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array,
-               kv_lengths: jax.Array | None, mode: str, cache: Any = None,
-               view: int | None = None):
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array,
+    kv_lengths: jax.Array | None,
+    mode: str,
+    cache: Any = None,
+    view: int | None = None,
+  ):
     """(x, aux) without a cache; (x, aux, cache) with one."""
     h = self.attn_norm(x)
     if cache is None:
-      y, aux = self.attn(h, positions=positions, kv_lengths=kv_lengths,
-                         mode=mode)
+      y, aux = self.attn(
+        h, positions=positions, kv_lengths=kv_lengths, mode=mode
+      )
     else:
-      y, aux, cache = self.attn(h, positions=positions, kv_lengths=kv_lengths,
-                                mode=mode, cache=cache, view=view)
+      y, aux, cache = self.attn(
+        h,
+        positions=positions,
+        kv_lengths=kv_lengths,
+        mode=mode,
+        cache=cache,
+        view=view,
+      )
     x = x + y.astype(x.dtype)
     x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
     return (x, aux) if cache is None else (x, aux, cache)
@@ -68,33 +83,49 @@ class Transformer(nnx.Module):
   """Decoder-only LM: tokens int[B, T] -> (logits f32[B, T, V], aux[, cache])."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    registry.get(cfg.attention)          # a clear error for unknown kinds
+    registry.get(cfg.attention)  # a clear error for unknown kinds
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
     self.dtype = jnp.dtype(cfg.dtype)
-    self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim),
-                       ("vocab", "embed"), pd,
-                       init=nnx.initializers.normal(cfg.embed_dim ** -0.5))
-    self.blocks = nnx.List([Block(cfg, layer_index=i, rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    self.embed = param(
+      rngs,
+      (cfg.vocab_size, cfg.embed_dim),
+      ("vocab", "embed"),
+      pd,
+      init=nnx.initializers.normal(cfg.embed_dim**-0.5),
+    )
+    self.blocks = nnx.List(
+      [Block(cfg, layer_index=i, rngs=rngs) for i in range(cfg.num_layers)]
+    )
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
     if not cfg.tie_embeddings:
-      self.unembed = param(rngs, (cfg.embed_dim, cfg.vocab_size),
-                           ("embed", "vocab"), pd)
+      self.unembed = param(
+        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pd
+      )
 
-  def init_cache(self, batch_size: int, max_len: int, *, dtype: Any = None,
-                 index_dtype: Any = "float32") -> Cache:
+  def init_cache(
+    self,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: Any = None,
+    index_dtype: Any = "float32",
+  ) -> Cache:
     """Zero cache (lengths 0) for batch_size rows of up to max_len tokens.
 
     dtype: K/V storage (default: the activation dtype); index_dtype: DSA's
     indexer key cache ("float32", "bfloat16" or "float8_e4m3fn").
     """
     if batch_size < 1 or max_len < 1:
-      raise ValueError(f"batch_size and max_len must be >= 1, got "
-                       f"{batch_size}, {max_len}.")
-    layers = tuple(block.attn.init_cache(batch_size, max_len, dtype=dtype,
-                                         index_dtype=index_dtype)
-                   for block in self.blocks)
+      raise ValueError(
+        f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}."
+      )
+    layers = tuple(
+      block.attn.init_cache(
+        batch_size, max_len, dtype=dtype, index_dtype=index_dtype
+      )
+      for block in self.blocks
+    )
     return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -103,15 +134,21 @@ class Transformer(nnx.Module):
     if self.cfg.tie_embeddings:
       out = jnp.einsum("...e,ve->...v", x, self.embed[...].astype(self.dtype))
     else:
-      out = jnp.einsum("...e,ev->...v", x,
-                       self.unembed[...].astype(self.dtype))
+      out = jnp.einsum("...e,ev->...v", x, self.unembed[...].astype(self.dtype))
     return out.astype(jnp.float32)
 
-  def __call__(self, tokens: jax.Array, *, mode: str = "sparse",
-               kv_lengths: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: Cache | None = None,
-               num_valid: jax.Array | None = None, view: int | None = None,
-               logits_at: jax.Array | None = None):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    mode: str = "sparse",
+    kv_lengths: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: Cache | None = None,
+    num_valid: jax.Array | None = None,
+    view: int | None = None,
+    logits_at: jax.Array | None = None,
+  ):
     """The forward pass.
 
     Without a cache: tokens int[B, T] at `positions` (default 0..T-1), keys
@@ -135,14 +172,19 @@ class Transformer(nnx.Module):
     batch, length = tokens.shape
     if cache is not None:
       if positions is not None or kv_lengths is not None:
-        raise ValueError("with a cache, positions and kv_lengths follow from "
-                         "cache.lengths and num_valid; do not pass them.")
+        raise ValueError(
+          "with a cache, positions and kv_lengths follow from "
+          "cache.lengths and num_valid; do not pass them."
+        )
       if len(cache.layers) != len(self.blocks):
-        raise ValueError(f"cache has {len(cache.layers)} layers, the model "
-                         f"{len(self.blocks)}.")
+        raise ValueError(
+          f"cache has {len(cache.layers)} layers, the model {len(self.blocks)}."
+        )
       if tuple(cache.lengths.shape) != (batch,):
-        raise ValueError(f"cache holds {cache.lengths.shape[0]} rows, tokens "
-                         f"{batch} (shape {tokens.shape}).")
+        raise ValueError(
+          f"cache holds {cache.lengths.shape[0]} rows, tokens "
+          f"{batch} (shape {tokens.shape})."
+        )
       if num_valid is None:
         num_valid = jnp.full((batch,), length, jnp.int32)
       positions = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
@@ -150,19 +192,26 @@ class Transformer(nnx.Module):
     elif num_valid is not None or view is not None:
       raise ValueError("num_valid and view apply only with a cache.")
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
-                                   (batch, length))
+      positions = jnp.broadcast_to(
+        jnp.arange(length, dtype=jnp.int32), (batch, length)
+      )
     x = self.embed[...][tokens].astype(self.dtype) * jnp.asarray(
-        self.cfg.embed_dim ** 0.5, self.dtype)
+      self.cfg.embed_dim**0.5, self.dtype
+    )
     totals: Aux | None = None
     new_layers = []
     for i, block in enumerate(self.blocks):
       if cache is None:
-        x, aux = block(x, positions=positions, kv_lengths=kv_lengths,
-                       mode=mode)
+        x, aux = block(x, positions=positions, kv_lengths=kv_lengths, mode=mode)
       else:
-        x, aux, lc = block(x, positions=positions, kv_lengths=kv_lengths,
-                           mode=mode, cache=cache.layers[i], view=view)
+        x, aux, lc = block(
+          x,
+          positions=positions,
+          kv_lengths=kv_lengths,
+          mode=mode,
+          cache=cache.layers[i],
+          view=view,
+        )
         new_layers.append(lc)
       totals = aux if totals is None else jax.tree.map(jnp.add, totals, aux)
     if logits_at is not None:
@@ -172,11 +221,15 @@ class Transformer(nnx.Module):
     assert totals is not None
     totals = dict(totals)
     totals["attended_fraction"] = totals["attended_keys"] / jnp.maximum(
-        totals["visible_keys"], 1.0)
+      totals["visible_keys"], 1.0
+    )
     if cache is None:
       return logits, totals
-    return logits, totals, Cache(tuple(new_layers), kv_lengths,
-                                 cache.max_length)
+    return (
+      logits,
+      totals,
+      Cache(tuple(new_layers), kv_lengths, cache.max_length),
+    )
 
 
 def build_model(cfg: ModelConfig, *, seed: int = 0) -> Transformer:
@@ -192,10 +245,19 @@ MAIN = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("indexer")))
 def count_params(model: nnx.Module) -> dict[str, int]:
   """Parameter counts of the two groups: {"indexer": n, "main": n}."""
   _, idx, main = nnx.split(model, INDEXER, MAIN)
+
   def size(s):
     return sum(int(x.size) for x in jax.tree.leaves(s))
+
   return {"indexer": size(idx), "main": size(main)}
 
 
-__all__ = ["MODES", "Block", "Transformer", "build_model", "INDEXER", "MAIN",
-           "count_params"]
+__all__ = [
+  "MODES",
+  "Block",
+  "Transformer",
+  "build_model",
+  "INDEXER",
+  "MAIN",
+  "count_params",
+]

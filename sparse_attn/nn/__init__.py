@@ -8,9 +8,16 @@ Every attention layer subclasses `AttentionLayer` and shares one call,
 with the cache its own (`layer.init_cache(batch_size, max_len)`).
 """
 
-from sparse_attn.nn.base import (MODES, AttentionLayer, Context, KVCache,
-                                 counts_aux, default_positions,
-                                 dense_key_counts, write_rows)
+from sparse_attn.nn.base import (
+  MODES,
+  AttentionLayer,
+  Context,
+  KVCache,
+  counts_aux,
+  default_positions,
+  dense_key_counts,
+  write_rows,
+)
 from sparse_attn.nn.dense import DenseAttention, DenseParams
 from sparse_attn.nn.dsa import DSAAttention, DSACache, DSAParams
 from sparse_attn.nn.indexer import LightningIndexer
@@ -21,17 +28,48 @@ from sparse_attn.nn.moba import MoBAAttention, MoBAParams
 from sparse_attn.nn.norm import RMSNorm
 from sparse_attn.nn.nsa import NSAAttention, NSAParams
 from sparse_attn.nn.params import param, tag
-from sparse_attn.nn.sliding_window import (SlidingWindowAttention,
-                                           SlidingWindowParams)
-from sparse_attn.nn.sparse_transformer import (FixedAttention, FixedParams,
-                                               StridedAttention, StridedParams)
+from sparse_attn.nn.sliding_window import (
+  SlidingWindowAttention,
+  SlidingWindowParams,
+)
+from sparse_attn.nn.sparse_transformer import (
+  FixedAttention,
+  FixedParams,
+  StridedAttention,
+  StridedParams,
+)
 
 __all__ = [
-    "MODES", "AttentionKind", "AttentionLayer", "Context", "DSAAttention",
-    "DSACache", "DSAParams", "DenseAttention", "DenseParams", "FixedAttention",
-    "FixedParams", "KVCache", "LSHAttention", "LSHCache", "LSHParams",
-    "LightningIndexer", "MoBAAttention", "MoBAParams", "NSAAttention",
-    "NSAParams", "RMSNorm", "SlidingWindowAttention", "SlidingWindowParams",
-    "StridedAttention", "StridedParams", "SwiGLU", "counts_aux",
-    "default_positions", "dense_key_counts", "param", "tag", "write_rows",
+  "MODES",
+  "AttentionKind",
+  "AttentionLayer",
+  "Context",
+  "DSAAttention",
+  "DSACache",
+  "DSAParams",
+  "DenseAttention",
+  "DenseParams",
+  "FixedAttention",
+  "FixedParams",
+  "KVCache",
+  "LSHAttention",
+  "LSHCache",
+  "LSHParams",
+  "LightningIndexer",
+  "MoBAAttention",
+  "MoBAParams",
+  "NSAAttention",
+  "NSAParams",
+  "RMSNorm",
+  "SlidingWindowAttention",
+  "SlidingWindowParams",
+  "StridedAttention",
+  "StridedParams",
+  "SwiGLU",
+  "counts_aux",
+  "default_positions",
+  "dense_key_counts",
+  "param",
+  "tag",
+  "write_rows",
 ]

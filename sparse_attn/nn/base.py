@@ -68,30 +68,44 @@ def default_positions(x: jax.Array) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-def dense_key_counts(positions: jax.Array, num_keys: int,
-                     kv_lengths: Any) -> jax.Array:
+def dense_key_counts(
+  positions: jax.Array, num_keys: int, kv_lengths: Any
+) -> jax.Array:
   """Number of query-key pairs a dense causal layer attends (f32 scalar)."""
   return jnp.sum(masking.num_visible(positions, num_keys, kv_lengths)).astype(
-      jnp.float32)
+    jnp.float32
+  )
 
 
-def counts_aux(attended: jax.Array, positions: jax.Array, num_keys: int,
-               kv_lengths: Any, kl: jax.Array | None = None) -> Aux:
+def counts_aux(
+  attended: jax.Array,
+  positions: jax.Array,
+  num_keys: int,
+  kv_lengths: Any,
+  kl: jax.Array | None = None,
+) -> Aux:
   """The aux dict: attended pairs (any shape, summed), dense count, KL."""
-  return {"indexer_kl": jnp.zeros((), jnp.float32) if kl is None else kl,
-          "attended_keys": jnp.sum(attended).astype(jnp.float32),
-          "visible_keys": dense_key_counts(positions, num_keys, kv_lengths)}
+  return {
+    "indexer_kl": jnp.zeros((), jnp.float32) if kl is None else kl,
+    "attended_keys": jnp.sum(attended).astype(jnp.float32),
+    "visible_keys": dense_key_counts(positions, num_keys, kv_lengths),
+  }
 
 
-def write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+def write_rows(
+  cache: jax.Array, new: jax.Array, starts: jax.Array
+) -> jax.Array:
   """cache[b, starts[b]:starts[b]+T] = new[b] (per-row offsets).
 
   dynamic_update_slice clamps a start that would overflow, so callers must
   keep starts + T <= S_max.
   """
+
   def one(c, n, s):
-    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype),
-                                        (s,) + (0,) * (c.ndim - 1))
+    return jax.lax.dynamic_update_slice(
+      c, n.astype(c.dtype), (s,) + (0,) * (c.ndim - 1)
+    )
+
   return jax.vmap(one)(cache, new, starts)
 
 
@@ -102,24 +116,27 @@ class KVCache:
   `axes` names the logical axes of each field (for `sharding` rules); every
   cache of every kind is [B, S_max, ...] in each leaf.
   """
+
   k: jax.Array
   v: jax.Array
 
   axes: ClassVar[dict[str, tuple[str, ...]]] = {
-      "k": ("batch", "length", "kv_heads", "head_dim"),
-      "v": ("batch", "length", "kv_heads", "head_dim")}
+    "k": ("batch", "length", "kv_heads", "head_dim"),
+    "v": ("batch", "length", "kv_heads", "head_dim"),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What `attend` sees besides q, k, v (all arrays traced, view static)."""
-  x: jax.Array                      # [B, T, E] layer input
-  positions: jax.Array              # int32[B, T] absolute positions
-  kv_lengths: jax.Array | None      # int32[B] or None (no padding)
-  mode: str                         # "dense" | "warmup" | "sparse"
+
+  x: jax.Array  # [B, T, E] layer input
+  positions: jax.Array  # int32[B, T] absolute positions
+  kv_lengths: jax.Array | None  # int32[B] or None (no padding)
+  mode: str  # "dense" | "warmup" | "sparse"
   q_offset: jax.Array | None = None  # int32[B] with a cache; None = S - T
-  cache: Any = None                 # this layer's cache (K/V rows written)
-  view: int | None = None           # cache slots attention reads
+  cache: Any = None  # this layer's cache (K/V rows written)
+  view: int | None = None  # cache slots attention reads
 
   @property
   def decoding(self) -> bool:
@@ -142,43 +159,64 @@ class AttentionLayer(nnx.Module):
     dtype / param_dtype: activation / parameter dtypes.
   """
 
-  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, layer_index: int = 0,
-               implementation: str | None = None,
-               block_sizes: Mapping[str, Any] | None = None,
-               rope_base: float = 10000.0, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    layer_index: int = 0,
+    implementation: str | None = None,
+    block_sizes: Mapping[str, Any] | None = None,
+    rope_base: float = 10000.0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(
-          f"num_heads={num_heads} must be a multiple of num_kv_heads="
-          f"{num_kv_heads}.")
+        f"num_heads={num_heads} must be a multiple of num_kv_heads="
+        f"{num_kv_heads}."
+      )
     self.embed_dim, self.num_heads = embed_dim, num_heads
     self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
     self.layer_index, self.implementation = int(layer_index), implementation
     sizes = dict(block_sizes or {})
     unknown = sorted(set(sizes) - set(KERNELS))
     if unknown:
-      raise ValueError(f"block_sizes: unknown kernels {unknown}; known: "
-                       f"{list(KERNELS)}.")
+      raise ValueError(
+        f"block_sizes: unknown kernels {unknown}; known: {list(KERNELS)}."
+      )
     # Frozen dataclasses (hashable), so they are static data of the module.
     self.topk_block_sizes = dispatch.block_sizes(
-        "topk", sizes.get("topk"), "block_sizes['topk']")
+      "topk", sizes.get("topk"), "block_sizes['topk']"
+    )
     self.attention_block_sizes = dispatch.block_sizes(
-        "gathered_attention", sizes.get("gathered_attention"),
-        "block_sizes['gathered_attention']")
+      "gathered_attention",
+      sizes.get("gathered_attention"),
+      "block_sizes['gathered_attention']",
+    )
     self.rope_base, self.dtype = rope_base, dtype
     e, h, g, d = embed_dim, num_heads, num_kv_heads, head_dim
-    self.wq = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype)
-    self.wk = param(rngs, (e, g, d), ("embed", "kv_heads", "head_dim"),
-                    param_dtype)
-    self.wv = param(rngs, (e, g, d), ("embed", "kv_heads", "head_dim"),
-                    param_dtype)
-    self.wo = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype)
+    self.wq = param(
+      rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype
+    )
+    self.wk = param(
+      rngs, (e, g, d), ("embed", "kv_heads", "head_dim"), param_dtype
+    )
+    self.wv = param(
+      rngs, (e, g, d), ("embed", "kv_heads", "head_dim"), param_dtype
+    )
+    self.wo = param(
+      rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype
+    )
 
   # -- projections -----------------------------------------------------------
 
-  def project(self, x: jax.Array, positions: jax.Array
-              ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  def project(
+    self, x: jax.Array, positions: jax.Array
+  ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """x [B, T, E] -> q [B, T, H, D], k [B, T, G, D], v [B, T, G, D] (RoPE-d)."""
     x = x.astype(self.dtype)
     q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
@@ -194,8 +232,14 @@ class AttentionLayer(nnx.Module):
 
   # -- cache -----------------------------------------------------------------
 
-  def init_cache(self, batch_size: int, max_len: int, *, dtype: Any = None,
-                 index_dtype: Any = "float32") -> Any:
+  def init_cache(
+    self,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: Any = None,
+    index_dtype: Any = "float32",
+  ) -> Any:
     """Zero cache for batch_size sequences of up to max_len tokens.
 
     dtype: K/V storage (default: the layer's activation dtype).
@@ -206,12 +250,19 @@ class AttentionLayer(nnx.Module):
     shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
 
-  def write_cache(self, cache: Any, q: jax.Array, k: jax.Array | None,
-                  v: jax.Array, start: jax.Array) -> Any:
+  def write_cache(
+    self,
+    cache: Any,
+    q: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array,
+    start: jax.Array,
+  ) -> Any:
     """Writes the new tokens' K/V rows at per-row offsets `start` int32[B]."""
     del q
-    return cache.replace(k=write_rows(cache.k, k, start),
-                         v=write_rows(cache.v, v, start))
+    return cache.replace(
+      k=write_rows(cache.k, k, start), v=write_rows(cache.v, v, start)
+    )
 
   def read_cache(self, cache: Any, view: int) -> tuple[jax.Array, jax.Array]:
     """(k [B, view, ...], v [B, view, ...]): the prefix attention reads."""
@@ -219,22 +270,34 @@ class AttentionLayer(nnx.Module):
 
   # -- the forward -----------------------------------------------------------
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               kv_lengths: jax.Array | None = None, mode: str = "sparse",
-               cache: Any = None, view: int | None = None):
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    mode: str = "sparse",
+    cache: Any = None,
+    view: int | None = None,
+  ):
     """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc)."""
     check_mode(mode)
     if x.ndim != 3 or x.shape[-1] != self.embed_dim:
       raise ValueError(
-          f"x must be [B, T, E={self.embed_dim}], got shape {x.shape}.")
+        f"x must be [B, T, E={self.embed_dim}], got shape {x.shape}."
+      )
     if positions is None:
       if cache is not None:
-        raise ValueError("positions int32[B, T] are required with a cache "
-                         "(they say where the new tokens go).")
+        raise ValueError(
+          "positions int32[B, T] are required with a cache "
+          "(they say where the new tokens go)."
+        )
       positions = default_positions(x)
     if tuple(positions.shape) != tuple(x.shape[:2]):
-      raise ValueError(f"positions must be [B, T] = {x.shape[:2]}, got shape "
-                       f"{positions.shape}.")
+      raise ValueError(
+        f"positions must be [B, T] = {x.shape[:2]}, got shape "
+        f"{positions.shape}."
+      )
     q, k, v = self.project(x, positions)
     if cache is None:
       o, aux, _ = self.attend(q, k, v, Context(x, positions, kv_lengths, mode))
@@ -253,8 +316,9 @@ class AttentionLayer(nnx.Module):
     # (several times per step on CPU) instead of updating the donated buffer.
     cache = jax.lax.optimization_barrier(cache)
     k_view, v_view = self.read_cache(cache, view)
-    ctx = Context(x, positions, kv_lengths, mode, q_offset=start, cache=cache,
-                  view=view)
+    ctx = Context(
+      x, positions, kv_lengths, mode, q_offset=start, cache=cache, view=view
+    )
     o, aux, new_cache = self.attend(q, k_view, v_view, ctx)
     self._check_attend(x, o, aux)
     # A kind's attend must hand back a cache of the same structure and
@@ -267,10 +331,13 @@ class AttentionLayer(nnx.Module):
     chex.assert_shape(o, (x.shape[0], x.shape[1], self.num_heads, None))
     missing = {"indexer_kl", "attended_keys", "visible_keys"} - set(aux)
     if missing:
-      raise ValueError(f"{type(self).__name__}.attend returned aux without "
-                       f"{sorted(missing)}; use counts_aux(...).")
+      raise ValueError(
+        f"{type(self).__name__}.attend returned aux without "
+        f"{sorted(missing)}; use counts_aux(...)."
+      )
 
-  def attend(self, q: jax.Array, k: Any, v: jax.Array, ctx: Context
-             ) -> tuple[jax.Array, Aux, Any]:
+  def attend(
+    self, q: jax.Array, k: Any, v: jax.Array, ctx: Context
+  ) -> tuple[jax.Array, Aux, Any]:
     """Attention of a kind: (o [B, T, H, Dv], aux, ctx.cache possibly updated)."""
     raise NotImplementedError(f"{type(self).__name__} must implement attend().")

@@ -22,8 +22,9 @@ class DenseAttention(AttentionLayer):
   """Causal dense softmax attention (GQA/MQA)."""
 
   def attend(self, q, k, v, ctx: Context):
-    o = dense_attention(q, k, v, q_offset=ctx.q_offset,
-                        kv_lengths=ctx.kv_lengths)
+    o = dense_attention(
+      q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
+    )
     aux = counts_aux(0, ctx.positions, k.shape[1], ctx.kv_lengths)
     aux["attended_keys"] = aux["visible_keys"]
     return o, aux, ctx.cache
@@ -34,13 +35,25 @@ def keys_per_query(seq_len: int, params: DenseParams, **_: Any) -> np.ndarray:
   return np.arange(1, seq_len + 1, dtype=np.float64)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, params: DenseParams,
-              *, q_offset=None, kv_lengths=None, **_: Any) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: DenseParams,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  **_: Any,
+) -> jax.Array:
   del params
   return dense_attention(q, k, v, q_offset=q_offset, kv_lengths=kv_lengths)
 
 
 KIND = AttentionKind(
-    name="dense", layer=DenseAttention, params=DenseParams,
-    keys_per_query=keys_per_query, attention=attention,
-    reference="Vaswani et al. 2017")
+  name="dense",
+  layer=DenseAttention,
+  params=DenseParams,
+  keys_per_query=keys_per_query,
+  attention=attention,
+  reference="Vaswani et al. 2017",
+)

@@ -17,8 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from sparse_attn.nn.base import (AttentionLayer, Context, KVCache, counts_aux,
-                                 dense_key_counts, write_rows)
+from sparse_attn.nn.base import (
+  AttentionLayer,
+  Context,
+  KVCache,
+  counts_aux,
+  dense_key_counts,
+  write_rows,
+)
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.ops import checks, quantize
@@ -35,6 +41,7 @@ class DSAParams:
   detach_indexer_input: the indexer reads a stop-gradient copy of x, so its
   loss never reaches the trunk.
   """
+
   top_k: int = 64
   indexer_heads: int = 4
   indexer_dim: int = 32
@@ -46,8 +53,10 @@ class DSAParams:
       checks.check_positive_int(name, getattr(self, name))
     rope = self.indexer_rope_dim
     if rope is not None and (rope % 2 or not 0 <= rope <= self.indexer_dim):
-      raise ValueError(f"indexer_rope_dim must be even and in [0, indexer_dim="
-                       f"{self.indexer_dim}], got {rope}.")
+      raise ValueError(
+        f"indexer_rope_dim must be even and in [0, indexer_dim="
+        f"{self.indexer_dim}], got {rope}."
+      )
 
 
 @struct.dataclass
@@ -58,12 +67,15 @@ class DSACache(KVCache):
   float32, bfloat16 or float8_e4m3fn; k_idx_scale f32[B, S_max]: the
   per-token dequantisation scale (float8 only, else None).
   """
+
   k_idx: jax.Array
   k_idx_scale: jax.Array | None = None
 
   axes: ClassVar[dict[str, tuple[str, ...]]] = {
-      **KVCache.axes, "k_idx": ("batch", "length", "indexer_dim"),
-      "k_idx_scale": ("batch", "length")}
+    **KVCache.axes,
+    "k_idx": ("batch", "length", "indexer_dim"),
+    "k_idx_scale": ("batch", "length"),
+  }
 
 
 class DSAAttention(AttentionLayer):
@@ -74,24 +86,49 @@ class DSAAttention(AttentionLayer):
   LM loss because all it passes on is an integer selection.
   """
 
-  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, top_k: int,
-               indexer_heads: int = DSAParams.indexer_heads,
-               indexer_dim: int = DSAParams.indexer_dim,
-               indexer_rope_dim: int | None = DSAParams.indexer_rope_dim,
-               detach_indexer_input: bool = DSAParams.detach_indexer_input,
-               rope_base: float = 10000.0, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **kw: Any):
-    super().__init__(embed_dim, num_heads, num_kv_heads, head_dim,
-                     rope_base=rope_base, dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs, **kw)
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    top_k: int,
+    indexer_heads: int = DSAParams.indexer_heads,
+    indexer_dim: int = DSAParams.indexer_dim,
+    indexer_rope_dim: int | None = DSAParams.indexer_rope_dim,
+    detach_indexer_input: bool = DSAParams.detach_indexer_input,
+    rope_base: float = 10000.0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+    **kw: Any,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads,
+      num_kv_heads,
+      head_dim,
+      rope_base=rope_base,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      **kw,
+    )
     if top_k < 1:
       raise ValueError(f"top_k must be >= 1, got {top_k}.")
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
     self.indexer = LightningIndexer(
-        embed_dim, indexer_heads, indexer_dim, rope_dim=indexer_rope_dim,
-        rope_base=rope_base, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      embed_dim,
+      indexer_heads,
+      indexer_dim,
+      rope_dim=indexer_rope_dim,
+      rope_base=rope_base,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def index(self, x: jax.Array, positions: jax.Array):
     """Indexer inputs (q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI])."""
@@ -99,15 +136,23 @@ class DSAAttention(AttentionLayer):
       x = jax.lax.stop_gradient(x)
     return self.indexer(x, positions)
 
-  def init_cache(self, batch_size: int, max_len: int, *, dtype: Any = None,
-                 index_dtype: Any = "float32") -> DSACache:
+  def init_cache(
+    self,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: Any = None,
+    index_dtype: Any = "float32",
+  ) -> DSACache:
     kv = super().init_cache(batch_size, max_len, dtype=dtype)
     idt = quantize.index_dtype(index_dtype)
     shape = (batch_size, max_len, self.indexer.head_dim)
-    scale = (jnp.zeros(shape[:2], jnp.float32)
-             if idt == jnp.float8_e4m3fn else None)
-    return DSACache(k=kv.k, v=kv.v, k_idx=jnp.zeros(shape, idt),
-                    k_idx_scale=scale)
+    scale = (
+      jnp.zeros(shape[:2], jnp.float32) if idt == jnp.float8_e4m3fn else None
+    )
+    return DSACache(
+      k=kv.k, v=kv.v, k_idx=jnp.zeros(shape, idt), k_idx_scale=scale
+    )
 
   def _cached_index_keys(self, ctx: Context, k_idx: jax.Array, dtype):
     """Writes the new indexer keys; returns (cache, keys [B, view, DI])."""
@@ -116,11 +161,15 @@ class DSAAttention(AttentionLayer):
     cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, ctx.q_offset))
     if scale is not None:
       cache = cache.replace(
-          k_idx_scale=write_rows(cache.k_idx_scale, scale, ctx.q_offset))
-    cache = jax.lax.optimization_barrier(cache)   # in-place write, see base
-    view_scale = (None if cache.k_idx_scale is None
-                  else cache.k_idx_scale[:, :ctx.view])
-    keys = quantize.dequantize_index_keys(cache.k_idx[:, :ctx.view], view_scale, dtype)
+        k_idx_scale=write_rows(cache.k_idx_scale, scale, ctx.q_offset)
+      )
+    cache = jax.lax.optimization_barrier(cache)  # in-place write, see base
+    view_scale = (
+      None if cache.k_idx_scale is None else cache.k_idx_scale[:, : ctx.view]
+    )
+    keys = quantize.dequantize_index_keys(
+      cache.k_idx[:, : ctx.view], view_scale, dtype
+    )
     return cache, keys
 
   def attend(self, q, k, v, ctx: Context):
@@ -131,21 +180,30 @@ class DSAAttention(AttentionLayer):
     visible = dense_key_counts(ctx.positions, k.shape[1], ctx.kv_lengths)
     kl = jnp.zeros((), jnp.float32)
     if ctx.mode == "sparse":
-      o, idx = dsa_attention(q, k, v, q_idx, k_idx, w, top_k=self.top_k,
-                             q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths,
-                             implementation=self.implementation,
-                             return_indices=True,
-                             topk_block_sizes=self.topk_block_sizes,
-                             attention_block_sizes=self.attention_block_sizes)
+      o, idx = dsa_attention(
+        q,
+        k,
+        v,
+        q_idx,
+        k_idx,
+        w,
+        top_k=self.top_k,
+        q_offset=ctx.q_offset,
+        kv_lengths=ctx.kv_lengths,
+        implementation=self.implementation,
+        return_indices=True,
+        topk_block_sizes=self.topk_block_sizes,
+        attention_block_sizes=self.attention_block_sizes,
+      )
       if not ctx.decoding:
         kl = sparse_indexer_kl(q, k, q_idx, k_idx, w, idx)
       attended = jnp.sum(idx >= 0).astype(jnp.float32)
     else:
-      o = dense_attention(q, k, v, q_offset=ctx.q_offset,
-                          kv_lengths=ctx.kv_lengths)
+      o = dense_attention(
+        q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
+      )
       if ctx.mode == "warmup" and not ctx.decoding:
-        kl = dense_indexer_kl(q, k, q_idx, k_idx, w,
-                              kv_lengths=ctx.kv_lengths)
+        kl = dense_indexer_kl(q, k, q_idx, k_idx, w, kv_lengths=ctx.kv_lengths)
       attended = visible
     aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
     return o, aux, cache
@@ -156,18 +214,42 @@ def keys_per_query(seq_len: int, params: DSAParams, **_: Any) -> np.ndarray:
   return np.minimum(params.top_k, i + 1)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, params: DSAParams, *,
-              q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
-              q_offset=None, kv_lengths=None, implementation=None,
-              **_: Any) -> jax.Array:
-  return dsa_attention(q, k, v, q_idx, k_idx, weights, top_k=params.top_k,
-                       q_offset=q_offset, kv_lengths=kv_lengths,
-                       implementation=implementation)
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: DSAParams,
+  *,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  q_offset=None,
+  kv_lengths=None,
+  implementation=None,
+  **_: Any,
+) -> jax.Array:
+  return dsa_attention(
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    weights,
+    top_k=params.top_k,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    implementation=implementation,
+  )
 
 
 KIND = AttentionKind(
-    name="dsa", layer=DSAAttention, params=DSAParams,
-    keys_per_query=keys_per_query, attention=attention, budget_param="top_k",
-    has_indexer=True,
-    config_fields=("top_k", "indexer_heads", "indexer_dim", "indexer_rope_dim"),
-    reference="DeepSeek-V3.2-Exp, 2025")
+  name="dsa",
+  layer=DSAAttention,
+  params=DSAParams,
+  keys_per_query=keys_per_query,
+  attention=attention,
+  budget_param="top_k",
+  has_indexer=True,
+  config_fields=("top_k", "indexer_heads", "indexer_dim", "indexer_rope_dim"),
+  reference="DeepSeek-V3.2-Exp, 2025",
+)

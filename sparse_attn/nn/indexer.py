@@ -30,16 +30,26 @@ class LightningIndexer(nnx.Module):
     `indexer_scores` stays scale-free.
   """
 
-  def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *,
-               rope_dim: int | None = None, query_input_dim: int | None = None,
-               rope_base: float = 10000.0, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    rope_dim: int | None = None,
+    query_input_dim: int | None = None,
+    rope_base: float = 10000.0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if rope_dim is None:
       rope_dim = head_dim // 2
     if rope_dim < 0 or rope_dim > head_dim or rope_dim % 2:
       raise ValueError(
-          f"rope_dim must be even and in [0, head_dim={head_dim}], got "
-          f"{rope_dim}.")
+        f"rope_dim must be even and in [0, head_dim={head_dim}], got "
+        f"{rope_dim}."
+      )
     self.num_heads = num_heads
     self.head_dim = head_dim
     self.rope_dim = rope_dim
@@ -47,33 +57,44 @@ class LightningIndexer(nnx.Module):
     self.dtype = dtype
     q_in = query_input_dim or embed_dim
     q_axis = "q_latent" if query_input_dim else "embed"
-    self.wq = param(rngs, (q_in, num_heads, head_dim),
-                    (q_axis, "indexer_heads", "indexer_dim"), param_dtype)
-    self.wk = param(rngs, (embed_dim, head_dim), ("embed", "indexer_dim"),
-                    param_dtype)
-    self.k_norm = nnx.LayerNorm(head_dim, dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs)
+    self.wq = param(
+      rngs,
+      (q_in, num_heads, head_dim),
+      (q_axis, "indexer_heads", "indexer_dim"),
+      param_dtype,
+    )
+    self.wk = param(
+      rngs, (embed_dim, head_dim), ("embed", "indexer_dim"), param_dtype
+    )
+    self.k_norm = nnx.LayerNorm(
+      head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     tag(self.k_norm, {"scale": ("indexer_dim",), "bias": ("indexer_dim",)})
-    self.w_weights = param(rngs, (embed_dim, num_heads),
-                           ("embed", "indexer_heads"), param_dtype)
+    self.w_weights = param(
+      rngs, (embed_dim, num_heads), ("embed", "indexer_heads"), param_dtype
+    )
     self.has_query_latent = query_input_dim is not None
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               q_latent: jax.Array | None = None):
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, q_latent: jax.Array | None = None
+  ):
     """x [B, T, E], positions int32[B, T] -> q_idx, k_idx, weights."""
     x = x.astype(self.dtype)
     q_src = x
     if self.has_query_latent:
       if q_latent is None:
-        raise ValueError("this indexer was built with query_input_dim; pass "
-                         "q_latent [B, T, query_input_dim].")
+        raise ValueError(
+          "this indexer was built with query_input_dim; pass "
+          "q_latent [B, T, query_input_dim]."
+        )
       q_src = q_latent.astype(self.dtype)
     q = jnp.einsum("bte,ehd->bthd", q_src, self.wq[...].astype(self.dtype))
     k = jnp.einsum("bte,ed->btd", x, self.wk[...].astype(self.dtype))
     k = self.k_norm(k)
     q = apply_rope(q, positions, rope_dim=self.rope_dim, base=self.rope_base)
-    k = apply_rope(k[:, :, None, :], positions, rope_dim=self.rope_dim,
-                   base=self.rope_base)[:, :, 0, :]
-    scale = (self.num_heads ** -0.5) * (self.head_dim ** -0.5)
+    k = apply_rope(
+      k[:, :, None, :], positions, rope_dim=self.rope_dim, base=self.rope_base
+    )[:, :, 0, :]
+    scale = (self.num_heads**-0.5) * (self.head_dim**-0.5)
     w = jnp.einsum("bte,eh->bth", x, self.w_weights[...].astype(self.dtype))
     return q, k, w * scale

@@ -15,7 +15,8 @@ own config fields), and from `ModelConfig.attention_params` for the rest.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,7 @@ class AttentionKind:
       default construction (used by `register_attention` for old-style
       registrations).
   """
+
   name: str
   layer: type | None
   params: type
@@ -85,9 +87,11 @@ class AttentionKind:
     """The params dataclass from keyword values; ValueError on unknown names."""
     unknown = sorted(set(values) - set(self.param_names))
     if unknown:
-      raise ValueError(f"{unknown} are not parameters of attention kind "
-                       f"{self.name!r}; its parameters: "
-                       f"{list(self.param_names)}.")
+      raise ValueError(
+        f"{unknown} are not parameters of attention kind "
+        f"{self.name!r}; its parameters: "
+        f"{list(self.param_names)}."
+      )
     try:
       return self.params(**values)
     except TypeError as e:  # a field without a default left out
@@ -98,15 +102,18 @@ class AttentionKind:
     extra = cfg.attention_kwargs
     clash = sorted(set(extra) & set(self.config_fields))
     if clash:
-      raise ValueError(f"model.attention_params {clash} of kind {self.name!r} "
-                       f"are model config fields: set model.{clash[0]} "
-                       f"instead.")
+      raise ValueError(
+        f"model.attention_params {clash} of kind {self.name!r} "
+        f"are model config fields: set model.{clash[0]} "
+        f"instead."
+      )
     values = {f: getattr(cfg, f) for f in self.config_fields}
     values.update(extra)
     return self.make_params(**values)
 
-  def build(self, cfg: ModelConfig, *, layer_index: int = 0,
-            rngs: nnx.Rngs) -> nnx.Module:
+  def build(
+    self, cfg: ModelConfig, *, layer_index: int = 0, rngs: nnx.Rngs
+  ) -> nnx.Module:
     """The layer of this kind for a ModelConfig."""
     if self.factory is not None:
       return self.factory(cfg, layer_index=layer_index, rngs=rngs)
@@ -114,13 +121,19 @@ class AttentionKind:
       raise ValueError(f"attention kind {self.name!r} has no layer class.")
     params = self.params_from_config(cfg)
     return self.layer(
-        cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-        **as_kwargs(params), layer_index=layer_index,
-        implementation=cfg.implementation,
-        block_sizes=cfg.kernel_block_sizes_dict or None,
-        rope_base=cfg.rope_base,
-        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        rngs=rngs)
+      cfg.embed_dim,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      **as_kwargs(params),
+      layer_index=layer_index,
+      implementation=cfg.implementation,
+      block_sizes=cfg.kernel_block_sizes_dict or None,
+      rope_base=cfg.rope_base,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      rngs=rngs,
+    )
 
 
 def as_kwargs(params: Any) -> dict[str, Any]:

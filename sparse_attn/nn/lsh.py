@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sparse_attn.kinds.lsh import (LOOKBACKS, check_lsh_params, lsh_attention,
-                                   lsh_nominal_keys_per_query)
+from sparse_attn.kinds.lsh import (
+  LOOKBACKS,
+  check_lsh_params,
+  lsh_attention,
+  lsh_nominal_keys_per_query,
+)
 from sparse_attn.nn.base import AttentionLayer, Context, KVCache, counts_aux
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.ops.rope import apply_rope
@@ -22,6 +26,7 @@ class LSHParams:
   """n_buckets (even), n_hashes rounds, chunk_size, same_bucket, lookback
   ("window": strictly causal; "chunk": the paper's own + previous chunk),
   hash_seed (rotations are fold_in(key(hash_seed), layer_index))."""
+
   n_buckets: int = 8
   n_hashes: int = 2
   chunk_size: int = 32
@@ -32,8 +37,9 @@ class LSHParams:
   def __post_init__(self):
     check_lsh_params(self.n_buckets, self.n_hashes, self.chunk_size)
     if self.lookback not in LOOKBACKS:
-      raise ValueError(f"lookback must be one of {LOOKBACKS}, got "
-                       f"{self.lookback!r}.")
+      raise ValueError(
+        f"lookback must be one of {LOOKBACKS}, got {self.lookback!r}."
+      )
 
 
 @struct.dataclass
@@ -41,8 +47,9 @@ class LSHCache(KVCache):
   """k holds the shared-QK vectors of all H heads [B, S_max, H, D]."""
 
   axes: ClassVar[dict[str, tuple[str, ...]]] = {
-      "k": ("batch", "length", "heads", "head_dim"),
-      "v": ("batch", "length", "kv_heads", "head_dim")}
+    "k": ("batch", "length", "heads", "head_dim"),
+    "v": ("batch", "length", "kv_heads", "head_dim"),
+  }
 
 
 def hash_key(hash_seed: int, layer_index: int) -> jax.Array:
@@ -61,17 +68,26 @@ class LSHAttention(AttentionLayer):
   lookback="window" only, so `init_cache` refuses "chunk".
   """
 
-  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, n_buckets: int = LSHParams.n_buckets,
-               n_hashes: int = LSHParams.n_hashes,
-               chunk_size: int = LSHParams.chunk_size,
-               same_bucket: bool = LSHParams.same_bucket,
-               lookback: str = LSHParams.lookback,
-               hash_seed: int = LSHParams.hash_seed, **kw: Any):
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    n_buckets: int = LSHParams.n_buckets,
+    n_hashes: int = LSHParams.n_hashes,
+    chunk_size: int = LSHParams.chunk_size,
+    same_bucket: bool = LSHParams.same_bucket,
+    lookback: str = LSHParams.lookback,
+    hash_seed: int = LSHParams.hash_seed,
+    **kw: Any,
+  ):
     super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
     del self.wk
-    p = LSHParams(n_buckets, n_hashes, chunk_size, same_bucket, lookback,
-                  hash_seed)
+    p = LSHParams(
+      n_buckets, n_hashes, chunk_size, same_bucket, lookback, hash_seed
+    )
     self.n_buckets, self.n_hashes = int(p.n_buckets), int(p.n_hashes)
     self.chunk_size, self.same_bucket = int(p.chunk_size), bool(p.same_bucket)
     self.hash_seed, self.lookback = int(p.hash_seed), p.lookback
@@ -85,14 +101,21 @@ class LSHAttention(AttentionLayer):
   def hash_key(self) -> jax.Array:
     return hash_key(self.hash_seed, self.layer_index)
 
-  def init_cache(self, batch_size: int, max_len: int, *, dtype: Any = None,
-                 index_dtype: Any = "float32") -> LSHCache:
+  def init_cache(
+    self,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: Any = None,
+    index_dtype: Any = "float32",
+  ) -> LSHCache:
     del index_dtype
     if self.lookback != "window":
       raise ValueError(
-          "LSH decode is only exact with lookback='window' (chunk boundaries "
-          "of lookback='chunk' depend on every token); this layer has "
-          f"lookback={self.lookback!r}.")
+        "LSH decode is only exact with lookback='window' (chunk boundaries "
+        "of lookback='chunk' depend on every token); this layer has "
+        f"lookback={self.lookback!r}."
+      )
     dt = self.dtype if dtype is None else dtype
     qk = (batch_size, max_len, self.num_heads, self.head_dim)
     v = (batch_size, max_len, self.num_kv_heads, self.head_dim)
@@ -102,36 +125,60 @@ class LSHAttention(AttentionLayer):
     return super().write_cache(cache, None, q, v, start)  # the cache keeps q
 
   def _lsh(self, qk, v, kv_lengths):
-    return lsh_attention(qk, v, n_buckets=self.n_buckets,
-                         n_hashes=self.n_hashes, chunk_size=self.chunk_size,
-                         key=self.hash_key(), same_bucket=self.same_bucket,
-                         lookback=self.lookback, kv_lengths=kv_lengths,
-                         return_counts=True)
+    return lsh_attention(
+      qk,
+      v,
+      n_buckets=self.n_buckets,
+      n_hashes=self.n_hashes,
+      chunk_size=self.chunk_size,
+      key=self.hash_key(),
+      same_bucket=self.same_bucket,
+      lookback=self.lookback,
+      kv_lengths=kv_lengths,
+      return_counts=True,
+    )
 
   def attend(self, q, k, v, ctx: Context):
     if not ctx.decoding:
       o, counts = self._lsh(q, v, ctx.kv_lengths)
-      return o, counts_aux(counts, ctx.positions, q.shape[1],
-                           ctx.kv_lengths), None
+      return (
+        o,
+        counts_aux(counts, ctx.positions, q.shape[1], ctx.kv_lengths),
+        None,
+      )
     # k is the cached shared-QK prefix [B, view, H, D] (it already holds q):
     # recompute over the prefix, keep the rows of the new tokens.
     o, counts = self._lsh(k, v, ctx.kv_lengths)
     rows = jnp.clip(ctx.positions, 0, o.shape[1] - 1)
     o = jnp.take_along_axis(o, rows[:, :, None, None], axis=1)
     counts = jnp.take_along_axis(counts, rows, axis=1)
-    return o, counts_aux(counts, ctx.positions, k.shape[1],
-                         ctx.kv_lengths), ctx.cache
+    return (
+      o,
+      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
+      ctx.cache,
+    )
 
 
 def keys_per_query(seq_len: int, params: LSHParams, **_: Any) -> np.ndarray:
   return lsh_nominal_keys_per_query(
-      seq_len, n_hashes=params.n_hashes, chunk_size=params.chunk_size,
-      n_buckets=params.n_buckets, same_bucket=params.same_bucket)
+    seq_len,
+    n_hashes=params.n_hashes,
+    chunk_size=params.chunk_size,
+    n_buckets=params.n_buckets,
+    same_bucket=params.same_bucket,
+  )
 
 
-def attention(q: jax.Array, k: jax.Array | None, v: jax.Array,
-              params: LSHParams, *, kv_lengths=None, layer_index: int = 0,
-              **_: Any) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array | None,
+  v: jax.Array,
+  params: LSHParams,
+  *,
+  kv_lengths=None,
+  layer_index: int = 0,
+  **_: Any,
+) -> jax.Array:
   """Shared-QK LSH self-attention: q is the QK projection; k is ignored.
 
   Self-attention over one whole sequence only (T == S): LSH has no
@@ -139,16 +186,29 @@ def attention(q: jax.Array, k: jax.Array | None, v: jax.Array,
   """
   del k
   if q.shape[1] != v.shape[1]:
-    raise ValueError(f"LSH attention is self-attention over a whole sequence "
-                     f"(T == S): q shape {q.shape}, v shape {v.shape}.")
-  return lsh_attention(q, v, n_buckets=params.n_buckets,
-                       n_hashes=params.n_hashes, chunk_size=params.chunk_size,
-                       key=hash_key(params.hash_seed, layer_index),
-                       same_bucket=params.same_bucket,
-                       lookback=params.lookback, kv_lengths=kv_lengths)
+    raise ValueError(
+      f"LSH attention is self-attention over a whole sequence "
+      f"(T == S): q shape {q.shape}, v shape {v.shape}."
+    )
+  return lsh_attention(
+    q,
+    v,
+    n_buckets=params.n_buckets,
+    n_hashes=params.n_hashes,
+    chunk_size=params.chunk_size,
+    key=hash_key(params.hash_seed, layer_index),
+    same_bucket=params.same_bucket,
+    lookback=params.lookback,
+    kv_lengths=kv_lengths,
+  )
 
 
 KIND = AttentionKind(
-    name="lsh", layer=LSHAttention, params=LSHParams,
-    keys_per_query=keys_per_query, attention=attention,
-    budget_param="chunk_size", reference="Kitaev et al. 2020 (Reformer)")
+  name="lsh",
+  layer=LSHAttention,
+  params=LSHParams,
+  keys_per_query=keys_per_query,
+  attention=attention,
+  budget_param="chunk_size",
+  reference="Kitaev et al. 2020 (Reformer)",
+)

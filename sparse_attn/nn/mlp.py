@@ -14,8 +14,15 @@ from sparse_attn.nn.params import param
 class SwiGLU(nnx.Module):
   """down(silu(x @ gate) * (x @ up)): x [B, T, E] -> [B, T, E]."""
 
-  def __init__(self, embed_dim: int, mlp_dim: int, *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    embed_dim: int,
+    mlp_dim: int,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
     self.gate = param(rngs, (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
     self.up = param(rngs, (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
@@ -25,5 +32,6 @@ class SwiGLU(nnx.Module):
     x = x.astype(self.dtype)
     g = jnp.einsum("bte,em->btm", x, self.gate[...].astype(self.dtype))
     u = jnp.einsum("bte,em->btm", x, self.up[...].astype(self.dtype))
-    return jnp.einsum("btm,me->bte", jax.nn.silu(g) * u,
-                      self.down[...].astype(self.dtype))
+    return jnp.einsum(
+      "btm,me->bte", jax.nn.silu(g) * u, self.down[...].astype(self.dtype)
+    )

@@ -12,12 +12,19 @@ from flax import nnx
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale over the last axis, statistics in f32."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    dim: int,
+    *,
+    eps: float = 1e-6,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     del rngs
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype),
-                           logical_axes=("embed",))
+    self.scale = nnx.Param(
+      jnp.ones((dim,), param_dtype), logical_axes=("embed",)
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)

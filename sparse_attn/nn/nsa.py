@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attn.kinds.nsa import (check_nsa_sizes, mean_compress,
-                                   nsa_attention, nsa_keys_per_query)
+from sparse_attn.kinds.nsa import (
+  check_nsa_sizes,
+  mean_compress,
+  nsa_attention,
+  nsa_keys_per_query,
+)
 from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.nn.params import param
@@ -28,6 +32,7 @@ class NSAParams:
   "mean" pools each block, "mlp" adds a learned MLP (hidden size
   mlp_hidden, default 2 * head_dim) with intra-block positions to the mean.
   """
+
   cmp_block: int = 16
   cmp_stride: int = 8
   select_block: int = 16
@@ -37,11 +42,17 @@ class NSAParams:
   mlp_hidden: int | None = None
 
   def __post_init__(self):
-    check_nsa_sizes(self.cmp_block, self.cmp_stride, self.select_block,
-                    self.num_selected, self.window)
+    check_nsa_sizes(
+      self.cmp_block,
+      self.cmp_stride,
+      self.select_block,
+      self.num_selected,
+      self.window,
+    )
     if self.compress not in COMPRESSIONS:
-      raise ValueError(f"compress must be one of {COMPRESSIONS}, got "
-                       f"{self.compress!r}.")
+      raise ValueError(
+        f"compress must be one of {COMPRESSIONS}, got {self.compress!r}."
+      )
 
 
 class NSAAttention(AttentionLayer):
@@ -53,37 +64,73 @@ class NSAAttention(AttentionLayer):
   separately for keys and values, shared by the kv heads.
   """
 
-  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, cmp_block: int = NSAParams.cmp_block,
-               cmp_stride: int = NSAParams.cmp_stride,
-               select_block: int = NSAParams.select_block,
-               num_selected: int = NSAParams.num_selected,
-               window: int = NSAParams.window,
-               compress: str = NSAParams.compress,
-               mlp_hidden: int | None = NSAParams.mlp_hidden,
-               rngs: nnx.Rngs, param_dtype: Any = jnp.float32, **kw: Any):
-    super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, rngs=rngs,
-                     param_dtype=param_dtype, **kw)
-    NSAParams(cmp_block, cmp_stride, select_block, num_selected, window,
-              compress, mlp_hidden)
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    cmp_block: int = NSAParams.cmp_block,
+    cmp_stride: int = NSAParams.cmp_stride,
+    select_block: int = NSAParams.select_block,
+    num_selected: int = NSAParams.num_selected,
+    window: int = NSAParams.window,
+    compress: str = NSAParams.compress,
+    mlp_hidden: int | None = NSAParams.mlp_hidden,
+    rngs: nnx.Rngs,
+    param_dtype: Any = jnp.float32,
+    **kw: Any,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads,
+      num_kv_heads,
+      head_dim,
+      rngs=rngs,
+      param_dtype=param_dtype,
+      **kw,
+    )
+    NSAParams(
+      cmp_block,
+      cmp_stride,
+      select_block,
+      num_selected,
+      window,
+      compress,
+      mlp_hidden,
+    )
     self.cmp_block, self.cmp_stride = int(cmp_block), int(cmp_stride)
     self.select_block, self.num_selected = int(select_block), int(num_selected)
     self.window, self.compress = int(window), compress
-    self.w_gate = param(rngs, (embed_dim, num_heads, 3),
-                        ("embed", "heads", "nsa_branches"), param_dtype)
+    self.w_gate = param(
+      rngs,
+      (embed_dim, num_heads, 3),
+      ("embed", "heads", "nsa_branches"),
+      param_dtype,
+    )
     if compress == "mlp":
       hidden = mlp_hidden or 2 * head_dim
       l, d = self.cmp_block, head_dim
       zeros = nnx.initializers.zeros_init()
       for name in ("k", "v"):
-        setattr(self, f"cmp_pos_{name}",
-                param(rngs, (l, d), ("nsa_block", "head_dim"), param_dtype,
-                      init=zeros))
-        setattr(self, f"cmp_w1_{name}",
-                param(rngs, (l * d, hidden), ("nsa_block_dim", "mlp"),
-                      param_dtype))
-        setattr(self, f"cmp_w2_{name}",
-                param(rngs, (hidden, d), ("mlp", "head_dim"), param_dtype))
+        setattr(
+          self,
+          f"cmp_pos_{name}",
+          param(
+            rngs, (l, d), ("nsa_block", "head_dim"), param_dtype, init=zeros
+          ),
+        )
+        setattr(
+          self,
+          f"cmp_w1_{name}",
+          param(rngs, (l * d, hidden), ("nsa_block_dim", "mlp"), param_dtype),
+        )
+        setattr(
+          self,
+          f"cmp_w2_{name}",
+          param(rngs, (hidden, d), ("mlp", "head_dim"), param_dtype),
+        )
 
   def compressor(self, name: str):
     """The learned block compressor of keys ("k") or values ("v"), or None.
@@ -97,7 +144,7 @@ class NSAAttention(AttentionLayer):
     w1 = getattr(self, f"cmp_w1_{name}")[...].astype(self.dtype)
     w2 = getattr(self, f"cmp_w2_{name}")[...].astype(self.dtype)
 
-    def fn(windows):                                   # [B, N, G, l, D]
+    def fn(windows):  # [B, N, G, l, D]
       flat = (windows + pos).reshape(*windows.shape[:3], -1)
       return mean_compress(windows) + jax.nn.gelu(flat @ w1) @ w2
 
@@ -105,44 +152,85 @@ class NSAAttention(AttentionLayer):
 
   def gates(self, x: jax.Array) -> jax.Array:
     """Branch gates f32[B, T, H, 3] = sigmoid(x @ w_gate)."""
-    g = jnp.einsum("bte,ehc->bthc", x.astype(self.dtype),
-                   self.w_gate[...].astype(self.dtype))
+    g = jnp.einsum(
+      "bte,ehc->bthc", x.astype(self.dtype), self.w_gate[...].astype(self.dtype)
+    )
     return jax.nn.sigmoid(g)
 
   def attend(self, q, k, v, ctx: Context):
     o, counts = nsa_attention(
-        q, k, v, self.gates(ctx.x), cmp_block=self.cmp_block,
-        cmp_stride=self.cmp_stride, select_block=self.select_block,
-        num_selected=self.num_selected, window=self.window,
-        compress_k=self.compressor("k"), compress_v=self.compressor("v"),
-        q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths,
-        implementation=self.implementation,
-        block_sizes=self.attention_block_sizes, return_counts=True)
-    return o, counts_aux(counts, ctx.positions, k.shape[1],
-                         ctx.kv_lengths), ctx.cache
+      q,
+      k,
+      v,
+      self.gates(ctx.x),
+      cmp_block=self.cmp_block,
+      cmp_stride=self.cmp_stride,
+      select_block=self.select_block,
+      num_selected=self.num_selected,
+      window=self.window,
+      compress_k=self.compressor("k"),
+      compress_v=self.compressor("v"),
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
+      implementation=self.implementation,
+      block_sizes=self.attention_block_sizes,
+      return_counts=True,
+    )
+    return (
+      o,
+      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
+      ctx.cache,
+    )
 
 
 def keys_per_query(seq_len: int, params: NSAParams, **_: Any) -> np.ndarray:
   return nsa_keys_per_query(
-      seq_len, cmp_block=params.cmp_block, cmp_stride=params.cmp_stride,
-      select_block=params.select_block, num_selected=params.num_selected,
-      window=params.window)
+    seq_len,
+    cmp_block=params.cmp_block,
+    cmp_stride=params.cmp_stride,
+    select_block=params.select_block,
+    num_selected=params.num_selected,
+    window=params.window,
+  )
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, params: NSAParams, *,
-              gates: jax.Array | None = None, q_offset=None, kv_lengths=None,
-              implementation=None, **_: Any) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: NSAParams,
+  *,
+  gates: jax.Array | None = None,
+  q_offset=None,
+  kv_lengths=None,
+  implementation=None,
+  **_: Any,
+) -> jax.Array:
   """NSA with mean compression; gates [B, T, H, 3] default to ones."""
   if gates is None:
     gates = jnp.ones(q.shape[:3] + (3,), q.dtype)
   return nsa_attention(
-      q, k, v, gates, cmp_block=params.cmp_block, cmp_stride=params.cmp_stride,
-      select_block=params.select_block, num_selected=params.num_selected,
-      window=params.window, q_offset=q_offset, kv_lengths=kv_lengths,
-      implementation=implementation)
+    q,
+    k,
+    v,
+    gates,
+    cmp_block=params.cmp_block,
+    cmp_stride=params.cmp_stride,
+    select_block=params.select_block,
+    num_selected=params.num_selected,
+    window=params.window,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    implementation=implementation,
+  )
 
 
 KIND = AttentionKind(
-    name="nsa", layer=NSAAttention, params=NSAParams,
-    keys_per_query=keys_per_query, attention=attention,
-    budget_param="num_selected", reference="Yuan et al. 2025 (NSA)")
+  name="nsa",
+  layer=NSAAttention,
+  params=NSAParams,
+  keys_per_query=keys_per_query,
+  attention=attention,
+  budget_param="num_selected",
+  reference="Yuan et al. 2025 (NSA)",
+)

@@ -8,8 +8,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparse_attn.kinds.patterns import (sliding_window_attention,
-                                        sliding_window_keys_per_query)
+from sparse_attn.kinds.patterns import (
+  sliding_window_attention,
+  sliding_window_keys_per_query,
+)
 from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.ops import checks
@@ -18,6 +20,7 @@ from sparse_attn.ops import checks
 @dataclasses.dataclass(frozen=True)
 class SlidingWindowParams:
   """window: keys per query (the query itself included)."""
+
   window: int = 64
 
   def __post_init__(self):
@@ -27,36 +30,72 @@ class SlidingWindowParams:
 class SlidingWindowAttention(AttentionLayer):
   """Local causal attention over the last `window` keys (gathered)."""
 
-  def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, window: int = SlidingWindowParams.window,
-               **kw: Any):
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    window: int = SlidingWindowParams.window,
+    **kw: Any,
+  ):
     super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
     self.window = SlidingWindowParams(window).window
 
   def attend(self, q, k, v, ctx: Context):
     o, counts = sliding_window_attention(
-        q, k, v, window=self.window, q_offset=ctx.q_offset,
-        kv_lengths=ctx.kv_lengths, implementation=self.implementation,
-        block_sizes=self.attention_block_sizes, return_counts=True)
-    return o, counts_aux(counts, ctx.positions, k.shape[1],
-                         ctx.kv_lengths), ctx.cache
+      q,
+      k,
+      v,
+      window=self.window,
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
+      implementation=self.implementation,
+      block_sizes=self.attention_block_sizes,
+      return_counts=True,
+    )
+    return (
+      o,
+      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
+      ctx.cache,
+    )
 
 
-def keys_per_query(seq_len: int, params: SlidingWindowParams,
-                   **_: Any) -> np.ndarray:
+def keys_per_query(
+  seq_len: int, params: SlidingWindowParams, **_: Any
+) -> np.ndarray:
   return sliding_window_keys_per_query(seq_len, params.window)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array,
-              params: SlidingWindowParams, *, q_offset=None, kv_lengths=None,
-              implementation=None, **_: Any) -> jax.Array:
-  return sliding_window_attention(q, k, v, window=params.window,
-                                  q_offset=q_offset, kv_lengths=kv_lengths,
-                                  implementation=implementation)
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: SlidingWindowParams,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  implementation=None,
+  **_: Any,
+) -> jax.Array:
+  return sliding_window_attention(
+    q,
+    k,
+    v,
+    window=params.window,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    implementation=implementation,
+  )
 
 
 KIND = AttentionKind(
-    name="sliding_window", layer=SlidingWindowAttention,
-    params=SlidingWindowParams, keys_per_query=keys_per_query,
-    attention=attention, budget_param="window",
-    reference="Beltagy et al. 2020 (Longformer)")
+  name="sliding_window",
+  layer=SlidingWindowAttention,
+  params=SlidingWindowParams,
+  keys_per_query=keys_per_query,
+  attention=attention,
+  budget_param="window",
+  reference="Beltagy et al. 2020 (Longformer)",
+)

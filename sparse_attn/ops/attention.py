@@ -31,12 +31,14 @@ def check_qkv(q, k, v, q_offset=None, kv_lengths=None):
   checks.check_same_dtype(q=q, k=k, v=v)
   if ks[0] != qs[0] or ks[3] != qs[3]:
     raise ValueError(
-        f"k shape {ks} must be [B, S, G, D] with B={qs[0]} and D={qs[3]} of "
-        f"q shape {qs}.")
+      f"k shape {ks} must be [B, S, G, D] with B={qs[0]} and D={qs[3]} of "
+      f"q shape {qs}."
+    )
   if vs[:3] != ks[:3]:
     raise ValueError(
-        f"v shape {vs} must be [B, S, G, Dv] with [B, S, G] = {ks[:3]} of "
-        f"k shape {ks}.")
+      f"v shape {vs} must be [B, S, G, Dv] with [B, S, G] = {ks[:3]} of "
+      f"k shape {ks}."
+    )
   checks.check_heads(qs[2], ks[2], qs, ks)
   checks.check_q_offset(q_offset, qs[0])
   checks.check_kv_lengths(kv_lengths, qs[0])
@@ -44,11 +46,12 @@ def check_qkv(q, k, v, q_offset=None, kv_lengths=None):
 
 
 def default_scale(scale, head_dim):
-  return head_dim ** -0.5 if scale is None else scale
+  return head_dim**-0.5 if scale is None else scale
 
 
-def masked_softmax(logits: jax.Array,
-                   valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_softmax(
+  logits: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Softmax over the last axis of f32 logits where `valid`.
 
   Returns (probs, lse). Rows with no valid entry get all-zero probabilities
@@ -71,10 +74,16 @@ def group_heads(q, num_kv_heads):
   return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                    q_offset: Any = None, kv_lengths: jax.Array | None = None,
-                    scale: float | None = None,
-                    query_chunk: int | None = None) -> jax.Array:
+def dense_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+) -> jax.Array:
   """Causal softmax attention [B, T, H, Dv] (the dense reference).
 
   Args:
@@ -86,7 +95,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   batch, num_q, num_heads, head_dim = qs
-  num_keys, num_kv = ks[1], ks[2]
+  num_keys = ks[1]
   scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   if query_chunk is None:
@@ -100,8 +109,14 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return chunking.map_query_chunks(block, query_chunk, q)
 
 
-def dense_block(qb: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
-                scale: float, bias: jax.Array | None = None):
+def dense_block(
+  qb: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  valid: jax.Array,
+  scale: float,
+  bias: jax.Array | None = None,
+):
   """Softmax attention of a query block over all S keys under a mask.
 
   The one dense body shared by dense_attention, the counted gathered form
@@ -112,13 +127,21 @@ def dense_block(qb: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
   """
   num_kv = k.shape[2]
   acc = checks.acc_dtype(qb)
-  logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(qb, num_kv), k,
-                      preferred_element_type=acc) * scale
+  logits = (
+    jnp.einsum(
+      "btgrd,bsgd->btgrs",
+      group_heads(qb, num_kv),
+      k,
+      preferred_element_type=acc,
+    )
+    * scale
+  )
   if bias is not None:
     logits = logits + bias
   probs, lse = masked_softmax(logits, valid)
-  out = jnp.einsum("btgrs,bsgv->btgrv", probs.astype(v.dtype), v,
-                   preferred_element_type=acc)
+  out = jnp.einsum(
+    "btgrs,bsgv->btgrv", probs.astype(v.dtype), v, preferred_element_type=acc
+  )
   out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
   return out, lse.reshape(qb.shape[:3])
 
@@ -128,8 +151,9 @@ def check_indices(indices, batch, num_q):
   checks.check_integer("indices", indices)
   if ishape[:2] != (batch, num_q):
     raise ValueError(
-        f"indices shape {ishape} must be [B, T, K] with [B, T] = "
-        f"{(batch, num_q)} of q.")
+      f"indices shape {ishape} must be [B, T, K] with [B, T] = "
+      f"{(batch, num_q)} of q."
+    )
   if ishape[2] < 1:
     raise ValueError(f"indices must select K >= 1 keys, got shape {ishape}.")
   return ishape
@@ -144,15 +168,17 @@ def _gathered_block(qb, k, v, ib, scale):
   num_keys, num_kv = k.shape[1], k.shape[2]
   valid = (ib >= 0) & (ib < num_keys)
   safe = jnp.where(valid, ib, 0)
-  kg = gather_rows(k, safe)                         # [B, C, K, G, D]
-  vg = gather_rows(v, safe)                         # [B, C, K, G, Dv]
+  kg = gather_rows(k, safe)  # [B, C, K, G, D]
+  vg = gather_rows(v, safe)  # [B, C, K, G, Dv]
   qg = group_heads(qb, num_kv)
   acc = checks.acc_dtype(qb)
-  logits = jnp.einsum("btgrd,btkgd->btgrk", qg, kg,
-                      preferred_element_type=acc) * scale
+  logits = (
+    jnp.einsum("btgrd,btkgd->btgrk", qg, kg, preferred_element_type=acc) * scale
+  )
   probs, lse = masked_softmax(logits, valid[:, :, None, None, :])
-  out = jnp.einsum("btgrk,btkgv->btgrv", probs.astype(v.dtype), vg,
-                   preferred_element_type=acc)
+  out = jnp.einsum(
+    "btgrk,btkgv->btgrv", probs.astype(v.dtype), vg, preferred_element_type=acc
+  )
   out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
   return out, lse.reshape(qb.shape[:3])
 
@@ -168,8 +194,11 @@ def selection_counts(indices: jax.Array, num_keys: int, dtype=jnp.float32):
   valid = (indices >= 0) & (indices < num_keys)
   rows = jnp.arange(batch)[:, None, None]
   cols = jnp.arange(num_q)[None, :, None]
-  counts = jnp.zeros((batch, num_q, num_keys), jnp.int32).at[
-      rows, cols, jnp.where(valid, indices, num_keys)].add(1, mode="drop")
+  counts = (
+    jnp.zeros((batch, num_q, num_keys), jnp.int32)
+    .at[rows, cols, jnp.where(valid, indices, num_keys)]
+    .add(1, mode="drop")
+  )
   return counts > 0, jnp.log(jnp.maximum(counts, 1).astype(dtype))
 
 
@@ -187,19 +216,32 @@ def _counted_block(qb, k, v, ib, scale):
   XLA's gather, and above all the scatter-add of its gradient, cost far more
   per element on CPU than the matmuls they avoid.
   """
-  present, log_counts = selection_counts(ib, k.shape[1],
-                                         checks.acc_dtype(qb))
-  return dense_block(qb, k, v, present[:, :, None, None, :], scale,
-                     bias=log_counts[:, :, None, None, :])
+  present, log_counts = selection_counts(ib, k.shape[1], checks.acc_dtype(qb))
+  return dense_block(
+    qb,
+    k,
+    v,
+    present[:, :, None, None, :],
+    scale,
+    bias=log_counts[:, :, None, None, :],
+  )
 
 
 # Use the dense counted form while S <= this many times K.
 _COUNTED_MAX_RATIO = 8
 
 
-def gathered_attention_reference(q, k, v, indices, *, scale=None,
-                                 query_chunk=None, return_lse=False,
-                                 method=None):
+def gathered_attention_reference(
+  q,
+  k,
+  v,
+  indices,
+  *,
+  scale=None,
+  query_chunk=None,
+  return_lse=False,
+  method=None,
+):
   """XLA reference of `gathered_attention`; optionally also lse f32[B, T, H].
 
   method: "gather" (gather the K selected rows per query, O(T*K) memory),
@@ -212,8 +254,9 @@ def gathered_attention_reference(q, k, v, indices, *, scale=None,
   if method is None:
     method = "counted" if use_counted(ks[1], ishape[2]) else "gather"
   if method not in ("gather", "counted"):
-    raise ValueError(f"method must be 'gather', 'counted' or None, got "
-                     f"{method!r}.")
+    raise ValueError(
+      f"method must be 'gather', 'counted' or None, got {method!r}."
+    )
   if method == "gather":
     per_query = ishape[2] * ks[2] * (qs[3] + vs[3]) + ishape[2] * qs[2]
     block_fn = _gathered_block
@@ -223,15 +266,21 @@ def gathered_attention_reference(q, k, v, indices, *, scale=None,
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(qs[1], per_query, ATTN_BUDGET)
   out, lse = chunking.map_query_chunks(
-      lambda start, qb, ib: block_fn(qb, k, v, ib, scale),
-      query_chunk, q, indices)
+    lambda start, qb, ib: block_fn(qb, k, v, ib, scale), query_chunk, q, indices
+  )
   return (out, lse) if return_lse else out
 
 
-def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                       indices: jax.Array, *, scale: float | None = None,
-                       implementation: str | None = None,
-                       block_sizes: Any = None) -> jax.Array:
+def gathered_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  indices: jax.Array,
+  *,
+  scale: float | None = None,
+  implementation: str | None = None,
+  block_sizes: Any = None,
+) -> jax.Array:
   """Softmax attention [B, T, H, Dv] of each query over its selected keys only.
 
   Args:
@@ -245,8 +294,9 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       `kernels_pallas.gathered_attention.BlockSizes` or a dict of its fields;
       None fields (or None) take the platform defaults. Ignored by "xla".
   """
-  block_sizes = dispatch.block_sizes("gathered_attention", block_sizes,
-                                     "block_sizes")
+  block_sizes = dispatch.block_sizes(
+    "gathered_attention", block_sizes, "block_sizes"
+  )
   impl = dispatch.resolve(implementation)
   if impl == "pallas":
     qs, _, _ = check_qkv(q, k, v)
@@ -256,21 +306,33 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     # group h // (H/G), so a split that divides G keeps whole groups.
     heads = ("batch", None, "heads", None)
     return kernel_sharding.call_kernel_sharded(
-        lambda q, k, v, i: kernel(q, k, v, i, scale=scale,
-                                  block_sizes=block_sizes),
-        (q, k, v, indices), roles=[heads, heads, heads, ("batch", None, None)],
-        out_roles=heads)
+      lambda q, k, v, i: kernel(
+        q, k, v, i, scale=scale, block_sizes=block_sizes
+      ),
+      (q, k, v, indices),
+      roles=[heads, heads, heads, ("batch", None, None)],
+      out_roles=heads,
+    )
   return gathered_attention_reference(q, k, v, indices, scale=scale)
 
 
-def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
-                  k_idx: jax.Array, weights: jax.Array, *, top_k: int,
-                  q_offset: Any = None, kv_lengths: jax.Array | None = None,
-                  scale: float | None = None,
-                  implementation: str | None = None,
-                  return_indices: bool = False,
-                  topk_block_sizes: Any = None,
-                  attention_block_sizes: Any = None):
+def dsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  top_k: int,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_indices: bool = False,
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+):
   """DeepSeek Sparse Attention [B, T, H, Dv]: indexer top-k, then gathered attention.
 
   Args:
@@ -284,21 +346,37 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array,
       (or a dict) for the attention kernel; see `gathered_attention`.
       Both are ignored by implementation "xla".
   """
-  topk_block_sizes = dispatch.block_sizes("topk", topk_block_sizes,
-                                          "topk_block_sizes")
+  topk_block_sizes = dispatch.block_sizes(
+    "topk", topk_block_sizes, "topk_block_sizes"
+  )
   attention_block_sizes = dispatch.block_sizes(
-      "gathered_attention", attention_block_sizes, "attention_block_sizes")
+    "gathered_attention", attention_block_sizes, "attention_block_sizes"
+  )
   qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
   iq = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
   ik = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
   if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
     raise ValueError(
-        f"indexer inputs must cover the same tokens as the attention: q_idx "
-        f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S]).")
-  indices = lightning_topk(q_idx, k_idx, weights, top_k, q_offset=q_offset,
-                           kv_lengths=kv_lengths, implementation=implementation,
-                           block_sizes=topk_block_sizes)
-  out = gathered_attention(q, k, v, indices, scale=scale,
-                           implementation=implementation,
-                           block_sizes=attention_block_sizes)
+      f"indexer inputs must cover the same tokens as the attention: q_idx "
+      f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S])."
+    )
+  indices = lightning_topk(
+    q_idx,
+    k_idx,
+    weights,
+    top_k,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    implementation=implementation,
+    block_sizes=topk_block_sizes,
+  )
+  out = gathered_attention(
+    q,
+    k,
+    v,
+    indices,
+    scale=scale,
+    implementation=implementation,
+    block_sizes=attention_block_sizes,
+  )
   return (out, indices) if return_indices else out

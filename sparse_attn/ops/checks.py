@@ -21,7 +21,7 @@ def check_rank(name: str, x: Any, rank: int, layout: str) -> tuple[int, ...]:
   shape = shape_of(x)
   if len(shape) != rank:
     raise ValueError(
-        f"{name} must have rank {rank} with layout {layout}, got shape {shape}."
+      f"{name} must have rank {rank} with layout {layout}, got shape {shape}."
     )
   return shape
 
@@ -45,12 +45,18 @@ def check_same_dtype(**arrays: Any) -> None:
     raise ValueError(f"dtype mismatch between {desc}.")
 
 
-def check_dim(name: str, shape: tuple[int, ...], axis: int, expected: int,
-              what: str, other: str) -> None:
+def check_dim(
+  name: str,
+  shape: tuple[int, ...],
+  axis: int,
+  expected: int,
+  what: str,
+  other: str,
+) -> None:
   if shape[axis] != expected:
     raise ValueError(
-        f"{name} {what} (axis {axis}) is {shape[axis]} but {other} has "
-        f"{expected}; {name} shape {shape}."
+      f"{name} {what} (axis {axis}) is {shape[axis]} but {other} has "
+      f"{expected}; {name} shape {shape}."
     )
 
 
@@ -65,8 +71,8 @@ def check_k(k: Any) -> int:
 def check_heads(num_heads: int, num_kv_heads: int, q_shape, k_shape) -> None:
   if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
     raise ValueError(
-        f"query heads H={num_heads} must be a multiple of kv heads "
-        f"G={num_kv_heads}; q shape {q_shape}, k shape {k_shape}."
+      f"query heads H={num_heads} must be a multiple of kv heads "
+      f"G={num_kv_heads}; q shape {q_shape}, k shape {k_shape}."
     )
 
 
@@ -76,8 +82,8 @@ def check_q_offset(q_offset: Any, batch: int) -> None:
   shape = shape_of(q_offset)
   if shape not in ((), (batch,)):
     raise ValueError(
-        f"q_offset must be an int, a scalar, or an int array of shape "
-        f"({batch},), got shape {shape}."
+      f"q_offset must be an int, a scalar, or an int array of shape "
+      f"({batch},), got shape {shape}."
     )
   check_integer("q_offset", q_offset)
 
@@ -88,7 +94,7 @@ def check_kv_lengths(kv_lengths: Any, batch: int) -> None:
   shape = shape_of(kv_lengths)
   if shape != (batch,):
     raise ValueError(
-        f"kv_lengths must have shape (B,)=({batch},), got shape {shape}."
+      f"kv_lengths must have shape (B,)=({batch},), got shape {shape}."
     )
   check_integer("kv_lengths", kv_lengths)
 
@@ -100,7 +106,10 @@ def acc_dtype(*arrays: Any):
 
 def check_positive_int(name: str, value: Any) -> int:
   """A Python (or numpy) int >= 1, as int; ValueError naming `name` otherwise."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-      or value < 1:
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < 1
+  ):
     raise ValueError(f"{name} must be a Python int >= 1, got {value!r}.")
   return int(value)

@@ -8,22 +8,25 @@ only the block inputs, not the [chunk, S] intermediates of every block.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-def auto_chunk(num_queries: int, per_query_elems: int,
-               budget_elems: int = 1 << 24) -> int:
+def auto_chunk(
+  num_queries: int, per_query_elems: int, budget_elems: int = 1 << 24
+) -> int:
   """Largest power-of-two query chunk whose intermediates fit `budget_elems`."""
   chunk = max(1, budget_elems // max(per_query_elems, 1))
   chunk = 1 << (chunk.bit_length() - 1)
   return max(1, min(chunk, num_queries))
 
 
-def map_query_chunks(fn: Callable[..., Any], chunk: int,
-                     *arrays: jnp.ndarray) -> Any:
+def map_query_chunks(
+  fn: Callable[..., Any], chunk: int, *arrays: jnp.ndarray
+) -> Any:
   """Applies fn(start, *blocks) to query blocks; arrays carry T on axis 1.
 
   fn gets `start` (int32 scalar, the index of the block's first query) and

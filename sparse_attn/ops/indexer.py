@@ -30,13 +30,13 @@ def check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths):
     checks.check_floating(name, x)
   if ks[0] != qs[0] or ks[2] != qs[3]:
     raise ValueError(
-        f"k_idx shape {ks} must be [B, S, DI] matching q_idx shape {qs} "
-        f"(B={qs[0]}, DI={qs[3]})."
+      f"k_idx shape {ks} must be [B, S, DI] matching q_idx shape {qs} "
+      f"(B={qs[0]}, DI={qs[3]})."
     )
   if ws != qs[:3]:
     raise ValueError(
-        f"weights shape {ws} must be [B, T, HI] = {qs[:3]} to match q_idx "
-        f"shape {qs}."
+      f"weights shape {ws} must be [B, T, HI] = {qs[:3]} to match q_idx "
+      f"shape {qs}."
     )
   checks.check_q_offset(q_offset, qs[0])
   checks.check_kv_lengths(kv_lengths, qs[0])
@@ -49,7 +49,9 @@ def relu_scores(q_idx, k_idx, weights):
   if q_idx.shape[1] <= 8:
     # Decode-sized blocks: keys-major dots keep the head reduction contiguous
     # (about 4x faster on CPU at T=1, S=64K than the query-major layout).
-    dots = jnp.einsum("bthd,bsd->bsth", q_idx, k_idx, preferred_element_type=acc)
+    dots = jnp.einsum(
+      "bthd,bsd->bsth", q_idx, k_idx, preferred_element_type=acc
+    )
     return jnp.einsum("bsth,bth->bts", jax.nn.relu(dots), weights.astype(acc))
   dots = jnp.einsum("bthd,bsd->bths", q_idx, k_idx, preferred_element_type=acc)
   return jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(acc))
@@ -62,9 +64,14 @@ def masked_scores(q_idx, k_idx, weights, q_pos, kv_lengths):
   return jnp.where(mask, scores, -jnp.inf)
 
 
-def indexer_scores(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array, *,
-                   q_offset: Any = None,
-                   kv_lengths: jax.Array | None = None) -> jax.Array:
+def indexer_scores(
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+) -> jax.Array:
   """Index scores f32[B, T, S]: sum_j w*relu(q.k) where visible, -inf elsewhere.
 
   Args:
@@ -90,8 +97,9 @@ def default_sub_block(num_keys: int, k: int) -> int:
   return _pow2_floor(max(1.0, (num_keys / k) ** 0.5))
 
 
-def two_stage_topk(scores: jax.Array, k: int,
-                    sub_block: int | None = None) -> jax.Array:
+def two_stage_topk(
+  scores: jax.Array, k: int, sub_block: int | None = None
+) -> jax.Array:
   """int32[..., K] indices of the K largest finite scores, -1 for the rest.
 
   Exact two-stage selection. The K largest entries of a row lie in the K
@@ -109,12 +117,16 @@ def two_stage_topk(scores: jax.Array, k: int,
     return _select(scores, jnp.arange(num_keys, dtype=jnp.int32), k)
   pad = [(0, 0)] * (scores.ndim - 1) + [(0, num_blocks * sb - num_keys)]
   blocks = jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(
-      *scores.shape[:-1], num_blocks, sb)
+    *scores.shape[:-1], num_blocks, sb
+  )
   _, top_blocks = jax.lax.top_k(jnp.max(blocks, axis=-1), k)
   cand = jnp.take_along_axis(blocks, top_blocks[..., None], axis=-2)
   cand_cols = top_blocks[..., None] * sb + jnp.arange(sb, dtype=jnp.int32)
-  return _select(cand.reshape(*cand.shape[:-2], k * sb),
-                 cand_cols.reshape(*cand.shape[:-2], k * sb), k)
+  return _select(
+    cand.reshape(*cand.shape[:-2], k * sb),
+    cand_cols.reshape(*cand.shape[:-2], k * sb),
+    k,
+  )
 
 
 def _select(values: jax.Array, columns: jax.Array, k: int) -> jax.Array:
@@ -142,12 +154,18 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
   return two_stage_topk(scores, k)
 
 
-def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
-                   k: int, *, q_offset: Any = None,
-                   kv_lengths: jax.Array | None = None,
-                   implementation: str | None = None,
-                   query_chunk: int | None = None,
-                   block_sizes: Any = None) -> jax.Array:
+def lightning_topk(
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  k: int,
+  *,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  implementation: str | None = None,
+  query_chunk: int | None = None,
+  block_sizes: Any = None,
+) -> jax.Array:
   """int32[B, T, K]: top-k of the index scores without materialising [T, S].
 
   Selects the same set as `select_topk(indexer_scores(...), k)` (ties may go
@@ -174,25 +192,30 @@ def lightning_topk(q_idx: jax.Array, k_idx: jax.Array, weights: jax.Array,
     batch_role = ("batch",)
     # Only the batch splits: every indexer head feeds each query's scores.
     return kernel_sharding.call_kernel_sharded(
-        lambda qi, ki, w, off, kv: kernel(qi, ki, w, k, q_offset=off,
-                                          kv_lengths=kv,
-                                          block_sizes=block_sizes),
-        (q_idx, k_idx, weights, offset, lengths),
-        roles=[("batch", None, None, None), ("batch", None, None),
-               ("batch", None, None),
-               None if offset is None or isinstance(offset, int) else batch_role,
-               None if lengths is None else batch_role],
-        out_roles=("batch", None, None))
+      lambda qi, ki, w, off, kv: kernel(
+        qi, ki, w, k, q_offset=off, kv_lengths=kv, block_sizes=block_sizes
+      ),
+      (q_idx, k_idx, weights, offset, lengths),
+      roles=[
+        ("batch", None, None, None),
+        ("batch", None, None),
+        ("batch", None, None),
+        None if offset is None or isinstance(offset, int) else batch_role,
+        None if lengths is None else batch_role,
+      ],
+      out_roles=("batch", None, None),
+    )
   batch, num_q, num_heads, _ = qs
   num_keys = ks[1]
   if query_chunk is None:
-    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads,
-                                      _TOPK_BUDGET)
+    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _TOPK_BUDGET)
   causal_self = num_q == num_keys and (
-      q_offset is None or (isinstance(q_offset, int) and q_offset == 0))
+    q_offset is None or (isinstance(q_offset, int) and q_offset == 0)
+  )
   if causal_self and query_chunk < num_q:
-    return _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths,
-                             _pow2_floor(query_chunk))
+    return _causal_self_topk(
+      q_idx, k_idx, weights, k, kv_lengths, _pow2_floor(query_chunk)
+    )
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
 
   def block(start, qb, wb):
@@ -216,8 +239,9 @@ def _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths, chunk):
   n = -(-num_q // chunk)
   n += n % 2
   padded = n * chunk
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, padded - num_q)] +
-                          [(0, 0)] * (a.ndim - 2))
+  pad = lambda a: jnp.pad(
+    a, [(0, 0), (0, padded - num_q)] + [(0, 0)] * (a.ndim - 2)
+  )
   q_blocks = pad(q_idx).reshape(batch, n, chunk, num_heads, dim)
   w_blocks = pad(weights).reshape(batch, n, chunk, num_heads)
   k_blocks = pad(k_idx).reshape(batch, n, chunk, dim)
@@ -229,24 +253,30 @@ def _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths, chunk):
   acc = checks.acc_dtype(q_idx, k_idx, weights)
 
   def pair(c):
-    first = slots <= c                                 # slot belongs to chunk c
+    first = slots <= c  # slot belongs to chunk c
     key_block = jnp.where(first, slots, slots - c - 1)
     query_block = jnp.where(first, c, n - 1 - c)
-    kb = jnp.take(k_blocks, key_block, axis=1)         # [B, n+1, C, DI]
-    qb = jnp.take(q_blocks, query_block, axis=1)       # [B, n+1, C, HI, DI]
+    kb = jnp.take(k_blocks, key_block, axis=1)  # [B, n+1, C, DI]
+    qb = jnp.take(q_blocks, query_block, axis=1)  # [B, n+1, C, HI, DI]
     wb = jnp.take(w_blocks, query_block, axis=1).astype(acc)
     dots = jnp.einsum("bjqhd,bjsd->bjqhs", qb, kb, preferred_element_type=acc)
     scores = jnp.einsum("bjqhs,bjqh->bqjs", jax.nn.relu(dots), wb)
-    key_pos = key_block[:, None] * chunk + local        # [n+1, C]
+    key_pos = key_block[:, None] * chunk + local  # [n+1, C]
     q_pos = query_block[None, :] * chunk + local[:, None]  # [C, n+1]
-    visible = ((key_pos[None] <= q_pos[:, :, None]) &
-               (key_pos[None, None] < limit[:, None, None, None]))
-    scores = jnp.where(visible, scores, -jnp.inf)       # [B, C, n+1, C]
-    rows = jnp.stack([jnp.where(first[:, None], scores, -jnp.inf),
-                      jnp.where(first[:, None], -jnp.inf, scores)], axis=1)
+    visible = (key_pos[None] <= q_pos[:, :, None]) & (
+      key_pos[None, None] < limit[:, None, None, None]
+    )
+    scores = jnp.where(visible, scores, -jnp.inf)  # [B, C, n+1, C]
+    rows = jnp.stack(
+      [
+        jnp.where(first[:, None], scores, -jnp.inf),
+        jnp.where(first[:, None], -jnp.inf, scores),
+      ],
+      axis=1,
+    )
     cols = two_stage_topk(rows.reshape(batch, 2, chunk, (n + 1) * chunk), k)
     keys = jnp.take(key_block, cols // chunk) * chunk + cols % chunk
-    return jnp.where(cols >= 0, keys, -1)               # [B, 2, C, K]
+    return jnp.where(cols >= 0, keys, -1)  # [B, 2, C, K]
 
   out = jax.lax.map(pair, jnp.arange(n // 2, dtype=jnp.int32))
   chunks = jnp.concatenate([out[:, :, 0], out[::-1, :, 1]], axis=0)

@@ -27,7 +27,8 @@ exactly their query heads; when G does not divide by an axis (MQA, G=3 on a
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,11 +47,16 @@ Plan = Mapping[str, tuple[str, ...]]
 def _free_axes(mesh) -> dict[str, int]:
   """Mesh axes of size > 1 that are not already manual (outer shard_map)."""
   manual = set(getattr(mesh, "manual_axes", ()) or ())
-  return {a: s for a, s in zip(mesh.axis_names, mesh.axis_sizes)
-          if s > 1 and a not in manual}
+  return {
+    a: s
+    for a, s in zip(mesh.axis_names, mesh.axis_sizes)
+    if s > 1 and a not in manual
+  }
 
 
-def plan_axes(mesh, role_dims: Mapping[str, Sequence[int]]) -> dict[str, tuple[str, ...]]:
+def plan_axes(
+  mesh, role_dims: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[str, ...]]:
   """Mesh axes for each role: {role: (axis, ...)}, see the module docstring.
 
   Args:
@@ -59,7 +65,9 @@ def plan_axes(mesh, role_dims: Mapping[str, Sequence[int]]) -> dict[str, tuple[s
   """
   unknown = set(role_dims) - set(ROLES)
   if unknown:
-    raise ValueError(f"role_dims: unknown roles {sorted(unknown)}; known: {ROLES}.")
+    raise ValueError(
+      f"role_dims: unknown roles {sorted(unknown)}; known: {ROLES}."
+    )
   sizes = _free_axes(mesh)
   plan = {role: () for role in role_dims}
   used = set()
@@ -95,10 +103,14 @@ def kernel_spec(plan: Plan, roles: Sequence[str | None]) -> P:
   return P(*spec)
 
 
-def call_kernel_sharded(fn, args: Sequence[Any],
-                        roles: Sequence[Sequence[str | None] | None],
-                        out_roles: Sequence[str | None], *,
-                        check_vma: bool | None = None):
+def call_kernel_sharded(
+  fn,
+  args: Sequence[Any],
+  roles: Sequence[Sequence[str | None] | None],
+  out_roles: Sequence[str | None],
+  *,
+  check_vma: bool | None = None,
+):
   """Runs fn(*args) per shard when a mesh is set (`jax.set_mesh`), else as is.
 
   Args:
@@ -125,13 +137,17 @@ def call_kernel_sharded(fn, args: Sequence[Any],
     return fn(*args)
   if len(roles) != len(args):
     raise ValueError(f"roles has {len(roles)} entries for {len(args)} args.")
-  dynamic = [i for i, r in enumerate(roles) if r is not None and args[i] is not None]
+  dynamic = [
+    i for i, r in enumerate(roles) if r is not None and args[i] is not None
+  ]
   role_dims: dict[str, list[int]] = {}
   for i in dynamic:
     shape = np.shape(args[i])
     if len(roles[i]) != len(shape):
-      raise ValueError(f"roles[{i}] = {tuple(roles[i])} does not match the rank of "
-                       f"args[{i}], shape {shape}.")
+      raise ValueError(
+        f"roles[{i}] = {tuple(roles[i])} does not match the rank of "
+        f"args[{i}], shape {shape}."
+      )
     for dim, role in zip(shape, roles[i]):
       if role is not None:
         role_dims.setdefault(role, []).append(dim)
@@ -150,5 +166,11 @@ def call_kernel_sharded(fn, args: Sequence[Any],
   kwargs = {}
   if getattr(mesh, "manual_axes", None):  # inside an outer shard_map
     kwargs["axis_names"] = frozenset(_free_axes(mesh))
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=out_spec,
-                       check_vma=check_vma, **kwargs)(*[args[i] for i in dynamic])
+  return jax.shard_map(
+    per_shard,
+    mesh=mesh,
+    in_specs=specs,
+    out_specs=out_spec,
+    check_vma=check_vma,
+    **kwargs,
+  )(*[args[i] for i in dynamic])

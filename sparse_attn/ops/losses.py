@@ -23,11 +23,20 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attn.ops import checks, chunking, masking
-from sparse_attn.ops.attention import (check_indices, check_qkv, group_heads,
-                                   gather_rows, masked_softmax,
-                                   selection_counts, use_counted)
-from sparse_attn.ops.indexer import (check_indexer_inputs, masked_scores,
-                                 relu_scores)
+from sparse_attn.ops.attention import (
+  check_indices,
+  check_qkv,
+  gather_rows,
+  group_heads,
+  masked_softmax,
+  selection_counts,
+  use_counted,
+)
+from sparse_attn.ops.indexer import (
+  check_indexer_inputs,
+  masked_scores,
+  relu_scores,
+)
 
 _KL_BUDGET = 1 << 24
 
@@ -43,7 +52,9 @@ def _kl_rows(p: jax.Array, index_logits: jax.Array, valid: jax.Array):
 def _log_softmax_masked(logits, valid):
   logits = jnp.where(valid, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.))
+  row_max = jax.lax.stop_gradient(
+    jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  )
   shifted = jnp.where(valid, logits - row_max, 0.0)
   denom = jnp.sum(jnp.where(valid, jnp.exp(shifted), 0.0), -1, keepdims=True)
   log_denom = jnp.log(jnp.where(denom > 0, denom, 1.0))
@@ -62,11 +73,18 @@ def _masked_mean(values, mask):
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1)
 
 
-def dense_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
-                     k_idx: jax.Array, weights: jax.Array, *,
-                     q_offset: Any = None, kv_lengths: jax.Array | None = None,
-                     scale: float | None = None,
-                     query_chunk: int | None = None) -> jax.Array:
+def dense_indexer_kl(
+  q: jax.Array,
+  k: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+) -> jax.Array:
   """Dense warm-up loss: mean_t KL(p[t, :] || softmax(I[t, :])) over visible keys.
 
   p[t, :] = sum_h softmax_s(scale * q[t, h] . k[s, g(h)]) over visible s,
@@ -83,34 +101,49 @@ def dense_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
   _check_same_tokens(qs, ks, iq, ik)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
-  scale = head_dim ** -0.5 if scale is None else scale
+  scale = head_dim**-0.5 if scale is None else scale
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(
-        num_q, num_keys * (num_heads + iq[2]), _KL_BUDGET)
+      num_q, num_keys * (num_heads + iq[2]), _KL_BUDGET
+    )
 
   def block(start, qb, qib, wb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
     valid = masking.visible(q_pos, num_keys, kv_lengths)
-    logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(qb, num_kv), k,
-                        preferred_element_type=checks.acc_dtype(qb)) * scale
+    logits = (
+      jnp.einsum(
+        "btgrd,bsgd->btgrs",
+        group_heads(qb, num_kv),
+        k,
+        preferred_element_type=checks.acc_dtype(qb),
+      )
+      * scale
+    )
     probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
     p = _head_summed_target(probs)
     index_logits = masked_scores(qib, k_idx, wb, q_pos, kv_lengths)
     kl = _kl_rows(p, index_logits, valid)
     return kl, jnp.any(valid, axis=-1)
 
-  kl, has_keys = chunking.map_query_chunks(block, query_chunk, q, q_idx,
-                                           weights)
+  kl, has_keys = chunking.map_query_chunks(
+    block, query_chunk, q, q_idx, weights
+  )
   return _masked_mean(kl, has_keys)
 
 
-def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
-                      k_idx: jax.Array, weights: jax.Array,
-                      indices: jax.Array, *,
-                      scale: float | None = None,
-                      method: str | None = None) -> jax.Array:
+def sparse_indexer_kl(
+  q: jax.Array,
+  k: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  indices: jax.Array,
+  *,
+  scale: float | None = None,
+  method: str | None = None,
+) -> jax.Array:
   """Sparse-stage loss: mean_t KL(p[t, S_t] || softmax(I[t, S_t])).
 
   S_t = the valid entries of indices[b, t] (the indexer's own top-k). Both
@@ -140,50 +173,70 @@ def sparse_indexer_kl(q: jax.Array, k: jax.Array, q_idx: jax.Array,
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   acc = checks.acc_dtype(q, q_idx)
   if method not in (None, "gather", "counted"):
-    raise ValueError(f"method must be 'gather', 'counted' or None, got "
-                     f"{method!r}.")
-  counted = (use_counted(num_keys, ishape[2]) if method is None
-             else method == "counted")
+    raise ValueError(
+      f"method must be 'gather', 'counted' or None, got {method!r}."
+    )
+  counted = (
+    use_counted(num_keys, ishape[2]) if method is None else method == "counted"
+  )
 
   def block(start, qb, qib, wb, ib):
     del start
     if counted:
       # Dense over S with log-multiplicities: same value, no gather/scatter.
       valid, log_counts = selection_counts(ib, num_keys, acc)
-      logits = jnp.einsum("btgrd,bsgd->btgrs", group_heads(qb, num_kv), k,
-                          preferred_element_type=acc) * scale
+      logits = (
+        jnp.einsum(
+          "btgrd,bsgd->btgrs",
+          group_heads(qb, num_kv),
+          k,
+          preferred_element_type=acc,
+        )
+        * scale
+      )
       logits = logits + log_counts[:, :, None, None, :]
       index_logits = relu_scores(qib, k_idx, wb) + log_counts
     else:
       valid = (ib >= 0) & (ib < num_keys)
       safe = jnp.where(valid, ib, 0)
-      kg = gather_rows(k, safe)                           # [B, C, K, G, D]
-      logits = jnp.einsum("btgrd,btkgd->btgrk", group_heads(qb, num_kv), kg,
-                          preferred_element_type=acc) * scale
-      kig = gather_rows(k_idx, safe)                      # [B, C, K, DI]
+      kg = gather_rows(k, safe)  # [B, C, K, G, D]
+      logits = (
+        jnp.einsum(
+          "btgrd,btkgd->btgrk",
+          group_heads(qb, num_kv),
+          kg,
+          preferred_element_type=acc,
+        )
+        * scale
+      )
+      kig = gather_rows(k_idx, safe)  # [B, C, K, DI]
       dots = jnp.einsum("bthd,btkd->bthk", qib, kig, preferred_element_type=acc)
-      index_logits = jnp.einsum("bthk,bth->btk", jax.nn.relu(dots),
-                                wb.astype(acc))
+      index_logits = jnp.einsum(
+        "bthk,bth->btk", jax.nn.relu(dots), wb.astype(acc)
+      )
     probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
     p = _head_summed_target(probs)
     return _kl_rows(p, index_logits, valid), jnp.any(valid, axis=-1)
 
   width = num_keys if counted else ishape[2]
   chunk = chunking.auto_chunk(qs[1], width * (qs[2] + iq[2]), _KL_BUDGET)
-  kl, has_keys = chunking.map_query_chunks(block, chunk, q, q_idx, weights,
-                                           indices)
+  kl, has_keys = chunking.map_query_chunks(
+    block, chunk, q, q_idx, weights, indices
+  )
   return _masked_mean(kl, has_keys)
 
 
 def _check_same_tokens(qs, ks, iq, ik):
   if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
     raise ValueError(
-        f"indexer inputs must cover the same tokens as the attention: q_idx "
-        f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S]).")
+      f"indexer inputs must cover the same tokens as the attention: q_idx "
+      f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S])."
+    )
 
 
-def lm_loss(logits: jax.Array, targets: jax.Array,
-            mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def lm_loss(
+  logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Mean next-token cross-entropy over mask; returns (loss, token_count).
 
   logits [B, T, V] (any float dtype, reduced in f32), targets int[B, T],
@@ -198,8 +251,9 @@ def lm_loss(logits: jax.Array, targets: jax.Array,
   elif checks.shape_of(mask) != ts:
     raise ValueError(f"mask shape {checks.shape_of(mask)} must be {ts}.")
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32),
-                             axis=-1)[..., 0]
+  nll = -jnp.take_along_axis(
+    logp, targets[..., None].astype(jnp.int32), axis=-1
+  )[..., 0]
   mask = mask.astype(jnp.float32)
   count = jnp.sum(mask)
   return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count

@@ -15,8 +15,13 @@ from typing import Any
 import jax.numpy as jnp
 
 
-def query_positions(batch: int, num_queries: int, num_keys: int,
-                    q_offset: Any = None, start: Any = 0) -> jnp.ndarray:
+def query_positions(
+  batch: int,
+  num_queries: int,
+  num_keys: int,
+  q_offset: Any = None,
+  start: Any = 0,
+) -> jnp.ndarray:
   """Absolute positions int32[B, T] of queries start .. start+T-1 of the block.
 
   `num_queries` here is the number of positions wanted; `q_offset` defaults to
@@ -28,16 +33,18 @@ def query_positions(batch: int, num_queries: int, num_keys: int,
   return offset[:, None] + idx[None, :]
 
 
-def resolve_q_offset(q_offset: Any, batch: int, num_queries: int,
-                     num_keys: int) -> jnp.ndarray:
+def resolve_q_offset(
+  q_offset: Any, batch: int, num_queries: int, num_keys: int
+) -> jnp.ndarray:
   """q_offset as int32[B] (default S - T)."""
   if q_offset is None:
     q_offset = num_keys - num_queries
   return jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
 
 
-def visible(q_pos: jnp.ndarray, num_keys: int,
-            kv_lengths: Any = None) -> jnp.ndarray:
+def visible(
+  q_pos: jnp.ndarray, num_keys: int, kv_lengths: Any = None
+) -> jnp.ndarray:
   """bool[B, T, S]: key s visible to the query at absolute position q_pos[b, t]."""
   s = jnp.arange(num_keys, dtype=jnp.int32)
   mask = s[None, None, :] <= q_pos[:, :, None]
@@ -47,8 +54,9 @@ def visible(q_pos: jnp.ndarray, num_keys: int,
   return mask
 
 
-def num_visible(q_pos: jnp.ndarray, num_keys: int,
-                kv_lengths: Any = None) -> jnp.ndarray:
+def num_visible(
+  q_pos: jnp.ndarray, num_keys: int, kv_lengths: Any = None
+) -> jnp.ndarray:
   """int32[B, T]: how many keys each query sees, without building [T, S]."""
   limit = jnp.clip(q_pos + 1, 0, num_keys)
   if kv_lengths is not None:

@@ -20,11 +20,15 @@ def index_dtype(name: Any) -> jnp.dtype:
   """The storage dtype named `name` (a string or dtype); ValueError otherwise."""
   name = name if isinstance(name, str) else jnp.dtype(name).name
   if name not in INDEX_DTYPES:
-    raise ValueError(f"index_dtype must be one of {INDEX_DTYPES}, got {name!r}.")
+    raise ValueError(
+      f"index_dtype must be one of {INDEX_DTYPES}, got {name!r}."
+    )
   return jnp.dtype(name)
 
 
-def quantize_index_keys(k_idx: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array | None]:
+def quantize_index_keys(
+  k_idx: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array | None]:
   """k_idx [..., DI] -> (stored [..., DI] in `dtype`, f32 scale [...] or None).
 
   float8_e4m3fn uses one f32 scale per token (amax / 448; 1 for an all-zero
@@ -40,8 +44,9 @@ def quantize_index_keys(k_idx: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Ar
   return (kf / scale[..., None]).astype(dtype), scale
 
 
-def dequantize_index_keys(stored: jax.Array, scale: jax.Array | None,
-                          dtype: Any = jnp.float32) -> jax.Array:
+def dequantize_index_keys(
+  stored: jax.Array, scale: jax.Array | None, dtype: Any = jnp.float32
+) -> jax.Array:
   """Inverse of `quantize_index_keys`: [..., DI] in `dtype`."""
   x = stored.astype(jnp.float32)
   if scale is not None:

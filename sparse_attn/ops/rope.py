@@ -17,21 +17,30 @@ def rope_frequencies(rope_dim: int, base: float = 10000.0) -> jax.Array:
   return base ** (-jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, rope_dim: int | None = None,
-               base: float = 10000.0) -> jax.Array:
+def apply_rope(
+  x: jax.Array,
+  positions: jax.Array,
+  *,
+  rope_dim: int | None = None,
+  base: float = 10000.0,
+) -> jax.Array:
   """Rotates the first `rope_dim` dims of x[B, T, N, D] by positions int[B, T]."""
   head_dim = x.shape[-1]
   rope_dim = head_dim if rope_dim is None else rope_dim
   if rope_dim == 0:
     return x
   if rope_dim % 2 or rope_dim > head_dim:
-    raise ValueError(f"rope_dim must be even and <= D={head_dim}, got {rope_dim}.")
+    raise ValueError(
+      f"rope_dim must be even and <= D={head_dim}, got {rope_dim}."
+    )
   if positions.shape != x.shape[:2]:
     raise ValueError(
-        f"positions shape {positions.shape} must be [B, T] = {x.shape[:2]} "
-        f"for x shape {x.shape}.")
+      f"positions shape {positions.shape} must be [B, T] = {x.shape[:2]} "
+      f"for x shape {x.shape}."
+    )
   angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(
-      rope_dim, base)
+    rope_dim, base
+  )
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   rot, rest = x[..., :rope_dim], x[..., rope_dim:]

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run and the config they belong to.
 
-  <run_dir>/config.json          the resolved Config
-  <run_dir>/checkpoints/<step>/  the whole state (keep-last-N, optionally async)
+<run_dir>/config.json          the resolved Config
+<run_dir>/checkpoints/<step>/  the whole state (keep-last-N, optionally async)
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ def checkpoint_manager(run_dir: str, cfg: Config) -> ocp.CheckpointManager:
   """The manager of <run_dir>/checkpoints (created if missing); close it."""
   t = cfg.train
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=t.keep_checkpoints, create=True,
-      enable_async_checkpointing=t.async_checkpointing,
-      cleanup_tmp_directories=True)
+    max_to_keep=t.keep_checkpoints,
+    create=True,
+    enable_async_checkpointing=t.async_checkpointing,
+    cleanup_tmp_directories=True,
+  )
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(run_dir, "checkpoints")), options=options)
+    os.path.abspath(os.path.join(run_dir, "checkpoints")), options=options
+  )
 
 
 def restore_state(mngr: ocp.CheckpointManager, s: Setup, step: int) -> Any:
@@ -41,16 +44,21 @@ def check_saved_config(run_dir: str, cfg: Config) -> None:
   """ValueError if run_dir's config.json describes another model than cfg's."""
   saved = read_config(run_dir)
   if saved.model != cfg.model:
-    diff = {k: (getattr(saved.model, k), getattr(cfg.model, k))
-            for k in cfg.model.__dataclass_fields__
-            if getattr(saved.model, k) != getattr(cfg.model, k)}
-    raise ValueError(f"run directory {run_dir!r} holds checkpoints of a "
-                     f"different model (saved vs now: {diff}); use a new run "
-                     f"directory or --no-resume.")
+    diff = {
+      k: (getattr(saved.model, k), getattr(cfg.model, k))
+      for k in cfg.model.__dataclass_fields__
+      if getattr(saved.model, k) != getattr(cfg.model, k)
+    }
+    raise ValueError(
+      f"run directory {run_dir!r} holds checkpoints of a "
+      f"different model (saved vs now: {diff}); use a new run "
+      f"directory or --no-resume."
+    )
 
 
-def load_checkpoint(run_dir: str, step: int | None = None, devices=None
-                    ) -> tuple[Setup, Any]:
+def load_checkpoint(
+  run_dir: str, step: int | None = None, devices=None
+) -> tuple[Setup, Any]:
   """(Setup, state) restored from run_dir (latest step by default)."""
   cfg = read_config(run_dir)
   s = setup(cfg, devices)

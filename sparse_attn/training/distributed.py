@@ -5,9 +5,13 @@ from __future__ import annotations
 import jax
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None,
-                     process_id: int | None, *, cpu_collectives: str = "gloo"
-                     ) -> None:
+def init_distributed(
+  coordinator: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  *,
+  cpu_collectives: str = "gloo",
+) -> None:
   """jax.distributed.initialize when process coordinates are given.
 
   On CPU, cross-process collectives need an implementation (gloo); set it
@@ -21,5 +25,8 @@ def init_distributed(coordinator: str | None, num_processes: int | None,
     raise ValueError(f"process_id {process_id} not in [0, {num_processes}).")
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  jax.distributed.initialize(coordinator_address=coordinator,
-                             num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator,
+    num_processes=num_processes,
+    process_id=process_id,
+  )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sparse_attn.data import Dataset
 from sparse_attn.training.loader import BatchLoader
@@ -11,10 +12,14 @@ from sparse_attn.training.state import Setup
 from sparse_attn.training.steps import make_eval_step
 
 
-def evaluate(s: Setup, state, eval_ds: Dataset, mode: str,
-             num_batches: int | None = None,
-             eval_step: Callable[..., Any] | None = None
-             ) -> dict[str, float | str]:
+def evaluate(
+  s: Setup,
+  state,
+  eval_ds: Dataset,
+  mode: str,
+  num_batches: int | None = None,
+  eval_step: Callable[..., Any] | None = None,
+) -> dict[str, float | str]:
   """Held-out LM loss, indexer KL and fraction of keys attended, in `mode`.
 
   Over the first num_batches (default cfg.train.eval_batches) evaluation
@@ -28,8 +33,9 @@ def evaluate(s: Setup, state, eval_ds: Dataset, mode: str,
   for i in range(n):
     out = host_metrics(eval_step(state["params"], loader.eval(i)))
     tot = out if tot is None else {k: tot[k] + out[k] for k in tot}
-  return {"loss": tot["nll"] / max(tot["tokens"], 1.0),
-          "indexer_kl": tot["indexer_kl"] / n,
-          "attended_fraction": tot["attended_keys"] / max(tot["visible_keys"],
-                                                          1.0),
-          "mode": mode}
+  return {
+    "loss": tot["nll"] / max(tot["tokens"], 1.0),
+    "indexer_kl": tot["indexer_kl"] / n,
+    "attended_fraction": tot["attended_keys"] / max(tot["visible_keys"], 1.0),
+    "mode": mode,
+  }

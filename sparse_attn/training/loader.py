@@ -24,12 +24,22 @@ def make_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
   kw: dict[str, Any] = {}
   if t.dataset == "text":
     kw = dict(path=t.data_path)
-  train_ds = make_dataset(t.dataset, seq_len=t.seq_len, split="train",
-                          seed=t.seed, max_bytes=t.max_bytes
-                          if t.dataset == "text" else None, **kw)
-  eval_ds = make_dataset(t.dataset, seq_len=t.seq_len, split="validation",
-                         seed=t.seed, max_bytes=t.eval_max_bytes
-                         if t.dataset == "text" else None, **kw)
+  train_ds = make_dataset(
+    t.dataset,
+    seq_len=t.seq_len,
+    split="train",
+    seed=t.seed,
+    max_bytes=t.max_bytes if t.dataset == "text" else None,
+    **kw,
+  )
+  eval_ds = make_dataset(
+    t.dataset,
+    seq_len=t.seq_len,
+    split="validation",
+    seed=t.seed,
+    max_bytes=t.eval_max_bytes if t.dataset == "text" else None,
+    **kw,
+  )
   return train_ds, eval_ds
 
 
@@ -40,10 +50,12 @@ def global_batch(s: Setup, local: Batch) -> dict[str, jax.Array]:
   rows on one process). Returns {"inputs", "targets", "loss_mask"}: global
   [B, L] arrays on s.batch_sharding (B = cfg.train.batch_size).
   """
-  rows = {"inputs": local.inputs, "targets": local.targets,
-          "loss_mask": local.loss_mask}
-  return shd.make_global_batch(rows, s.batch_sharding,
-                               s.cfg.train.batch_size)
+  rows = {
+    "inputs": local.inputs,
+    "targets": local.targets,
+    "loss_mask": local.loss_mask,
+  }
+  return shd.make_global_batch(rows, s.batch_sharding, s.cfg.train.batch_size)
 
 
 class BatchLoader:
@@ -52,17 +64,30 @@ class BatchLoader:
   def __init__(self, dataset: Dataset, s: Setup):
     self.dataset, self.s = dataset, s
     self.batch_size = s.cfg.train.batch_size
-    self.shard, self.num_shards = shd.local_batch_rows(s.batch_sharding,
-                                                       self.batch_size)
+    self.shard, self.num_shards = shd.local_batch_rows(
+      s.batch_sharding, self.batch_size
+    )
 
   def train(self, step: int) -> dict[str, jax.Array]:
     """The global training batch of data step `step`."""
-    return global_batch(self.s, self.dataset.batch(
-        step, self.batch_size, shard_index=self.shard,
-        num_shards=self.num_shards))
+    return global_batch(
+      self.s,
+      self.dataset.batch(
+        step,
+        self.batch_size,
+        shard_index=self.shard,
+        num_shards=self.num_shards,
+      ),
+    )
 
   def eval(self, index: int) -> dict[str, jax.Array]:
     """The global evaluation batch `index`."""
-    return global_batch(self.s, self.dataset.eval_batch(
-        index, self.batch_size, shard_index=self.shard,
-        num_shards=self.num_shards))
+    return global_batch(
+      self.s,
+      self.dataset.eval_batch(
+        index,
+        self.batch_size,
+        shard_index=self.shard,
+        num_shards=self.num_shards,
+      ),
+    )

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,13 +24,14 @@ import orbax.checkpoint as ocp
 from sparse_attn import registry
 from sparse_attn import sharding as shd
 from sparse_attn.config import Config
-from sparse_attn.training.checkpoints import (check_saved_config,
-                                              checkpoint_manager,
-                                              restore_state)
+from sparse_attn.training.checkpoints import (
+  check_saved_config,
+  checkpoint_manager,
+  restore_state,
+)
 from sparse_attn.training.evaluation import evaluate
 from sparse_attn.training.loader import make_datasets
-from sparse_attn.training.metrics import (MetricsLogger, fmt_tokens,
-                                          host_metrics)
+from sparse_attn.training.metrics import MetricsLogger, fmt_tokens, host_metrics
 from sparse_attn.training.stages import StageRunner, stage_of
 from sparse_attn.training.state import Setup, init_state, setup
 from sparse_attn.training.steps import STAGE_MODE, make_eval_step
@@ -40,12 +42,13 @@ class TrainResult:
   setup: Setup
   state: Any
   final_eval: dict[str, float]
-  history: list[dict[str, Any]]     # the train records logged by this process
+  history: list[dict[str, Any]]  # the train records logged by this process
   resumed_from: int | None
 
 
-def _open_run_dir(run_dir: str, cfg: Config, resume: bool, lead: bool
-                  ) -> ocp.CheckpointManager:
+def _open_run_dir(
+  run_dir: str, cfg: Config, resume: bool, lead: bool
+) -> ocp.CheckpointManager:
   """Checkpoint manager of run_dir, after checking or starting it over.
 
   resume: a run_dir with checkpoints must hold the same model. Not resume:
@@ -73,25 +76,40 @@ def _open_run_dir(run_dir: str, cfg: Config, resume: bool, lead: bool
 
 def _log_start(logger: MetricsLogger, s: Setup, has_idx: bool) -> None:
   cfg, t = s.cfg, s.cfg.train
-  counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
-            for k, v in s.abstract_state["params"].items()}
-  logger.write({"event": "start", "name": cfg.name,
-                "attention": cfg.model.attention, "top_k": cfg.model.top_k,
-                "params": counts, "mesh": dict(s.mesh.shape),
-                "processes": jax.process_count(),
-                "warmup_stage_steps": t.warmup_stage_steps,
-                "sparse_stage_steps": t.sparse_stage_steps},
-               f"{cfg.name}: attention={cfg.model.attention}"
-               f"{f' top_k={cfg.model.top_k}' if has_idx else ''} params="
-               f"{counts['main'] + counts['indexer']:,} (indexer "
-               f"{counts['indexer']:,}) mesh={dict(s.mesh.shape)} steps="
-               f"{t.warmup_stage_steps} warm-up + {t.sparse_stage_steps} "
-               f"sparse")
+  counts = {
+    k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+    for k, v in s.abstract_state["params"].items()
+  }
+  logger.write(
+    {
+      "event": "start",
+      "name": cfg.name,
+      "attention": cfg.model.attention,
+      "top_k": cfg.model.top_k,
+      "params": counts,
+      "mesh": dict(s.mesh.shape),
+      "processes": jax.process_count(),
+      "warmup_stage_steps": t.warmup_stage_steps,
+      "sparse_stage_steps": t.sparse_stage_steps,
+    },
+    f"{cfg.name}: attention={cfg.model.attention}"
+    f"{f' top_k={cfg.model.top_k}' if has_idx else ''} params="
+    f"{counts['main'] + counts['indexer']:,} (indexer "
+    f"{counts['indexer']:,}) mesh={dict(s.mesh.shape)} steps="
+    f"{t.warmup_stage_steps} warm-up + {t.sparse_stage_steps} "
+    f"sparse",
+  )
 
 
-def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
-          devices=None, echo: Callable[[str], None] | None = print,
-          final_eval: bool = True) -> TrainResult:
+def train(
+  cfg: Config,
+  run_dir: str | None = None,
+  *,
+  resume: bool = True,
+  devices=None,
+  echo: Callable[[str], None] | None = print,
+  final_eval: bool = True,
+) -> TrainResult:
   """Runs (or resumes) both stages; returns the final state and evaluation.
 
   run_dir None: no checkpoints and no files (metrics only in the result).
@@ -100,8 +118,7 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
   s = setup(cfg, devices)
   cfg, t = s.cfg, s.cfg.train
   lead = jax.process_index() == 0
-  mngr = None if run_dir is None else _open_run_dir(run_dir, cfg, resume,
-                                                    lead)
+  mngr = None if run_dir is None else _open_run_dir(run_dir, cfg, resume, lead)
   logger = MetricsLogger(run_dir, lead, echo)
   train_ds, eval_ds = make_datasets(cfg)
 
@@ -109,8 +126,10 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
   if resume and mngr is not None and mngr.latest_step() is not None:
     resumed_from = mngr.latest_step()
     state = restore_state(mngr, s, resumed_from)
-    logger.write({"event": "resume", "step": resumed_from},
-                 f"resumed from checkpoint at step {resumed_from}")
+    logger.write(
+      {"event": "resume", "step": resumed_from},
+      f"resumed from checkpoint at step {resumed_from}",
+    )
   else:
     state = init_state(s)
   start = int(shd.to_host(state["step"]))
@@ -134,8 +153,11 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
     ev = evaluate(s, state, eval_ds, mode, eval_step=evals[mode])
     rec = {"event": "eval", "step": step_done, "stage": label(stage), **ev}
     kl = f" kl {ev['indexer_kl']:.4f}" if has_idx else ""
-    logger.write(rec, f"  eval @ {step_done}: loss {ev['loss']:.4f}{kl}"
-                      f" attended {ev['attended_fraction']:.3f}")
+    logger.write(
+      rec,
+      f"  eval @ {step_done}: loss {ev['loss']:.4f}{kl}"
+      f" attended {ev['attended_fraction']:.3f}",
+    )
     return ev
 
   last_eval = None
@@ -149,22 +171,33 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = True,
         # The first step after (re)start includes compilation: no rate.
         tps = tokens / max(now - tick, 1e-9) if done > start + 1 else None
         tick, tokens = now, 0.0
-        rec = {"event": "train", "step": done, "stage": label(stage),
-               "attention": cfg.model.attention, "top_k": cfg.model.top_k,
-               "tokens_per_s": tps, **m}
+        rec = {
+          "event": "train",
+          "step": done,
+          "stage": label(stage),
+          "attention": cfg.model.attention,
+          "top_k": cfg.model.top_k,
+          "tokens_per_s": tps,
+          **m,
+        }
         history.append(rec)
         lr = m.get("lr_main", m.get("lr_indexer", 0.0))
         kl = f" kl {m['indexer_kl']:.4f}" if has_idx else ""
         logger.write(
-            rec,
-            f"[{cfg.model.attention}:{label(stage)}] {done}/{total} "
-            f"loss {m['loss']:.4f}{kl}"
-            f" attended {m['attended_fraction']:.3f} lr {lr:.2e}"
-            f"{f' {fmt_tokens(tps)} tok/s' if tps else ' (compiled)'}")
+          rec,
+          f"[{cfg.model.attention}:{label(stage)}] {done}/{total} "
+          f"loss {m['loss']:.4f}{kl}"
+          f" attended {m['attended_fraction']:.3f} lr {lr:.2e}"
+          f"{f' {fmt_tokens(tps)} tok/s' if tps else ' (compiled)'}",
+        )
       if t.eval_every and done % t.eval_every == 0 and done != total:
         last_eval = run_eval(done, stage)
-      if mngr is not None and t.checkpoint_every and (
-          done % t.checkpoint_every == 0) and done != total:
+      if (
+        mngr is not None
+        and t.checkpoint_every
+        and (done % t.checkpoint_every == 0)
+        and done != total
+      ):
         mngr.save(done, args=ocp.args.StandardSave(state))
     if mngr is not None and total > start:
       mngr.save(total, args=ocp.args.StandardSave(state), force=True)

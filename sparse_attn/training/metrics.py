@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 
@@ -41,15 +42,17 @@ class MetricsLogger:
   (the other processes of a multi-host run).
   """
 
-  def __init__(self, run_dir: str | None, enabled: bool,
-               echo: Callable[[str], None] | None):
+  def __init__(
+    self, run_dir: str | None, enabled: bool, echo: Callable[[str], None] | None
+  ):
     self.enabled = enabled
     self.echo = echo
     self.file = None
     self.tb = None
     if enabled and run_dir:
-      self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a",
-                       encoding="utf-8")
+      self.file = open(
+        os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8"
+      )
       self.tb = _tensorboard(os.path.join(run_dir, "tensorboard"))
 
   def write(self, record: dict[str, Any], line: str | None = None) -> None:
@@ -62,8 +65,9 @@ class MetricsLogger:
     if self.tb is not None and "step" in record:
       for k, v in record.items():
         if isinstance(v, (int, float)) and k != "step":
-          self.tb.add_scalar(f"{record.get('event', 'train')}/{k}", v,
-                             record["step"])
+          self.tb.add_scalar(
+            f"{record.get('event', 'train')}/{k}", v, record["step"]
+          )
     if line and self.echo:
       self.echo(line)
 
@@ -77,11 +81,13 @@ class MetricsLogger:
 def _tensorboard(logdir: str):
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
     return SummaryWriter(logdir)
   except Exception:  # pylint: disable=broad-except
     pass
   try:
     from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top
+
     return SummaryWriter(logdir)
   except Exception:  # pylint: disable=broad-except
     return None

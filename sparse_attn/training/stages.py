@@ -17,8 +17,8 @@ and resumed at any step with the same data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 
@@ -36,9 +36,10 @@ def stage_of(cfg: Config, step: int) -> str:
 
 class StepResult(NamedTuple):
   """What one training step produced."""
-  step: int                      # steps done, this one included (1-based)
-  stage: str                     # "warmup" or "sparse"
-  state: Any                     # the state after the step
+
+  step: int  # steps done, this one included (1-based)
+  stage: str  # "warmup" or "sparse"
+  state: Any  # the state after the step
   metrics: dict[str, jax.Array]  # device scalars (see make_train_step)
 
 
@@ -64,8 +65,9 @@ class StageRunner:
       self._steps[stage] = make_train_step(self.s, stage)
     return self._steps[stage]
 
-  def steps(self, state, start: int = 0, stop: int | None = None
-            ) -> Iterator[StepResult]:
+  def steps(
+    self, state, start: int = 0, stop: int | None = None
+  ) -> Iterator[StepResult]:
     """Runs steps start .. stop - 1 (stop: cfg.train.total_steps), lazily.
 
     Yields after each step; the state a result holds is donated to the next
@@ -78,8 +80,13 @@ class StageRunner:
       state, metrics = self.train_step(stage)(state, batch)
       yield StepResult(i + 1, stage, state, metrics)
 
-  def run(self, state, start: int = 0, stop: int | None = None,
-          on_step: Callable[[StepResult], None] | None = None) -> Any:
+  def run(
+    self,
+    state,
+    start: int = 0,
+    stop: int | None = None,
+    on_step: Callable[[StepResult], None] | None = None,
+  ) -> Any:
     """Runs steps start .. stop - 1; returns the final state.
 
     on_step(result) is called after every step (to log, evaluate or save).
@@ -91,9 +98,16 @@ class StageRunner:
     return state
 
 
-def run_stages(s: Setup, state, dataset: Dataset, *, first_step: int = 0,
-               start: int = 0, stop: int | None = None,
-               on_step: Callable[[StepResult], None] | None = None) -> Any:
+def run_stages(
+  s: Setup,
+  state,
+  dataset: Dataset,
+  *,
+  first_step: int = 0,
+  start: int = 0,
+  stop: int | None = None,
+  on_step: Callable[[StepResult], None] | None = None,
+) -> Any:
   """Runs steps start .. stop - 1 of both stages on `dataset`; the state.
 
   One-call form of `StageRunner(s, dataset, first_step=first_step).run(...)`

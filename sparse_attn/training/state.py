@@ -11,7 +11,8 @@ Every leaf is created directly with its sharding on the run's mesh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from sparse_attn.training.optimizer import make_optimizer, schedules
 @dataclasses.dataclass
 class Setup:
   """Everything static about a run: config, mesh, model graph, shardings."""
+
   cfg: Config
   mesh: jax.sharding.Mesh
   graphdef: Any
@@ -46,19 +48,32 @@ def setup(cfg: Config, devices=None) -> Setup:
   def init_fn():
     model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
     _, idx, main = nnx.split(model, INDEXER, MAIN)
-    return {"step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(cfg.train.seed + 1),
-            "params": {"indexer": idx, "main": main},
-            "opt": {"indexer": tx["indexer"].init(idx),
-                    "main": tx["main"].init(main)}}
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.PRNGKey(cfg.train.seed + 1),
+      "params": {"indexer": idx, "main": main},
+      "opt": {
+        "indexer": tx["indexer"].init(idx),
+        "main": tx["main"].init(main),
+      },
+    }
 
   abstract_model = nnx.eval_shape(
-      lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0)))
+    lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0))
+  )
   graphdef, _, _ = nnx.split(abstract_model, INDEXER, MAIN)
   abstract_state = jax.eval_shape(init_fn)
   state_shardings = shd.tree_shardings(abstract_state, mesh)
-  return Setup(cfg, mesh, graphdef, tx, abstract_state, state_shardings,
-               shd.batch_sharding(mesh), init_fn)
+  return Setup(
+    cfg,
+    mesh,
+    graphdef,
+    tx,
+    abstract_state,
+    state_shardings,
+    shd.batch_sharding(mesh),
+    init_fn,
+  )
 
 
 def init_state(s: Setup) -> Any:
@@ -72,11 +87,14 @@ def state_structs(s: Setup) -> Any:
   What a checkpoint is restored into and what a step is lowered with.
   """
   return jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      s.abstract_state, s.state_shardings)
+    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+    s.abstract_state,
+    s.state_shardings,
+  )
 
 
 def merge_model(s: Setup, state) -> Transformer:
   """The Transformer holding `state`'s parameters (no copy)."""
-  return nnx.merge(s.graphdef, state["params"]["indexer"],
-                   state["params"]["main"])
+  return nnx.merge(
+    s.graphdef, state["params"]["indexer"], state["params"]["main"]
+  )

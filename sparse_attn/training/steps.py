@@ -1,19 +1,20 @@
 """The jitted training and evaluation steps of the two stages.
 
-  warmup  mode="warmup" (dense attention + dense indexer KL); gradients are
-          taken w.r.t. the indexer parameters only, so the main model is
-          frozen (its optimiser state is not even touched).
-  sparse  mode="sparse" (top-k attention + sparse KL); both groups train on
-          LM + indexer_loss_scale * KL. The layers make the two gradients
-          disjoint: the indexer reads a stop-gradient input and its KL
-          stop-grads the main q/k (so the KL never reaches the main model),
-          and the LM loss sees the indexer only through integer top-k indices
-          (so it never reaches the indexer).
+warmup  mode="warmup" (dense attention + dense indexer KL); gradients are
+        taken w.r.t. the indexer parameters only, so the main model is
+        frozen (its optimiser state is not even touched).
+sparse  mode="sparse" (top-k attention + sparse KL); both groups train on
+        LM + indexer_loss_scale * KL. The layers make the two gradients
+        disjoint: the indexer reads a stop-gradient input and its KL
+        stop-grads the main q/k (so the KL never reaches the main model),
+        and the LM loss sees the indexer only through integer top-k indices
+        (so it never reaches the indexer).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -40,8 +41,9 @@ def _forward(graphdef, idx, main, batch, mode, kl_scale):
 def make_loss_fn(s: Setup, mode: str) -> Callable[..., Any]:
   """loss(idx_params, main_params, batch) -> (total, (lm, count, aux))."""
   scale = s.cfg.train.indexer_loss_scale
-  return lambda idx, main, batch: _forward(s.graphdef, idx, main, batch, mode,
-                                           scale)
+  return lambda idx, main, batch: _forward(
+    s.graphdef, idx, main, batch, mode, scale
+  )
 
 
 def make_train_step(s: Setup, stage: str) -> Callable[..., Any]:
@@ -51,8 +53,9 @@ def make_train_step(s: Setup, stage: str) -> Callable[..., Any]:
   and grad_norm_<group>, lr_<group> of each group the stage trains.
   """
   if stage not in STAGE_MODE:
-    raise ValueError(f"stage must be one of {tuple(STAGE_MODE)}, "
-                     f"got {stage!r}.")
+    raise ValueError(
+      f"stage must be one of {tuple(STAGE_MODE)}, got {stage!r}."
+    )
   loss_fn = make_loss_fn(s, STAGE_MODE[stage])
   train_main = stage == "sparse"
   scheds = schedules(s.cfg)
@@ -62,7 +65,8 @@ def make_train_step(s: Setup, stage: str) -> Callable[..., Any]:
     params, opt = state["params"], state["opt"]
     argnums = (0, 1) if train_main else 0
     grads, (lm, count, aux) = jax.grad(loss_fn, argnums=argnums, has_aux=True)(
-        params["indexer"], params["main"], batch)
+      params["indexer"], params["main"], batch
+    )
     if not train_main:
       grads = (grads, None)
     new_params, new_opt, metrics = dict(params), dict(opt), {}
@@ -75,16 +79,30 @@ def make_train_step(s: Setup, stage: str) -> Callable[..., Any]:
       count_ = state["step"] - (0 if name == "indexer" else warm)
       metrics[f"lr_{name}"] = scheds[name](count_)
     rng, _ = jax.random.split(state["rng"])  # per-step key (for dropout etc.)
-    metrics.update(loss=lm, indexer_kl=aux["indexer_kl"],
-                   attended_fraction=aux["attended_fraction"], tokens=count)
-    new_state = {"step": state["step"] + 1, "rng": rng, "params": new_params,
-                 "opt": new_opt}
+    metrics.update(
+      loss=lm,
+      indexer_kl=aux["indexer_kl"],
+      attended_fraction=aux["attended_fraction"],
+      tokens=count,
+    )
+    new_state = {
+      "step": state["step"] + 1,
+      "rng": rng,
+      "params": new_params,
+      "opt": new_opt,
+    }
     return new_state, metrics
 
   rep = shd.replicated(s.mesh)
-  return _kernel_mesh(s, jax.jit(
-      step, in_shardings=(s.state_shardings, s.batch_sharding),
-      out_shardings=(s.state_shardings, rep), donate_argnums=0))
+  return _kernel_mesh(
+    s,
+    jax.jit(
+      step,
+      in_shardings=(s.state_shardings, s.batch_sharding),
+      out_shardings=(s.state_shardings, rep),
+      donate_argnums=0,
+    ),
+  )
 
 
 def make_eval_step(s: Setup, mode: str) -> Callable[..., Any]:
@@ -93,13 +111,22 @@ def make_eval_step(s: Setup, mode: str) -> Callable[..., Any]:
 
   def step(params, batch):
     _, (lm, count, aux) = loss_fn(params["indexer"], params["main"], batch)
-    return {"nll": lm * count, "tokens": count, "indexer_kl": aux["indexer_kl"],
-            "attended_keys": aux["attended_keys"],
-            "visible_keys": aux["visible_keys"]}
+    return {
+      "nll": lm * count,
+      "tokens": count,
+      "indexer_kl": aux["indexer_kl"],
+      "attended_keys": aux["attended_keys"],
+      "visible_keys": aux["visible_keys"],
+    }
 
-  return _kernel_mesh(s, jax.jit(
-      step, in_shardings=(s.state_shardings["params"], s.batch_sharding),
-      out_shardings=shd.replicated(s.mesh)))
+  return _kernel_mesh(
+    s,
+    jax.jit(
+      step,
+      in_shardings=(s.state_shardings["params"], s.batch_sharding),
+      out_shardings=shd.replicated(s.mesh),
+    ),
+  )
 
 
 def _kernel_mesh(s: Setup, jitted):

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 
 class Transfer(NamedTuple):
   """The result of `transfer_params`."""
-  params: Any              # dst, with src's leaves where path/shape/dtype agree
+
+  params: Any  # dst, with src's leaves where path/shape/dtype agree
   copied: tuple[str, ...]  # paths (jax keystr) of the leaves taken from src
-  kept: tuple[str, ...]    # paths of dst's leaves that keep their value
+  kept: tuple[str, ...]  # paths of dst's leaves that keep their value
 
 
 def transfer_params(src, dst) -> Transfer:
@@ -29,8 +30,10 @@ def transfer_params(src, dst) -> Transfer:
   Copied leaves are fresh arrays placed with the sharding of the leaf they
   replace, so src stays valid when the result is donated to a train step.
   """
-  flat_src = {jax.tree_util.keystr(p): x
-              for p, x in jax.tree_util.tree_flatten_with_path(src)[0]}
+  flat_src = {
+    jax.tree_util.keystr(p): x
+    for p, x in jax.tree_util.tree_flatten_with_path(src)[0]
+  }
   copied, kept = [], []
 
   def pick(path, leaf):

@@ -9,9 +9,11 @@ and the forward must not spill. These limits are what first failed: with
 D=576 padded to 1024 and all 128 heads in one program the MQA forward asked
 for 640 KiB of shared memory; the GQA forward spilled 260 bytes.
 """
+
 import importlib.util
 
 import pytest
+
 
 def _has_cuda_plugin():
   try:
@@ -21,8 +23,11 @@ def _has_cuda_plugin():
 
 
 if not _has_cuda_plugin():
-  pytest.skip("CUDA compiler plugin not installed: pip install 'jax[cuda12-local]' "
-              "nvidia-cuda-nvcc-cu12", allow_module_level=True)
+  pytest.skip(
+    "CUDA compiler plugin not installed: pip install 'jax[cuda12-local]' "
+    "nvidia-cuda-nvcc-cu12",
+    allow_module_level=True,
+  )
 
 from _compile_script import run_compile_kernels  # noqa: E402
 
@@ -35,8 +40,9 @@ BWD_SPILL_BYTES = 64
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-  return run_compile_kernels(tmp_path_factory.mktemp("gpu"), "h100",
-                             ["odd", "decode", "gqa4k", "mqa576"])
+  return run_compile_kernels(
+    tmp_path_factory.mktemp("gpu"), "h100", ["odd", "decode", "gqa4k", "mqa576"]
+  )
 
 
 def test_every_program_compiles(rows):
@@ -44,9 +50,14 @@ def test_every_program_compiles(rows):
   for r in rows:
     assert r["ok"] and "error" not in r, r
     names = {k["name"] for k in r["kernels"]}
-    expected = {"gathered_fwd": {"gathered_attention_fwd_gpu"},
-                "gathered_fwd_bwd": {"gathered_attention_fwd_gpu", "gathered_attention_bwd_gpu"},
-                "topk": {"lightning_scores_gpu"}}[r["program"]]
+    expected = {
+      "gathered_fwd": {"gathered_attention_fwd_gpu"},
+      "gathered_fwd_bwd": {
+        "gathered_attention_fwd_gpu",
+        "gathered_attention_bwd_gpu",
+      },
+      "topk": {"lightning_scores_gpu"},
+    }[r["program"]]
     assert names == expected, (r["case"], r["program"], names)
 
 
@@ -57,11 +68,17 @@ def test_kernels_fit_an_sm(rows):
       assert k["registers"] is not None and k["registers"] <= 255, where
       assert k["shared_memory_bytes"] <= SMEM_LIMIT, where
       limit = BWD_SPILL_BYTES if k["name"].endswith("bwd_gpu") else 0
-      assert k["spill_store_bytes"] <= limit and k["spill_load_bytes"] <= limit, (where, k)
+      assert (
+        k["spill_store_bytes"] <= limit and k["spill_load_bytes"] <= limit
+      ), (where, k)
 
 
 def test_mqa576_tiling(rows):
   # 128 heads split in blocks of 32: four programs per query token.
-  fwd = next(k for r in rows if r["case"] == "mqa576" and r["program"] == "gathered_fwd"
-             for k in r["kernels"])
+  fwd = next(
+    k
+    for r in rows
+    if r["case"] == "mqa576" and r["program"] == "gathered_fwd"
+    for k in r["kernels"]
+  )
   assert fwd["grid"] == [4096, 1, 4] and fwd["threads"] == 256

@@ -3,12 +3,15 @@
 Run in a subprocess: XLA_FLAGS must be set before jax is imported and other
 test modules have already imported jax in this process.
 """
+
 import os
 import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -58,8 +61,20 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_shard_map_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
-  assert res.returncode == 0 and "SHARD_MAP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  res = subprocess.run(
+    [sys.executable, "-c", SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
+  assert res.returncode == 0 and "SHARD_MAP_OK" in res.stdout, (
+    res.stdout[-3000:] + res.stderr[-5000:]
+  )
