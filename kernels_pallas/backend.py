@@ -155,7 +155,8 @@ def check_tpu_block(name: str, block: int, full: int, multiple: int) -> None:
 def tpu_compiler_params(dimension_semantics: tuple[str, ...], **kw):
   from jax.experimental.pallas import tpu as pltpu
 
-  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+  # TPUCompilerParams: the name in older jax, gone from the installed one.
+  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams  # pyright: ignore[reportAttributeAccessIssue]
   return cls(dimension_semantics=dimension_semantics, **kw)
 
 
@@ -163,7 +164,8 @@ def gpu_compiler_params(num_warps: int = 4, num_stages: int = 2):
   """Triton compiler params (the only GPU backend used here)."""
   from jax.experimental.pallas import triton as plgpu
 
-  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+  # TritonCompilerParams: the name in older jax, gone from the installed one.
+  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # pyright: ignore[reportAttributeAccessIssue]
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -246,7 +248,8 @@ def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
     except TypeError:
       pass
   if varying:
-    return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    # vma=: the keyword of jax < 0.10, unknown to the installed jax.
+    return jax.ShapeDtypeStruct(shape, dtype, vma=varying)  # pyright: ignore[reportCallIssue]
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
@@ -277,7 +280,8 @@ def varying_like(x: jax.Array, *like) -> jax.Array:
   pcast = getattr(jax.lax, "pcast", None)
   if pcast is not None:
     return pcast(x, axes, to="varying")
-  return jax.lax.pvary(x, axes)  # pragma: no cover - jax < 0.10
+  # jax < 0.10 only; gone from the installed jax.
+  return jax.lax.pvary(x, axes)  # pragma: no cover  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def fill_none(sizes, defaults: dict):

@@ -90,6 +90,8 @@ def match_budget(
     raise ValueError(
       f"{free!r} is not a parameter of kind {kind!r}: {list(spec.param_names)}."
     )
+  if spec.keys_per_query is None:
+    raise ValueError(f"attention kind {kind!r} states no key budget.")
   values = as_kwargs(base)
   best, best_err = None, np.inf
   for value in candidates(int(seq_len)):

@@ -30,6 +30,7 @@ from sparse_attn.nn import (
   sliding_window,
   sparse_transformer,
 )
+from sparse_attn.nn.base import AttentionLayer
 from sparse_attn.nn.kind import AttentionKind
 
 __all__ = [
@@ -153,7 +154,7 @@ BASELINE_LAYERS: Mapping[str, type] = KindView(
 
 def register_attention(
   name: str,
-  factory: Callable[..., nnx.Module],
+  factory: Callable[..., AttentionLayer],
   *,
   has_indexer: bool = False,
   params: frozenset[str] | tuple[str, ...] = frozenset(),
@@ -170,7 +171,7 @@ def register_attention(
     p.kind == p.VAR_KEYWORD for p in accepted.values()
   )
 
-  def build(cfg, *, layer_index: int = 0, rngs: nnx.Rngs) -> nnx.Module:
+  def build(cfg, *, layer_index: int = 0, rngs: nnx.Rngs) -> AttentionLayer:
     if takes_index:
       return factory(cfg, layer_index=layer_index, rngs=rngs)
     return factory(cfg, rngs=rngs)

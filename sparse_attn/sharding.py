@@ -51,7 +51,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 def make_mesh(
   mesh_shape: Sequence[int] | None = None,
-  devices: Sequence[jax.Device] | None = None,
+  # jax.Device is re-exported from a compiled module pyright cannot read.
+  devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> Mesh:
   """Mesh over `devices` (default: all) with axes (data, fsdp, tensor).
 
@@ -94,7 +95,7 @@ def logical_to_spec(
     raise ValueError(
       f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}."
     )
-  table = dict(rules)
+  table: dict[str | None, Any] = dict(rules)
   used: set[str] = set()
   spec = []
   for name, size in zip(logical_axes, shape):
@@ -161,6 +162,8 @@ def local_batch_rows(
   rows = set()
   index_map = sharding.addressable_devices_indices_map((global_batch,))
   for idx in index_map.values():
+    # Typed Optional by JAX, but a NamedSharding indexes every device.
+    assert idx is not None
     sl = idx[0]
     rows.update(range(*sl.indices(global_batch)))
   lo, hi = min(rows), max(rows) + 1

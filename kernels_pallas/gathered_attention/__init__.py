@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -301,4 +302,7 @@ def gathered_attention(
   idxp = bk_.pad_axis(indices.astype(jnp.int32), 2, mod.padded_k(K, bs), -1)
   qg = q.reshape(B, T, G, H // G, D)
   o = _ga(qg, k, v, jax.lax.stop_gradient(idxp), scale, bs, platform, interpret)
+  # jax.custom_vjp.__new__ (custom_vjp | custom_vjp3) drops the wrapped
+  # function's return type; _ga returns the kernel's output array.
+  o = cast(jax.Array, o)
   return o.reshape(B, T, H, -1)

@@ -60,7 +60,7 @@ def filler(
   idx = (
     np.arange(k) % len(bank) if rng is None else rng.integers(0, len(bank), k)
   )
-  chosen = [bank[i] for i in idx]
+  chosen = [bank[int(i)] for i in idx]
   starts = np.concatenate([[0], np.cumsum([len(s) for s in chosen])])
   return b"".join(chosen)[:n], starts[starts <= n]
 
@@ -69,7 +69,7 @@ def compose(
   rng: np.random.Generator,
   total: int,
   pieces: Sequence[bytes],
-  fractions: Sequence[float],
+  fractions: Sequence[float] | np.ndarray,
   suffix: bytes,
   bank: Sequence[bytes],
   cycle: bool = False,

@@ -17,6 +17,7 @@ conventions:
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -49,6 +50,13 @@ class Task:
 
   name: str = ""
   seq_len: int
+
+  if TYPE_CHECKING:
+    # What every subclass's dataclass decorator provides (Task itself is not
+    # one, so each task orders its own fields, seq_len first).
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    def __init__(self, seq_len: int, **kwargs: Any) -> None: ...
 
   def sample(self, rng: np.random.Generator) -> Example:  # pragma: no cover
     raise NotImplementedError
@@ -160,6 +168,7 @@ class MQARTask(Task):
   def sample(self, rng: np.random.Generator) -> Example:
     total, kl, vl = self.seq_len + 1, self.key_len, self.value_len
     p, q, item = self.num_pairs, self.num_queries, kl + vl
+    assert p is not None and q is not None  # __post_init__ fills them
     keys = rng.choice(self.key_vocab**kl, p, replace=False)
     vals = rng.integers(0, self.value_vocab**vl, p)
     pairs = np.concatenate(

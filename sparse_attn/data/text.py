@@ -219,7 +219,12 @@ def load_text(
     else None
   )
   names_file = cache_file.with_suffix(".files.txt") if cache_file else None
-  if cache_file is not None and cache_file.exists() and names_file.exists():
+  if (
+    cache_file is not None
+    and names_file is not None
+    and cache_file.exists()
+    and names_file.exists()
+  ):
     corpus = TextCorpus(
       np.load(cache_file, mmap_mode="r"),
       tuple(names_file.read_text("utf-8").splitlines()),
@@ -243,7 +248,7 @@ def load_text(
       blob, names = _concat(chosen, max_bytes)
     arr = np.frombuffer(blob, dtype=np.uint8)
     corpus = TextCorpus(arr, tuple(names))
-    if cache_file is not None:
+    if cache_file is not None and names_file is not None:
       cache_file.parent.mkdir(parents=True, exist_ok=True)
       fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".npy.tmp")
       with os.fdopen(fd, "wb") as f:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def init_cache(
   batch_size: int,
   max_len: int,
   *,
-  index_dtype="float32",
+  index_dtype: Any = "float32",
   mesh: Mesh | None = None,
 ) -> Cache:
   """model.init_cache(...) made by one jitted call, sharded if mesh is given."""
@@ -54,7 +55,7 @@ def init_cache(
 
 
 def cache_shapes(
-  model, batch_size: int, max_len: int, *, index_dtype="float32"
+  model, batch_size: int, max_len: int, *, index_dtype: Any = "float32"
 ) -> Cache:
   """Abstract cache (ShapeDtypeStructs) of `model`."""
   return jax.eval_shape(
@@ -118,7 +119,7 @@ class Decoder:
     model,
     *,
     chunk_size: int = 512,
-    index_dtype="float32",
+    index_dtype: Any = "float32",
     mode: str = "sparse",
     mesh: Mesh | None = None,
     min_view: int = 256,
@@ -296,8 +297,8 @@ class Decoder:
       valid = np.clip(lens - start, 0, chunk.shape[1]).astype(np.int32)
       logits, cache = self.extend(cache, chunk, valid, last_only=not return_all)
       # extend's bound assumed every row grew by T; the real bound is tighter.
-      cache = cache.replace(
-        max_length=int(np.minimum(lens, start + chunk.shape[1]).max())
+      cache = dataclasses.replace(
+        cache, max_length=int(np.minimum(lens, start + chunk.shape[1]).max())
       )
       if return_all:
         outs.append(logits)
@@ -306,6 +307,7 @@ class Decoder:
       last = logits if last is None else jnp.where(has, logits, last)
     if return_all:
       return jnp.concatenate(outs, axis=1), cache
+    assert last is not None  # plen >= 1 (checked above): one chunk ran
     return last, cache
 
   def generate(
@@ -399,7 +401,7 @@ def generate(
   top_p: float = 1.0,
   seed: int = 0,
   chunk_size: int = 512,
-  index_dtype="float32",
+  index_dtype: Any = "float32",
   mode: str = "sparse",
   mesh: Mesh | None = None,
   max_len: int | None = None,

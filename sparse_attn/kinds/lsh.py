@@ -46,12 +46,14 @@ same in training and evaluation, and needs no mutable RNG state under jit.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn.ops import checks
-from sparse_attn.ops.attention import masked_softmax
+from sparse_attn.ops.attention import default_scale, masked_softmax
 
 LOOKBACKS = ("chunk", "window")
 
@@ -116,6 +118,43 @@ def _look_back(a, axis):
   return jnp.concatenate([prev, a], axis=axis + 1)
 
 
+@overload
+def lsh_attention(
+  qk: jax.Array,
+  v: jax.Array,
+  *,
+  n_buckets: int,
+  n_hashes: int,
+  chunk_size: int,
+  key: jax.Array | None = None,
+  rotations: jax.Array | None = None,
+  same_bucket: bool = True,
+  lookback: str = "chunk",
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  return_counts: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def lsh_attention(
+  qk: jax.Array,
+  v: jax.Array,
+  *,
+  n_buckets: int,
+  n_hashes: int,
+  chunk_size: int,
+  key: jax.Array | None = None,
+  rotations: jax.Array | None = None,
+  same_bucket: bool = True,
+  lookback: str = "chunk",
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  return_counts: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
 def lsh_attention(
   qk: jax.Array,
   v: jax.Array,
@@ -130,7 +169,24 @@ def lsh_attention(
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
   return_counts: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def lsh_attention(
+  qk: jax.Array,
+  v: jax.Array,
+  *,
+  n_buckets: int,
+  n_hashes: int,
+  chunk_size: int,
+  key: jax.Array | None = None,
+  rotations: jax.Array | None = None,
+  same_bucket: bool = True,
+  lookback: str = "chunk",
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  return_counts: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Reformer LSH self-attention [B, T, H, Dv].
 
   Args:
@@ -169,13 +225,14 @@ def lsh_attention(
     raise ValueError("pass exactly one of key= or rotations=.")
   batch, seq, heads, dim = qs
   if rotations is None:
+    assert key is not None  # exactly one of key / rotations, checked above
     rotations = lsh_rotations(key, dim, n_buckets, n_hashes)
   if rotations.shape != (n_hashes, dim, n_buckets // 2):
     raise ValueError(
       f"rotations shape {rotations.shape} must be "
       f"{(n_hashes, dim, n_buckets // 2)}."
     )
-  scale = dim**-0.5 if scale is None else scale
+  scale = default_scale(scale, dim)
   acc = checks.acc_dtype(qk)
   nh, c = n_hashes, chunk_size
   nc = -(-seq // c)

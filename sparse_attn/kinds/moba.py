@@ -18,6 +18,8 @@ equals dense causal attention.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,75 @@ def moba_select(
   return chunking.map_query_chunks(block, query_chunk, q)
 
 
+@overload
+def moba_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_counts: Literal[False] = False,
+  return_blocks: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def moba_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_counts: Literal[False] = False,
+  return_blocks: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def moba_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_counts: Literal[True],
+  return_blocks: Literal[False] = False,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def moba_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_counts: Literal[True],
+  return_blocks: Literal[True],
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+@overload
 def moba_attention(
   q: jax.Array,
   k: jax.Array,
@@ -101,6 +172,30 @@ def moba_attention(
   query_chunk: int | None = None,
   return_counts: bool = False,
   return_blocks: bool = False,
+) -> (
+  jax.Array
+  | tuple[jax.Array, jax.Array]
+  | tuple[jax.Array, jax.Array, jax.Array]
+): ...
+
+
+def moba_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_size: int,
+  top_k: int,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+  return_blocks: bool = False,
+) -> (
+  jax.Array
+  | tuple[jax.Array, jax.Array]
+  | tuple[jax.Array, jax.Array, jax.Array]
 ):
   """MoBA attention [B, T, H, Dv].
 
@@ -133,12 +228,13 @@ def moba_attention(
     query_chunk=query_chunk,
     return_counts=True,
   )
-  result = (out,)
+  if return_counts and return_blocks:
+    return out, counts, blocks
   if return_counts:
-    result += (counts,)
+    return out, counts
   if return_blocks:
-    result += (blocks,)
-  return result[0] if len(result) == 1 else result
+    return out, blocks
+  return out
 
 
 def moba_keys_per_query(

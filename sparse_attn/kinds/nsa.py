@@ -30,6 +30,7 @@ attention (used by the tests).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,107 @@ def _check_nsa(
     )
 
 
+@overload
+def nsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gates: jax.Array,
+  *,
+  cmp_block: int = 32,
+  cmp_stride: int = 16,
+  select_block: int = 64,
+  num_selected: int = 16,
+  window: int = 512,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_branches: Literal[False] = False,
+  return_counts: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def nsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gates: jax.Array,
+  *,
+  cmp_block: int = 32,
+  cmp_stride: int = 16,
+  select_block: int = 64,
+  num_selected: int = 16,
+  window: int = 512,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_branches: Literal[False] = False,
+  return_counts: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def nsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gates: jax.Array,
+  *,
+  cmp_block: int = 32,
+  cmp_stride: int = 16,
+  select_block: int = 64,
+  num_selected: int = 16,
+  window: int = 512,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_branches: Literal[True],
+  return_counts: Literal[False] = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+@overload
+def nsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gates: jax.Array,
+  *,
+  cmp_block: int = 32,
+  cmp_stride: int = 16,
+  select_block: int = 64,
+  num_selected: int = 16,
+  window: int = 512,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_branches: Literal[True],
+  return_counts: Literal[True],
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]: ...
+
+
+@overload
 def nsa_attention(
   q: jax.Array,
   k: jax.Array,
@@ -135,6 +237,40 @@ def nsa_attention(
   block_sizes=None,
   return_branches: bool = False,
   return_counts: bool = False,
+) -> (
+  jax.Array
+  | tuple[jax.Array, dict[str, jax.Array]]
+  | tuple[jax.Array, jax.Array]
+  | tuple[jax.Array, dict[str, jax.Array], jax.Array]
+): ...
+
+
+def nsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gates: jax.Array,
+  *,
+  cmp_block: int = 32,
+  cmp_stride: int = 16,
+  select_block: int = 64,
+  num_selected: int = 16,
+  window: int = 512,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_branches: bool = False,
+  return_counts: bool = False,
+) -> (
+  jax.Array
+  | tuple[jax.Array, dict[str, jax.Array]]
+  | tuple[jax.Array, jax.Array]
+  | tuple[jax.Array, dict[str, jax.Array], jax.Array]
 ):
   """Native Sparse Attention [B, T, H, Dv].
 
@@ -169,11 +305,15 @@ def nsa_attention(
   acc = checks.acc_dtype(q)
   blk = jnp.arange(n_sel, dtype=jnp.int32)
 
+  # (kc, vc, cmp_end, overlap); None when no compressed block fits in S.
+  compressed = None
   if n_cmp > 0:
-    kc = compress_k(compression_windows(k, cmp_block, cmp_stride))
-    vc = compress_v(compression_windows(v, cmp_block, cmp_stride))
-    cmp_end = jnp.arange(n_cmp, dtype=jnp.int32) * cmp_stride + cmp_block - 1
-    overlap = _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block)
+    compressed = (
+      compress_k(compression_windows(k, cmp_block, cmp_stride)),
+      compress_v(compression_windows(v, cmp_block, cmp_stride)),
+      jnp.arange(n_cmp, dtype=jnp.int32) * cmp_stride + cmp_block - 1,
+      _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block),
+    )
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(
       num_q, num_heads * (2 * max(n_cmp, 1) + n_sel), ATTN_BUDGET
@@ -182,7 +322,8 @@ def nsa_attention(
   def block(start, qb):
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
-    if n_cmp > 0:
+    if compressed is not None:
+      kc, vc, cmp_end, overlap = compressed
       qg = group_heads(qb, num_kv)
       logits = (
         jnp.einsum("bcgrd,bngd->bcgrn", qg, kc, preferred_element_type=acc)
@@ -243,19 +384,19 @@ def nsa_attention(
   g = gates.astype(acc)
   o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
   o = o.astype(q.dtype)
-  result = (o,)
+  branches = {
+    "compressed": o_cmp,
+    "selected": o_slc,
+    "window": o_win,
+    "selection": sel,
+  }
+  if return_branches and return_counts:
+    return o, branches, n_cmp_keys + n_slc + n_win
   if return_branches:
-    result += (
-      {
-        "compressed": o_cmp,
-        "selected": o_slc,
-        "window": o_win,
-        "selection": sel,
-      },
-    )
+    return o, branches
   if return_counts:
-    result += (n_cmp_keys + n_slc + n_win,)
-  return result[0] if len(result) == 1 else result
+    return o, n_cmp_keys + n_slc + n_win
+  return o
 
 
 def nsa_keys_per_query(

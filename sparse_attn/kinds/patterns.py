@@ -35,6 +35,7 @@ Key budgets (keys per query, causal, no padding) are in `*_keys_per_query`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,37 @@ def block_layout(mask, block_q: int, block_k: int):
 # Attention.
 
 
+@overload
+def masked_pattern_attention(
+  q,
+  k,
+  v,
+  mask_fn: Callable,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def masked_pattern_attention(
+  q,
+  k,
+  v,
+  mask_fn: Callable,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
 def masked_pattern_attention(
   q,
   k,
@@ -192,7 +224,21 @@ def masked_pattern_attention(
   scale=None,
   query_chunk: int | None = None,
   return_counts: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def masked_pattern_attention(
+  q,
+  k,
+  v,
+  mask_fn: Callable,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention under an arbitrary per-head mask, chunked over queries.
 
   mask_fn(q_pos int32[B, C], key_pos int32[S]) -> bool[B, H or 1, C, S]; it is
@@ -228,6 +274,45 @@ def masked_pattern_attention(
   return (out, counts) if return_counts else out
 
 
+@overload
+def sparse_transformer_attention(
+  q,
+  k,
+  v,
+  *,
+  pattern: str,
+  stride: int,
+  summary: int = 1,
+  combine: str = "merged",
+  layer_index: int = 0,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def sparse_transformer_attention(
+  q,
+  k,
+  v,
+  *,
+  pattern: str,
+  stride: int,
+  summary: int = 1,
+  combine: str = "merged",
+  layer_index: int = 0,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
 def sparse_transformer_attention(
   q,
   k,
@@ -243,7 +328,25 @@ def sparse_transformer_attention(
   scale=None,
   query_chunk: int | None = None,
   return_counts: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def sparse_transformer_attention(
+  q,
+  k,
+  v,
+  *,
+  pattern: str,
+  stride: int,
+  summary: int = 1,
+  combine: str = "merged",
+  layer_index: int = 0,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Sparse Transformer attention [B, T, H, Dv] (strided or fixed pattern).
 
   Args:
@@ -293,6 +396,39 @@ def sliding_window_indices(q_pos, window: int, num_keys: int, kv_lengths=None):
   return jnp.where(ok, idx, -1).astype(jnp.int32)
 
 
+@overload
+def sliding_window_attention(
+  q,
+  k,
+  v,
+  *,
+  window: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_counts: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def sliding_window_attention(
+  q,
+  k,
+  v,
+  *,
+  window: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_counts: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
 def sliding_window_attention(
   q,
   k,
@@ -305,7 +441,22 @@ def sliding_window_attention(
   implementation: str | None = None,
   block_sizes=None,
   return_counts: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def sliding_window_attention(
+  q,
+  k,
+  v,
+  *,
+  window: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  implementation: str | None = None,
+  block_sizes=None,
+  return_counts: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Local causal attention [B, T, H, Dv]: each query sees its last `window` keys.
 
   Implemented as gathered attention over int32[B, T, w] indices (O(T * w)
@@ -391,6 +542,39 @@ def sparse_transformer_keys_per_query(
 # Block-sparse attention over selected key blocks (used by NSA and MoBA).
 
 
+@overload
+def block_sparse_attention(
+  q,
+  k,
+  v,
+  blocks,
+  *,
+  block_size: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def block_sparse_attention(
+  q,
+  k,
+  v,
+  blocks,
+  *,
+  block_size: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
 def block_sparse_attention(
   q,
   k,
@@ -403,7 +587,22 @@ def block_sparse_attention(
   scale=None,
   query_chunk: int | None = None,
   return_counts: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def block_sparse_attention(
+  q,
+  k,
+  v,
+  blocks,
+  *,
+  block_size: int,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  query_chunk: int | None = None,
+  return_counts: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention of each query over the keys of its selected blocks [B, T, H, Dv].
 
   Args:

@@ -73,6 +73,7 @@ def cache_shardings(cache: Cache, mesh: Mesh, rules=shd.LOGICAL_RULES) -> Cache:
   )
   return Cache(
     layers=tuple(layer(lc) for lc in cache.layers),
-    lengths=lengths,
+    # A pytree of shardings: the Cache structure with NamedSharding leaves.
+    lengths=lengths,  # pyright: ignore[reportArgumentType]
     max_length=cache.max_length,
   )

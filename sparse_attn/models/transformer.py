@@ -20,7 +20,7 @@ mlp, indexer_*) that `sparse_attn.sharding` maps to mesh axes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,30 @@ class Block(nnx.Module):
       cfg.embed_dim, cfg.mlp_dim, dtype=dt, param_dtype=pd, rngs=rngs
     )
 
+  @overload
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array,
+    kv_lengths: jax.Array | None,
+    mode: str,
+    cache: None = None,
+    view: int | None = None,
+  ) -> tuple[jax.Array, Aux]: ...
+
+  @overload
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array,
+    kv_lengths: jax.Array | None,
+    mode: str,
+    cache: Any,
+    view: int | None = None,
+  ) -> tuple[jax.Array, Aux, Any]: ...
+
   def __call__(
     self,
     x: jax.Array,
@@ -58,7 +82,7 @@ class Block(nnx.Module):
     mode: str,
     cache: Any = None,
     view: int | None = None,
-  ):
+  ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
     """(x, aux) without a cache; (x, aux, cache) with one."""
     h = self.attn_norm(x)
     if cache is None:
@@ -137,6 +161,34 @@ class Transformer(nnx.Module):
       out = jnp.einsum("...e,ev->...v", x, self.unembed[...].astype(self.dtype))
     return out.astype(jnp.float32)
 
+  @overload
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    mode: str = "sparse",
+    kv_lengths: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: None = None,
+    num_valid: jax.Array | None = None,
+    view: int | None = None,
+    logits_at: jax.Array | None = None,
+  ) -> tuple[jax.Array, Aux]: ...
+
+  @overload
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    mode: str = "sparse",
+    kv_lengths: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: Cache,
+    num_valid: jax.Array | None = None,
+    view: int | None = None,
+    logits_at: jax.Array | None = None,
+  ) -> tuple[jax.Array, Aux, Cache]: ...
+
   def __call__(
     self,
     tokens: jax.Array,
@@ -148,7 +200,7 @@ class Transformer(nnx.Module):
     num_valid: jax.Array | None = None,
     view: int | None = None,
     logits_at: jax.Array | None = None,
-  ):
+  ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Cache]:
     """The forward pass.
 
     Without a cache: tokens int[B, T] at `positions` (default 0..T-1), keys
@@ -225,6 +277,7 @@ class Transformer(nnx.Module):
     )
     if cache is None:
       return logits, totals
+    assert kv_lengths is not None  # with a cache it is lengths + num_valid
     return (
       logits,
       totals,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import chex
 import jax
@@ -78,7 +78,7 @@ def dense_key_counts(
 
 
 def counts_aux(
-  attended: jax.Array,
+  attended: jax.typing.ArrayLike,
   positions: jax.Array,
   num_keys: int,
   kv_lengths: Any,
@@ -260,6 +260,11 @@ class AttentionLayer(nnx.Module):
   ) -> Any:
     """Writes the new tokens' K/V rows at per-row offsets `start` int32[B]."""
     del q
+    if k is None:
+      raise ValueError(
+        f"{type(self).__name__}.project returns no k, so the layer must "
+        "override write_cache."
+      )
     return cache.replace(
       k=write_rows(cache.k, k, start), v=write_rows(cache.v, v, start)
     )
@@ -270,6 +275,30 @@ class AttentionLayer(nnx.Module):
 
   # -- the forward -----------------------------------------------------------
 
+  @overload
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    mode: str = "sparse",
+    cache: None = None,
+    view: int | None = None,
+  ) -> tuple[jax.Array, Aux]: ...
+
+  @overload
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    mode: str = "sparse",
+    cache: Any,
+    view: int | None = None,
+  ) -> tuple[jax.Array, Aux, Any]: ...
+
   def __call__(
     self,
     x: jax.Array,
@@ -279,7 +308,7 @@ class AttentionLayer(nnx.Module):
     mode: str = "sparse",
     cache: Any = None,
     view: int | None = None,
-  ):
+  ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
     """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc)."""
     check_mode(mode)
     if x.ndim != 3 or x.shape[-1] != self.embed_dim:
@@ -306,7 +335,7 @@ class AttentionLayer(nnx.Module):
     start = positions[:, 0].astype(jnp.int32)
     if kv_lengths is None:
       kv_lengths = start + x.shape[1]
-    capacity = jax.tree.leaves(cache)[0].shape[1]
+    capacity: int = jax.tree.leaves(cache)[0].shape[1]
     view = capacity if view is None else int(view)
     if not 1 <= view <= capacity:
       raise ValueError(f"view must be in [1, S_max={capacity}], got {view}.")

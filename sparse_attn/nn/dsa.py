@@ -156,12 +156,13 @@ class DSAAttention(AttentionLayer):
 
   def _cached_index_keys(self, ctx: Context, k_idx: jax.Array, dtype):
     """Writes the new indexer keys; returns (cache, keys [B, view, DI])."""
-    cache = ctx.cache
+    cache, start = ctx.cache, ctx.q_offset
+    assert start is not None  # a decoding Context carries the write offsets
     stored, scale = quantize.quantize_index_keys(k_idx, cache.k_idx.dtype)
-    cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, ctx.q_offset))
+    cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, start))
     if scale is not None:
       cache = cache.replace(
-        k_idx_scale=write_rows(cache.k_idx_scale, scale, ctx.q_offset)
+        k_idx_scale=write_rows(cache.k_idx_scale, scale, start)
       )
     cache = jax.lax.optimization_barrier(cache)  # in-place write, see base
     view_scale = (

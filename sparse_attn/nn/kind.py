@@ -24,6 +24,7 @@ from flax import nnx
 
 if TYPE_CHECKING:
   from sparse_attn.config import ModelConfig
+  from sparse_attn.nn.base import AttentionLayer
 
 
 KeysPerQuery = Callable[..., np.ndarray]
@@ -66,7 +67,7 @@ class AttentionKind:
   has_indexer: bool = False
   config_fields: tuple[str, ...] = ()
   reference: str = ""
-  factory: Callable[..., nnx.Module] | None = None
+  factory: Callable[..., AttentionLayer] | None = None
 
   @property
   def param_names(self) -> tuple[str, ...]:
@@ -113,7 +114,7 @@ class AttentionKind:
 
   def build(
     self, cfg: ModelConfig, *, layer_index: int = 0, rngs: nnx.Rngs
-  ) -> nnx.Module:
+  ) -> AttentionLayer:
     """The layer of this kind for a ModelConfig."""
     if self.factory is not None:
       return self.factory(cfg, layer_index=layer_index, rngs=rngs)

@@ -122,7 +122,8 @@ class LSHAttention(AttentionLayer):
     return LSHCache(k=jnp.zeros(qk, dt), v=jnp.zeros(v, dt))
 
   def write_cache(self, cache, q, k, v, start):
-    return super().write_cache(cache, None, q, v, start)  # the cache keeps q
+    # Shared QK: the cache keeps q in its k field.
+    return super().write_cache(cache, q, q, v, start)
 
   def _lsh(self, qk, v, kv_lengths):
     return lsh_attention(

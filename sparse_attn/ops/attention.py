@@ -9,7 +9,7 @@ no key returns zeros (never NaN) with zero gradients.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ def check_qkv(q, k, v, q_offset=None, kv_lengths=None):
   return qs, ks, vs
 
 
-def default_scale(scale, head_dim):
+def default_scale(scale: float | None, head_dim: int) -> float:
   return head_dim**-0.5 if scale is None else scale
 
 
@@ -231,17 +231,59 @@ def _counted_block(qb, k, v, ib, scale):
 _COUNTED_MAX_RATIO = 8
 
 
+@overload
 def gathered_attention_reference(
-  q,
-  k,
-  v,
-  indices,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  indices: jax.Array,
   *,
-  scale=None,
-  query_chunk=None,
-  return_lse=False,
-  method=None,
-):
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_lse: Literal[False] = False,
+  method: str | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def gathered_attention_reference(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  indices: jax.Array,
+  *,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_lse: Literal[True],
+  method: str | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def gathered_attention_reference(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  indices: jax.Array,
+  *,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_lse: bool = False,
+  method: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def gathered_attention_reference(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  indices: jax.Array,
+  *,
+  scale: float | None = None,
+  query_chunk: int | None = None,
+  return_lse: bool = False,
+  method: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """XLA reference of `gathered_attention`; optionally also lse f32[B, T, H].
 
   method: "gather" (gather the K selected rows per query, O(T*K) memory),
@@ -316,6 +358,47 @@ def gathered_attention(
   return gathered_attention_reference(q, k, v, indices, scale=scale)
 
 
+@overload
+def dsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  top_k: int,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_indices: Literal[False] = False,
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+) -> jax.Array: ...
+
+
+@overload
+def dsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  top_k: int,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_indices: Literal[True],
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
 def dsa_attention(
   q: jax.Array,
   k: jax.Array,
@@ -332,7 +415,26 @@ def dsa_attention(
   return_indices: bool = False,
   topk_block_sizes: Any = None,
   attention_block_sizes: Any = None,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def dsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  top_k: int,
+  q_offset: Any = None,
+  kv_lengths: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_indices: bool = False,
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """DeepSeek Sparse Attention [B, T, H, Dv]: indexer top-k, then gathered attention.
 
   Args:

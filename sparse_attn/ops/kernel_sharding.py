@@ -69,7 +69,7 @@ def plan_axes(
       f"role_dims: unknown roles {sorted(unknown)}; known: {ROLES}."
     )
   sizes = _free_axes(mesh)
-  plan = {role: () for role in role_dims}
+  plan: dict[str, tuple[str, ...]] = {role: () for role in role_dims}
   used = set()
 
   def take(role, axis):
@@ -137,22 +137,23 @@ def call_kernel_sharded(
     return fn(*args)
   if len(roles) != len(args):
     raise ValueError(f"roles has {len(roles)} entries for {len(args)} args.")
-  dynamic = [
-    i for i, r in enumerate(roles) if r is not None and args[i] is not None
-  ]
+  # Keyed by position in args: per_shard puts each shard back in its place.
+  dynamic: dict[int, Sequence[str | None]] = {
+    i: r for i, r in enumerate(roles) if r is not None and args[i] is not None
+  }
   role_dims: dict[str, list[int]] = {}
-  for i in dynamic:
+  for i, arg_roles in dynamic.items():
     shape = np.shape(args[i])
-    if len(roles[i]) != len(shape):
+    if len(arg_roles) != len(shape):
       raise ValueError(
-        f"roles[{i}] = {tuple(roles[i])} does not match the rank of "
+        f"roles[{i}] = {tuple(arg_roles)} does not match the rank of "
         f"args[{i}], shape {shape}."
       )
-    for dim, role in zip(shape, roles[i]):
+    for dim, role in zip(shape, arg_roles):
       if role is not None:
         role_dims.setdefault(role, []).append(dim)
   plan = plan_axes(mesh, role_dims)
-  specs = tuple(kernel_spec(plan, roles[i]) for i in dynamic)
+  specs = tuple(kernel_spec(plan, r) for r in dynamic.values())
   out_spec = kernel_spec(plan, out_roles)
 
   def per_shard(*shards):

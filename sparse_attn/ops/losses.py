@@ -26,6 +26,7 @@ from sparse_attn.ops import checks, chunking, masking
 from sparse_attn.ops.attention import (
   check_indices,
   check_qkv,
+  default_scale,
   gather_rows,
   group_heads,
   masked_softmax,
@@ -101,7 +102,7 @@ def dense_indexer_kl(
   _check_same_tokens(qs, ks, iq, ik)
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
-  scale = head_dim**-0.5 if scale is None else scale
+  scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   if query_chunk is None:
@@ -169,7 +170,7 @@ def sparse_indexer_kl(
   _check_same_tokens(qs, ks, iq, ik)
   ishape = check_indices(indices, qs[0], qs[1])
   num_keys, num_kv = ks[1], ks[2]
-  scale = qs[3] ** -0.5 if scale is None else scale
+  scale = default_scale(scale, qs[3])
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   acc = checks.acc_dtype(q, q_idx)
   if method not in (None, "gather", "counted"):

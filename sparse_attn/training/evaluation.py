@@ -29,10 +29,12 @@ def evaluate(
   eval_step = eval_step or make_eval_step(s, mode)
   loader = BatchLoader(eval_ds, s)
   n = s.cfg.train.eval_batches if num_batches is None else num_batches
-  tot = None
-  for i in range(n):
+  if n < 1:
+    raise ValueError(f"num_batches must be >= 1, got {n}.")
+  tot = host_metrics(eval_step(state["params"], loader.eval(0)))
+  for i in range(1, n):
     out = host_metrics(eval_step(state["params"], loader.eval(i)))
-    tot = out if tot is None else {k: tot[k] + out[k] for k in tot}
+    tot = {k: tot[k] + out[k] for k in tot}
   return {
     "loss": tot["nll"] / max(tot["tokens"], 1.0),
     "indexer_kl": tot["indexer_kl"] / n,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -41,7 +41,7 @@ from sparse_attn.training.steps import STAGE_MODE, make_eval_step
 class TrainResult:
   setup: Setup
   state: Any
-  final_eval: dict[str, float]
+  final_eval: Mapping[str, float | str] | None  # None: no evaluation ran
   history: list[dict[str, Any]]  # the train records logged by this process
   resumed_from: int | None
 
@@ -122,9 +122,8 @@ def train(
   logger = MetricsLogger(run_dir, lead, echo)
   train_ds, eval_ds = make_datasets(cfg)
 
-  resumed_from = None
-  if resume and mngr is not None and mngr.latest_step() is not None:
-    resumed_from = mngr.latest_step()
+  resumed_from = mngr.latest_step() if resume and mngr is not None else None
+  if mngr is not None and resumed_from is not None:
     state = restore_state(mngr, s, resumed_from)
     logger.write(
       {"event": "resume", "step": resumed_from},

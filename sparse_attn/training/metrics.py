@@ -79,14 +79,15 @@ class MetricsLogger:
 
 
 def _tensorboard(logdir: str):
+  # Both writers are optional dependencies (not installed: no TensorBoard).
   try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  # pyright: ignore[reportMissingImports]
 
     return SummaryWriter(logdir)
   except Exception:  # pylint: disable=broad-except
     pass
   try:
-    from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top  # pyright: ignore[reportMissingImports]
 
     return SummaryWriter(logdir)
   except Exception:  # pylint: disable=broad-except

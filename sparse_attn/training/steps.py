@@ -14,11 +14,12 @@ sparse  mode="sparse" (top-k attention + sparse KL); both groups train on
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from sparse_attn import dispatch
 from sparse_attn import sharding as shd
@@ -28,6 +29,14 @@ from sparse_attn.training.state import Setup
 
 #: training stage -> the model mode its steps run.
 STAGE_MODE = {"warmup": "warmup", "sparse": "sparse"}
+
+
+class Step(Protocol):
+  """A jitted step: called, or lowered for AOT (`.lower(*abstract_args)`)."""
+
+  def __call__(self, *args: Any) -> Any: ...
+
+  def lower(self, *args: Any) -> jax.stages.Lowered: ...
 
 
 def _forward(graphdef, idx, main, batch, mode, kl_scale):
@@ -46,7 +55,7 @@ def make_loss_fn(s: Setup, mode: str) -> Callable[..., Any]:
   )
 
 
-def make_train_step(s: Setup, stage: str) -> Callable[..., Any]:
+def make_train_step(s: Setup, stage: str) -> Step:
   """Jitted (state, batch) -> (state, metrics); the state is donated.
 
   metrics (replicated scalars): loss, indexer_kl, attended_fraction, tokens,
@@ -105,7 +114,7 @@ def make_train_step(s: Setup, stage: str) -> Callable[..., Any]:
   )
 
 
-def make_eval_step(s: Setup, mode: str) -> Callable[..., Any]:
+def make_eval_step(s: Setup, mode: str) -> Step:
   """Jitted (params, batch) -> sums for loss/KL/attended fraction."""
   loss_fn = make_loss_fn(s, mode)
 
@@ -129,7 +138,7 @@ def make_eval_step(s: Setup, mode: str) -> Callable[..., Any]:
   )
 
 
-def _kernel_mesh(s: Setup, jitted):
+def _kernel_mesh(s: Setup, jitted: Step) -> Step:
   """Traces and runs `jitted` under the run's mesh when Pallas kernels are on.
 
   The attention functions then wrap their pallas_calls in shard_map (see
@@ -145,13 +154,13 @@ def _kernel_mesh(s: Setup, jitted):
 class _UnderMesh:
   """A jitted function that is traced, lowered and run under `mesh`."""
 
-  def __init__(self, jitted, mesh):
+  def __init__(self, jitted: Step, mesh: Mesh):
     self.jitted, self.mesh = jitted, mesh
 
   def __call__(self, *args):
     with jax.set_mesh(self.mesh):
       return self.jitted(*args)
 
-  def lower(self, *args):
+  def lower(self, *args: Any) -> jax.stages.Lowered:
     with jax.set_mesh(self.mesh):
       return self.jitted.lower(*args)
