@@ -90,6 +90,24 @@ def backend_module(package: str, table, platform: str):
   return importlib.import_module(f"{package}.{table[platform]}")
 
 
+class PositiveSizes:
+  """Base of the kernels' BlockSizes dataclasses: every field is None or > 0.
+
+  Subclasses are frozen dataclasses of int | None fields; None means the
+  per-platform default (filled by the backend module).
+  """
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):  # pyright: ignore[reportArgumentType]
+      v = getattr(self, f.name)
+      if v is not None and (
+        not isinstance(v, int) or isinstance(v, bool) or v < 1
+      ):
+        raise ValueError(
+          f"BlockSizes.{f.name} must be a positive int or None, got {v!r}"
+        )
+
+
 def coerce_block_sizes(cls, value, name: str):
   """``value`` as a ``cls`` instance: None, an instance, or a dict of its fields.
 

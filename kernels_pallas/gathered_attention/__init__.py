@@ -68,7 +68,7 @@ def backend_module(platform: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(bk_.PositiveSizes):
   """Tiling of the gathered-attention kernels; None = the platform default.
 
   block_k: selected keys per step (TPU: multiple of 128 unless it covers all
@@ -97,16 +97,6 @@ class BlockSizes:
   bwd_block_h: int | None = None
   bwd_block_k: int | None = None
   bwd_buffer_bytes: int | None = None
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if v is not None and (
-        not isinstance(v, int) or isinstance(v, bool) or v < 1
-      ):
-        raise ValueError(
-          f"BlockSizes.{f.name} must be a positive int or None, got {v!r}"
-        )
 
   @classmethod
   def get_default(cls, platform: str, q, k, v, indices) -> BlockSizes:

@@ -55,7 +55,7 @@ def backend_module(platform: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(bk_.PositiveSizes):
   """Tiling of the top-k kernels; None = the platform default.
 
   block_t: queries per tile (TPU: multiple of 8, default 8; GPU: power of two
@@ -76,16 +76,6 @@ class BlockSizes:
   gpu_chunk_t: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if v is not None and (
-        not isinstance(v, int) or isinstance(v, bool) or v < 1
-      ):
-        raise ValueError(
-          f"BlockSizes.{f.name} must be a positive int or None, got {v!r}"
-        )
 
   @classmethod
   def get_default(
