@@ -1,6 +1,6 @@
 """Quickstart: a tiny DSA model vs its dense twin on Python-stdlib bytes.
 
-  python experiments/quickstart.py            # ~3-4 minutes on a 2-core CPU
+  python experiments/quickstart.py            # about a minute on a 2-core CPU
   python experiments/quickstart.py --smoke    # ~20 s, for CI
 
 1. Trains the `tiny` preset with DSA: dense warm-up (main model frozen, only
