@@ -200,7 +200,12 @@ def prefill_worker(kind: str, context: int, a) -> dict:
 
 
 def run_prefill(kind: str, a, argv) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--_prefill", kind] + argv
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--prefill-worker",
+    kind,
+  ] + argv
   res = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if res.returncode != 0:
     raise RuntimeError(f"prefill worker failed:\n{res.stderr[-3000:]}")
@@ -266,7 +271,7 @@ def parse(argv=None):
   p.add_argument("--chunk-size", type=int, default=2048)
   p.add_argument("--out-dir", default="bench_decode_out")
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-  p.add_argument("--_prefill", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--prefill-worker", default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.smoke:
     a.contexts, a.reps, a.top_k = "256", 2, 16
@@ -278,8 +283,8 @@ def parse(argv=None):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   a = parse(argv)
-  if a._prefill:  # pylint: disable=protected-access
-    print(json.dumps(prefill_worker(a._prefill, a.prefill_context, a)))  # pylint: disable=protected-access
+  if a.prefill_worker:  # this process is the prefill subprocess
+    print(json.dumps(prefill_worker(a.prefill_worker, a.prefill_context, a)))
     return
   print(
     f"decode step, one layer: H={a.heads} G={a.kv_heads} D={a.head_dim} "

@@ -138,7 +138,7 @@ def test_text_eval_windows_disjoint(text_ds):
   starts = []
   data = np.asarray(text_ds.data, np.int32)
   for r in rows:  # each eval row is an aligned window: find its start
-    starts.append(text_ds._eval_order[len(starts) % n] * (L + 1))
+    starts.append(text_ds.eval_order[len(starts) % n] * (L + 1))
     np.testing.assert_array_equal(r, data[starts[-1] : starts[-1] + L])
   assert len(set(starts)) == len(starts)
 

@@ -199,16 +199,20 @@ class TextDataset(Dataset):
   def _train_row(self, rng: np.random.Generator) -> Example:
     return self._window(int(rng.integers(0, self.num_bytes - self.seq_len)))
 
-  def _eval_row(self, index: int, row: int, batch_size: int) -> Example:
+  @property
+  def eval_order(self) -> np.ndarray:
+    """int[num_eval_windows]: the aligned window evaluation row i reads is
+    eval_order[i % num_eval_windows] (a fixed permutation of all windows)."""
     if self._eval_order is None:
       rng = np.random.default_rng(
         np.random.SeedSequence([_EVAL_TAG, self.num_eval_windows])
       )
       self._eval_order = rng.permutation(self.num_eval_windows)
+    return self._eval_order
+
+  def _eval_row(self, index: int, row: int, batch_size: int) -> Example:
     w = self.seq_len + 1
-    window = self._eval_order[
-      (index * batch_size + row) % self.num_eval_windows
-    ]
+    window = self.eval_order[(index * batch_size + row) % self.num_eval_windows]
     return self._window(int(window) * w)
 
 
