@@ -21,7 +21,7 @@ from sparse_attn.nn.base import (
 from sparse_attn.nn.dense import DenseAttention, DenseParams
 from sparse_attn.nn.dsa import DSAAttention, DSACache, DSAParams
 from sparse_attn.nn.indexer import LightningIndexer
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.lsh import LSHAttention, LSHCache, LSHParams
 from sparse_attn.nn.mlp import SwiGLU
 from sparse_attn.nn.moba import MoBAAttention, MoBAParams
@@ -70,6 +70,7 @@ __all__ = [
   "default_positions",
   "dense_key_counts",
   "param",
+  "pure_form",
   "tag",
   "write_rows",
 ]

@@ -37,7 +37,7 @@ kv_heads, head_dim, ...) that `sparse_attn.sharding` maps to mesh axes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, overload
 
 import chex
@@ -78,17 +78,21 @@ def dense_key_counts(
 
 
 def counts_aux(
-  attended: jax.typing.ArrayLike,
+  attended: jax.typing.ArrayLike | None,
   positions: jax.Array,
   num_keys: int,
   kv_lengths: Any,
   kl: jax.Array | None = None,
 ) -> Aux:
-  """The aux dict: attended pairs (any shape, summed), dense count, KL."""
+  """The aux dict: attended pairs (any shape, summed; None: every visible
+  pair, i.e. dense attention), the dense count, the indexer KL (default 0)."""
+  visible = dense_key_counts(positions, num_keys, kv_lengths)
   return {
     "indexer_kl": jnp.zeros((), jnp.float32) if kl is None else kl,
-    "attended_keys": jnp.sum(attended).astype(jnp.float32),
-    "visible_keys": dense_key_counts(positions, num_keys, kv_lengths),
+    "attended_keys": visible
+    if attended is None
+    else jnp.sum(attended).astype(jnp.float32),
+    "visible_keys": visible,
   }
 
 
@@ -365,8 +369,46 @@ class AttentionLayer(nnx.Module):
         f"{sorted(missing)}; use counts_aux(...)."
       )
 
+  #: The kind's attention as a pure function of its params dataclass,
+  #: fn(q, k, v, params, *, q_offset, kv_lengths, layer_index,
+  #: implementation, block_sizes, **attention_inputs(ctx)) -> (o [B,T,H,Dv],
+  #: keys attended per query f32[B,T]). A kind that sets it (and stores its
+  #: params as `self.params`) needs no `attend` of its own; the registry's
+  #: pure form is the same function (`nn.kind.pure_form`).
+  counted_attention: ClassVar[Callable[..., tuple[jax.Array, jax.Array]] | None]
+  counted_attention = None
+  params: Any = None
+
+  def attention_inputs(self, ctx: Context) -> dict[str, Any]:
+    """Extra keyword inputs of `counted_attention` (e.g. NSA's gates)."""
+    del ctx
+    return {}
+
   def attend(
     self, q: jax.Array, k: Any, v: jax.Array, ctx: Context
   ) -> tuple[jax.Array, Aux, Any]:
-    """Attention of a kind: (o [B, T, H, Dv], aux, ctx.cache possibly updated)."""
-    raise NotImplementedError(f"{type(self).__name__} must implement attend().")
+    """Attention of a kind: (o [B, T, H, Dv], aux, ctx.cache possibly updated).
+
+    The default runs `counted_attention`; kinds with an indexer or a cache of
+    their own override it.
+    """
+    fn = type(self).counted_attention
+    if fn is None:
+      raise TypeError(
+        f"{type(self).__name__} must set counted_attention or implement "
+        f"attend()."
+      )
+    o, counts = fn(
+      q,
+      k,
+      v,
+      self.params,
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
+      layer_index=self.layer_index,
+      implementation=self.implementation,
+      block_sizes=self.attention_block_sizes,
+      **self.attention_inputs(ctx),
+    )
+    aux = counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths)
+    return o, aux, ctx.cache

@@ -25,9 +25,11 @@ class DenseAttention(AttentionLayer):
     o = dense_attention(
       q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
     )
-    aux = counts_aux(0, ctx.positions, k.shape[1], ctx.kv_lengths)
-    aux["attended_keys"] = aux["visible_keys"]
-    return o, aux, ctx.cache
+    return (
+      o,
+      counts_aux(None, ctx.positions, k.shape[1], ctx.kv_lengths),
+      ctx.cache,
+    )
 
 
 def keys_per_query(seq_len: int, params: DenseParams, **_: Any) -> np.ndarray:

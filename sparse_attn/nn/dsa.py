@@ -22,7 +22,6 @@ from sparse_attn.nn.base import (
   Context,
   KVCache,
   counts_aux,
-  dense_key_counts,
   write_rows,
 )
 from sparse_attn.nn.indexer import LightningIndexer
@@ -178,8 +177,7 @@ class DSAAttention(AttentionLayer):
     cache = ctx.cache
     if ctx.decoding:
       cache, k_idx = self._cached_index_keys(ctx, k_idx, q_idx.dtype)
-    visible = dense_key_counts(ctx.positions, k.shape[1], ctx.kv_lengths)
-    kl = jnp.zeros((), jnp.float32)
+    kl = None
     if ctx.mode == "sparse":
       o, idx = dsa_attention(
         q,
@@ -198,14 +196,14 @@ class DSAAttention(AttentionLayer):
       )
       if not ctx.decoding:
         kl = sparse_indexer_kl(q, k, q_idx, k_idx, w, idx)
-      attended = jnp.sum(idx >= 0).astype(jnp.float32)
+      attended = idx >= 0
     else:
       o = dense_attention(
         q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
       )
       if ctx.mode == "warmup" and not ctx.decoding:
         kl = dense_indexer_kl(q, k, q_idx, k_idx, w, kv_lengths=ctx.kv_lengths)
-      attended = visible
+      attended = None  # dense: every visible pair
     aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
     return o, aux, cache
 

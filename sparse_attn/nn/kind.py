@@ -140,3 +140,14 @@ class AttentionKind:
 def as_kwargs(params: Any) -> dict[str, Any]:
   """A params dataclass as constructor keywords (shallow: values kept as is)."""
   return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+
+
+def pure_form(counted: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]:
+  """The registry's pure form of a layer's `counted_attention`: the output
+  only (the counts are dropped; under jit they are never computed)."""
+
+  def attention(q, k, v, params, **kw: Any):
+    return counted(q, k, v, params, **kw)[0]
+
+  attention.__doc__ = counted.__doc__
+  return attention

@@ -17,7 +17,7 @@ from sparse_attn.kinds.lsh import (
   lsh_nominal_keys_per_query,
 )
 from sparse_attn.nn.base import AttentionLayer, Context, KVCache, counts_aux
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.ops.rope import apply_rope
 
 
@@ -57,6 +57,42 @@ def hash_key(hash_seed: int, layer_index: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(hash_seed), layer_index)
 
 
+def counted_attention(
+  q: jax.Array,
+  k: jax.Array | None,
+  v: jax.Array,
+  params: LSHParams,
+  *,
+  kv_lengths=None,
+  layer_index: int = 0,
+  **_: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """Shared-QK LSH self-attention: q is the QK projection; k is ignored.
+
+  Returns (o [B, T, H, Dv], keys per query f32[B, T]). Self-attention over
+  one whole sequence only (T == S): LSH has no incremental form (the layer
+  decodes by recomputing over its cache).
+  """
+  del k
+  if q.shape[1] != v.shape[1]:
+    raise ValueError(
+      f"LSH attention is self-attention over a whole sequence "
+      f"(T == S): q shape {q.shape}, v shape {v.shape}."
+    )
+  return lsh_attention(
+    q,
+    v,
+    n_buckets=params.n_buckets,
+    n_hashes=params.n_hashes,
+    chunk_size=params.chunk_size,
+    key=hash_key(params.hash_seed, layer_index),
+    same_bucket=params.same_bucket,
+    lookback=params.lookback,
+    kv_lengths=kv_lengths,
+    return_counts=True,
+  )
+
+
 class LSHAttention(AttentionLayer):
   """Reformer LSH attention with shared QK (no key projection).
 
@@ -67,6 +103,8 @@ class LSHAttention(AttentionLayer):
   over the cached prefix (there is no incremental form); it is exact for
   lookback="window" only, so `init_cache` refuses "chunk".
   """
+
+  counted_attention = staticmethod(counted_attention)
 
   def __init__(
     self,
@@ -85,12 +123,9 @@ class LSHAttention(AttentionLayer):
   ):
     super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
     del self.wk
-    p = LSHParams(
+    self.params = LSHParams(
       n_buckets, n_hashes, chunk_size, same_bucket, lookback, hash_seed
     )
-    self.n_buckets, self.n_hashes = int(p.n_buckets), int(p.n_hashes)
-    self.chunk_size, self.same_bucket = int(p.chunk_size), bool(p.same_bucket)
-    self.hash_seed, self.lookback = int(p.hash_seed), p.lookback
 
   def project(self, x, positions):
     x = x.astype(self.dtype)
@@ -99,7 +134,7 @@ class LSHAttention(AttentionLayer):
     return apply_rope(q, positions, base=self.rope_base), None, v
 
   def hash_key(self) -> jax.Array:
-    return hash_key(self.hash_seed, self.layer_index)
+    return hash_key(self.params.hash_seed, self.layer_index)
 
   def init_cache(
     self,
@@ -110,11 +145,11 @@ class LSHAttention(AttentionLayer):
     index_dtype: Any = "float32",
   ) -> LSHCache:
     del index_dtype
-    if self.lookback != "window":
+    if self.params.lookback != "window":
       raise ValueError(
         "LSH decode is only exact with lookback='window' (chunk boundaries "
         "of lookback='chunk' depend on every token); this layer has "
-        f"lookback={self.lookback!r}."
+        f"lookback={self.params.lookback!r}."
       )
     dt = self.dtype if dtype is None else dtype
     qk = (batch_size, max_len, self.num_heads, self.head_dim)
@@ -125,31 +160,19 @@ class LSHAttention(AttentionLayer):
     # Shared QK: the cache keeps q in its k field.
     return super().write_cache(cache, q, q, v, start)
 
-  def _lsh(self, qk, v, kv_lengths):
-    return lsh_attention(
-      qk,
-      v,
-      n_buckets=self.n_buckets,
-      n_hashes=self.n_hashes,
-      chunk_size=self.chunk_size,
-      key=self.hash_key(),
-      same_bucket=self.same_bucket,
-      lookback=self.lookback,
-      kv_lengths=kv_lengths,
-      return_counts=True,
-    )
-
   def attend(self, q, k, v, ctx: Context):
-    if not ctx.decoding:
-      o, counts = self._lsh(q, v, ctx.kv_lengths)
-      return (
-        o,
-        counts_aux(counts, ctx.positions, q.shape[1], ctx.kv_lengths),
-        None,
-      )
+    if not ctx.decoding:  # shared QK: q also stands for the keys
+      return super().attend(q, q, v, ctx)
     # k is the cached shared-QK prefix [B, view, H, D] (it already holds q):
     # recompute over the prefix, keep the rows of the new tokens.
-    o, counts = self._lsh(k, v, ctx.kv_lengths)
+    o, counts = counted_attention(
+      k,
+      None,
+      v,
+      self.params,
+      kv_lengths=ctx.kv_lengths,
+      layer_index=self.layer_index,
+    )
     rows = jnp.clip(ctx.positions, 0, o.shape[1] - 1)
     o = jnp.take_along_axis(o, rows[:, :, None, None], axis=1)
     counts = jnp.take_along_axis(counts, rows, axis=1)
@@ -170,46 +193,12 @@ def keys_per_query(seq_len: int, params: LSHParams, **_: Any) -> np.ndarray:
   )
 
 
-def attention(
-  q: jax.Array,
-  k: jax.Array | None,
-  v: jax.Array,
-  params: LSHParams,
-  *,
-  kv_lengths=None,
-  layer_index: int = 0,
-  **_: Any,
-) -> jax.Array:
-  """Shared-QK LSH self-attention: q is the QK projection; k is ignored.
-
-  Self-attention over one whole sequence only (T == S): LSH has no
-  incremental form (the layer decodes by recomputing over its cache).
-  """
-  del k
-  if q.shape[1] != v.shape[1]:
-    raise ValueError(
-      f"LSH attention is self-attention over a whole sequence "
-      f"(T == S): q shape {q.shape}, v shape {v.shape}."
-    )
-  return lsh_attention(
-    q,
-    v,
-    n_buckets=params.n_buckets,
-    n_hashes=params.n_hashes,
-    chunk_size=params.chunk_size,
-    key=hash_key(params.hash_seed, layer_index),
-    same_bucket=params.same_bucket,
-    lookback=params.lookback,
-    kv_lengths=kv_lengths,
-  )
-
-
 KIND = AttentionKind(
   name="lsh",
   layer=LSHAttention,
   params=LSHParams,
   keys_per_query=keys_per_query,
-  attention=attention,
+  attention=pure_form(counted_attention),
   budget_param="chunk_size",
   reference="Kitaev et al. 2020 (Reformer)",
 )

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from sparse_attn.kinds.moba import moba_attention, moba_keys_per_query
-from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.base import AttentionLayer
+from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.ops import checks
 
 
@@ -26,8 +26,33 @@ class MoBAParams:
     checks.check_positive_int("top_k", self.top_k)
 
 
+def counted_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: MoBAParams,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  **_: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """(o [B, T, H, Dv], keys per query f32[B, T], mean over heads) of MoBA."""
+  return moba_attention(
+    q,
+    k,
+    v,
+    block_size=params.block_size,
+    top_k=params.top_k,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    return_counts=True,
+  )
+
+
 class MoBAAttention(AttentionLayer):
   """MoBA: per-head top-k key blocks by q . mean(block keys), own block forced."""
+
+  counted_attention = staticmethod(counted_attention)
 
   def __init__(
     self,
@@ -41,25 +66,7 @@ class MoBAAttention(AttentionLayer):
     **kw: Any,
   ):
     super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
-    p = MoBAParams(block_size, top_k)
-    self.block_size, self.top_k = int(p.block_size), int(p.top_k)
-
-  def attend(self, q, k, v, ctx: Context):
-    o, counts = moba_attention(
-      q,
-      k,
-      v,
-      block_size=self.block_size,
-      top_k=self.top_k,
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      return_counts=True,
-    )
-    return (
-      o,
-      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
-      ctx.cache,
-    )
+    self.params = MoBAParams(block_size, top_k)
 
 
 def keys_per_query(seq_len: int, params: MoBAParams, **_: Any) -> np.ndarray:
@@ -68,33 +75,12 @@ def keys_per_query(seq_len: int, params: MoBAParams, **_: Any) -> np.ndarray:
   )
 
 
-def attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  params: MoBAParams,
-  *,
-  q_offset=None,
-  kv_lengths=None,
-  **_: Any,
-) -> jax.Array:
-  return moba_attention(
-    q,
-    k,
-    v,
-    block_size=params.block_size,
-    top_k=params.top_k,
-    q_offset=q_offset,
-    kv_lengths=kv_lengths,
-  )
-
-
 KIND = AttentionKind(
   name="moba",
   layer=MoBAAttention,
   params=MoBAParams,
   keys_per_query=keys_per_query,
-  attention=attention,
+  attention=pure_form(counted_attention),
   budget_param="top_k",
   reference="Lu et al. 2025 (MoBA)",
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,8 +17,8 @@ from sparse_attn.kinds.nsa import (
   nsa_attention,
   nsa_keys_per_query,
 )
-from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.base import AttentionLayer, Context
+from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.params import param
 
 COMPRESSIONS = ("mean", "mlp")
@@ -55,6 +56,48 @@ class NSAParams:
       )
 
 
+def counted_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: NSAParams,
+  *,
+  gates: jax.Array | None = None,
+  compress_k: Callable | None = None,
+  compress_v: Callable | None = None,
+  q_offset=None,
+  kv_lengths=None,
+  implementation=None,
+  block_sizes=None,
+  **_: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """(o [B, T, H, Dv], keys per query f32[B, T]) of NSA.
+
+  gates [B, T, H, 3] default to ones; compress_k / compress_v default to
+  mean pooling (the layer passes its learned compressors for "mlp").
+  """
+  if gates is None:
+    gates = jnp.ones(q.shape[:3] + (3,), q.dtype)
+  return nsa_attention(
+    q,
+    k,
+    v,
+    gates,
+    cmp_block=params.cmp_block,
+    cmp_stride=params.cmp_stride,
+    select_block=params.select_block,
+    num_selected=params.num_selected,
+    window=params.window,
+    compress_k=compress_k,
+    compress_v=compress_v,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    implementation=implementation,
+    block_sizes=block_sizes,
+    return_counts=True,
+  )
+
+
 class NSAAttention(AttentionLayer):
   """Native Sparse Attention: compressed + selected + window, sigmoid-gated.
 
@@ -63,6 +106,8 @@ class NSAAttention(AttentionLayer):
   intra-block position embedding) to the mean: summary = mean + MLP(block),
   separately for keys and values, shared by the kv heads.
   """
+
+  counted_attention = staticmethod(counted_attention)
 
   def __init__(
     self,
@@ -91,7 +136,7 @@ class NSAAttention(AttentionLayer):
       param_dtype=param_dtype,
       **kw,
     )
-    NSAParams(
+    self.params = p = NSAParams(
       cmp_block,
       cmp_stride,
       select_block,
@@ -100,18 +145,15 @@ class NSAAttention(AttentionLayer):
       compress,
       mlp_hidden,
     )
-    self.cmp_block, self.cmp_stride = int(cmp_block), int(cmp_stride)
-    self.select_block, self.num_selected = int(select_block), int(num_selected)
-    self.window, self.compress = int(window), compress
     self.w_gate = param(
       rngs,
       (embed_dim, num_heads, 3),
       ("embed", "heads", "nsa_branches"),
       param_dtype,
     )
-    if compress == "mlp":
-      hidden = mlp_hidden or 2 * head_dim
-      l, d = self.cmp_block, head_dim
+    if p.compress == "mlp":
+      hidden = p.mlp_hidden or 2 * head_dim
+      l, d = p.cmp_block, head_dim
       zeros = nnx.initializers.zeros_init()
       for name in ("k", "v"):
         setattr(
@@ -138,7 +180,7 @@ class NSAAttention(AttentionLayer):
     Returns fn(windows [B, N, G, l, D]) -> [B, N, G, D] for compress="mlp"
     (None for "mean": the pure function mean-pools).
     """
-    if self.compress != "mlp":
+    if self.params.compress != "mlp":
       return None
     pos = getattr(self, f"cmp_pos_{name}")[...].astype(self.dtype)
     w1 = getattr(self, f"cmp_w1_{name}")[...].astype(self.dtype)
@@ -157,30 +199,12 @@ class NSAAttention(AttentionLayer):
     )
     return jax.nn.sigmoid(g)
 
-  def attend(self, q, k, v, ctx: Context):
-    o, counts = nsa_attention(
-      q,
-      k,
-      v,
-      self.gates(ctx.x),
-      cmp_block=self.cmp_block,
-      cmp_stride=self.cmp_stride,
-      select_block=self.select_block,
-      num_selected=self.num_selected,
-      window=self.window,
-      compress_k=self.compressor("k"),
-      compress_v=self.compressor("v"),
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      implementation=self.implementation,
-      block_sizes=self.attention_block_sizes,
-      return_counts=True,
-    )
-    return (
-      o,
-      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
-      ctx.cache,
-    )
+  def attention_inputs(self, ctx: Context) -> dict[str, Any]:
+    return {
+      "gates": self.gates(ctx.x),
+      "compress_k": self.compressor("k"),
+      "compress_v": self.compressor("v"),
+    }
 
 
 def keys_per_query(seq_len: int, params: NSAParams, **_: Any) -> np.ndarray:
@@ -194,43 +218,12 @@ def keys_per_query(seq_len: int, params: NSAParams, **_: Any) -> np.ndarray:
   )
 
 
-def attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  params: NSAParams,
-  *,
-  gates: jax.Array | None = None,
-  q_offset=None,
-  kv_lengths=None,
-  implementation=None,
-  **_: Any,
-) -> jax.Array:
-  """NSA with mean compression; gates [B, T, H, 3] default to ones."""
-  if gates is None:
-    gates = jnp.ones(q.shape[:3] + (3,), q.dtype)
-  return nsa_attention(
-    q,
-    k,
-    v,
-    gates,
-    cmp_block=params.cmp_block,
-    cmp_stride=params.cmp_stride,
-    select_block=params.select_block,
-    num_selected=params.num_selected,
-    window=params.window,
-    q_offset=q_offset,
-    kv_lengths=kv_lengths,
-    implementation=implementation,
-  )
-
-
 KIND = AttentionKind(
   name="nsa",
   layer=NSAAttention,
   params=NSAParams,
   keys_per_query=keys_per_query,
-  attention=attention,
+  attention=pure_form(counted_attention),
   budget_param="num_selected",
   reference="Yuan et al. 2025 (NSA)",
 )

@@ -12,8 +12,8 @@ from sparse_attn.kinds.patterns import (
   sliding_window_attention,
   sliding_window_keys_per_query,
 )
-from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.base import AttentionLayer
+from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.ops import checks
 
 
@@ -27,8 +27,36 @@ class SlidingWindowParams:
     checks.check_positive_int("window", self.window)
 
 
+def counted_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: SlidingWindowParams,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  implementation=None,
+  block_sizes=None,
+  **_: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """(o [B, T, H, Dv], keys per query f32[B, T]) of the sliding window."""
+  return sliding_window_attention(
+    q,
+    k,
+    v,
+    window=params.window,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    implementation=implementation,
+    block_sizes=block_sizes,
+    return_counts=True,
+  )
+
+
 class SlidingWindowAttention(AttentionLayer):
   """Local causal attention over the last `window` keys (gathered)."""
+
+  counted_attention = staticmethod(counted_attention)
 
   def __init__(
     self,
@@ -41,25 +69,7 @@ class SlidingWindowAttention(AttentionLayer):
     **kw: Any,
   ):
     super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
-    self.window = SlidingWindowParams(window).window
-
-  def attend(self, q, k, v, ctx: Context):
-    o, counts = sliding_window_attention(
-      q,
-      k,
-      v,
-      window=self.window,
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      implementation=self.implementation,
-      block_sizes=self.attention_block_sizes,
-      return_counts=True,
-    )
-    return (
-      o,
-      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
-      ctx.cache,
-    )
+    self.params = SlidingWindowParams(window)
 
 
 def keys_per_query(
@@ -68,34 +78,12 @@ def keys_per_query(
   return sliding_window_keys_per_query(seq_len, params.window)
 
 
-def attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  params: SlidingWindowParams,
-  *,
-  q_offset=None,
-  kv_lengths=None,
-  implementation=None,
-  **_: Any,
-) -> jax.Array:
-  return sliding_window_attention(
-    q,
-    k,
-    v,
-    window=params.window,
-    q_offset=q_offset,
-    kv_lengths=kv_lengths,
-    implementation=implementation,
-  )
-
-
 KIND = AttentionKind(
   name="sliding_window",
   layer=SlidingWindowAttention,
   params=SlidingWindowParams,
   keys_per_query=keys_per_query,
-  attention=attention,
+  attention=pure_form(counted_attention),
   budget_param="window",
   reference="Beltagy et al. 2020 (Longformer)",
 )

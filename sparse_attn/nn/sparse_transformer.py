@@ -18,8 +18,8 @@ from sparse_attn.kinds.patterns import (
   sparse_transformer_attention,
   sparse_transformer_keys_per_query,
 )
-from sparse_attn.nn.base import AttentionLayer, Context, counts_aux
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.base import AttentionLayer
+from sparse_attn.nn.kind import AttentionKind, pure_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +28,11 @@ class StridedParams:
 
   stride: int = 16
   combine: str = "merged"
+  pattern = "strided"
+  summary = 1
 
   def __post_init__(self):
-    check_pattern("strided", self.stride, 1, self.combine)
+    check_pattern(self.pattern, self.stride, self.summary, self.combine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,57 +42,43 @@ class FixedParams:
   stride: int = 16
   summary: int = 2
   combine: str = "merged"
+  pattern = "fixed"
 
   def __post_init__(self):
-    check_pattern("fixed", self.stride, self.summary, self.combine)
+    check_pattern(self.pattern, self.stride, self.summary, self.combine)
 
 
-class _SparseTransformer(AttentionLayer):
-  pattern = ""
-
-  def __init__(
-    self,
-    embed_dim: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    *,
-    stride: int,
-    summary: int,
-    combine: str,
-    **kw: Any,
-  ):
-    super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
-    self.stride, self.summary = check_pattern(
-      self.pattern, stride, summary, combine
-    )
-    self.combine = combine
-
-  def attend(self, q, k, v, ctx: Context):
-    o, counts = sparse_transformer_attention(
-      q,
-      k,
-      v,
-      pattern=self.pattern,
-      stride=self.stride,
-      summary=self.summary,
-      combine=self.combine,
-      layer_index=self.layer_index,
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      return_counts=True,
-    )
-    return (
-      o,
-      counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths),
-      ctx.cache,
-    )
+def counted_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: StridedParams | FixedParams,
+  *,
+  q_offset=None,
+  kv_lengths=None,
+  layer_index: int = 0,
+  **_: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """(o [B, T, H, Dv], keys per query f32[B, T]) of the pattern."""
+  return sparse_transformer_attention(
+    q,
+    k,
+    v,
+    pattern=params.pattern,
+    stride=params.stride,
+    summary=params.summary,
+    combine=params.combine,
+    layer_index=layer_index,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    return_counts=True,
+  )
 
 
-class StridedAttention(_SparseTransformer):
+class StridedAttention(AttentionLayer):
   """Sparse Transformer, strided pattern: local band of l + every l-th key."""
 
-  pattern = "strided"
+  counted_attention = staticmethod(counted_attention)
 
   def __init__(
     self,
@@ -103,22 +91,14 @@ class StridedAttention(_SparseTransformer):
     combine: str = StridedParams.combine,
     **kw: Any,
   ):
-    super().__init__(
-      embed_dim,
-      num_heads,
-      num_kv_heads,
-      head_dim,
-      stride=stride,
-      summary=1,
-      combine=combine,
-      **kw,
-    )
+    super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
+    self.params = StridedParams(stride, combine)
 
 
-class FixedAttention(_SparseTransformer):
+class FixedAttention(AttentionLayer):
   """Sparse Transformer, fixed pattern: own block of l + last c of each block."""
 
-  pattern = "fixed"
+  counted_attention = staticmethod(counted_attention)
 
   def __init__(
     self,
@@ -132,74 +112,35 @@ class FixedAttention(_SparseTransformer):
     combine: str = FixedParams.combine,
     **kw: Any,
   ):
-    super().__init__(
-      embed_dim,
-      num_heads,
-      num_kv_heads,
-      head_dim,
-      stride=stride,
-      summary=summary,
-      combine=combine,
-      **kw,
-    )
+    super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, **kw)
+    self.params = FixedParams(stride, summary, combine)
 
 
-def _keys_per_query(pattern: str):
-  def fn(
-    seq_len: int,
-    params: Any,
-    *,
-    num_heads: int | None = None,
-    layer_index: int | None = None,
-    **_: Any,
-  ) -> np.ndarray:
-    return sparse_transformer_keys_per_query(
-      seq_len,
-      pattern=pattern,
-      stride=params.stride,
-      summary=getattr(params, "summary", 1),
-      combine=params.combine,
-      layer_index=layer_index,
-      num_heads=num_heads,
-    )
-
-  return fn
-
-
-def _attention(pattern: str):
-  def fn(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    params: Any,
-    *,
-    q_offset=None,
-    kv_lengths=None,
-    layer_index: int = 0,
-    **_: Any,
-  ) -> jax.Array:
-    return sparse_transformer_attention(
-      q,
-      k,
-      v,
-      pattern=pattern,
-      stride=params.stride,
-      summary=getattr(params, "summary", 1),
-      combine=params.combine,
-      layer_index=layer_index,
-      q_offset=q_offset,
-      kv_lengths=kv_lengths,
-    )
-
-  return fn
+def keys_per_query(
+  seq_len: int,
+  params: StridedParams | FixedParams,
+  *,
+  num_heads: int | None = None,
+  layer_index: int | None = None,
+  **_: Any,
+) -> np.ndarray:
+  return sparse_transformer_keys_per_query(
+    seq_len,
+    pattern=params.pattern,
+    stride=params.stride,
+    summary=params.summary,
+    combine=params.combine,
+    layer_index=layer_index,
+    num_heads=num_heads,
+  )
 
 
 STRIDED = AttentionKind(
   name="strided",
   layer=StridedAttention,
   params=StridedParams,
-  keys_per_query=_keys_per_query("strided"),
-  attention=_attention("strided"),
+  keys_per_query=keys_per_query,
+  attention=pure_form(counted_attention),
   budget_param="stride",
   reference="Child et al. 2019 (Sparse Transformer)",
 )
@@ -208,8 +149,8 @@ FIXED = AttentionKind(
   name="fixed",
   layer=FixedAttention,
   params=FixedParams,
-  keys_per_query=_keys_per_query("fixed"),
-  attention=_attention("fixed"),
+  keys_per_query=keys_per_query,
+  attention=pure_form(counted_attention),
   budget_param="stride",
   reference="Child et al. 2019 (Sparse Transformer)",
 )
