@@ -24,8 +24,29 @@ from typing import Any
 
 from sparse_attn import dispatch, registry
 from sparse_attn.nn.base import KERNELS
+from sparse_attn.nn.moe import MoEParams
+from sparse_attn.ops.rope import RopeScaling, as_rope_scaling
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _sorted_pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
+  """A dict (or pairs) as sorted (key, value) pairs, so configs stay hashable.
+
+  Nested lists (JSON) become tuples.
+  """
+  if isinstance(value, dict):
+    value = value.items()
+  try:
+    return tuple(sorted((str(k), _frozen(v)) for k, v in value))
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+      f"model.{name} must be a dict of named values, got {value!r}."
+    ) from e
+
+
+def _frozen(v: Any) -> Any:
+  return tuple(_frozen(x) for x in v) if isinstance(v, list) else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +76,24 @@ class ModelConfig:
   kernel_block_sizes: Any = ()
   tie_embeddings: bool = True
   rope_base: float = 10000.0
+  # RoPE frequency scaling, HF-style dict ({"rope_type": "yarn", "factor":
+  # 40, "original_max_position_embeddings": 4096, ...}; sparse_attn.ops.rope.
+  # RopeScaling), stored as sorted pairs; empty: plain RoPE.
+  rope_scaling: Any = ()
   norm_eps: float = 1e-6
+  # Token embeddings times sqrt(embed_dim) (this library's models); False
+  # for the HF families (DeepSeek, Llama, Qwen), whose embeddings are not
+  # scaled.
+  scale_embeddings: bool = True
+  # Mixture of experts (sparse_attn.nn.moe.MoEParams fields, a dict stored as
+  # sorted pairs); empty: a dense SwiGLU of mlp_dim in every block.
+  moe: Any = ()
   dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    params = self.attention_params
-    if isinstance(params, dict):
-      params = params.items()
-    try:
-      pairs = tuple(sorted((str(k), v) for k, v in params))
-    except (TypeError, ValueError) as e:
-      raise ValueError(
-        f"model.attention_params must be a dict of kind "
-        f"arguments, got {self.attention_params!r}."
-      ) from e
-    object.__setattr__(self, "attention_params", pairs)
+    for name in ("attention_params", "rope_scaling", "moe"):
+      object.__setattr__(self, name, _sorted_pairs(name, getattr(self, name)))
     sizes = self.kernel_block_sizes
     if isinstance(sizes, dict):
       sizes = sizes.items()
@@ -92,6 +115,18 @@ class ModelConfig:
   @property
   def attention_kwargs(self) -> dict[str, Any]:
     return dict(self.attention_params)
+
+  @property
+  def rope_scaling_config(self) -> RopeScaling | None:
+    """rope_scaling as a RopeScaling (None: plain RoPE)."""
+    return (
+      as_rope_scaling(dict(self.rope_scaling)) if self.rope_scaling else None
+    )
+
+  @property
+  def moe_config(self) -> MoEParams | None:
+    """moe as MoEParams (None: no experts)."""
+    return MoEParams(**dict(self.moe)) if self.moe else None
 
   @property
   def kernel_block_sizes_dict(self) -> dict[str, dict[str, Any]]:
@@ -166,6 +201,8 @@ class Config:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["model"]["attention_params"] = self.model.attention_kwargs
+    d["model"]["rope_scaling"] = dict(self.model.rope_scaling)
+    d["model"]["moe"] = dict(self.model.moe)
     d["model"]["kernel_block_sizes"] = self.model.kernel_block_sizes_dict
     return d
 
@@ -280,6 +317,20 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       registry.get(m.attention).params_from_config(m)
     except ValueError as e:
       errors.append(f"model.attention_params: {e}")
+  try:
+    _ = m.rope_scaling_config
+  except ValueError as e:
+    errors.append(f"model.rope_scaling: {e}")
+  try:
+    moe = m.moe_config
+  except (TypeError, ValueError) as e:
+    errors.append(f"model.moe: {e}")
+  else:
+    if moe is not None and moe.first_dense_layers > m.num_layers:
+      errors.append(
+        f"model.moe first_dense_layers={moe.first_dense_layers} exceeds "
+        f"model.num_layers={m.num_layers}"
+      )
   for name, fields in m.kernel_block_sizes_dict.items():
     if name not in KERNELS:
       errors.append(

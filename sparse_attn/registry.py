@@ -25,6 +25,8 @@ from sparse_attn.nn import (
   dense,
   dsa,
   lsh,
+  mla,
+  mla_dsa,
   moba,
   nsa,
   sliding_window,
@@ -35,6 +37,7 @@ from sparse_attn.nn.kind import AttentionKind
 
 __all__ = [
   "AttentionKind",
+  "comparable_names",
   "get",
   "has_indexer",
   "kinds",
@@ -111,6 +114,8 @@ for _builtin in (
   lsh.KIND,
   nsa.KIND,
   moba.KIND,
+  mla.KIND,
+  mla_dsa.KIND,
 ):
   register(_builtin)
 
@@ -145,11 +150,21 @@ class KindView(Mapping):
 ATTENTION_KINDS: Mapping[str, Callable[..., nnx.Module]] = KindView(
   lambda k: k.build
 )
-#: name -> layer class of the kinds DSA is compared with.
+#: name -> layer class of the kinds DSA is compared with (GQA projections).
 BASELINE_LAYERS: Mapping[str, type] = KindView(
   lambda k: k.layer,
-  lambda k: k.name not in ("dense", "dsa") and k.layer is not None,
+  lambda k: (
+    k.name not in ("dense", "dsa")
+    and k.layer is not None
+    and k.projections == "gqa"
+  ),
 )
+
+
+def comparable_names() -> tuple[str, ...]:
+  """The kinds compared at equal key budgets on one GQA layer (dense, DSA
+  and the families DSA is compared with; not the MLA kinds)."""
+  return tuple(n for n, k in _KINDS.items() if k.projections == "gqa")
 
 
 def register_attention(

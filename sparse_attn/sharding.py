@@ -3,7 +3,8 @@
 The mesh always has three axes, MESH_AXES = ("data", "fsdp", "tensor"):
   - the batch is split over data x fsdp;
   - parameters are split over fsdp (their "embed" dimension, ZeRO-3 style)
-    and tensor (heads / kv_heads / mlp / vocab / indexer_heads);
+    and tensor (heads / kv_heads / mlp / vocab / indexer_heads / experts;
+    an expert's hidden dim when the experts do not divide);
   - everything else (norm scales, optimiser counters, the step, the RNG) is
     replicated.
 Parameters name their dimensions in `logical_axes` metadata (see
@@ -43,8 +44,12 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("kv_heads", "tensor"),
   ("mlp", "tensor"),
   ("indexer_heads", "tensor"),
+  ("experts", "tensor"),
+  ("expert_mlp", "tensor"),
   ("head_dim", None),
   ("indexer_dim", None),
+  ("q_latent", None),
+  ("kv_latent", None),
   ("length", None),
 )
 

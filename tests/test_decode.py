@@ -47,7 +47,18 @@ BASELINE_PARAMS = {
 }
 
 
-def _model(kind, num_layers=1, top_k=8, **params):
+MLA_PARAMS = {
+  "q_lora_rank": 16,
+  "kv_lora_rank": 16,
+  "qk_nope_head_dim": 8,
+  "qk_rope_head_dim": 4,
+  "v_head_dim": 8,
+}
+
+
+def _model(kind, num_layers=1, top_k=8, model_fields=None, **params):
+  if kind in ("mla", "mla_dsa"):
+    params = {**MLA_PARAMS, **params}
   cfg = ModelConfig(
     embed_dim=32,
     num_layers=num_layers,
@@ -60,9 +71,13 @@ def _model(kind, num_layers=1, top_k=8, **params):
     indexer_heads=4,
     indexer_dim=8,
     attention_params=params,
+    **(model_fields or {}),
   )
   model = build_model(cfg, seed=1)
-  if kind == "dsa":  # non-negative head weights: no ties at the k-th score
+  if kind in (
+    "dsa",
+    "mla_dsa",
+  ):  # non-negative head weights: no ties at the k-th score
     for blk in model.blocks:
       w = blk.attn.indexer.w_weights
       w[...] = jnp.abs(w[...])
@@ -118,7 +133,7 @@ def _check_against_forward(
   return dec, cache
 
 
-@pytest.mark.parametrize("kind", ["dense", "dsa"])
+@pytest.mark.parametrize("kind", ["dense", "dsa", "mla", "mla_dsa"])
 @pytest.mark.parametrize(
   "chunk,prompt_lens,layers",
   [
@@ -129,6 +144,34 @@ def _check_against_forward(
 def test_prefill_decode_matches_forward(kind, chunk, prompt_lens, layers):
   _check_against_forward(
     _model(kind, num_layers=layers), prompt_lens=prompt_lens, chunk=chunk
+  )
+
+
+@pytest.mark.parametrize(
+  "precision,index_dtype", [("fp8", "float8_e4m3fn"), ("fp8", "float32")]
+)
+def test_mla_dsa_fp8_indexer_and_yarn_decode_match_forward(
+  precision, index_dtype
+):
+  """DeepSeek-V3.2's configuration: MLA latent cache, YaRN, the FP8 indexer
+  (ue8m0 scales); an fp8 key cache stores the indexer's own codes exactly,
+  so decoding still equals the full forward."""
+  model = _model(
+    "mla_dsa",
+    indexer_precision=precision,
+    indexer_scale_fmt="ue8m0",
+    model_fields={
+      "rope_scaling": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+      },
+    },
+  )
+  _check_against_forward(
+    model, prompt_lens=[29, 21], chunk=8, index_dtype=index_dtype
   )
 
 

@@ -19,8 +19,19 @@ KINDS = [
   "lsh",
   "nsa",
   "moba",
+  "mla",
+  "mla_dsa",
 ]
+_MLA = {
+  "q_lora_rank": 16,
+  "kv_lora_rank": 16,
+  "qk_nope_head_dim": 8,
+  "qk_rope_head_dim": 4,
+  "v_head_dim": 8,
+}
 SMALL = {
+  "mla": _MLA,
+  "mla_dsa": _MLA,
   "sliding_window": {"window": 8},
   "strided": {"stride": 4},
   "fixed": {"stride": 8},

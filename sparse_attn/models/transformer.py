@@ -6,10 +6,13 @@ One forward serves training, evaluation, chunked prefill and decode steps:
     cache = model.init_cache(batch_size, max_len)
     logits, aux, cache = model(tokens, cache=cache, num_valid=n)  # prefill/decode
 
-Pre-norm blocks: x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x)); token
-embedding scaled by sqrt(E); final RMSNorm; output tied to the embedding or
-a separate [E, V] matrix. RoPE lives inside the attention layers. GQA/MQA via
-num_kv_heads. `aux` sums the layers' aux dicts (indexer_kl, attended_keys,
+Pre-norm blocks: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)), the MLP a
+SwiGLU or, with `cfg.moe`, DeepSeek's MoE after the first
+`first_dense_layers` blocks; token embedding scaled by sqrt(E) (unless
+`scale_embeddings=False`, as in the HF families); final RMSNorm; output
+tied to the embedding or a separate [E, V] matrix. RoPE lives inside the
+attention layers. GQA/MQA via num_kv_heads; MLA (DeepSeek-V3/V3.2) via the
+"mla" / "mla_dsa" kinds. `aux` sums the layers' aux dicts (indexer_kl, attended_keys,
 visible_keys) and adds attended_fraction = attended_keys / visible_keys.
 
 Each block's attention layer is built from the kinds registry
@@ -31,6 +34,7 @@ from sparse_attn.config import ModelConfig
 from sparse_attn.models.cache import Cache
 from sparse_attn.nn.base import MODES, Aux, check_mode
 from sparse_attn.nn.mlp import SwiGLU
+from sparse_attn.nn.moe import MoE
 from sparse_attn.nn.norm import RMSNorm
 from sparse_attn.nn.params import param
 
@@ -45,9 +49,15 @@ class Block(nnx.Module):
       cfg, layer_index=layer_index, rngs=rngs
     )
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
-    self.mlp = SwiGLU(
-      cfg.embed_dim, cfg.mlp_dim, dtype=dt, param_dtype=pd, rngs=rngs
-    )
+    moe = cfg.moe_config
+    if moe is not None and layer_index >= moe.first_dense_layers:
+      self.mlp: nnx.Module = MoE(
+        cfg.embed_dim, moe, dtype=dt, param_dtype=pd, rngs=rngs
+      )
+    else:
+      self.mlp = SwiGLU(
+        cfg.embed_dim, cfg.mlp_dim, dtype=dt, param_dtype=pd, rngs=rngs
+      )
 
   @overload
   def __call__(
@@ -105,6 +115,11 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
   """Decoder-only LM: tokens int[B, T] -> (logits f32[B, T, V], aux[, cache])."""
+
+  #: The config.json (as JSON text) of the HF checkpoint the weights were
+  #: loaded from (`sparse_attn.hf.load_pretrained`), so that save_pretrained
+  #: writes back the fields the model does not define (token ids, ...).
+  hf_config_json: str | None = None
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     registry.get(cfg.attention)  # a clear error for unknown kinds
@@ -247,9 +262,9 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(
         jnp.arange(length, dtype=jnp.int32), (batch, length)
       )
-    x = self.embed[...][tokens].astype(self.dtype) * jnp.asarray(
-      self.cfg.embed_dim**0.5, self.dtype
-    )
+    x = self.embed[...][tokens].astype(self.dtype)
+    if self.cfg.scale_embeddings:
+      x = x * jnp.asarray(self.cfg.embed_dim**0.5, self.dtype)
     totals: Aux | None = None
     new_layers = []
     for i, block in enumerate(self.blocks):

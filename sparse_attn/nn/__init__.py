@@ -23,8 +23,11 @@ from sparse_attn.nn.dsa import DSAAttention, DSACache, DSAParams
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.lsh import LSHAttention, LSHCache, LSHParams
+from sparse_attn.nn.mla import MLAAttention, MLACache, MLAParams
+from sparse_attn.nn.mla_dsa import MLADSAAttention, MLADSACache, MLADSAParams
 from sparse_attn.nn.mlp import SwiGLU
 from sparse_attn.nn.moba import MoBAAttention, MoBAParams
+from sparse_attn.nn.moe import MoE, MoEParams
 from sparse_attn.nn.norm import RMSNorm
 from sparse_attn.nn.nsa import NSAAttention, NSAParams
 from sparse_attn.nn.params import param, tag
@@ -56,8 +59,16 @@ __all__ = [
   "LSHCache",
   "LSHParams",
   "LightningIndexer",
+  "MLAAttention",
+  "MLACache",
+  "MLADSAAttention",
+  "MLADSACache",
+  "MLADSAParams",
+  "MLAParams",
   "MoBAAttention",
   "MoBAParams",
+  "MoE",
+  "MoEParams",
   "NSAAttention",
   "NSAParams",
   "RMSNorm",

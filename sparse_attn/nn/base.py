@@ -48,7 +48,7 @@ from flax import nnx, struct
 from sparse_attn import dispatch
 from sparse_attn.nn.params import param
 from sparse_attn.ops import masking
-from sparse_attn.ops.rope import apply_rope
+from sparse_attn.ops.rope import RopeScaling, apply_rope, as_rope_scaling
 
 MODES = ("dense", "warmup", "sparse")
 # The Pallas kernels a layer may configure (`block_sizes`).
@@ -160,6 +160,8 @@ class AttentionLayer(nnx.Module):
       missing kernels take the per-platform defaults); the XLA path ignores
       them.
     rope_base: RoPE base of q and k.
+    rope_scaling: RoPE frequency scaling (`sparse_attn.ops.rope.RopeScaling`,
+      or its HF-style dict: YaRN, llama3, linear); None: plain RoPE.
     dtype / param_dtype: activation / parameter dtypes.
   """
 
@@ -174,6 +176,7 @@ class AttentionLayer(nnx.Module):
     implementation: str | None = None,
     block_sizes: Mapping[str, Any] | None = None,
     rope_base: float = 10000.0,
+    rope_scaling: Any = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
@@ -202,7 +205,17 @@ class AttentionLayer(nnx.Module):
       "block_sizes['gathered_attention']",
     )
     self.rope_base, self.dtype = rope_base, dtype
-    e, h, g, d = embed_dim, num_heads, num_kv_heads, head_dim
+    self.rope_scaling: RopeScaling | None = as_rope_scaling(rope_scaling)
+    self.init_projections(rngs, param_dtype)
+
+  def init_projections(self, rngs: nnx.Rngs, param_dtype: Any) -> None:
+    """Creates the projection parameters (GQA: wq, wk, wv, wo).
+
+    Layers with other projections (MLA) override this and `project` /
+    `output`.
+    """
+    e, h = self.embed_dim, self.num_heads
+    g, d = self.num_kv_heads, self.head_dim
     self.wq = param(
       rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype
     )
@@ -226,9 +239,25 @@ class AttentionLayer(nnx.Module):
     q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
     k = jnp.einsum("bte,egd->btgd", x, self.wk[...].astype(self.dtype))
     v = jnp.einsum("bte,egd->btgd", x, self.wv[...].astype(self.dtype))
-    q = apply_rope(q, positions, base=self.rope_base)
-    k = apply_rope(k, positions, base=self.rope_base)
-    return q, k, v
+    return self.rope(q, positions), self.rope(k, positions), v
+
+  def rope(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    rope_dim: int | None = None,
+    interleaved: bool = False,
+  ) -> jax.Array:
+    """RoPE of the layer (its base and scaling) on x [B, T, N, D]."""
+    return apply_rope(
+      x,
+      positions,
+      rope_dim=rope_dim,
+      base=self.rope_base,
+      scaling=self.rope_scaling,
+      interleaved=interleaved,
+    )
 
   def output(self, o: jax.Array) -> jax.Array:
     """o [B, T, H, Dv] -> y [B, T, E]."""

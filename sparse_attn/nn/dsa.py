@@ -5,6 +5,10 @@ returns the dense indexer KL; `mode="sparse"` keeps each query's top-k keys
 by index score and returns the sparse KL over that set; `mode="dense"` is
 the dense twin (no loss). Decoding keeps the indexer key cache beside the
 K/V cache (`DSACache`), optionally in bfloat16 or float8 + a per-token scale.
+
+The stage logic (which attention each mode runs, which KL it returns) is
+`indexed_attention`, shared with DSA on MLA (`sparse_attn.nn.mla`); the
+indexer key cache is written and read by `cached_index_keys`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flax import nnx, struct
 
 from sparse_attn.nn.base import (
   AttentionLayer,
+  Aux,
   Context,
   KVCache,
   counts_aux,
@@ -39,6 +44,9 @@ class DSAParams:
   indexer_rope_dim: dims of q_idx / k_idx that get RoPE (None: DI // 2).
   detach_indexer_input: the indexer reads a stop-gradient copy of x, so its
   loss never reaches the trunk.
+  indexer_precision: "float32" or "fp8" (DeepSeek's FP8 indexer: Hadamard
+  rotation + e4m3 codes, `sparse_attn.ops.quantize`); indexer_scale_fmt:
+  None or "ue8m0" (power-of-two FP8 scales).
   """
 
   top_k: int = 64
@@ -46,16 +54,128 @@ class DSAParams:
   indexer_dim: int = 32
   indexer_rope_dim: int | None = None
   detach_indexer_input: bool = True
+  indexer_precision: str = "float32"
+  indexer_scale_fmt: str | None = None
 
   def __post_init__(self):
-    for name in ("top_k", "indexer_heads", "indexer_dim"):
-      checks.check_positive_int(name, getattr(self, name))
-    rope = self.indexer_rope_dim
-    if rope is not None and (rope % 2 or not 0 <= rope <= self.indexer_dim):
-      raise ValueError(
-        f"indexer_rope_dim must be even and in [0, indexer_dim="
-        f"{self.indexer_dim}], got {rope}."
+    check_indexer_params(self)
+
+
+def check_indexer_params(p: Any) -> None:
+  """Validates the DSA fields of a params dataclass (DSA, DSA on MLA)."""
+  for name in ("top_k", "indexer_heads", "indexer_dim"):
+    checks.check_positive_int(name, getattr(p, name))
+  rope = p.indexer_rope_dim
+  if rope is not None and (rope % 2 or not 0 <= rope <= p.indexer_dim):
+    raise ValueError(
+      f"indexer_rope_dim must be even and in [0, indexer_dim="
+      f"{p.indexer_dim}], got {rope}."
+    )
+  quantize.check_indexer_precision(p.indexer_precision, p.indexer_scale_fmt)
+  if p.indexer_precision == "fp8" and p.indexer_dim & (p.indexer_dim - 1):
+    raise ValueError(
+      f"indexer_precision='fp8' rotates by a Hadamard matrix: indexer_dim "
+      f"must be a power of two, got {p.indexer_dim}."
+    )
+
+
+def index_key_cache(
+  batch_size: int, max_len: int, dim: int, index_dtype: Any
+) -> tuple[jax.Array, jax.Array | None]:
+  """Zero indexer key cache [B, S_max, DI] (+ f32 scales [B, S_max] for fp8)."""
+  idt = quantize.index_dtype(index_dtype)
+  scale = (
+    jnp.zeros((batch_size, max_len), jnp.float32)
+    if idt == jnp.float8_e4m3fn
+    else None
+  )
+  return jnp.zeros((batch_size, max_len, dim), idt), scale
+
+
+def cached_index_keys(
+  cache: Any,
+  indexer: LightningIndexer,
+  k_idx: jax.Array,
+  start: jax.Array,
+  view: int,
+  dtype: Any,
+) -> tuple[Any, jax.Array]:
+  """Writes the new indexer keys at `start`; returns (cache, keys [B, view, DI]).
+
+  `cache` has fields k_idx / k_idx_scale (DSACache, MLADSACache).
+  """
+  stored, scale = indexer.quantize_keys(k_idx, cache.k_idx.dtype)
+  cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, start))
+  if scale is not None:
+    cache = cache.replace(
+      k_idx_scale=write_rows(cache.k_idx_scale, scale, start)
+    )
+  cache = jax.lax.optimization_barrier(cache)  # in-place write, see base
+  view_scale = (
+    None if cache.k_idx_scale is None else cache.k_idx_scale[:, :view]
+  )
+  keys = quantize.dequantize_index_keys(
+    cache.k_idx[:, :view], view_scale, dtype
+  )
+  return cache, keys
+
+
+def indexed_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  ctx: Context,
+  *,
+  top_k: int,
+  scale: float | None = None,
+  implementation: str | None = None,
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+) -> tuple[jax.Array, Aux]:
+  """DSA's attention for the stage `ctx.mode`: (o [B, T, H, Dv], aux).
+
+  "sparse": each query's top-k keys by index score (`dsa_attention`) and
+  the sparse KL over them; "warmup": dense attention + the dense KL;
+  "dense": dense attention, no loss. No loss while decoding. q [B, T, H, D],
+  k [B, S, G, D], v [B, S, G, Dv] (any form: GQA, MLA's MHA or absorbed
+  form), indexer inputs over the same T and S; `scale` the logit scale
+  (None: D**-0.5; MLA passes its own).
+  """
+  kl = None
+  if ctx.mode == "sparse":
+    o, idx = dsa_attention(
+      q,
+      k,
+      v,
+      q_idx,
+      k_idx,
+      weights,
+      top_k=top_k,
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
+      scale=scale,
+      implementation=implementation,
+      return_indices=True,
+      topk_block_sizes=topk_block_sizes,
+      attention_block_sizes=attention_block_sizes,
+    )
+    if not ctx.decoding:
+      kl = sparse_indexer_kl(q, k, q_idx, k_idx, weights, idx, scale=scale)
+    attended = idx >= 0
+  else:
+    o = dense_attention(
+      q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths, scale=scale
+    )
+    if ctx.mode == "warmup" and not ctx.decoding:
+      kl = dense_indexer_kl(
+        q, k, q_idx, k_idx, weights, kv_lengths=ctx.kv_lengths, scale=scale
       )
+    attended = None  # dense: every visible pair
+  aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
+  return o, aux
 
 
 @struct.dataclass
@@ -97,7 +217,10 @@ class DSAAttention(AttentionLayer):
     indexer_dim: int = DSAParams.indexer_dim,
     indexer_rope_dim: int | None = DSAParams.indexer_rope_dim,
     detach_indexer_input: bool = DSAParams.detach_indexer_input,
+    indexer_precision: str = DSAParams.indexer_precision,
+    indexer_scale_fmt: str | None = DSAParams.indexer_scale_fmt,
     rope_base: float = 10000.0,
+    rope_scaling: Any = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
@@ -109,6 +232,7 @@ class DSAAttention(AttentionLayer):
       num_kv_heads,
       head_dim,
       rope_base=rope_base,
+      rope_scaling=rope_scaling,
       dtype=dtype,
       param_dtype=param_dtype,
       rngs=rngs,
@@ -124,6 +248,9 @@ class DSAAttention(AttentionLayer):
       indexer_dim,
       rope_dim=indexer_rope_dim,
       rope_base=rope_base,
+      rope_scaling=self.rope_scaling,
+      precision=indexer_precision,
+      scale_fmt=indexer_scale_fmt,
       dtype=dtype,
       param_dtype=param_dtype,
       rngs=rngs,
@@ -144,67 +271,32 @@ class DSAAttention(AttentionLayer):
     index_dtype: Any = "float32",
   ) -> DSACache:
     kv = super().init_cache(batch_size, max_len, dtype=dtype)
-    idt = quantize.index_dtype(index_dtype)
-    shape = (batch_size, max_len, self.indexer.head_dim)
-    scale = (
-      jnp.zeros(shape[:2], jnp.float32) if idt == jnp.float8_e4m3fn else None
+    k_idx, scale = index_key_cache(
+      batch_size, max_len, self.indexer.head_dim, index_dtype
     )
-    return DSACache(
-      k=kv.k, v=kv.v, k_idx=jnp.zeros(shape, idt), k_idx_scale=scale
-    )
-
-  def _cached_index_keys(self, ctx: Context, k_idx: jax.Array, dtype):
-    """Writes the new indexer keys; returns (cache, keys [B, view, DI])."""
-    cache, start = ctx.cache, ctx.q_offset
-    assert start is not None  # a decoding Context carries the write offsets
-    stored, scale = quantize.quantize_index_keys(k_idx, cache.k_idx.dtype)
-    cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, start))
-    if scale is not None:
-      cache = cache.replace(
-        k_idx_scale=write_rows(cache.k_idx_scale, scale, start)
-      )
-    cache = jax.lax.optimization_barrier(cache)  # in-place write, see base
-    view_scale = (
-      None if cache.k_idx_scale is None else cache.k_idx_scale[:, : ctx.view]
-    )
-    keys = quantize.dequantize_index_keys(
-      cache.k_idx[:, : ctx.view], view_scale, dtype
-    )
-    return cache, keys
+    return DSACache(k=kv.k, v=kv.v, k_idx=k_idx, k_idx_scale=scale)
 
   def attend(self, q, k, v, ctx: Context):
     q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
     cache = ctx.cache
     if ctx.decoding:
-      cache, k_idx = self._cached_index_keys(ctx, k_idx, q_idx.dtype)
-    kl = None
-    if ctx.mode == "sparse":
-      o, idx = dsa_attention(
-        q,
-        k,
-        v,
-        q_idx,
-        k_idx,
-        w,
-        top_k=self.top_k,
-        q_offset=ctx.q_offset,
-        kv_lengths=ctx.kv_lengths,
-        implementation=self.implementation,
-        return_indices=True,
-        topk_block_sizes=self.topk_block_sizes,
-        attention_block_sizes=self.attention_block_sizes,
+      assert ctx.q_offset is not None and ctx.view is not None
+      cache, k_idx = cached_index_keys(
+        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype
       )
-      if not ctx.decoding:
-        kl = sparse_indexer_kl(q, k, q_idx, k_idx, w, idx)
-      attended = idx >= 0
-    else:
-      o = dense_attention(
-        q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
-      )
-      if ctx.mode == "warmup" and not ctx.decoding:
-        kl = dense_indexer_kl(q, k, q_idx, k_idx, w, kv_lengths=ctx.kv_lengths)
-      attended = None  # dense: every visible pair
-    aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
+    o, aux = indexed_attention(
+      q,
+      k,
+      v,
+      q_idx,
+      k_idx,
+      w,
+      ctx,
+      top_k=self.top_k,
+      implementation=self.implementation,
+      topk_block_sizes=self.topk_block_sizes,
+      attention_block_sizes=self.attention_block_sizes,
+    )
     return o, aux, cache
 
 
@@ -241,6 +333,14 @@ def attention(
   )
 
 
+#: The DSA parameters that are ModelConfig fields of their own.
+INDEXER_CONFIG_FIELDS = (
+  "top_k",
+  "indexer_heads",
+  "indexer_dim",
+  "indexer_rope_dim",
+)
+
 KIND = AttentionKind(
   name="dsa",
   layer=DSAAttention,
@@ -249,6 +349,6 @@ KIND = AttentionKind(
   attention=attention,
   budget_param="top_k",
   has_indexer=True,
-  config_fields=("top_k", "indexer_heads", "indexer_dim", "indexer_rope_dim"),
+  config_fields=INDEXER_CONFIG_FIELDS,
   reference="DeepSeek-V3.2-Exp, 2025",
 )

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_attn.nn.params import param, tag
-from sparse_attn.ops.rope import apply_rope
+from sparse_attn.ops import quantize
+from sparse_attn.ops.rope import apply_rope, as_rope_scaling
 
 
 class LightningIndexer(nnx.Module):
@@ -28,6 +29,14 @@ class LightningIndexer(nnx.Module):
   - weights [B, T, HI] = proj(x) * HI**-0.5 * DI**-0.5: DeepSeek's reference
     folds the dot-product scale DI**-0.5 into the head weights, so the pure
     `indexer_scores` stays scale-free.
+  - rope_scaling: the RoPE frequency scaling (YaRN for DeepSeek-V3.2), the
+    same as the main attention's.
+  - precision "fp8": DeepSeek's FP8 indexer (Hadamard rotation, e4m3 codes
+    with one scale per vector, amax floor 1e-4, scale_fmt "ue8m0" for
+    power-of-two scales; `sparse_attn.ops.quantize`): q_idx holds the q
+    codes, the q scales are folded into the weights and k_idx is the
+    dequantised key. Needs a power-of-two head_dim. Gradients pass straight
+    through the quantisers.
   """
 
   def __init__(
@@ -39,10 +48,19 @@ class LightningIndexer(nnx.Module):
     rope_dim: int | None = None,
     query_input_dim: int | None = None,
     rope_base: float = 10000.0,
+    rope_scaling: Any = None,
+    precision: str = "float32",
+    scale_fmt: str | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
   ):
+    quantize.check_indexer_precision(precision, scale_fmt)
+    if precision == "fp8" and head_dim & (head_dim - 1):
+      raise ValueError(
+        f"the FP8 indexer rotates by a Hadamard matrix: head_dim (indexer "
+        f"dim) must be a power of two, got {head_dim}."
+      )
     if rope_dim is None:
       rope_dim = head_dim // 2
     if rope_dim < 0 or rope_dim > head_dim or rope_dim % 2:
@@ -54,6 +72,8 @@ class LightningIndexer(nnx.Module):
     self.head_dim = head_dim
     self.rope_dim = rope_dim
     self.rope_base = rope_base
+    self.rope_scaling = as_rope_scaling(rope_scaling)
+    self.precision, self.scale_fmt = precision, scale_fmt
     self.dtype = dtype
     q_in = query_input_dim or embed_dim
     q_axis = "q_latent" if query_input_dim else "embed"
@@ -91,10 +111,38 @@ class LightningIndexer(nnx.Module):
     q = jnp.einsum("bte,ehd->bthd", q_src, self.wq[...].astype(self.dtype))
     k = jnp.einsum("bte,ed->btd", x, self.wk[...].astype(self.dtype))
     k = self.k_norm(k)
-    q = apply_rope(q, positions, rope_dim=self.rope_dim, base=self.rope_base)
-    k = apply_rope(
-      k[:, :, None, :], positions, rope_dim=self.rope_dim, base=self.rope_base
-    )[:, :, 0, :]
+    q = self.rope(q, positions)
+    k = self.rope(k[:, :, None, :], positions)[:, :, 0, :]
     scale = (self.num_heads**-0.5) * (self.head_dim**-0.5)
     w = jnp.einsum("bte,eh->bth", x, self.w_weights[...].astype(self.dtype))
-    return q, k, w * scale
+    w = w * scale
+    if self.precision == "fp8":
+      return quantize.fp8_indexer_inputs(q, k, w, scale_fmt=self.scale_fmt)
+    return q, k, w
+
+  def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Partial rotate-half RoPE of the first rope_dim dims of x [B, T, N, DI]."""
+    return apply_rope(
+      x,
+      positions,
+      rope_dim=self.rope_dim,
+      base=self.rope_base,
+      scaling=self.rope_scaling,
+    )
+
+  def quantize_keys(
+    self, k_idx: jax.Array, dtype: Any
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """Indexer keys in the key cache's storage `dtype` (+ f32 scales for fp8).
+
+    The FP8 indexer's keys are stored with its own scale format and floor,
+    so an fp8 cache holds exactly the codes the scores were computed from.
+    """
+    if self.precision == "fp8":
+      return quantize.quantize_index_keys(
+        k_idx,
+        dtype,
+        scale_fmt=self.scale_fmt,
+        amax_floor=quantize.AMAX_FLOOR,
+      )
+    return quantize.quantize_index_keys(k_idx, dtype)

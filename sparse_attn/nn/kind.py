@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 KeysPerQuery = Callable[..., np.ndarray]
+PROJECTIONS = ("gqa", "mla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ class AttentionKind:
     name: the registry key (`ModelConfig.attention`).
     layer: the NNX layer class, constructed as
       layer(E, H, G, D, **params, layer_index=, implementation=, block_sizes=,
-      rope_base=, dtype=, param_dtype=, rngs=).
+      rope_base=, dtype=, param_dtype=, rngs=) (+ rope_scaling= when the
+      config scales RoPE).
     params: a frozen dataclass of the kind's parameters with defaults; its
       `__post_init__` raises ValueError on invalid values.
     keys_per_query: fn(seq_len, params, *, num_heads=None, layer_index=None)
@@ -52,6 +54,10 @@ class AttentionKind:
     has_indexer: the layer owns a lightning indexer (warm-up stage, "warmup"
       and "sparse" modes differ).
     config_fields: parameters taken from ModelConfig fields of the same name.
+    projections: "gqa" (the layer projects x to per-head q and kv-head
+      k/v, and the pure form takes q [B, T, H, D], k/v [B, S, G, D] of any
+      D: the kinds compared with DSA at equal budgets) or "mla" (latent
+      projections, DeepSeek's MLA: the pure form takes MLA's q/k/v).
     reference: the paper (for docs and tables).
     factory: optional fn(cfg, *, layer_index, rngs) -> layer replacing the
       default construction (used by `register_attention` for old-style
@@ -68,6 +74,13 @@ class AttentionKind:
   config_fields: tuple[str, ...] = ()
   reference: str = ""
   factory: Callable[..., AttentionLayer] | None = None
+  projections: str = "gqa"
+
+  def __post_init__(self):
+    if self.projections not in PROJECTIONS:
+      raise ValueError(
+        f"projections must be one of {PROJECTIONS}, got {self.projections!r}."
+      )
 
   @property
   def param_names(self) -> tuple[str, ...]:
@@ -121,6 +134,10 @@ class AttentionKind:
     if self.layer is None:
       raise ValueError(f"attention kind {self.name!r} has no layer class.")
     params = self.params_from_config(cfg)
+    extra = {}
+    if cfg.rope_scaling_config is not None:
+      # Only when set, so layers of user kinds that predate it still build.
+      extra["rope_scaling"] = cfg.rope_scaling_config
     return self.layer(
       cfg.embed_dim,
       cfg.num_heads,
@@ -134,6 +151,7 @@ class AttentionKind:
       dtype=jnp.dtype(cfg.dtype),
       param_dtype=jnp.dtype(cfg.param_dtype),
       rngs=rngs,
+      **extra,
     )
 
 

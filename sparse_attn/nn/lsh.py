@@ -18,7 +18,6 @@ from sparse_attn.kinds.lsh import (
 )
 from sparse_attn.nn.base import AttentionLayer, Context, KVCache, counts_aux
 from sparse_attn.nn.kind import AttentionKind, pure_form
-from sparse_attn.ops.rope import apply_rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +130,7 @@ class LSHAttention(AttentionLayer):
     x = x.astype(self.dtype)
     q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
     v = jnp.einsum("bte,egd->btgd", x, self.wv[...].astype(self.dtype))
-    return apply_rope(q, positions, base=self.rope_base), None, v
+    return self.rope(q, positions), None, v
 
   def hash_key(self) -> jax.Array:
     return hash_key(self.params.hash_seed, self.layer_index)

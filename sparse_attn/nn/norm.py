@@ -18,12 +18,15 @@ class RMSNorm(nnx.Module):
     *,
     eps: float = 1e-6,
     param_dtype: Any = jnp.float32,
+    axis_name: str = "embed",
     rngs: nnx.Rngs | None = None,
   ):
     del rngs
     self.eps = eps
+    # axis_name: the logical axis of the normalised dim (MLA's latents
+    # are not the model width).
     self.scale = nnx.Param(
-      jnp.ones((dim,), param_dtype), logical_axes=("embed",)
+      jnp.ones((dim,), param_dtype), logical_axes=(axis_name,)
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,247 @@
+"""DeepSeek-V3.2's attention: DSA on MLA, the indexer fed by MLA's query latent.
+
+As DeepSeek builds it (V3.2-Exp report; its inference code; HF's
+`DeepseekV32Attention`):
+  - the main attention is MLA (`sparse_attn.nn.mla`); the sparse stage runs
+    in MLA's absorbed MQA form, so one index set per query serves all H
+    heads over one latent kv head (keys R + Dr = 576, values R = 512 at
+    DeepSeek's sizes) through the same `gathered_attention` / kernels;
+  - the indexer query comes from MLA's query latent c_q = RMSNorm(x @ wq_a)
+    (`query_input_dim=q_lora_rank`), its key from x (LayerNorm), its head
+    weights from x; partial non-interleaved RoPE on its first
+    `indexer_rope_dim` dims (default: qk_rope_head_dim, DeepSeek's 64 of
+    128), with the model's RoPE scaling (YaRN);
+  - the indexer reads stop-gradient copies of x and of c_q, so its KL never
+    reaches the trunk, wq_a or the q latent norm;
+  - optionally DeepSeek's FP8 indexer (`indexer_precision="fp8"`).
+Stages and losses are DSA's (`sparse_attn.nn.dsa.indexed_attention`). The
+decode cache holds the latent (R + Dr per token) and the indexer keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from sparse_attn.nn.base import Context
+from sparse_attn.nn.dsa import (
+  INDEXER_CONFIG_FIELDS,
+  cached_index_keys,
+  check_indexer_params,
+  index_key_cache,
+  indexed_attention,
+)
+from sparse_attn.nn.dsa import keys_per_query as dsa_keys_per_query
+from sparse_attn.nn.indexer import LightningIndexer
+from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.mla import (
+  MLAAttention,
+  MLACache,
+  MLAParams,
+  check_mla_params,
+  mla_scale,
+)
+from sparse_attn.ops.attention import dsa_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class MLADSAParams(MLAParams):
+  """MLA's sizes + DSA's (see `MLAParams`, `sparse_attn.nn.dsa.DSAParams`).
+
+  indexer_rope_dim None: qk_rope_head_dim (DeepSeek's choice).
+  """
+
+  top_k: int = 64
+  indexer_heads: int = 4
+  indexer_dim: int = 32
+  indexer_rope_dim: int | None = None
+  detach_indexer_input: bool = True
+  indexer_precision: str = "float32"
+  indexer_scale_fmt: str | None = None
+
+  def __post_init__(self):
+    check_mla_params(self)
+    check_indexer_params(self)
+    rope = self.qk_rope_head_dim
+    if self.indexer_rope_dim is None and rope > self.indexer_dim:
+      raise ValueError(
+        f"indexer_rope_dim defaults to qk_rope_head_dim={rope}, more than "
+        f"indexer_dim={self.indexer_dim}: set indexer_rope_dim."
+      )
+
+
+@struct.dataclass
+class MLADSACache(MLACache):
+  """The latent cache + the indexer key cache (see `DSACache`)."""
+
+  k_idx: jax.Array
+  k_idx_scale: jax.Array | None = None
+
+  axes: ClassVar[dict[str, tuple[str, ...]]] = {
+    **MLACache.axes,
+    "k_idx": ("batch", "length", "indexer_dim"),
+    "k_idx_scale": ("batch", "length"),
+  }
+
+
+class MLADSAAttention(MLAAttention):
+  """DeepSeek Sparse Attention on MLA (DeepSeek-V3.2)."""
+
+  def __init__(
+    self,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    top_k: int = MLADSAParams.top_k,
+    indexer_heads: int = MLADSAParams.indexer_heads,
+    indexer_dim: int = MLADSAParams.indexer_dim,
+    indexer_rope_dim: int | None = MLADSAParams.indexer_rope_dim,
+    detach_indexer_input: bool = MLADSAParams.detach_indexer_input,
+    indexer_precision: str = MLADSAParams.indexer_precision,
+    indexer_scale_fmt: str | None = MLADSAParams.indexer_scale_fmt,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+    **kw: Any,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads,
+      num_kv_heads,
+      head_dim,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      **kw,
+    )
+    m = self.mla
+    self.dsa = MLADSAParams(
+      **{f.name: getattr(m, f.name) for f in dataclasses.fields(m)},
+      top_k=top_k,
+      indexer_heads=indexer_heads,
+      indexer_dim=indexer_dim,
+      indexer_rope_dim=indexer_rope_dim,
+      detach_indexer_input=detach_indexer_input,
+      indexer_precision=indexer_precision,
+      indexer_scale_fmt=indexer_scale_fmt,
+    )
+    self.top_k = top_k
+    self.detach_indexer_input = detach_indexer_input
+    self.indexer = LightningIndexer(
+      embed_dim,
+      indexer_heads,
+      indexer_dim,
+      rope_dim=m.qk_rope_head_dim
+      if indexer_rope_dim is None
+      else indexer_rope_dim,
+      query_input_dim=m.q_lora_rank,
+      rope_base=self.rope_base,
+      rope_scaling=self.rope_scaling,
+      precision=indexer_precision,
+      scale_fmt=indexer_scale_fmt,
+      dtype=self.dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+
+  def index(self, x: jax.Array, positions: jax.Array):
+    """Indexer inputs from x and MLA's query latent (both detached)."""
+    if self.detach_indexer_input:
+      x = jax.lax.stop_gradient(x)
+    c_q = self.query_latent(x)
+    if c_q is not None and self.detach_indexer_input:
+      c_q = jax.lax.stop_gradient(c_q)  # no KL gradient into wq_a / q_norm
+    return self.indexer(x, positions, q_latent=c_q)
+
+  def init_cache(
+    self,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: Any = None,
+    index_dtype: Any = "float32",
+  ) -> MLADSACache:
+    latent = super().init_cache(batch_size, max_len, dtype=dtype)
+    k_idx, scale = index_key_cache(
+      batch_size, max_len, self.indexer.head_dim, index_dtype
+    )
+    return MLADSACache(kv=latent.kv, k_idx=k_idx, k_idx_scale=scale)
+
+  def attend(self, q, k, v, ctx: Context):
+    del v  # the values are the latent k's first R dims
+    q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
+    cache = ctx.cache
+    if ctx.decoding:
+      assert ctx.q_offset is not None and ctx.view is not None
+      cache, k_idx = cached_index_keys(
+        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype
+      )
+    f = self.forms(q, k, self.resolve_form(ctx))
+    o, aux = indexed_attention(
+      f.q,
+      f.k,
+      f.v,
+      q_idx,
+      k_idx,
+      w,
+      ctx,
+      top_k=self.top_k,
+      scale=self.scale,
+      implementation=self.implementation,
+      topk_block_sizes=self.topk_block_sizes,
+      attention_block_sizes=self.attention_block_sizes,
+    )
+    return f.finish(o), aux, cache
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  params: MLADSAParams,
+  *,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  q_offset=None,
+  kv_lengths=None,
+  implementation=None,
+  **_: Any,
+) -> jax.Array:
+  """DSA on q, k, v of either MLA form, at MLA's scale (no YaRN mscale)."""
+  return dsa_attention(
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    weights,
+    top_k=params.top_k,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    scale=mla_scale(params),
+    implementation=implementation,
+  )
+
+
+def keys_per_query(seq_len: int, params: Any, **_: Any) -> np.ndarray:
+  return dsa_keys_per_query(seq_len, params)
+
+
+KIND = AttentionKind(
+  name="mla_dsa",
+  layer=MLADSAAttention,
+  params=MLADSAParams,
+  keys_per_query=keys_per_query,
+  attention=attention,
+  budget_param="top_k",
+  has_indexer=True,
+  config_fields=INDEXER_CONFIG_FIELDS,
+  projections="mla",
+  reference="DeepSeek-V3.2-Exp (DSA on MLA), 2025",
+)
