@@ -185,6 +185,7 @@ def compare_case(path: str) -> dict:
     "queries": sum(a.queries for a in layers),
     "agree": sum(a.agree for a in layers),
     "identical": sum(a.identical for a in layers),
+    "ties": sum(a.ties for a in layers),
   }
 
 
@@ -212,7 +213,8 @@ def main(argv=None):
       f"{case}: logits max|diff| {r['max_abs_err']:.2e} of scale "
       f"{r['logit_scale']:.3f} (rel {r['rel_err']:.1e}); top-k sets agree "
       f"up to ties {r['agree']}/{r['queries']} (identical "
-      f"{r['identical']}) [{time.perf_counter() - t0:.1f} s]",
+      f"{r['identical']}, ties at the k-th score {r['ties']}) "
+      f"[{time.perf_counter() - t0:.1f} s]",
       flush=True,
     )
   if not a.out and not a.write_goldens:

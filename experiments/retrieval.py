@@ -114,7 +114,9 @@ class Preset:
   lr_warmup_steps: int = 20
 
 
-ALL_KINDS = registry.names()  # every registered kind (dense and dsa first)
+# Every kind compared on one GQA layer (dense and dsa first; not the MLA
+# kinds, whose projections differ).
+ALL_KINDS = registry.comparable_names()
 
 PRESETS = {
   # Sizes measured on a shared 2-core CPU: see docs/experiments.md.

@@ -2,6 +2,8 @@
 
   python experiments/train.py --preset tiny --run-dir runs/tiny_dsa
   python experiments/train.py --preset tiny --attention dense --run-dir runs/tiny_dense
+  # DeepSeek-V3.2's architecture (MLA + DSA on the q latent, MoE), same recipe:
+  python experiments/train.py --model deepseek_v32 --preset tiny --run-dir runs/ds_tiny
   # 8 virtual CPU devices, mesh data=2 x fsdp=2 x tensor=2:
   python experiments/train.py --preset tiny --host-devices 8 --mesh 2,2,2 --run-dir runs/mesh
   # any field: --set model.num_layers=4 --set train.indexer_loss_scale=0.5
@@ -26,7 +28,13 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--preset", default="tiny", help="tiny | small | base")
+  p.add_argument(
+    "--model",
+    default="transformer",
+    help="model family: transformer (tiny | small | base) | deepseek_v32 "
+    "(tiny | small)",
+  )
+  p.add_argument("--preset", default="tiny", help="a preset of --model")
   p.add_argument(
     "--config",
     help="JSON config file (e.g. a run's config.json); replaces --preset",
@@ -79,7 +87,7 @@ def build_config(args):
     with open(args.config, encoding="utf-8") as f:
       cfg = Config.from_json(f.read())
   else:
-    cfg = preset(args.preset)
+    cfg = preset(args.preset, model=args.model)
   sets = []
   flag_fields = {
     "attention": "model.attention",

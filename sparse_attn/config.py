@@ -517,7 +517,128 @@ def base() -> Config:
 PRESETS = {"tiny": tiny, "small": small, "base": base}
 
 
-def preset(name: str) -> Config:
-  if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}.")
-  return PRESETS[name]()
+# ---------------------------------------------------------------------------
+# the deepseek_v32 family: MLA + DSA on the query latent, DeepSeek MoE
+# ---------------------------------------------------------------------------
+
+
+def _deepseek_v32_model(**changes: Any) -> ModelConfig:
+  """DeepSeek-V3.2's architecture (HF DeepseekV32Config) at a given size."""
+  d = dict(
+    attention="mla_dsa",
+    num_kv_heads=4,
+    num_heads=4,
+    head_dim=32,  # qk_nope + qk_rope (MLA's own sizes are attention_params)
+    scale_embeddings=False,
+    tie_embeddings=False,
+    indexer_rope_dim=16,
+  )
+  d.update(changes)
+  return ModelConfig(**d)
+
+
+def deepseek_v32_tiny() -> Config:
+  """0.48M params (0.46M main + 26K indexer), T=128, top-k 32: a 2-core CPU.
+
+  2 blocks (a dense SwiGLU, then MoE: 8 experts of 64 in 2 groups, top-2
+  from 1 group, a shared expert), MLA with q LoRA 64, kv LoRA 32, 16 + 16
+  qk dims, 16 v dims; the indexer (4 heads of 32) reads the q latent.
+  """
+  return Config(
+    name="deepseek_v32_tiny",
+    model=_deepseek_v32_model(
+      embed_dim=128,
+      num_layers=2,
+      mlp_dim=256,
+      top_k=32,
+      indexer_heads=4,
+      indexer_dim=32,
+      attention_params={
+        "q_lora_rank": 64,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 16,
+      },
+      moe={
+        "num_experts": 8,
+        "experts_per_token": 2,
+        "expert_dim": 64,
+        "num_shared_experts": 1,
+        "num_groups": 2,
+        "groups_per_token": 1,
+        "routed_scaling_factor": 1.0,
+        "first_dense_layers": 1,
+      },
+    ),
+  )
+
+
+def deepseek_v32_small() -> Config:
+  """99.3M params (97.9M main + 1.3M indexer), T=2048, top-k 256: one accelerator.
+
+  8 blocks (1 dense, 7 MoE: 32 experts of 256 in 4 groups, top-4 from 2
+  groups, a shared expert, routed_scaling_factor 2.5), MLA with q LoRA 256,
+  kv LoRA 128, 32 + 32 qk dims, 32 v dims, 8 heads; the indexer has 8 heads
+  of 64 (32 with RoPE), YaRN x4 over a 512-token original context.
+  """
+  cfg = small()
+  return Config(
+    name="deepseek_v32_small",
+    model=_deepseek_v32_model(
+      embed_dim=512,
+      num_layers=8,
+      num_heads=8,
+      num_kv_heads=8,
+      head_dim=64,
+      mlp_dim=1536,
+      top_k=256,
+      indexer_heads=8,
+      indexer_dim=64,
+      indexer_rope_dim=32,
+      attention_params={
+        "q_lora_rank": 256,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 32,
+      },
+      moe={
+        "num_experts": 32,
+        "experts_per_token": 4,
+        "expert_dim": 256,
+        "num_shared_experts": 1,
+        "num_groups": 4,
+        "groups_per_token": 2,
+        "routed_scaling_factor": 2.5,
+        "first_dense_layers": 1,
+      },
+      rope_scaling={
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+      },
+    ),
+    train=cfg.train,
+  )
+
+
+DEEPSEEK_V32_PRESETS = {"tiny": deepseek_v32_tiny, "small": deepseek_v32_small}
+#: model family -> its presets (`experiments/train.py --model ... --preset ...`).
+MODELS = {"transformer": PRESETS, "deepseek_v32": DEEPSEEK_V32_PRESETS}
+
+
+def preset(name: str, model: str = "transformer") -> Config:
+  """Preset `name` of model family `model` ("transformer", "deepseek_v32")."""
+  if model not in MODELS:
+    raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}.")
+  table = MODELS[model]
+  if name not in table:
+    raise ValueError(
+      f"unknown preset {name!r} of model {model!r}; known: {sorted(table)}."
+    )
+  return table[name]()

@@ -1,6 +1,6 @@
 """Subprocess worker for tests that need their own JAX process.
 
-  python tests/_train_worker.py mesh_equiv            (XLA_FLAGS: 8 host devices)
+  python tests/_train_worker.py mesh_equiv [deepseek_v32]   (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py multihost OUT PROCESS_ID NUM_PROCESSES PORT [RUN_DIR]
   python tests/_train_worker.py single OUT [RUN_DIR]
 
@@ -43,6 +43,49 @@ def small_config(*extra):
   return override(tiny(), *SMALL, *extra)
 
 
+# The deepseek_v32 family at a few-second size: MLA + DSA on the q latent,
+# a dense block then an MoE block, the kernels (interpret mode) in MLA's
+# absorbed shape.
+DEEPSEEK = (
+  "model.num_layers=2",
+  "model.embed_dim=32",
+  "model.mlp_dim=64",
+  "model.top_k=8",
+  "model.indexer_heads=2",
+  "model.indexer_dim=8",
+  "model.indexer_rope_dim=4",
+  'model.implementation="pallas"',
+  "train.seq_len=32",
+  "train.batch_size=8",
+  "train.max_bytes=100000",
+  "train.eval_max_bytes=20000",
+  "train.eval_batches=1",
+  "train.lr_warmup_steps=1",
+  "train.log_every=1",
+  "train.eval_every=0",
+)
+
+
+def deepseek_config(*extra):
+  from sparse_attn.config import deepseek_v32_tiny, override
+
+  cfg = deepseek_v32_tiny()
+  mla = {
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 8,
+  }
+  moe = {**dict(cfg.model.moe), "expert_dim": 16}
+  return override(
+    cfg,
+    *DEEPSEEK,
+    *extra,
+    **{"model.attention_params": mla, "model.moe": moe},
+  )
+
+
 def _flat(tree):
   import jax
   import numpy as np
@@ -53,7 +96,7 @@ def _flat(tree):
   }
 
 
-def mesh_equiv():
+def mesh_equiv(family="transformer"):
   """One warm-up and one sparse step on mesh (1,1,1) vs (2,2,2)."""
   import jax
   import numpy as np
@@ -68,7 +111,8 @@ def mesh_equiv():
     ("one", jax.devices()[:1], [1, 1, 1]),
     ("eight", jax.devices(), [2, 2, 2]),
   ):
-    cfg = small_config(f"train.mesh_shape={json.dumps(mesh)}")
+    make = deepseek_config if family == "deepseek_v32" else small_config
+    cfg = make(f"train.mesh_shape={json.dumps(mesh)}")
     s = T.setup(cfg, devices)
     state = T.init_state(s)
     ds, _ = T.make_datasets(s.cfg)
@@ -79,7 +123,8 @@ def mesh_equiv():
       losses.append([float(m["loss"]), float(m["indexer_kl"])])
     results[name] = (losses, _flat(state["params"]))
     if name == "eight":
-      wq = state["params"]["main"]["blocks"][0]["attn"]["wq"]
+      attn = state["params"]["main"]["blocks"][0]["attn"]
+      wq = attn["wq_b"] if family == "deepseek_v32" else attn["wq"]
       out["wq_spec"] = str(wq.get_value().sharding.spec)
       out["wq_shards"] = len(
         {
@@ -90,6 +135,9 @@ def mesh_equiv():
         }
       )
       out["batch_spec"] = str(s.batch_sharding.spec)
+      if family == "deepseek_v32":
+        gate = state["params"]["main"]["blocks"][1]["mlp"]["gate"]
+        out["experts_spec"] = str(gate.get_value().sharding.spec)
       out["rows"] = shd.local_batch_rows(s.batch_sharding, 8)
   (l1, p1), (l8, p8) = results["one"], results["eight"]
   out["losses_one"], out["losses_eight"] = l1, l8

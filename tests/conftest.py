@@ -10,6 +10,8 @@ Markers (registered in pyproject.toml, [tool.pytest.ini_options]):
   multiprocess  starts other Python processes (subprocess, a jax.distributed
                 group)
   notebooks     tests/test_notebooks.py (runs each notebook in a kernel)
+  hf            live parity with transformers (needs the `hf` extra: torch
+                CPU + transformers; skipped, saying why, without it)
 
 `aot`, `multiprocess` and `notebooks` are assigned here, from the tables
 below (keyed on the file's path under tests/ and the test function's name,
@@ -20,6 +22,7 @@ warning at collection.
 
   python -m pytest -q                      # the default suite (README)
   python -m pytest -q -m aot               # needs: pip install -e '.[aot]'
+  python -m pytest -q -m hf                # needs: pip install -e '.[hf]'
   python -m pytest -q -m "not slow and not aot and not multiprocess and not notebooks"
                                            # unit run (no subprocesses, no compilers)
 
@@ -73,6 +76,7 @@ MARKED: dict[str, dict[str, str | frozenset[str]]] = {
       }
     ),
     "test_experiments.py": ALL,  # runs each script in its own process
+    "test_hf.py": frozenset({"test_loading_imports_no_torch"}),
     "test_multihost.py": ALL,
     "test_sharded_kernels.py": frozenset(
       {"test_pallas_under_every_mesh_matches_xla"}
@@ -86,6 +90,9 @@ MARKED: dict[str, dict[str, str | frozenset[str]]] = {
   },
   "notebooks": {
     "test_notebooks.py": ALL,
+  },
+  "hf": {
+    "test_hf_parity.py": ALL,
   },
 }
 

@@ -68,9 +68,16 @@ def test_compile_train_steps_on_local_devices():
 @pytest.mark.skipif(
   not HAS_LIBTPU, reason="TPU compiler not installed: pip install 'jax[tpu]'"
 )
-def test_tiny_model_compiles_for_a_tpu_slice_with_kernels():
-  # 4 v5e chips, mesh data=2 x tensor=2: sharded params, shard_map'd kernels.
-  cfg = config.override(config.preset("tiny"), "train.mesh_shape=[2,1,2]")
+@pytest.mark.parametrize("family", ["transformer", "deepseek_v32"])
+def test_tiny_model_compiles_for_a_tpu_slice_with_kernels(family):
+  # 4 v5e chips, mesh data=2 x tensor=2: sharded params, shard_map'd kernels
+  # (deepseek_v32: in MLA's absorbed shape, MoE experts over "tensor").
+  extra = ("train.seq_len=64", "train.batch_size=4")
+  if family == "transformer":
+    extra = ()
+  cfg = config.override(
+    config.preset("tiny", model=family), "train.mesh_shape=[2,1,2]", *extra
+  )
   reports = {
     r.name: r
     for r in aot.compile_train_steps(cfg, aot.topology_devices("v5e:2x2"))

@@ -123,3 +123,62 @@ def test_indexer_analysis_smoke(tmp_path):
     assert len(json.load(f)["rows"]) == len(rows)
   assert (tmp_path / "indexer_curves.png").exists()
   assert (tmp_path / "indexer_heatmaps.png").exists()
+
+
+def test_bench_mla_smoke(tmp_path):
+  run_script("bench_mla", "--smoke", "--out-dir", tmp_path)
+  mod = _module("bench_mla")
+  rows = _rows(tmp_path / "bench_mla.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  assert sorted(r["op"] for r in rows) == ["decode", "dense", "sparse"]
+  for r in rows:
+    _finite(r, ("mha_ms", "absorbed_ms", "ratio", "max_abs_diff"))
+    assert float(r["max_abs_diff"]) < 1e-4  # the two forms agree
+  assert (tmp_path / "bench_mla.md").exists()
+
+
+def test_indexer_precision_smoke(tmp_path):
+  run_script("indexer_precision", "--smoke", "--out-dir", tmp_path)
+  mod = _module("indexer_precision")
+  rows = _rows(tmp_path / "indexer_precision.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  assert {r["variant"] for r in rows} == set(mod.VARIANTS)
+  assert {r["inputs"] for r in rows} == {"gaussian", "outliers"}
+  for r in rows:
+    _finite(r, ("mean_overlap", "identical"))
+    assert 0.5 < float(r["mean_overlap"]) <= 1.0
+  assert (tmp_path / "indexer_precision.md").exists()
+
+
+def test_train_script_deepseek_v32(tmp_path):
+  """--model deepseek_v32: both stages, a checkpoint, resumable."""
+  args = (
+    "train",
+    "--model",
+    "deepseek_v32",
+    "--preset",
+    "tiny",
+    "--warmup-steps",
+    "2",
+    "--sparse-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--run-dir",
+    tmp_path,
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "train.max_bytes=100000",
+    "--set",
+    "train.eval_max_bytes=20000",
+  )
+  text = run_script(*args)
+  assert "deepseek_v32_tiny: attention=mla_dsa" in text
+  assert "[mla_dsa:warmup]" in text and "[mla_dsa:sparse]" in text
+  assert "final: validation loss" in text
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  assert cfg["model"]["moe"]["num_experts"] == 8
+  assert "resumed from checkpoint at step 4" in run_script(*args)

@@ -177,16 +177,25 @@ def test_jit_and_grad():
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base"])
-def test_preset_docstrings_state_the_real_parameter_count(name):
+@pytest.mark.parametrize(
+  "family,name",
+  [
+    ("transformer", "tiny"),
+    ("transformer", "small"),
+    ("transformer", "base"),
+    ("deepseek_v32", "tiny"),
+    ("deepseek_v32", "small"),
+  ],
+)
+def test_preset_docstrings_state_the_real_parameter_count(family, name):
   import re  # pylint: disable=g-import-not-at-top
 
   from sparse_attn import config  # pylint: disable=g-import-not-at-top
 
-  cfg = config.preset(name)
+  cfg = config.preset(name, model=family)
   model = nnx.eval_shape(lambda: M.Transformer(cfg.model, rngs=nnx.Rngs(0)))
   total = sum(M.count_params(model).values())
-  doc = config.PRESETS[name].__doc__
+  doc = config.MODELS[family][name].__doc__
   stated = float(re.match(r"([\d.]+)M params", doc).group(1)) * 1e6
   assert abs(stated - total) <= 0.006e6 * max(1, stated / 1e6), (doc, total)
 

@@ -27,6 +27,7 @@ def test_notebooks_exist():
     "02_train_small_dsa.ipynb",
     "03_sparse_families.ipynb",
     "04_reuse_in_your_model.ipynb",
+    "05_deepseek_v32.ipynb",
   ], names
 
 

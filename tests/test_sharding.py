@@ -79,15 +79,25 @@ def test_tree_shardings_follow_param_metadata():
   assert len(leaves) == len(jax.tree.leaves(s.abstract_state))
 
 
-def test_train_step_8_devices_matches_1_device():
-  """Mesh (2,2,2) on 8 virtual CPU devices == 1 device (loss and params)."""
+@pytest.mark.parametrize("family", ["transformer", "deepseek_v32"])
+def test_train_step_8_devices_matches_1_device(family):
+  """Mesh (2,2,2) on 8 virtual CPU devices == 1 device (loss and params).
+
+  deepseek_v32: MLA + DSA with the kernels in the absorbed shape (interpret
+  mode) and MoE experts split over "tensor".
+  """
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
     JAX_PLATFORMS="cpu",
   )
   proc = subprocess.run(
-    [sys.executable, os.path.join(HERE, "_train_worker.py"), "mesh_equiv"],
+    [
+      sys.executable,
+      os.path.join(HERE, "_train_worker.py"),
+      "mesh_equiv",
+      family,
+    ],
     env=env,
     capture_output=True,
     text=True,
@@ -97,8 +107,13 @@ def test_train_step_8_devices_matches_1_device():
   assert proc.returncode == 0 and lines, proc.stderr[-3000:]
   out = json.loads(lines[-1][len("RESULT ") :])
   # the parameters really are partitioned on the 8-device mesh
-  assert out["wq_spec"] == "P('fsdp', 'tensor', None)"
-  assert out["wq_shards"] == 4
+  if family == "deepseek_v32":  # wq_b [q_latent, heads, head_dim]
+    assert out["wq_spec"] == "P(None, 'tensor', None)"
+    assert out["wq_shards"] == 2
+    assert out["experts_spec"] == "P('tensor', 'fsdp', None)"
+  else:
+    assert out["wq_spec"] == "P('fsdp', 'tensor', None)"
+    assert out["wq_shards"] == 4
   assert out["batch_spec"] == "P(('data', 'fsdp'),)"
   assert out["same_keys"]
   for a, b in zip(out["losses_one"], out["losses_eight"]):

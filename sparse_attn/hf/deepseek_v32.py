@@ -186,6 +186,11 @@ def config_to_hf(
       f"indexer_precision={params.indexer_precision!r} is an inference "
       f"option with no config.json field; save a float32-indexer model."
     )
+  if params.indexer_rope_interleaved:
+    raise ValueError(
+      f"{MODEL_TYPE} rotates the indexer's RoPE dims rotate-half; this model "
+      f"has indexer_rope_interleaved=True."
+    )
   out = {
     k: v
     for k, v in dict(base or {}).items()

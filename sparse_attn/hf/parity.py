@@ -74,11 +74,14 @@ def indexer_run(
 
 @dataclasses.dataclass
 class Agreement:
-  """Queries compared, those whose sets agree up to ties, those equal exactly."""
+  """Queries compared, those whose sets agree up to ties, those equal
+  exactly, and those with a tie at the k-th score (where a different
+  tie-break is legitimate, and changes every later layer's input)."""
 
   queries: int
   agree: int
   identical: int
+  ties: int = 0
 
   @property
   def ok(self) -> bool:
@@ -98,7 +101,7 @@ def selection_agreement(
   queries of real tokens are compared."""
   batch, length, _ = scores.shape
   lengths = np.full(batch, length) if lengths is None else np.asarray(lengths)
-  queries = agree = identical = 0
+  queries = agree = identical = ties = 0
   for b in range(batch):
     for t in range(int(lengths[b])):
       row = scores[b, t]
@@ -112,10 +115,11 @@ def selection_agreement(
       tol = rtol * max(float(np.max(np.abs(row[visible]))), 1e-30)
       sure = {int(s) for s in np.flatnonzero(visible & (row > kth + tol))}
       allowed = {int(s) for s in np.flatnonzero(visible & (row >= kth - tol))}
+      ties += len(allowed) > k
       agree += all(
         sure <= sel <= allowed and len(sel) == k for sel in (mine, other)
       )
-  return Agreement(queries, agree, identical)
+  return Agreement(queries, agree, identical, ties)
 
 
 def _visible_set(row: np.ndarray, visible: np.ndarray) -> set[int]:

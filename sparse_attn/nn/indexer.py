@@ -30,7 +30,9 @@ class LightningIndexer(nnx.Module):
     folds the dot-product scale DI**-0.5 into the head weights, so the pure
     `indexer_scores` stays scale-free.
   - rope_scaling: the RoPE frequency scaling (YaRN for DeepSeek-V3.2), the
-    same as the main attention's.
+    same as the main attention's. rope_interleaved: rotate pairs (2i, 2i+1)
+    instead (DeepSeek's first inference demo did; transformers'
+    DeepseekV32Indexer and the default rotate half).
   - precision "fp8": DeepSeek's FP8 indexer (Hadamard rotation, e4m3 codes
     with one scale per vector, amax floor 1e-4, scale_fmt "ue8m0" for
     power-of-two scales; `sparse_attn.ops.quantize`): q_idx holds the q
@@ -49,6 +51,7 @@ class LightningIndexer(nnx.Module):
     query_input_dim: int | None = None,
     rope_base: float = 10000.0,
     rope_scaling: Any = None,
+    rope_interleaved: bool = False,
     precision: str = "float32",
     scale_fmt: str | None = None,
     dtype: Any = jnp.float32,
@@ -73,6 +76,7 @@ class LightningIndexer(nnx.Module):
     self.rope_dim = rope_dim
     self.rope_base = rope_base
     self.rope_scaling = as_rope_scaling(rope_scaling)
+    self.rope_interleaved = bool(rope_interleaved)
     self.precision, self.scale_fmt = precision, scale_fmt
     self.dtype = dtype
     q_in = query_input_dim or embed_dim
@@ -121,13 +125,14 @@ class LightningIndexer(nnx.Module):
     return q, k, w
 
   def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Partial rotate-half RoPE of the first rope_dim dims of x [B, T, N, DI]."""
+    """Partial RoPE of the first rope_dim dims of x [B, T, N, DI]."""
     return apply_rope(
       x,
       positions,
       rope_dim=self.rope_dim,
       base=self.rope_base,
       scaling=self.rope_scaling,
+      interleaved=self.rope_interleaved,
     )
 
   def quantize_keys(

@@ -54,6 +54,9 @@ class MLADSAParams(MLAParams):
   """MLA's sizes + DSA's (see `MLAParams`, `sparse_attn.nn.dsa.DSAParams`).
 
   indexer_rope_dim None: qk_rope_head_dim (DeepSeek's choice).
+  indexer_rope_interleaved: the indexer rotates interleaved pairs, as
+  DeepSeek's first inference demo (2025-09-30) does; False (rotate half) is
+  what transformers' DeepseekV32Indexer does.
   """
 
   top_k: int = 64
@@ -63,6 +66,7 @@ class MLADSAParams(MLAParams):
   detach_indexer_input: bool = True
   indexer_precision: str = "float32"
   indexer_scale_fmt: str | None = None
+  indexer_rope_interleaved: bool = False
 
   def __post_init__(self):
     check_mla_params(self)
@@ -106,6 +110,7 @@ class MLADSAAttention(MLAAttention):
     detach_indexer_input: bool = MLADSAParams.detach_indexer_input,
     indexer_precision: str = MLADSAParams.indexer_precision,
     indexer_scale_fmt: str | None = MLADSAParams.indexer_scale_fmt,
+    indexer_rope_interleaved: bool = MLADSAParams.indexer_rope_interleaved,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
     **kw: Any,
@@ -129,6 +134,7 @@ class MLADSAAttention(MLAAttention):
       detach_indexer_input=detach_indexer_input,
       indexer_precision=indexer_precision,
       indexer_scale_fmt=indexer_scale_fmt,
+      indexer_rope_interleaved=indexer_rope_interleaved,
     )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
@@ -142,6 +148,7 @@ class MLADSAAttention(MLAAttention):
       query_input_dim=m.q_lora_rank,
       rope_base=self.rope_base,
       rope_scaling=self.rope_scaling,
+      rope_interleaved=indexer_rope_interleaved,
       precision=indexer_precision,
       scale_fmt=indexer_scale_fmt,
       dtype=self.dtype,

@@ -1,0 +1,66 @@
+"""Live parity with transformers (the `hf` extra: torch CPU + transformers).
+
+Rebuilds the cases of experiments/hf_parity.py (tiny random
+DeepseekV32ForCausalLM: plain RoPE and YaRN, dense + MoE layers, one
+right-padded row), and checks the other direction too: a checkpoint that
+this library writes loads in transformers with the same logits.
+Skipped, saying why, without the extra (`pip install -e ".[hf]"`).
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from sparse_attn import hf  # noqa: E402
+from sparse_attn.hf import parity  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location(
+    "hf_parity", os.path.join(ROOT, "experiments", "hf_parity.py")
+  )
+  assert spec is not None and spec.loader is not None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+S = _script()
+
+
+@pytest.mark.parametrize("case", sorted(S.CASES))
+def test_live_parity(tmp_path, case):
+  path = S.write_case(str(tmp_path), case, seed=0)
+  r = S.compare_case(path)
+  assert r["rel_err"] <= 1e-4, r
+  assert r["agree"] == r["queries"] and r["ties"] == 0, r
+
+
+@pytest.mark.parametrize("case", sorted(S.CASES))
+def test_saved_checkpoint_loads_in_transformers(tmp_path, case):
+  """load_pretrained -> save_pretrained -> transformers' from_pretrained:
+  the same logits (the round trip through the other library)."""
+  src = S.write_case(str(tmp_path), case, seed=1)
+  model, _ = hf.load_pretrained(src)
+  out = str(tmp_path / "ours")
+  hf.save_pretrained(model, out)
+  theirs = transformers.DeepseekV32ForCausalLM.from_pretrained(
+    out, attn_implementation="eager"
+  ).eval()
+  tokens, lengths = S.inputs(1)
+  logits, topk = S.hf_reference(theirs, tokens, lengths)
+  run = parity.indexer_run(model, tokens, lengths)
+  err, scale = parity.max_abs_error(run.logits, logits, lengths)
+  assert err <= 1e-4 * scale, (err, scale)
+  for s, mine, other in zip(run.scores, run.indices, topk):
+    assert parity.selection_agreement(s, mine, other, lengths).ok
+  np.testing.assert_array_equal(
+    np.load(os.path.join(src, S.REFERENCE))["tokens"], tokens
+  )
