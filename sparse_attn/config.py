@@ -524,7 +524,7 @@ PRESETS = {"tiny": tiny, "small": small, "base": base}
 
 def _deepseek_v32_model(**changes: Any) -> ModelConfig:
   """DeepSeek-V3.2's architecture (HF DeepseekV32Config) at a given size."""
-  d = dict(
+  d: dict[str, Any] = dict(
     attention="mla_dsa",
     num_kv_heads=4,
     num_heads=4,
