@@ -21,7 +21,7 @@ from sparse_attn import compat as _compat
 _compat.install()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparse_attn import registry
+from sparse_attn import hf, registry
 from sparse_attn.budgets import key_budget, keys_per_query, match_budget
 from sparse_attn.config import Config, ModelConfig, TrainConfig
 from sparse_attn.models import Cache, Transformer, build_model
@@ -85,6 +85,7 @@ __all__ = [
   "dsa_attention",
   "gathered_attention",
   "gathered_attention_reference",
+  "hf",
   "indexer_scores",
   "indexer_sparse_kl",
   "indexer_warmup_kl",

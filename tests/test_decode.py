@@ -339,31 +339,40 @@ import numpy as np, jax, jax.numpy as jnp
 from sparse_attn import inference as D, sharding as shd
 from sparse_attn.config import ModelConfig
 from sparse_attn.models import build_model
-cfg = ModelConfig(embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, top_k=8, indexer_heads=2,
-                  indexer_dim=8, attention="dsa")
-model = build_model(cfg, seed=1)
-prompts = np.random.default_rng(0).integers(0, 256, (4, 20))
-res = {}
-for name, mesh in (("one", None), ("mesh", shd.make_mesh((2, 1, 2), jax.devices()[:4]))):
-  dec = D.Decoder(model, chunk_size=8, mesh=mesh, index_dtype="float8_e4m3fn")
-  cache = dec.init_cache(4, 32)
-  logits, cache = dec.prefill(cache, prompts, [20, 15, 9, 20])
-  logits, cache = dec.step(cache, [1, 2, 3, 4])
-  res[name] = np.asarray(logits)
-  if mesh is not None:
-    sh = D.cache_shardings(cache, mesh)
-    assert tuple(sh.layers[0].k.spec) == ("data", None, "tensor", None), sh.layers[0].k.spec
-    assert tuple(sh.layers[0].k_idx.spec)[0] == "data"
-    assert cache.layers[0].k.sharding.is_equivalent_to(sh.layers[0].k, 4)
-    assert cache.layers[0].k_idx.sharding.is_equivalent_to(sh.layers[0].k_idx, 3)
-np.testing.assert_allclose(res["mesh"], res["one"], atol=1e-4, rtol=1e-4)
+mla = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+       "qk_rope_head_dim": 4, "v_head_dim": 8}
+for kind, params in (("dsa", {}), ("mla_dsa", mla)):
+  cfg = ModelConfig(embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64, top_k=8, indexer_heads=2,
+                    indexer_dim=8, attention=kind, attention_params=params)
+  model = build_model(cfg, seed=1)
+  prompts = np.random.default_rng(0).integers(0, 256, (4, 20))
+  res = {}
+  for name, mesh in (("one", None), ("mesh", shd.make_mesh((2, 1, 2), jax.devices()[:4]))):
+    dec = D.Decoder(model, chunk_size=8, mesh=mesh, index_dtype="float8_e4m3fn")
+    cache = dec.init_cache(4, 32)
+    logits, cache = dec.prefill(cache, prompts, [20, 15, 9, 20])
+    logits, cache = dec.step(cache, [1, 2, 3, 4])
+    res[name] = np.asarray(logits)
+    if mesh is not None:
+      sh = D.cache_shardings(cache, mesh)
+      lc, ls = cache.layers[0], sh.layers[0]
+      if kind == "dsa":
+        assert tuple(ls.k.spec) == ("data", None, "tensor", None), ls.k.spec
+        assert lc.k.sharding.is_equivalent_to(ls.k, 4)
+      else:  # the latent cache: batch over data, nothing over tensor
+        assert tuple(ls.kv.spec) == ("data", None, None), ls.kv.spec
+        assert lc.kv.sharding.is_equivalent_to(ls.kv, 3)
+      assert tuple(ls.k_idx.spec)[0] == "data"
+      assert lc.k_idx.sharding.is_equivalent_to(ls.k_idx, 3)
+  np.testing.assert_allclose(res["mesh"], res["one"], atol=1e-4, rtol=1e-4)
 print("OK")
 """
 
 
 def test_sharded_cache():
-  """Batch over data, kv heads over tensor; same logits as one device."""
+  """Batch over data, kv heads over tensor (DSA; MLA's latent cache: batch
+  only); same logits as one device."""
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",

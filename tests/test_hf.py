@@ -333,3 +333,29 @@ def test_loading_imports_no_torch(tmp_path):
   )
   assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
   shutil.rmtree(tmp_path)
+
+
+def test_no_q_lora_round_trip(tmp_path):
+  """q_lora_rank=None (DeepSeek-V2-Lite style, HF name q_proj): transformers'
+  deepseek_v32 cannot build it, so it is checked by a round trip and, in
+  tests/test_mla.py, against its own MHA form."""
+  import dataclasses
+
+  from sparse_attn.models import build_model
+
+  path, ref = _case("deepseek_v32_rope")
+  cfg = hf.config_from_pretrained(path)
+  cfg = dataclasses.replace(
+    cfg, attention_params={**cfg.attention_kwargs, "q_lora_rank": None}
+  )
+  model = build_model(cfg, seed=3)
+  hf.save_pretrained(model, str(tmp_path))
+  names = set(CheckpointTensors(str(tmp_path)))
+  assert "model.layers.0.self_attn.q_proj.weight" in names
+  assert not any("q_a_proj" in n for n in names)
+  again, cfg2 = hf.load_pretrained(str(tmp_path))
+  assert cfg2.attention_kwargs["q_lora_rank"] is None
+  tokens = jnp.asarray(ref["tokens"])
+  np.testing.assert_array_equal(model(tokens)[0], again(tokens)[0])
+  # The indexer then reads x (no query latent exists).
+  assert not again.blocks[0].attn.indexer.has_query_latent

@@ -45,10 +45,14 @@ def attention(
   *,
   q_offset=None,
   kv_lengths=None,
+  scale: float | None = None,
   **_: Any,
 ) -> jax.Array:
+  """Dense causal attention (scale: None is D**-0.5)."""
   del params
-  return dense_attention(q, k, v, q_offset=q_offset, kv_lengths=kv_lengths)
+  return dense_attention(
+    q, k, v, q_offset=q_offset, kv_lengths=kv_lengths, scale=scale
+  )
 
 
 KIND = AttentionKind(

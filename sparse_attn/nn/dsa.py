@@ -309,7 +309,7 @@ def attention(
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
-  params: DSAParams,
+  params: Any,
   *,
   q_idx: jax.Array,
   k_idx: jax.Array,
@@ -317,8 +317,11 @@ def attention(
   q_offset=None,
   kv_lengths=None,
   implementation=None,
+  scale: float | None = None,
   **_: Any,
 ) -> jax.Array:
+  """DSA's pure form: `dsa_attention` at params.top_k (DSAParams, or any
+  params with a top_k: DSA on MLA's); scale None is D**-0.5."""
   return dsa_attention(
     q,
     k,
@@ -329,6 +332,7 @@ def attention(
     top_k=params.top_k,
     q_offset=q_offset,
     kv_lengths=kv_lengths,
+    scale=scale,
     implementation=implementation,
   )
 

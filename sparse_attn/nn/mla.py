@@ -39,7 +39,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from sparse_attn.nn import dense
@@ -328,31 +327,19 @@ def mla_scale(params: Any) -> float:
 
 
 def attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  params: MLAParams,
-  *,
-  q_offset=None,
-  kv_lengths=None,
-  **_: Any,
+  q: jax.Array, k: jax.Array, v: jax.Array, params: MLAParams, **kw: Any
 ) -> jax.Array:
   """Dense MLA on q, k, v of either form, at MLA's scale (no YaRN mscale)."""
-  return dense_attention(
-    q, k, v, q_offset=q_offset, kv_lengths=kv_lengths, scale=mla_scale(params)
+  return dense.attention(
+    q, k, v, dense.DenseParams(), **kw, scale=mla_scale(params)
   )
-
-
-def keys_per_query(seq_len: int, params: Any, **_: Any) -> np.ndarray:
-  del params
-  return dense.keys_per_query(seq_len, dense.DenseParams())
 
 
 KIND = AttentionKind(
   name="mla",
   layer=MLAAttention,
   params=MLAParams,
-  keys_per_query=keys_per_query,
+  keys_per_query=dense.keys_per_query,  # ignores its params
   attention=attention,
   projections="mla",
   reference="DeepSeek-V2 (MLA), 2024",

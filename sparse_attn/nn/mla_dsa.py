@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
+from sparse_attn.nn import dsa
 from sparse_attn.nn.base import Context
 from sparse_attn.nn.dsa import (
   INDEXER_CONFIG_FIELDS,
@@ -36,7 +36,6 @@ from sparse_attn.nn.dsa import (
   index_key_cache,
   indexed_attention,
 )
-from sparse_attn.nn.dsa import keys_per_query as dsa_keys_per_query
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.nn.mla import (
@@ -46,7 +45,6 @@ from sparse_attn.nn.mla import (
   check_mla_params,
   mla_scale,
 )
-from sparse_attn.ops.attention import dsa_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,44 +205,17 @@ class MLADSAAttention(MLAAttention):
 
 
 def attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  params: MLADSAParams,
-  *,
-  q_idx: jax.Array,
-  k_idx: jax.Array,
-  weights: jax.Array,
-  q_offset=None,
-  kv_lengths=None,
-  implementation=None,
-  **_: Any,
+  q: jax.Array, k: jax.Array, v: jax.Array, params: MLADSAParams, **kw: Any
 ) -> jax.Array:
   """DSA on q, k, v of either MLA form, at MLA's scale (no YaRN mscale)."""
-  return dsa_attention(
-    q,
-    k,
-    v,
-    q_idx,
-    k_idx,
-    weights,
-    top_k=params.top_k,
-    q_offset=q_offset,
-    kv_lengths=kv_lengths,
-    scale=mla_scale(params),
-    implementation=implementation,
-  )
-
-
-def keys_per_query(seq_len: int, params: Any, **_: Any) -> np.ndarray:
-  return dsa_keys_per_query(seq_len, params)
+  return dsa.attention(q, k, v, params, **kw, scale=mla_scale(params))
 
 
 KIND = AttentionKind(
   name="mla_dsa",
   layer=MLADSAAttention,
   params=MLADSAParams,
-  keys_per_query=keys_per_query,
+  keys_per_query=dsa.keys_per_query,
   attention=attention,
   budget_param="top_k",
   has_indexer=True,
