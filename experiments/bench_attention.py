@@ -58,10 +58,9 @@ import sparse_attn as sa  # noqa: E402
 from sparse_attn import budgets, registry  # noqa: E402
 
 MODES = ("fwd", "fwdbwd", "decode")
-# The two dense references and DSA's two halves, then every registered kind
-# DSA is compared with (read from the registry: a new kind is benchmarked too).
-# The kinds compared on one GQA layer (the MLA kinds have latent projections
-# of their own: experiments/bench_mla.py).
+# The two dense references and DSA's two halves, then every kind DSA is
+# compared with on one GQA layer (read from the registry: a new kind is
+# benchmarked too; the MLA kinds' latent projections: experiments/bench_mla.py).
 BASELINE_KINDS = tuple(
   k for k in registry.comparable_names() if k not in ("dense", "dsa")
 )
