@@ -148,18 +148,19 @@ def test_prefill_decode_matches_forward(kind, chunk, prompt_lens, layers):
 
 
 @pytest.mark.parametrize(
-  "precision,index_dtype", [("fp8", "float8_e4m3fn"), ("fp8", "float32")]
+  "scale_fmt,index_dtype",
+  [("ue8m0", "float8_e4m3fn"), (None, "float8_e4m3fn"), ("ue8m0", "float32")],
 )
 def test_mla_dsa_fp8_indexer_and_yarn_decode_match_forward(
-  precision, index_dtype
+  scale_fmt, index_dtype
 ):
   """DeepSeek-V3.2's configuration: MLA latent cache, YaRN, the FP8 indexer
-  (ue8m0 scales); an fp8 key cache stores the indexer's own codes exactly,
-  so decoding still equals the full forward."""
+  (ue8m0 or f32 scales); an fp8 key cache stores the indexer's own codes
+  and scales, so decoding still equals the full forward."""
   model = _model(
     "mla_dsa",
-    indexer_precision=precision,
-    indexer_scale_fmt="ue8m0",
+    indexer_precision="fp8",
+    indexer_scale_fmt=scale_fmt,
     model_fields={
       "rope_scaling": {
         "rope_type": "yarn",

@@ -114,15 +114,16 @@ def test_fp8_scores_are_deepseeks_fp8_index(ue8m0):
   )
 
 
-def test_fp8_indexer_layer_and_cache_codes():
-  """The FP8 indexer's keys re-quantise to themselves in an fp8 cache."""
+@pytest.mark.parametrize("fmt", [None, "ue8m0"])
+def test_fp8_indexer_layer_and_cache_codes(fmt):
+  """An fp8 key cache holds exactly the FP8 indexer's codes and scales."""
   ind = LightningIndexer(
-    32, 4, 16, precision="fp8", scale_fmt="ue8m0", rngs=nnx.Rngs(0)
+    32, 4, 16, precision="fp8", scale_fmt=fmt, rngs=nnx.Rngs(0)
   )
   ref = LightningIndexer(32, 4, 16, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(3), (2, 40, 32))
   pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
-  q8, k8, w8 = ind(x, pos)
+  q8, k8, w8, codes = ind(x, pos, return_key_codes=True)
   q, k, w = ref(x, pos)
   # codes on the e4m3 grid; dot products survive the rotation + rounding
   np.testing.assert_array_equal(
@@ -135,9 +136,11 @@ def test_fp8_indexer_layer_and_cache_codes():
     np.abs(np.asarray(s8 - s32))[vis].max() / np.abs(np.asarray(s32))[vis].max()
   )
   assert rel < 0.1, rel
-  stored, scale = ind.quantize_keys(k8, "float8_e4m3fn")
+  stored, scale = ind.quantize_keys(k8, "float8_e4m3fn", codes)
+  assert stored.dtype == jnp.float8_e4m3fn and scale.shape == (2, 40)
   back = quantize.dequantize_index_keys(stored, scale)
   np.testing.assert_array_equal(np.asarray(back), np.asarray(k8))
+  assert ref(x, pos, return_key_codes=True)[3] is None
   with pytest.raises(ValueError, match="power of two"):
     LightningIndexer(32, 4, 24, precision="fp8", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="indexer_precision"):

@@ -64,3 +64,27 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path, case):
   np.testing.assert_array_equal(
     np.load(os.path.join(src, S.REFERENCE))["tokens"], tokens
   )
+
+
+def test_dense_only_model_loads_in_transformers(tmp_path):
+  """A model without MoE (every layer a dense SwiGLU) saves a config that
+  transformers accepts, with the same logits."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from sparse_attn.models import build_model
+
+  src = S.write_case(str(tmp_path), "deepseek_v32_rope", seed=0)
+  cfg = hf.config_from_pretrained(src)
+  model = build_model(dataclasses.replace(cfg, moe=()), seed=0)
+  out = str(tmp_path / "dense")
+  hf.save_pretrained(model, out)
+  theirs = transformers.DeepseekV32ForCausalLM.from_pretrained(
+    out, attn_implementation="eager"
+  ).eval()
+  tokens, _ = S.inputs(0)
+  with torch.no_grad():
+    want = theirs(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits
+  got = np.asarray(model(jnp.asarray(tokens))[0])
+  assert np.abs(got - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()

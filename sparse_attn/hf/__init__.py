@@ -136,7 +136,7 @@ def load_pretrained(
   unexpected = sorted(
     n
     for n in names - needed - scales
-    if not family.ignorable(n, cfg)
+    if not family.ignorable(n, cfg, int(np.prod(tensors.shape(n))))
     and not (_is_indexer(n) and not registry.has_indexer(cfg.attention))
   )
   if unexpected:
@@ -157,18 +157,24 @@ def load_pretrained(
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
-  shapes = {p: v.shape for p, v in flat if isinstance(v, nnx.Param)}
-  loaded = apply_load(rules, read, shapes)
-  unset = sorted(".".join(map(str, p)) for p in set(shapes) - set(loaded))
+  params = {p: v for p, v in flat if isinstance(v, nnx.Param)}
+  # Each converted tensor becomes its parameter (in the parameter's dtype)
+  # at once, so the host holds the model once plus one f32 tensor.
+  loaded = apply_load(
+    rules,
+    read,
+    {p: v.shape for p, v in params.items()},
+    convert=lambda p, arr: jnp.asarray(arr, params[p].dtype),
+  )
+  unset = sorted(".".join(map(str, p)) for p in set(params) - set(loaded))
   if unset:
     raise ValueError(
       f"no checkpoint tensor maps to the parameters {_listing(unset)}."
     )
-  values = []
-  for p, v in flat:
-    if isinstance(v, nnx.Param):
-      v = v.replace(jnp.asarray(loaded[p], v.dtype))
-    values.append((p, v))
+  values = [
+    (p, v.replace(loaded[p]) if isinstance(v, nnx.Param) else v)
+    for p, v in flat
+  ]
   model = nnx.merge(graphdef, nnx.from_flat_state(values))
   model.hf_config_json = json.dumps(hf, sort_keys=True)
   return model, cfg
@@ -208,7 +214,10 @@ def save_pretrained(
   tensors = apply_save(family.rules(cfg), params)
   if dtype is not None:
     dt = jnp.dtype(dtype)
-    tensors = {k: np.asarray(v).astype(dt) for k, v in tensors.items()}
+    tensors = {
+      k: np.asarray(v).astype(np.float32 if family.f32_tensor(k) else dt)
+      for k, v in tensors.items()
+    }
     hf["dtype"] = dt.name
   else:
     hf["dtype"] = jnp.dtype(cfg.param_dtype).name

@@ -64,6 +64,28 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
   return float(theta), scaling
 
 
+#: DeepseekV32Config's defaults (transformers 5.24) of the fields a
+#: config.json may leave out: a missing field means what transformers
+#: would build.
+HF_DEFAULTS: dict[str, Any] = {
+  "q_lora_rank": 1536,
+  "first_k_dense_replace": 3,
+  "n_routed_experts": 256,
+  "num_experts_per_tok": 8,
+  "moe_intermediate_size": 2048,
+  "n_shared_experts": 1,
+  "n_group": 8,
+  "topk_group": 4,
+  "routed_scaling_factor": 2.5,
+  "norm_topk_prob": True,
+  "rms_norm_eps": 1e-6,
+  "tie_word_embeddings": False,
+  "hidden_act": "silu",
+}
+#: The eps of MLA's latent norms in transformers (not a config field).
+LATENT_NORM_EPS = 1e-6
+
+
 def _require(hf: dict[str, Any], *names: str) -> None:
   missing = [n for n in names if hf.get(n) is None]
   if missing:
@@ -71,7 +93,11 @@ def _require(hf: dict[str, Any], *names: str) -> None:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-  """The ModelConfig of an HF deepseek_v32 config.json dict (float32)."""
+  """The ModelConfig of an HF deepseek_v32 config.json dict (float32).
+
+  Fields left out take DeepseekV32Config's defaults (`HF_DEFAULTS`).
+  """
+  hf = {**HF_DEFAULTS, **hf}
   _require(
     hf,
     "vocab_size",
@@ -93,13 +119,18 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
   if hf.get("attention_bias") or hf.get("mlp_bias"):
     raise ValueError("attention_bias / mlp_bias are not supported.")
+  if hf.get("scoring_func", "sigmoid") != "sigmoid":
+    raise ValueError(
+      f"scoring_func={hf['scoring_func']!r}: transformers' {MODEL_TYPE} "
+      f"routes with sigmoid only."
+    )
   if hf.get("moe_layer_freq", 1) != 1:
     raise ValueError(
       f"moe_layer_freq={hf['moe_layer_freq']} is not supported (only 1)."
     )
   layers = int(hf["num_hidden_layers"])
   theta, scaling = _rope(hf)
-  first_dense = min(int(hf.get("first_k_dense_replace", 0) or 0), layers)
+  first_dense = min(int(hf["first_k_dense_replace"] or 0), layers)
   types = hf.get("mlp_layer_types")
   experts = hf.get("n_routed_experts")
   if types is not None:
@@ -113,17 +144,16 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         f"not supported."
       )
   moe: dict[str, Any] = {}
-  if experts:
+  if experts and first_dense < layers:  # else every layer is dense
     moe = {
       "num_experts": int(experts),
-      "experts_per_token": int(hf.get("num_experts_per_tok", 1)),
+      "experts_per_token": int(hf["num_experts_per_tok"]),
       "expert_dim": int(hf["moe_intermediate_size"]),
-      "num_shared_experts": int(hf.get("n_shared_experts") or 0),
-      "num_groups": int(hf.get("n_group") or 1),
-      "groups_per_token": int(hf.get("topk_group") or 1),
-      "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
-      "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
-      "score_func": hf.get("scoring_func", "sigmoid"),
+      "num_shared_experts": int(hf["n_shared_experts"] or 0),
+      "num_groups": int(hf["n_group"] or 1),
+      "groups_per_token": int(hf["topk_group"] or 1),
+      "routed_scaling_factor": float(hf["routed_scaling_factor"]),
+      "norm_topk_prob": bool(hf["norm_topk_prob"]),
       "first_dense_layers": first_dense,
     }
   rope_dim = int(hf["qk_rope_head_dim"])
@@ -142,16 +172,16 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     indexer_dim=int(hf["index_head_dim"]),
     indexer_rope_dim=rope_dim,
     attention_params={
-      "q_lora_rank": hf.get("q_lora_rank"),
+      "q_lora_rank": hf["q_lora_rank"],
       "kv_lora_rank": int(hf["kv_lora_rank"]),
       "qk_nope_head_dim": int(hf["qk_nope_head_dim"]),
       "qk_rope_head_dim": rope_dim,
       "v_head_dim": int(hf["v_head_dim"]),
     },
-    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    tie_embeddings=bool(hf["tie_word_embeddings"]),
     rope_base=theta,
     rope_scaling={} if scaling is None else scaling.to_dict(),
-    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    norm_eps=float(hf["rms_norm_eps"]),
     scale_embeddings=False,
     moe=moe,
   )
@@ -185,6 +215,11 @@ def config_to_hf(
     raise ValueError(
       f"indexer_precision={params.indexer_precision!r} is an inference "
       f"option with no config.json field; save a float32-indexer model."
+    )
+  if params.latent_norm_eps != LATENT_NORM_EPS:
+    raise ValueError(
+      f"{MODEL_TYPE} fixes the latent norms' eps at {LATENT_NORM_EPS}; this "
+      f"model has latent_norm_eps={params.latent_norm_eps}."
     )
   if params.indexer_rope_interleaved:
     raise ValueError(
@@ -243,11 +278,21 @@ def config_to_hf(
       norm_topk_prob=moe.norm_topk_prob,
     )
     if moe.score_func != "sigmoid":
-      out["scoring_func"] = moe.score_func
+      raise ValueError(
+        f"transformers' {MODEL_TYPE} routes with sigmoid; this model's MoE "
+        f"has score_func={moe.score_func!r}."
+      )
   else:
-    # transformers builds a router even for dense layers' configs: give it
-    # valid (unused) sizes.
-    out.update(n_routed_experts=None, moe_intermediate_size=cfg.mlp_dim)
+    # Every layer dense (mlp_layer_types says so); transformers still checks
+    # the MoE fields: valid, unused sizes.
+    out.update(
+      n_routed_experts=1,
+      num_experts_per_tok=1,
+      moe_intermediate_size=cfg.mlp_dim,
+      n_shared_experts=0,
+      n_group=1,
+      topk_group=1,
+    )
   return out
 
 
@@ -338,16 +383,31 @@ def rules(cfg: ModelConfig, available: set[str] | None = None) -> list[M.Rule]:
   return out
 
 
-def ignorable(name: str, cfg: ModelConfig) -> bool:
+def ignorable(name: str, cfg: ModelConfig, size: int = 1) -> bool:
   """Tensors a checkpoint may hold that the model does not use: DeepSeek's
   multi-token-prediction layers (model.layers.N and above, as HF ignores
-  them) and rotary caches."""
-  if name.endswith("rotary_emb.inv_freq"):
+  them), rotary caches, a tied model's lm_head, empty tensors (transformers
+  writes zero-size shared experts when n_shared_experts is 0)."""
+  if name.endswith("rotary_emb.inv_freq") or size == 0:
+    return True
+  if name == "lm_head.weight" and cfg.tie_embeddings:
     return True
   if name.startswith("model.layers."):
     index = name.split(".")[2]
     return index.isdigit() and int(index) >= cfg.num_layers
   return False
+
+
+def f32_tensor(name: str) -> bool:
+  """Tensors transformers and DeepSeek keep in f32 whatever the model dtype
+  (the router, its correction bias, the indexer's head weights)."""
+  return name.endswith(
+    (
+      "mlp.gate.weight",
+      "e_score_correction_bias",
+      "indexer.weights_proj.weight",
+    )
+  )
 
 
 def attention_param_names() -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,13 +126,15 @@ def apply_load(
   rules: Sequence[Rule],
   read: Callable[[str], np.ndarray],
   shapes: Mapping[Path, tuple[int, ...]],
-) -> dict[Path, np.ndarray]:
-  """{param path: array} from HF tensors, checked against `shapes`.
+  convert: Callable[[Path, np.ndarray], Any] = lambda path, arr: arr,
+) -> dict[Path, Any]:
+  """{param path: convert(path, array)} from HF tensors, checked against
+  `shapes`, one rule at a time.
 
   ValueError naming the tensor, its shape and the parameter it feeds when a
   converted tensor does not fit.
   """
-  out: dict[Path, np.ndarray] = {}
+  out: dict[Path, Any] = {}
   for rule in rules:
     arrays = rule.load([read(n) for n in rule.tensors])
     for path, arr in zip(rule.params, arrays):
@@ -141,7 +144,7 @@ def apply_load(
           f"tensor(s) {list(rule.tensors)} give shape {tuple(arr.shape)} for "
           f"parameter {'.'.join(map(str, path))}, which needs {want}."
         )
-      out[path] = arr
+      out[path] = convert(path, arr)
   return out
 
 

@@ -140,6 +140,12 @@ def write_checkpoint(
   """Writes tensors as model.safetensors, or as shards + an index when their
   size exceeds max_shard_bytes. Returns the files written."""
   os.makedirs(path, exist_ok=True)
+  # A previous checkpoint's index or shards would shadow the new files.
+  for old in os.listdir(path):
+    if old in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(
+      r"model-\d+-of-\d+\.safetensors", old
+    ):
+      os.remove(os.path.join(path, old))
   names = sorted(tensors)
   shards: list[list[str]] = [[]]
   size = 0

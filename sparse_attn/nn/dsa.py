@@ -99,12 +99,15 @@ def cached_index_keys(
   start: jax.Array,
   view: int,
   dtype: Any,
+  codes: Any = None,
 ) -> tuple[Any, jax.Array]:
   """Writes the new indexer keys at `start`; returns (cache, keys [B, view, DI]).
 
-  `cache` has fields k_idx / k_idx_scale (DSACache, MLADSACache).
+  `cache` has fields k_idx / k_idx_scale (DSACache, MLADSACache); codes:
+  the FP8 indexer's key codes and scales (stored as they are in an fp8
+  cache).
   """
-  stored, scale = indexer.quantize_keys(k_idx, cache.k_idx.dtype)
+  stored, scale = indexer.quantize_keys(k_idx, cache.k_idx.dtype, codes)
   cache = cache.replace(k_idx=write_rows(cache.k_idx, stored, start))
   if scale is not None:
     cache = cache.replace(
@@ -256,11 +259,14 @@ class DSAAttention(AttentionLayer):
       rngs=rngs,
     )
 
-  def index(self, x: jax.Array, positions: jax.Array):
-    """Indexer inputs (q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI])."""
+  def index(
+    self, x: jax.Array, positions: jax.Array, *, return_key_codes: bool = False
+  ) -> Any:
+    """Indexer inputs (q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI])
+    (+ the FP8 key codes, see `LightningIndexer`)."""
     if self.detach_indexer_input:
       x = jax.lax.stop_gradient(x)
-    return self.indexer(x, positions)
+    return self.indexer(x, positions, return_key_codes=return_key_codes)
 
   def init_cache(
     self,
@@ -277,12 +283,14 @@ class DSAAttention(AttentionLayer):
     return DSACache(k=kv.k, v=kv.v, k_idx=k_idx, k_idx_scale=scale)
 
   def attend(self, q, k, v, ctx: Context):
-    q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
+    q_idx, k_idx, w, codes = self.index(
+      ctx.x, ctx.positions, return_key_codes=True
+    )
     cache = ctx.cache
     if ctx.decoding:
       assert ctx.q_offset is not None and ctx.view is not None
       cache, k_idx = cached_index_keys(
-        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype
+        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype, codes
       )
     o, aux = indexed_attention(
       q,

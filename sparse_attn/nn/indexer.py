@@ -100,9 +100,19 @@ class LightningIndexer(nnx.Module):
     self.has_query_latent = query_input_dim is not None
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, q_latent: jax.Array | None = None
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    q_latent: jax.Array | None = None,
+    *,
+    return_key_codes: bool = False,
   ):
-    """x [B, T, E], positions int32[B, T] -> q_idx, k_idx, weights."""
+    """x [B, T, E], positions int32[B, T] -> q_idx, k_idx, weights.
+
+    return_key_codes: a 4th element, the FP8 indexer's key codes and scales
+    ((float8 [B, T, DI], f32 [B, T]), what an fp8 key cache stores), or None
+    for the float32 indexer.
+    """
     x = x.astype(self.dtype)
     q_src = x
     if self.has_query_latent:
@@ -121,8 +131,10 @@ class LightningIndexer(nnx.Module):
     w = jnp.einsum("bte,eh->bth", x, self.w_weights[...].astype(self.dtype))
     w = w * scale
     if self.precision == "fp8":
-      return quantize.fp8_indexer_inputs(q, k, w, scale_fmt=self.scale_fmt)
-    return q, k, w
+      return quantize.fp8_indexer_inputs(
+        q, k, w, scale_fmt=self.scale_fmt, return_key_codes=return_key_codes
+      )
+    return (q, k, w, None) if return_key_codes else (q, k, w)
 
   def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Partial RoPE of the first rope_dim dims of x [B, T, N, DI]."""
@@ -136,18 +148,14 @@ class LightningIndexer(nnx.Module):
     )
 
   def quantize_keys(
-    self, k_idx: jax.Array, dtype: Any
+    self, k_idx: jax.Array, dtype: Any, codes: Any = None
   ) -> tuple[jax.Array, jax.Array | None]:
     """Indexer keys in the key cache's storage `dtype` (+ f32 scales for fp8).
 
-    The FP8 indexer's keys are stored with its own scale format and floor,
-    so an fp8 cache holds exactly the codes the scores were computed from.
+    codes: the FP8 indexer's (float8 codes, scales) of these keys
+    (`return_key_codes`); an fp8 cache stores them as they are, so it holds
+    exactly what the scores were computed from.
     """
-    if self.precision == "fp8":
-      return quantize.quantize_index_keys(
-        k_idx,
-        dtype,
-        scale_fmt=self.scale_fmt,
-        amax_floor=quantize.AMAX_FLOOR,
-      )
+    if codes is not None and jnp.dtype(dtype) == jnp.float8_e4m3fn:
+      return codes
     return quantize.quantize_index_keys(k_idx, dtype)

@@ -154,14 +154,18 @@ class MLADSAAttention(MLAAttention):
       rngs=rngs,
     )
 
-  def index(self, x: jax.Array, positions: jax.Array):
+  def index(
+    self, x: jax.Array, positions: jax.Array, *, return_key_codes: bool = False
+  ) -> Any:
     """Indexer inputs from x and MLA's query latent (both detached)."""
     if self.detach_indexer_input:
       x = jax.lax.stop_gradient(x)
     c_q = self.query_latent(x)
     if c_q is not None and self.detach_indexer_input:
       c_q = jax.lax.stop_gradient(c_q)  # no KL gradient into wq_a / q_norm
-    return self.indexer(x, positions, q_latent=c_q)
+    return self.indexer(
+      x, positions, q_latent=c_q, return_key_codes=return_key_codes
+    )
 
   def init_cache(
     self,
@@ -179,12 +183,14 @@ class MLADSAAttention(MLAAttention):
 
   def attend(self, q, k, v, ctx: Context):
     del v  # the values are the latent k's first R dims
-    q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
+    q_idx, k_idx, w, codes = self.index(
+      ctx.x, ctx.positions, return_key_codes=True
+    )
     cache = ctx.cache
     if ctx.decoding:
       assert ctx.q_offset is not None and ctx.view is not None
       cache, k_idx = cached_index_keys(
-        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype
+        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype, codes
       )
     f = self.forms(q, k, self.resolve_form(ctx))
     o, aux = indexed_attention(

@@ -120,7 +120,8 @@ def fp8_indexer_inputs(
   *,
   scale_fmt: str | None = None,
   hadamard: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return_key_codes: bool = False,
+) -> Any:
   """DeepSeek's FP8 indexer applied to f32 indexer inputs.
 
   q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI] ->
@@ -128,13 +129,20 @@ def fp8_indexer_inputs(
   scales [B, T, HI]); `indexer_scores` of the result is DeepSeek's
   fp8_index score. hadamard=False skips the rotation (an ablation; DeepSeek
   always rotates). Gradients pass straight through the quantisers.
+  return_key_codes: also return (the keys' float8_e4m3fn codes [B, S, DI],
+  their f32 scales [B, S]), what an fp8 key cache stores.
   """
   if hadamard:
     q_idx, k_idx = hadamard_transform(q_idx), hadamard_transform(k_idx)
   q8, q_scale = fake_quantize(q_idx, scale_fmt=scale_fmt, amax_floor=AMAX_FLOOR)
   k8, k_scale = fake_quantize(k_idx, scale_fmt=scale_fmt, amax_floor=AMAX_FLOOR)
   k_deq = k8 * k_scale[..., None].astype(k8.dtype)
-  return q8, k_deq, weights * q_scale.astype(weights.dtype)
+  out = (q8, k_deq, weights * q_scale.astype(weights.dtype))
+  if return_key_codes:
+    # k8 holds e4m3 values exactly: the cast to float8 loses nothing.
+    codes = jax.lax.stop_gradient(k8).astype(jnp.float8_e4m3fn)
+    return (*out, (codes, k_scale))
+  return out
 
 
 def quantize_index_keys(
@@ -148,8 +156,9 @@ def quantize_index_keys(
 
   float8_e4m3fn uses one f32 scale per token (`fp8_scale`; by default
   amax / 448, 1 for an all-zero key); bfloat16 / float32 are plain casts
-  with no scale. Keys that are already FP8 codes times a scale of the same
-  format and floor (the FP8 indexer's) are stored exactly.
+  with no scale. (The FP8 indexer's own keys go into an fp8 cache as its
+  codes and scales, not through here: re-deriving a scale from dequantised
+  keys can differ from the original in the last bit.)
   """
   dtype = index_dtype(dtype)
   if dtype != jnp.float8_e4m3fn:

@@ -153,11 +153,13 @@ class RopeScaling:
     if self.type == "yarn":
       out["beta_fast"] = self.beta_fast
       out["beta_slow"] = self.beta_slow
-      for k in ("mscale", "mscale_all_dim", "attention_factor"):
+      for k in ("mscale", "attention_factor"):
         if getattr(self, k) is not None:
           out[k] = getattr(self, k)
       if not self.truncate:
         out["truncate"] = False
+    if self.mscale_all_dim is not None:  # the softmax mscale, any type
+      out["mscale_all_dim"] = self.mscale_all_dim
     return out
 
   # -- what it does ----------------------------------------------------------
@@ -220,8 +222,9 @@ class RopeScaling:
 
   def softmax_mscale(self) -> float:
     """Factor on the attention softmax scale: mscale(factor, mscale_all_dim)**2
-    under YaRN with mscale_all_dim set (DeepSeek-V3 / V3.2), else 1."""
-    if self.type == "yarn" and self.mscale_all_dim:
+    when mscale_all_dim is set (DeepSeek-V3 / V3.2 with YaRN; transformers
+    applies it to any scaled type), else 1."""
+    if self.type != "default" and self.mscale_all_dim:
       return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
     return 1.0
 
