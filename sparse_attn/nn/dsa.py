@@ -283,9 +283,15 @@ class DSAAttention(AttentionLayer):
     return DSACache(k=kv.k, v=kv.v, k_idx=k_idx, k_idx_scale=scale)
 
   def attend(self, q, k, v, ctx: Context):
-    q_idx, k_idx, w, codes = self.index(
-      ctx.x, ctx.positions, return_key_codes=True
-    )
+    codes = None
+    if ctx.decoding and self.indexer.precision == "fp8":
+      # The codes and scales go into the key cache as they are; asked for
+      # only here, so index() keeps its 3-tuple for other callers.
+      q_idx, k_idx, w, codes = self.index(
+        ctx.x, ctx.positions, return_key_codes=True
+      )
+    else:
+      q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
     cache = ctx.cache
     if ctx.decoding:
       assert ctx.q_offset is not None and ctx.view is not None
