@@ -97,7 +97,7 @@ def forward_fn(layer, mode: str):
   return lambda x: run(state, x)
 
 
-def decode_fn(layer, context: int, a):
+def decode_fn(layer, context: int):
   """One decode step after `context` cached tokens (random latent + keys)."""
   graphdef, state = nnx.split(layer)
   cache = layer.init_cache(1, context + 1)
@@ -139,7 +139,7 @@ def main(argv=None):
     for op in a.ops.split(","):
       t0 = time.perf_counter()
       if op == "decode":
-        fns = [decode_fn(layers[f], context, a) for f in FORMS]
+        fns = [decode_fn(layers[f], context) for f in FORMS]
         x = jax.random.normal(jax.random.key(2), (1, 1, a.embed_dim))
       else:
         fns = [forward_fn(layers[f], op) for f in FORMS]

@@ -150,9 +150,9 @@ def write_case(out_dir: str, case: str, seed: int = 0) -> str:
     shutil.rmtree(path)
   model = hf_model(case, seed)
   model.save_pretrained(path)
-  for extra in ("generation_config.json",):
-    if os.path.exists(os.path.join(path, extra)):
-      os.remove(os.path.join(path, extra))
+  generation = os.path.join(path, "generation_config.json")  # not needed
+  if os.path.exists(generation):
+    os.remove(generation)
   tokens, lengths = inputs(seed)
   logits, topk = hf_reference(model, tokens, lengths)
   np.savez_compressed(

@@ -80,7 +80,7 @@ def test_prefill_and_decode_on_a_checkpoint():
   """DSA prefill + decode on the loaded model == its full forward."""
   path, ref = _case("deepseek_v32_rope")
   model, _ = hf.load_pretrained(path)
-  tokens, lengths = ref["tokens"], ref["lengths"]
+  tokens = ref["tokens"]
   full = np.asarray(model(jnp.asarray(tokens))[0])
   dec = inference.Decoder(model, chunk_size=8, index_dtype="float32")
   cache = dec.init_cache(2, 32)
@@ -93,7 +93,6 @@ def test_prefill_and_decode_on_a_checkpoint():
     np.testing.assert_allclose(
       np.asarray(step), full[:, t], atol=1e-4, rtol=1e-4
     )
-  del lengths
 
 
 def test_round_trip_is_lossless(tmp_path):

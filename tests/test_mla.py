@@ -56,13 +56,16 @@ def _x(t=13, seed=1):
   return jax.random.normal(jax.random.key(seed), (2, t, 32))
 
 
-@pytest.mark.parametrize("cls", [MLAAttention, MLADSAAttention])
+# Dense MLA ignores `mode` (no indexer): one case; DSA on MLA: each stage.
+FORM_CASES = [(MLAAttention, "dense")] + [
+  (MLADSAAttention, mode) for mode in ("dense", "warmup", "sparse")
+]
+
+
+@pytest.mark.parametrize("cls,mode", FORM_CASES)
 @pytest.mark.parametrize("q_lora_rank", [24, None])
-@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
-def test_mha_and_absorbed_forms_agree(cls, q_lora_rank, mode):
+def test_mha_and_absorbed_forms_agree(cls, mode, q_lora_rank):
   """Outputs, the indexer KL and every gradient, with and without q LoRA."""
-  if cls is MLAAttention and mode == "warmup":
-    pytest.skip("dense MLA has no indexer")
   x = _x()
   kv = jnp.array([13, 9], jnp.int32)
   res = {}

@@ -68,9 +68,14 @@ def family_of(hf: dict[str, Any]):
 
 def config_from_pretrained(path: str, **overrides: Any) -> ModelConfig:
   """The ModelConfig load_pretrained(path, **overrides) builds (no tensors)."""
+  return _read(path, overrides)[2]
+
+
+def _read(path: str, overrides: dict[str, Any]):
+  """(config.json dict, its family module, the ModelConfig with overrides)."""
   hf = read_config(path)
   family = family_of(hf)
-  return _override(family.config_from_hf(hf), overrides, family)
+  return hf, family, _override(family.config_from_hf(hf), overrides, family)
 
 
 def _override(
@@ -119,9 +124,7 @@ def load_pretrained(
   indexer_precision="fp8", indexer_scale_fmt="ue8m0"). Weights load in
   float32 unless param_dtype says otherwise.
   """
-  hf = read_config(path)
-  family = family_of(hf)
-  cfg = _override(family.config_from_hf(hf), overrides, family)
+  hf, family, cfg = _read(path, overrides)
   tensors = CheckpointTensors(path)
   names = set(tensors)
   rules = family.rules(cfg, available=names)

@@ -52,9 +52,7 @@ def indexer_run(
   positions = jnp.broadcast_to(
     jnp.arange(length, dtype=jnp.int32), (batch, length)
   )
-  x = model.embed[...][toks].astype(model.dtype)
-  if model.cfg.scale_embeddings:
-    x = x * jnp.asarray(model.cfg.embed_dim**0.5, model.dtype)
+  x = model.embed_tokens(toks)
   scores, indices = [], []
   for block in model.blocks:
     attn: Any = block.attn  # a DSA kind: has index() and top_k

@@ -167,6 +167,14 @@ class Transformer(nnx.Module):
     )
     return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
 
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens int[B, T] -> the first block's input [B, T, E] (times sqrt(E)
+    with scale_embeddings)."""
+    x = self.embed[...][tokens].astype(self.dtype)
+    if self.cfg.scale_embeddings:
+      x = x * jnp.asarray(self.cfg.embed_dim**0.5, self.dtype)
+    return x
+
   def logits(self, x: jax.Array) -> jax.Array:
     """Final norm + output projection: x [..., E] -> f32[..., V]."""
     x = self.final_norm(x)
@@ -262,9 +270,7 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(
         jnp.arange(length, dtype=jnp.int32), (batch, length)
       )
-    x = self.embed[...][tokens].astype(self.dtype)
-    if self.cfg.scale_embeddings:
-      x = x * jnp.asarray(self.cfg.embed_dim**0.5, self.dtype)
+    x = self.embed_tokens(tokens)
     totals: Aux | None = None
     new_layers = []
     for i, block in enumerate(self.blocks):

@@ -46,7 +46,9 @@ class DSAParams:
   loss never reaches the trunk.
   indexer_precision: "float32" or "fp8" (DeepSeek's FP8 indexer: Hadamard
   rotation + e4m3 codes, `sparse_attn.ops.quantize`); indexer_scale_fmt:
-  None or "ue8m0" (power-of-two FP8 scales).
+  None or "ue8m0" (power-of-two FP8 scales). indexer_rope_interleaved: the
+  indexer rotates interleaved pairs (DeepSeek's first inference demo; the
+  default rotate-half is transformers' DeepseekV32Indexer).
   """
 
   top_k: int = 64
@@ -56,6 +58,7 @@ class DSAParams:
   detach_indexer_input: bool = True
   indexer_precision: str = "float32"
   indexer_scale_fmt: str | None = None
+  indexer_rope_interleaved: bool = False
 
   def __post_init__(self):
     check_indexer_params(self)
@@ -77,6 +80,62 @@ def check_indexer_params(p: Any) -> None:
       f"indexer_precision='fp8' rotates by a Hadamard matrix: indexer_dim "
       f"must be a power of two, got {p.indexer_dim}."
     )
+
+
+def build_indexer(
+  embed_dim: int,
+  p: DSAParams,
+  *,
+  rope_dim: int | None,
+  query_input_dim: int | None = None,
+  rope_base: float,
+  rope_scaling: Any,
+  dtype: Any,
+  param_dtype: Any,
+  rngs: nnx.Rngs,
+) -> LightningIndexer:
+  """The lightning indexer of a DSA layer with parameters `p` (rope_dim:
+  its RoPE dims, None for the indexer's default)."""
+  return LightningIndexer(
+    embed_dim,
+    p.indexer_heads,
+    p.indexer_dim,
+    rope_dim=rope_dim,
+    query_input_dim=query_input_dim,
+    rope_base=rope_base,
+    rope_scaling=rope_scaling,
+    rope_interleaved=p.indexer_rope_interleaved,
+    precision=p.indexer_precision,
+    scale_fmt=p.indexer_scale_fmt,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
+
+
+def step_indexer_inputs(layer: Any, ctx: Context):
+  """(q_idx, k_idx, weights, cache) of a DSA layer for one call.
+
+  `layer.index(x, positions)` gives the indexer inputs; when decoding, the
+  new keys go into the layer's cache and k_idx becomes the cached keys
+  [B, view, DI]. An FP8 indexer's own codes and scales are what an fp8 key
+  cache stores (bit-exact), so only then are they asked for.
+  """
+  if not ctx.decoding:
+    q_idx, k_idx, w = layer.index(ctx.x, ctx.positions)
+    return q_idx, k_idx, w, ctx.cache
+  codes = None
+  if layer.indexer.precision == "fp8":
+    q_idx, k_idx, w, codes = layer.index(
+      ctx.x, ctx.positions, return_key_codes=True
+    )
+  else:
+    q_idx, k_idx, w = layer.index(ctx.x, ctx.positions)
+  assert ctx.q_offset is not None and ctx.view is not None
+  cache, k_idx = cached_index_keys(
+    ctx.cache, layer.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype, codes
+  )
+  return q_idx, k_idx, w, cache
 
 
 def index_key_cache(
@@ -222,6 +281,7 @@ class DSAAttention(AttentionLayer):
     detach_indexer_input: bool = DSAParams.detach_indexer_input,
     indexer_precision: str = DSAParams.indexer_precision,
     indexer_scale_fmt: str | None = DSAParams.indexer_scale_fmt,
+    indexer_rope_interleaved: bool = DSAParams.indexer_rope_interleaved,
     rope_base: float = 10000.0,
     rope_scaling: Any = None,
     dtype: Any = jnp.float32,
@@ -241,19 +301,24 @@ class DSAAttention(AttentionLayer):
       rngs=rngs,
       **kw,
     )
-    if top_k < 1:
-      raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    self.dsa = DSAParams(  # validates
+      top_k=top_k,
+      indexer_heads=indexer_heads,
+      indexer_dim=indexer_dim,
+      indexer_rope_dim=indexer_rope_dim,
+      detach_indexer_input=detach_indexer_input,
+      indexer_precision=indexer_precision,
+      indexer_scale_fmt=indexer_scale_fmt,
+      indexer_rope_interleaved=indexer_rope_interleaved,
+    )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
-    self.indexer = LightningIndexer(
+    self.indexer = build_indexer(
       embed_dim,
-      indexer_heads,
-      indexer_dim,
+      self.dsa,
       rope_dim=indexer_rope_dim,
       rope_base=rope_base,
       rope_scaling=self.rope_scaling,
-      precision=indexer_precision,
-      scale_fmt=indexer_scale_fmt,
       dtype=dtype,
       param_dtype=param_dtype,
       rngs=rngs,
@@ -283,21 +348,7 @@ class DSAAttention(AttentionLayer):
     return DSACache(k=kv.k, v=kv.v, k_idx=k_idx, k_idx_scale=scale)
 
   def attend(self, q, k, v, ctx: Context):
-    codes = None
-    if ctx.decoding and self.indexer.precision == "fp8":
-      # The codes and scales go into the key cache as they are; asked for
-      # only here, so index() keeps its 3-tuple for other callers.
-      q_idx, k_idx, w, codes = self.index(
-        ctx.x, ctx.positions, return_key_codes=True
-      )
-    else:
-      q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
-    cache = ctx.cache
-    if ctx.decoding:
-      assert ctx.q_offset is not None and ctx.view is not None
-      cache, k_idx = cached_index_keys(
-        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype, codes
-      )
+    q_idx, k_idx, w, cache = step_indexer_inputs(self, ctx)
     o, aux = indexed_attention(
       q,
       k,

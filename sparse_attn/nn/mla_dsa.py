@@ -31,12 +31,13 @@ from sparse_attn.nn import dsa
 from sparse_attn.nn.base import Context
 from sparse_attn.nn.dsa import (
   INDEXER_CONFIG_FIELDS,
-  cached_index_keys,
+  DSAParams,
+  build_indexer,
   check_indexer_params,
   index_key_cache,
   indexed_attention,
+  step_indexer_inputs,
 )
-from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.nn.mla import (
   MLAAttention,
@@ -48,23 +49,11 @@ from sparse_attn.nn.mla import (
 
 
 @dataclasses.dataclass(frozen=True)
-class MLADSAParams(MLAParams):
-  """MLA's sizes + DSA's (see `MLAParams`, `sparse_attn.nn.dsa.DSAParams`).
+class MLADSAParams(MLAParams, DSAParams):
+  """MLA's sizes + DSA's fields (see `MLAParams`, `sparse_attn.nn.dsa.DSAParams`).
 
   indexer_rope_dim None: qk_rope_head_dim (DeepSeek's choice).
-  indexer_rope_interleaved: the indexer rotates interleaved pairs, as
-  DeepSeek's first inference demo (2025-09-30) does; False (rotate half) is
-  what transformers' DeepseekV32Indexer does.
   """
-
-  top_k: int = 64
-  indexer_heads: int = 4
-  indexer_dim: int = 32
-  indexer_rope_dim: int | None = None
-  detach_indexer_input: bool = True
-  indexer_precision: str = "float32"
-  indexer_scale_fmt: str | None = None
-  indexer_rope_interleaved: bool = False
 
   def __post_init__(self):
     check_mla_params(self)
@@ -101,14 +90,14 @@ class MLADSAAttention(MLAAttention):
     num_kv_heads: int,
     head_dim: int,
     *,
-    top_k: int = MLADSAParams.top_k,
-    indexer_heads: int = MLADSAParams.indexer_heads,
-    indexer_dim: int = MLADSAParams.indexer_dim,
-    indexer_rope_dim: int | None = MLADSAParams.indexer_rope_dim,
-    detach_indexer_input: bool = MLADSAParams.detach_indexer_input,
-    indexer_precision: str = MLADSAParams.indexer_precision,
-    indexer_scale_fmt: str | None = MLADSAParams.indexer_scale_fmt,
-    indexer_rope_interleaved: bool = MLADSAParams.indexer_rope_interleaved,
+    top_k: int = DSAParams.top_k,
+    indexer_heads: int = DSAParams.indexer_heads,
+    indexer_dim: int = DSAParams.indexer_dim,
+    indexer_rope_dim: int | None = DSAParams.indexer_rope_dim,
+    detach_indexer_input: bool = DSAParams.detach_indexer_input,
+    indexer_precision: str = DSAParams.indexer_precision,
+    indexer_scale_fmt: str | None = DSAParams.indexer_scale_fmt,
+    indexer_rope_interleaved: bool = DSAParams.indexer_rope_interleaved,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
     **kw: Any,
@@ -136,19 +125,15 @@ class MLADSAAttention(MLAAttention):
     )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
-    self.indexer = LightningIndexer(
+    self.indexer = build_indexer(
       embed_dim,
-      indexer_heads,
-      indexer_dim,
+      self.dsa,
       rope_dim=m.qk_rope_head_dim
       if indexer_rope_dim is None
       else indexer_rope_dim,
       query_input_dim=m.q_lora_rank,
       rope_base=self.rope_base,
       rope_scaling=self.rope_scaling,
-      rope_interleaved=indexer_rope_interleaved,
-      precision=indexer_precision,
-      scale_fmt=indexer_scale_fmt,
       dtype=self.dtype,
       param_dtype=param_dtype,
       rngs=rngs,
@@ -183,21 +168,7 @@ class MLADSAAttention(MLAAttention):
 
   def attend(self, q, k, v, ctx: Context):
     del v  # the values are the latent k's first R dims
-    codes = None
-    if ctx.decoding and self.indexer.precision == "fp8":
-      # The codes and scales go into the key cache as they are; asked for
-      # only here, so index() keeps its 3-tuple for other callers.
-      q_idx, k_idx, w, codes = self.index(
-        ctx.x, ctx.positions, return_key_codes=True
-      )
-    else:
-      q_idx, k_idx, w = self.index(ctx.x, ctx.positions)
-    cache = ctx.cache
-    if ctx.decoding:
-      assert ctx.q_offset is not None and ctx.view is not None
-      cache, k_idx = cached_index_keys(
-        cache, self.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype, codes
-      )
+    q_idx, k_idx, w, cache = step_indexer_inputs(self, ctx)
     f = self.forms(q, k, self.resolve_form(ctx))
     o, aux = indexed_attention(
       f.q,

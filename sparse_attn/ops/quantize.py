@@ -146,11 +146,7 @@ def fp8_indexer_inputs(
 
 
 def quantize_index_keys(
-  k_idx: jax.Array,
-  dtype: Any,
-  *,
-  scale_fmt: str | None = None,
-  amax_floor: float = 0.0,
+  k_idx: jax.Array, dtype: Any
 ) -> tuple[jax.Array, jax.Array | None]:
   """k_idx [..., DI] -> (stored [..., DI] in `dtype`, f32 scale [...] or None).
 
@@ -163,7 +159,7 @@ def quantize_index_keys(
   dtype = index_dtype(dtype)
   if dtype != jnp.float8_e4m3fn:
     return k_idx.astype(dtype), None
-  return quantize_fp8(k_idx, scale_fmt=scale_fmt, amax_floor=amax_floor)
+  return quantize_fp8(k_idx)
 
 
 def dequantize_index_keys(

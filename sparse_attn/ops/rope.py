@@ -119,10 +119,9 @@ class RopeScaling:
     if not d:
       return None
     d = dict(d)
-    kind = d.pop("rope_type", None) or d.pop("type", None) or "default"
-    d.pop("type", None)
-    d.pop("rope_theta", None)
-    d.pop("partial_rotary_factor", None)
+    kind = d.pop("rope_type", None) or d.get("type") or "default"
+    for k in ("type", "rope_theta", "partial_rotary_factor"):
+      d.pop(k, None)
     if kind == "default":
       return None
     names = {f.name for f in dataclasses.fields(cls)} - {"type"}
