@@ -1,9 +1,13 @@
-"""Parity with transformers' DeepseekV32ForCausalLM on tiny random checkpoints.
+"""Parity with transformers on tiny random checkpoints of every HF format.
 
-Builds tiny random `DeepseekV32ForCausalLM` models (transformers 5.24,
-torch CPU) -- plain RoPE and YaRN, dense + MoE layers, a batch with one
-right-padded row -- saves each with `save_pretrained`, records HF's logits
-and every layer's indexer top-k, then loads the directory with
+Builds tiny random models (transformers 5.24, torch CPU) of each format
+`sparse_attn.hf` reads -- DeepseekV32ForCausalLM (plain RoPE and YaRN,
+dense + MoE layers), LlamaForCausalLM (GQA, q/k/v/o biases, llama3 RoPE
+scaling; tied MQA), MistralForCausalLM (a sliding window shorter than the
+sequence), Qwen2ForCausalLM (q/k/v biases, tied), Qwen3ForCausalLM
+(q/k norms, head_dim != hidden / heads, YaRN) -- with tensors saved in
+f32, bf16 or f16, a batch with one right-padded row; records HF's logits
+(and DeepSeek's indexer top-k per layer), then loads the directory with
 `sparse_attn.hf.load_pretrained` (no torch) and compares.
 
   pip install -e ".[hf]"
@@ -19,6 +23,7 @@ under tests/goldens/ keep a parity check in the plain test suite.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import sys
@@ -66,6 +71,25 @@ BASE = dict(
   tie_word_embeddings=False,
   initializer_range=0.1,  # larger than HF's 0.02: logits and scores far from 0
 )
+#: The Llama-family cases' shared sizes: GQA 4 heads on 2 kv heads.
+LLAMA_BASE = dict(
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=256,
+  tie_word_embeddings=False,
+  initializer_range=0.1,
+)
+#: case -> the tensor dtype of its checkpoint (default float32); the
+#: reference logits are HF's in f32 of the rounded weights.
+CASE_DTYPE = {
+  "llama_tied_mqa_bf16": "bfloat16",
+  "mistral_window_f16": "float16",
+  "qwen2_bias_tied_bf16": "bfloat16",
+}
 CASES = {
   "deepseek_v32_rope": dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
@@ -85,25 +109,65 @@ CASES = {
     },
     max_position_embeddings=32,
   ),
+  "llama_gqa_bias_llama3": dict(
+    model_type="llama",
+    attention_bias=True,
+    rope_parameters={
+      "rope_type": "llama3",
+      "rope_theta": 500000.0,
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8,
+    },
+  ),
+  "llama_tied_mqa_bf16": dict(
+    model_type="llama", num_key_value_heads=1, tie_word_embeddings=True
+  ),
+  "mistral_window_f16": dict(model_type="mistral", sliding_window=8),
+  "qwen2_bias_tied_bf16": dict(
+    model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0
+  ),
+  "qwen3_qknorm_yarn": dict(
+    model_type="qwen3",
+    head_dim=12,
+    max_position_embeddings=32,
+    rope_parameters={
+      "rope_type": "yarn",
+      "rope_theta": 10000.0,
+      "factor": 4.0,
+      "original_max_position_embeddings": 8,
+    },
+  ),
 }
 BATCH, SEQ_LEN, PAD_TO = 2, 24, 17  # row 1 holds 17 real tokens
 
 
+def has_indexer(case: str) -> bool:
+  return "model_type" not in CASES[case]
+
+
 def hf_model(case: str, seed: int = 0):
-  """A random DeepseekV32ForCausalLM of `case` (eval mode, eager attention)."""
+  """A random HF model of `case` (eval mode, eager attention, f32)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import (  # pylint: disable=g-import-not-at-top
-    DeepseekV32Config,
-    DeepseekV32ForCausalLM,
-  )
+  import transformers  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(seed)
-  cfg = DeepseekV32Config(**{**BASE, **CASES[case]})
+  fields = dict(CASES[case])
+  model_type = fields.pop("model_type", "deepseek_v32")
+  if model_type == "deepseek_v32":
+    cfg = transformers.DeepseekV32Config(**{**BASE, **fields})
+  else:
+    cfg = transformers.AutoConfig.for_model(
+      model_type, **{**LLAMA_BASE, **fields}
+    )
   cfg._attn_implementation = "eager"
-  model = DeepseekV32ForCausalLM(cfg).eval()
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   with torch.no_grad():  # values HF initialises to constants
     for name, p in model.named_parameters():
-      if name.endswith(("k_norm.bias", "layernorm.weight", "norm.weight")):
+      if name.endswith(
+        ("k_norm.bias", "layernorm.weight", "norm.weight", "proj.bias")
+      ):
         p.add_(0.1 * torch.randn_like(p))
     for name, b in model.named_buffers():
       if name.endswith("e_score_correction_bias"):
@@ -120,7 +184,8 @@ def inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def hf_reference(model, tokens: np.ndarray, lengths: np.ndarray):
-  """(logits f32[B, T, V], topk int32[L, B, T, K]) of the HF model."""
+  """(logits f32[B, T, V], topk int32[L, B, T, K]) of the HF model (topk
+  [0] for models without an indexer)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   selections = []
@@ -129,6 +194,7 @@ def hf_reference(model, tokens: np.ndarray, lengths: np.ndarray):
       lambda mod, args, out: selections.append(out.numpy().copy())
     )
     for layer in model.model.layers
+    if hasattr(layer.self_attn, "indexer")
   ]
   mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int64)
   try:
@@ -140,7 +206,8 @@ def hf_reference(model, tokens: np.ndarray, lengths: np.ndarray):
   finally:
     for h in hooks:
       h.remove()
-  return out.logits.float().numpy(), np.stack(selections).astype(np.int32)
+  topk = np.stack(selections) if selections else np.zeros((0,))
+  return out.logits.float().numpy(), topk.astype(np.int32)
 
 
 def write_case(out_dir: str, case: str, seed: int = 0) -> str:
@@ -149,7 +216,20 @@ def write_case(out_dir: str, case: str, seed: int = 0) -> str:
   if os.path.exists(path):
     shutil.rmtree(path)
   model = hf_model(case, seed)
-  model.save_pretrained(path)
+  dtype = CASE_DTYPE.get(case)
+  if dtype is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    # Saved in the low dtype; the reference runs in f32 on the same
+    # rounded weights (and f32 RoPE buffers), so the comparison measures
+    # the model, not the rounding.
+    low = getattr(torch, dtype)
+    with torch.no_grad():
+      for p in model.parameters():
+        p.copy_(p.to(low).float())
+    copy.deepcopy(model).to(low).save_pretrained(path)
+  else:
+    model.save_pretrained(path)
   generation = os.path.join(path, "generation_config.json")  # not needed
   if os.path.exists(generation):
     os.remove(generation)
@@ -177,6 +257,7 @@ def compare_case(path: str) -> dict:
   layers = [
     parity.selection_agreement(s, i, t, ref["lengths"])
     for s, i, t in zip(run.scores, run.indices, ref["topk"])
+    if ref["topk"].size
   ]
   return {
     "max_abs_err": err,
@@ -209,11 +290,15 @@ def main(argv=None):
     path = write_case(out, case, a.seed)
     r = compare_case(path)
     rows.append((case, r))
+    topk = (
+      f"; top-k sets agree up to ties {r['agree']}/{r['queries']} "
+      f"(identical {r['identical']}, ties at the k-th score {r['ties']})"
+      if r["queries"]
+      else ""
+    )
     print(
       f"{case}: logits max|diff| {r['max_abs_err']:.2e} of scale "
-      f"{r['logit_scale']:.3f} (rel {r['rel_err']:.1e}); top-k sets agree "
-      f"up to ties {r['agree']}/{r['queries']} (identical "
-      f"{r['identical']}, ties at the k-th score {r['ties']}) "
+      f"{r['logit_scale']:.3f} (rel {r['rel_err']:.1e}){topk} "
       f"[{time.perf_counter() - t0:.1f} s]",
       flush=True,
     )

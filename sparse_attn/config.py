@@ -88,12 +88,31 @@ class ModelConfig:
   # Mixture of experts (sparse_attn.nn.moe.MoEParams fields, a dict stored as
   # sorted pairs); empty: a dense SwiGLU of mlp_dim in every block.
   moe: Any = ()
+  # GQA projection options of the HF families: biases on q/k/v (Qwen2,
+  # attention_bias), a bias on the output projection (attention_bias), and
+  # per-head RMSNorm of q and k before RoPE (Qwen3).
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: bool = False
+  # The layers that use `attention` (a list of layer indices); the others
+  # use its dense twin (`registry.dense_twin`: "dense" for GQA kinds, "mla"
+  # for MLA kinds). None: every layer. E.g. a DSA retrofit of some layers.
+  sparse_layers: Any = None
   dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"
 
   def __post_init__(self):
     for name in ("attention_params", "rope_scaling", "moe"):
       object.__setattr__(self, name, _sorted_pairs(name, getattr(self, name)))
+    if self.sparse_layers is not None:
+      try:
+        layers = tuple(sorted({int(i) for i in self.sparse_layers}))
+      except (TypeError, ValueError) as e:
+        raise ValueError(
+          f"model.sparse_layers must be a list of layer indices or None, "
+          f"got {self.sparse_layers!r}."
+        ) from e
+      object.__setattr__(self, "sparse_layers", layers)
     sizes = self.kernel_block_sizes
     if isinstance(sizes, dict):
       sizes = sizes.items()
@@ -132,6 +151,28 @@ class ModelConfig:
   def kernel_block_sizes_dict(self) -> dict[str, dict[str, Any]]:
     """kernel_block_sizes as {kernel: {field: value}}."""
     return {name: dict(fields) for name, fields in self.kernel_block_sizes}
+
+  def layer_attention(self, layer_index: int) -> str:
+    """The attention kind of layer `layer_index` (see sparse_layers)."""
+    if self.sparse_layers is None or layer_index in self.sparse_layers:
+      return self.attention
+    return registry.dense_twin(self.attention)
+
+  def for_layer(self, layer_index: int) -> ModelConfig:
+    """The config a layer is built from: this one, or for a layer outside
+    sparse_layers its dense twin's (attention_params it takes, kept)."""
+    kind = self.layer_attention(layer_index)
+    if kind == self.attention:
+      return self
+    keep = set(registry.get(kind).param_names)
+    return dataclasses.replace(
+      self,
+      attention=kind,
+      attention_params={
+        k: v for k, v in self.attention_kwargs.items() if k in keep
+      },
+      sparse_layers=None,
+    )
 
   def with_attention(self, kind: str, **params: Any) -> ModelConfig:
     """This config with attention `kind` and its parameters `params`.
@@ -317,6 +358,18 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       registry.get(m.attention).params_from_config(m)
     except ValueError as e:
       errors.append(f"model.attention_params: {e}")
+  if m.sparse_layers is not None and isinstance(m.num_layers, int):
+    outside = [i for i in m.sparse_layers if not 0 <= i < m.num_layers]
+    if outside:
+      errors.append(
+        f"model.sparse_layers {outside} are not layers of a "
+        f"{m.num_layers}-layer model"
+      )
+    if m.attention in registry.names():
+      try:
+        registry.dense_twin(m.attention)
+      except ValueError as e:
+        errors.append(f"model.sparse_layers: {e}")
   try:
     _ = m.rope_scaling_config
   except ValueError as e:

@@ -39,6 +39,7 @@ __all__ = [
   "AttentionKind",
   "comparable_names",
   "get",
+  "dense_twin",
   "has_indexer",
   "kinds",
   "names",
@@ -103,6 +104,23 @@ def kinds() -> tuple[AttentionKind, ...]:
 def has_indexer(name: str) -> bool:
   """Whether kind `name` owns a lightning indexer (and so a warm-up stage)."""
   return get(name).has_indexer
+
+
+#: projections -> the dense kind of those projections (a layer of a model's
+#: `sparse_layers` complement, the dense original of a retrofit).
+_DENSE_OF_PROJECTIONS = {"gqa": "dense", "mla": "mla"}
+
+
+def dense_twin(name: str) -> str:
+  """The dense kind with kind `name`'s projections and parameter tensors
+  minus the kind's own ("dense" for GQA kinds, "mla" for MLA kinds)."""
+  kind = get(name)
+  twin = _DENSE_OF_PROJECTIONS[kind.projections]
+  if twin not in _KINDS:
+    raise ValueError(
+      f"kind {name!r} has no dense twin: {twin!r} is not registered."
+    )
+  return twin
 
 
 for _builtin in (

@@ -314,7 +314,7 @@ def test_overrides_and_the_dense_twin():
   np.testing.assert_allclose(
     twin(tokens)[0], full(tokens, mode="sparse")[0], atol=1e-5, rtol=1e-5
   )
-  with pytest.raises(ValueError, match="not an MLA kind"):
+  with pytest.raises(ValueError, match="holds MLA weights"):
     hf.load_pretrained(path, attention="dsa")
   with pytest.raises(ValueError, match="no HF format holds"):
     hf.save_pretrained(twin, "/nonexistent")

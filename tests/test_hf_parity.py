@@ -1,9 +1,12 @@
 """Live parity with transformers (the `hf` extra: torch CPU + transformers).
 
 Rebuilds the cases of experiments/hf_parity.py (tiny random
-DeepseekV32ForCausalLM: plain RoPE and YaRN, dense + MoE layers, one
+DeepseekV32ForCausalLM: plain RoPE and YaRN, dense + MoE layers; Llama,
+Mistral, Qwen2, Qwen3 with their options and bf16/f16 tensors; one
 right-padded row), and checks the other direction too: a checkpoint that
-this library writes loads in transformers with the same logits.
+this library writes loads in transformers with the same logits, DSA
+retrofits of the Llama family included (transformers loads them as the
+dense model, ignoring the indexer tensors).
 Skipped, saying why, without the extra (`pip install -e ".[hf]"`).
 """
 
@@ -41,6 +44,7 @@ def test_live_parity(tmp_path, case):
   r = S.compare_case(path)
   assert r["rel_err"] <= 1e-4, r
   assert r["agree"] == r["queries"] and r["ties"] == 0, r
+  assert r["queries"] > 0 or not S.has_indexer(case)
 
 
 @pytest.mark.parametrize("case", sorted(S.CASES))
@@ -51,19 +55,61 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path, case):
   model, _ = hf.load_pretrained(src)
   out = str(tmp_path / "ours")
   hf.save_pretrained(model, out)
-  theirs = transformers.DeepseekV32ForCausalLM.from_pretrained(
-    out, attn_implementation="eager"
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(
+    out, attn_implementation="eager", dtype=torch.float32
   ).eval()
   tokens, lengths = S.inputs(1)
   logits, topk = S.hf_reference(theirs, tokens, lengths)
   run = parity.indexer_run(model, tokens, lengths)
   err, scale = parity.max_abs_error(run.logits, logits, lengths)
   assert err <= 1e-4 * scale, (err, scale)
+  assert len(run.scores) == (len(topk) if S.has_indexer(case) else 0)
   for s, mine, other in zip(run.scores, run.indices, topk):
     assert parity.selection_agreement(s, mine, other, lengths).ok
   np.testing.assert_array_equal(
     np.load(os.path.join(src, S.REFERENCE))["tokens"], tokens
   )
+
+
+@pytest.mark.parametrize(
+  "case", sorted(c for c in S.CASES if not S.has_indexer(c))
+)
+def test_retrofitted_checkpoint_loads_in_transformers_as_the_dense_model(
+  tmp_path, case
+):
+  """A DSA retrofit saved in its source format: transformers loads the
+  dense model from it (the indexer tensors unused), with the logits of the
+  retrofit's dense mode."""
+  import jax.numpy as jnp
+
+  src = S.write_case(str(tmp_path), case, seed=2)
+  fields = {"sliding_window": None} if case.startswith("mistral") else {}
+  model, _ = hf.retrofit_from(
+    src, top_k=4, indexer_heads=2, indexer_dim=16, **fields
+  )
+  out = str(tmp_path / "dsa")
+  hf.save_pretrained(model, out)
+  assert hf.read_config(out)["index_topk"] == 4
+  theirs, info = transformers.AutoModelForCausalLM.from_pretrained(
+    out, attn_implementation="eager", dtype=torch.float32,
+    output_loading_info=True,
+  )  # fmt: skip
+  assert not info["missing_keys"]
+  assert any(".indexer." in k for k in info["unexpected_keys"])
+  tokens, lengths = S.inputs(2)
+  mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(int)
+  with torch.no_grad():
+    want = theirs.eval()(
+      input_ids=torch.as_tensor(tokens, dtype=torch.long),
+      attention_mask=torch.as_tensor(mask),
+    ).logits.numpy()
+  got = np.asarray(
+    model(jnp.asarray(tokens), mode="dense", kv_lengths=jnp.asarray(lengths))[0]
+  )
+  err, scale = parity.max_abs_error(got, want, lengths)
+  if case.startswith("mistral"):  # saved without its window
+    assert hf.read_config(out)["sliding_window"] is None
+  assert err <= 1e-4 * scale, (err, scale)
 
 
 def test_dense_only_model_loads_in_transformers(tmp_path):

@@ -9,9 +9,14 @@ config.json + model.safetensors (or shards + model.safetensors.index.json).
 Supported model types: `deepseek_v32` (transformers' DeepseekV32ForCausalLM
 and DeepSeek's own V3.2 release: per-expert tensors, FP8 weights with
 128 x 128 `weight_scale_inv` blocks, dequantised at load; the MTP layer is
-skipped). Tensors are read with the `safetensors` package; torch is never
-imported. The model is this library's `Transformer`, so every training,
-decoding and kernel path applies to it.
+skipped) and the Llama family, `llama`, `mistral`, `qwen2`, `qwen3`
+(`sparse_attn.hf.llama`; GQA, tied or untied, q/k/v/o biases, Qwen3's q/k
+norms, Mistral's sliding window, llama3 / linear / YaRN RoPE scaling, and
+DSA retrofits of them with their indexer tensors). Tensors are read with
+the `safetensors` package; torch is never imported. The model is this
+library's `Transformer`, so every training, decoding and kernel path
+applies to it. `retrofit_from(path, top_k=...)` adds a fresh lightning
+indexer to a dense checkpoint (DeepSeek's V3.1 -> V3.2-Exp move).
 
 Missing tensors, tensors of the wrong shape, and tensors the model does not
 use raise ValueError naming them.
@@ -30,7 +35,7 @@ from flax import nnx
 
 from sparse_attn import registry
 from sparse_attn.config import ModelConfig
-from sparse_attn.hf import deepseek_v32
+from sparse_attn.hf import deepseek_v32, llama
 from sparse_attn.hf.mapping import apply_load, apply_save, tensor_names
 from sparse_attn.hf.safetensors_io import (
   CheckpointTensors,
@@ -41,9 +46,16 @@ from sparse_attn.models import Transformer
 
 CONFIG_FILE = "config.json"
 #: model_type -> the module that knows its config fields and tensor names.
-FAMILIES = {deepseek_v32.MODEL_TYPE: deepseek_v32}
-#: attention kind -> the model_type save_pretrained writes.
-FORMAT_OF_KIND = {deepseek_v32.KIND: deepseek_v32.MODEL_TYPE}
+FAMILIES: dict[str, Any] = {
+  deepseek_v32.MODEL_TYPE: deepseek_v32,
+  **llama.FAMILIES,
+}
+#: attention kind -> the model_type save_pretrained writes by default (GQA
+#: kinds: `llama.family_for`, from the model's projection options).
+FORMAT_OF_KIND = {
+  deepseek_v32.KIND: deepseek_v32.MODEL_TYPE,
+  **{kind: "llama" for kind in llama.KINDS},
+}
 _SCALE_SUFFIX = "_scale_inv"
 
 
@@ -75,7 +87,12 @@ def _read(path: str, overrides: dict[str, Any]):
   """(config.json dict, its family module, the ModelConfig with overrides)."""
   hf = read_config(path)
   family = family_of(hf)
-  return hf, family, _override(family.config_from_hf(hf), overrides, family)
+  overrides = dict(overrides)
+  hf_fields = {
+    k: overrides.pop(k) for k in family.HF_OVERRIDES if k in overrides
+  }
+  base = family.config_from_hf({**hf, **hf_fields})
+  return hf, family, _override(base, overrides, family)
 
 
 def _override(
@@ -87,27 +104,39 @@ def _override(
   if unknown:
     raise ValueError(
       f"unknown overrides {unknown}: give ModelConfig fields "
-      f"({sorted(fields)}) or attention parameters ({sorted(kind_params)})."
+      f"({sorted(fields)}), attention parameters ({sorted(kind_params)})"
+      f" or config.json fields ({sorted(family.HF_OVERRIDES)})."
     )
+  base_kind = cfg.attention
   direct = {k: v for k, v in overrides.items() if k in fields}
   params = {k: v for k, v in overrides.items() if k not in fields}
   if params:
     direct["attention_params"] = {**cfg.attention_kwargs, **params}
   cfg = dataclasses.replace(cfg, **direct)
   spec = registry.get(cfg.attention)
-  if spec.projections != "mla":
+  if spec.projections != family.PROJECTIONS:
     raise ValueError(
-      f"a {family.MODEL_TYPE} checkpoint holds MLA weights; attention "
-      f"{cfg.attention!r} is not an MLA kind."
+      f"a {family.MODEL_TYPE} checkpoint holds {family.PROJECTIONS.upper()} "
+      f"weights; attention {cfg.attention!r} has {spec.projections} "
+      f"projections."
     )
-  if not spec.has_indexer:  # the dense twin: its kind takes no DSA fields
-    keep = set(spec.param_names)
-    cfg = dataclasses.replace(
-      cfg,
-      attention_params={
-        k: v for k, v in cfg.attention_kwargs.items() if k in keep
-      },
+  if base_kind == "sliding_window" and cfg.attention != base_kind:
+    window = dict(cfg.attention_params).get("window")
+    raise ValueError(
+      f"this {family.MODEL_TYPE} checkpoint attends a sliding window of "
+      f"{window} keys; attention={cfg.attention!r} would attend beyond it. "
+      f"Pass sliding_window=None to load it with full attention (the same "
+      f"model on sequences of up to {window} tokens)."
     )
+  keep = set(spec.param_names)
+  cfg = dataclasses.replace(  # e.g. the dense twin takes no DSA fields
+    cfg,
+    attention_params={
+      k: v for k, v in cfg.attention_kwargs.items() if k in keep
+    },
+  )
+  if not spec.has_indexer and "sparse_layers" not in overrides:
+    cfg = dataclasses.replace(cfg, sparse_layers=None)
   spec.params_from_config(cfg)  # validates
   return cfg
 
@@ -119,10 +148,17 @@ def load_pretrained(
 
   overrides: ModelConfig fields (e.g. dtype="bfloat16",
   param_dtype="bfloat16", implementation="pallas", top_k=512,
-  attention="mla" for the dense twin, whose indexer tensors are then
-  skipped) or attention parameters (form="absorbed",
-  indexer_precision="fp8", indexer_scale_fmt="ue8m0"). Weights load in
-  float32 unless param_dtype says otherwise.
+  attention="mla" / "dense" for the dense twin, whose indexer tensors are
+  then skipped), attention parameters (form="absorbed",
+  indexer_precision="fp8", indexer_scale_fmt="ue8m0"), or the config.json
+  fields a family lets them replace (Llama family: sliding_window=None to
+  drop Mistral's window). Weights load in float32 unless param_dtype says
+  otherwise.
+
+  A model with parameters the checkpoint lacks (e.g. attention="dsa" on a
+  dense checkpoint: the indexer) is refused here; build it with
+  `retrofit_from` (or `experiments/retrofit.py`), which loads the dense
+  weights and initialises the rest.
   """
   hf, family, cfg = _read(path, overrides)
   tensors = CheckpointTensors(path)
@@ -131,9 +167,15 @@ def load_pretrained(
   needed = tensor_names(rules)
   missing = sorted(needed - names)
   if missing:
+    hint = ""
+    if all(_is_indexer(n) for n in missing):
+      hint = (
+        " They are all indexer tensors: to add a fresh indexer to a dense "
+        "checkpoint use sparse_attn.hf.retrofit_from(path, ...)."
+      )
     raise ValueError(
       f"checkpoint {path!r} lacks {len(missing)} tensors the model needs: "
-      f"{_listing(missing)}."
+      f"{_listing(missing)}.{hint}"
     )
   scales = {n for n in names if n.endswith(_SCALE_SUFFIX)}
   unexpected = sorted(
@@ -183,10 +225,79 @@ def load_pretrained(
   return model, cfg
 
 
+def retrofit_from(
+  path: str, *, attention: str = "dsa", seed: int = 0, **overrides: Any
+) -> tuple[Transformer, ModelConfig]:
+  """(model of kind `attention`, config) from a checkpoint without its
+  parameters: DeepSeek's move from V3.1 to V3.2-Exp.
+
+  Every parameter the checkpoint has (embeddings, projections, MLPs,
+  norms) is loaded; what only `attention` has (the lightning indexer on
+  the layers of `sparse_layers`, all by default) is freshly initialised
+  from `seed`. overrides: as load_pretrained's (top_k=, indexer_heads=,
+  indexer_dim=, sparse_layers=[...], dtype, ...). Train the new parameters
+  with the dense warm-up (`experiments/retrofit.py`).
+  """
+  cfg = config_from_pretrained(path, attention=attention, **overrides)
+  twin = registry.dense_twin(attention)
+  kind_only = set(registry.get(attention).param_names) - set(
+    registry.get(twin).param_names
+  )
+  dense_overrides = {
+    k: v
+    for k, v in overrides.items()
+    if k not in kind_only and k != "sparse_layers"
+  }
+  dense, _ = load_pretrained(path, attention=twin, **dense_overrides)
+  model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  src = {p: v for p, v in nnx.to_flat_state(nnx.state(dense, nnx.Param))}
+  fresh = []
+  for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    old = src.get(p)
+    if old is not None and old.get_value().shape == v.get_value().shape:
+      v.set_value(old.get_value())
+    else:
+      fresh.append(".".join(map(str, p)))
+  if not fresh:
+    raise ValueError(
+      f"attention={attention!r} adds no parameters to this checkpoint: use "
+      f"load_pretrained(path, attention={attention!r})."
+    )
+  model.hf_config_json = dense.hf_config_json
+  return model, cfg
+
+
 def source_config(model: Transformer) -> dict[str, Any] | None:
   """The config.json dict a model was loaded from (None if it was not)."""
   text = getattr(model, "hf_config_json", None)
   return None if text is None else json.loads(text)
+
+
+def format_of(model: Transformer, model_type: str | None = None) -> Any:
+  """The family module save_pretrained writes `model` with: `model_type`
+  if given, else the model_type the model was loaded from, else the
+  default of its kind (`FORMAT_OF_KIND`; GQA kinds: `llama.family_for`)."""
+  cfg = model.cfg
+  if model_type is not None:
+    if model_type not in FAMILIES:
+      raise ValueError(
+        f"model_type {model_type!r} is not supported; supported: "
+        f"{sorted(FAMILIES)}."
+      )
+    return FAMILIES[model_type]
+  source = (source_config(model) or {}).get("model_type")
+  if source in FAMILIES and cfg.attention in FORMAT_OF_KIND:
+    family = FAMILIES[source]
+    if family.PROJECTIONS == registry.get(cfg.attention).projections:
+      return family
+  if cfg.attention not in FORMAT_OF_KIND:
+    raise ValueError(
+      f"no HF format holds attention kind {cfg.attention!r}; supported: "
+      f"{sorted(FORMAT_OF_KIND)}."
+    )
+  if registry.get(cfg.attention).projections == llama.PROJECTIONS:
+    return llama.family_for(cfg)
+  return FAMILIES[FORMAT_OF_KIND[cfg.attention]]
 
 
 def save_pretrained(
@@ -196,6 +307,7 @@ def save_pretrained(
   config: dict[str, Any] | None = None,
   dtype: Any = None,
   max_shard_size: int | None = None,
+  model_type: str | None = None,
 ) -> list[str]:
   """Writes `model` as an HF checkpoint directory; returns the files written.
 
@@ -203,15 +315,16 @@ def save_pretrained(
   ids, max_position_embeddings, ...) are kept; default: the one the model
   was loaded from. dtype: tensor dtype (default: the parameters' own).
   max_shard_size: bytes per shard (None: one model.safetensors).
+  model_type: the HF format (default: `format_of`); ValueError when it
+  cannot hold the model (e.g. qwen2 for a model with q/k norms).
   """
   cfg = model.cfg
-  if cfg.attention not in FORMAT_OF_KIND:
-    raise ValueError(
-      f"no HF format holds attention kind {cfg.attention!r}; supported: "
-      f"{sorted(FORMAT_OF_KIND)}."
-    )
-  family = FAMILIES[FORMAT_OF_KIND[cfg.attention]]
-  hf = family.config_to_hf(cfg, config or source_config(model))
+  family = format_of(model, model_type)
+  base = config or source_config(model)
+  if base is not None and base.get("model_type") != family.MODEL_TYPE:
+    # Another format's fields do not carry over; token ids and lengths do.
+    base = {k: v for k, v in base.items() if k in _PORTABLE_FIELDS}
+  hf = family.config_to_hf(cfg, base)
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   params = {p: np.asarray(v.get_value()) for p, v in flat}
   tensors = apply_save(family.rules(cfg), params)
@@ -230,6 +343,17 @@ def save_pretrained(
   return files + [CONFIG_FILE]
 
 
+#: config.json fields kept when a model is saved in another format than
+#: the one it was loaded from.
+_PORTABLE_FIELDS = (
+  "bos_token_id",
+  "eos_token_id",
+  "pad_token_id",
+  "max_position_embeddings",
+  "initializer_range",
+)
+
+
 def _is_indexer(name: str) -> bool:
   return ".self_attn.indexer." in name
 
@@ -244,8 +368,10 @@ def _listing(names: list[str], limit: int = 12) -> str:
 __all__ = [
   "FAMILIES",
   "config_from_pretrained",
+  "format_of",
   "load_pretrained",
   "read_config",
+  "retrofit_from",
   "save_pretrained",
   "source_config",
 ]

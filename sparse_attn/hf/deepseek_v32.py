@@ -41,6 +41,9 @@ from sparse_attn.nn.mla_dsa import MLADSAParams
 from sparse_attn.ops.rope import RopeScaling
 
 MODEL_TYPE = "deepseek_v32"
+PROJECTIONS = "mla"
+#: config.json fields load_pretrained's overrides may replace: none.
+HF_OVERRIDES: tuple[str, ...] = ()
 ARCHITECTURE = "DeepseekV32ForCausalLM"
 KIND = "mla_dsa"
 MLA_FIELDS = (

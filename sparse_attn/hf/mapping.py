@@ -52,6 +52,16 @@ def heads_out(path: Path, name: str, heads: int) -> Rule:
   return Rule((path,), (name,), load, save)
 
 
+def heads_bias(path: Path, name: str, heads: int) -> Rule:
+  """[H, D] <-> HF [H * D] (the bias of a per-head projection)."""
+  return Rule(
+    (path,),
+    (name,),
+    lambda t: [t[0].reshape(heads, -1)],
+    lambda p: [p[0].reshape(-1)],
+  )
+
+
 def heads_in(path: Path, name: str, heads: int) -> Rule:
   """[H, D, out] <-> HF [out, H * D] (an output projection of the heads)."""
 

@@ -54,9 +54,9 @@ def indexer_run(
   )
   x = model.embed_tokens(toks)
   scores, indices = [], []
-  for block in model.blocks:
+  for i, block in enumerate(model.blocks):
     attn: Any = block.attn  # a DSA kind: has index() and top_k
-    if registry.has_indexer(model.cfg.attention):
+    if registry.has_indexer(model.cfg.layer_attention(i)):
       q_idx, k_idx, w = attn.index(block.attn_norm(x), positions)
       scores.append(np.asarray(indexer_scores(q_idx, k_idx, w, kv_lengths=kv)))
       indices.append(

@@ -45,8 +45,9 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, layer_index: int = 0, rngs: nnx.Rngs):
     pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
-    self.attn = registry.get(cfg.attention).build(
-      cfg, layer_index=layer_index, rngs=rngs
+    layer_cfg = cfg.for_layer(layer_index)
+    self.attn = registry.get(layer_cfg.attention).build(
+      layer_cfg, layer_index=layer_index, rngs=rngs
     )
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
     moe = cfg.moe_config

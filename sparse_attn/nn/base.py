@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sparse_attn import dispatch
+from sparse_attn.nn.norm import RMSNorm
 from sparse_attn.nn.params import param
 from sparse_attn.ops import masking
 from sparse_attn.ops.rope import RopeScaling, apply_rope, as_rope_scaling
@@ -162,8 +163,19 @@ class AttentionLayer(nnx.Module):
     rope_base: RoPE base of q and k.
     rope_scaling: RoPE frequency scaling (`sparse_attn.ops.rope.RopeScaling`,
       or its HF-style dict: YaRN, llama3, linear); None: plain RoPE.
+    qkv_bias: biases bq [H, D], bk / bv [G, D] on the q, k, v projections
+      (Qwen2; Llama / Qwen3 with attention_bias).
+    out_bias: a bias bo [E] on the output projection (Llama / Qwen3 with
+      attention_bias).
+    qk_norm: RMSNorm over head_dim of every q and k head, before RoPE
+      (Qwen3's q_norm / k_norm), with eps `norm_eps`.
     dtype / param_dtype: activation / parameter dtypes.
   """
+
+  #: Whether the layer's projections are the GQA ones above, so the
+  #: qkv_bias / out_bias / qk_norm options apply (MLA and shared-QK layers
+  #: project differently and refuse them).
+  projection_options: ClassVar[bool] = True
 
   def __init__(
     self,
@@ -177,6 +189,10 @@ class AttentionLayer(nnx.Module):
     block_sizes: Mapping[str, Any] | None = None,
     rope_base: float = 10000.0,
     rope_scaling: Any = None,
+    qkv_bias: bool = False,
+    out_bias: bool = False,
+    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
@@ -206,6 +222,15 @@ class AttentionLayer(nnx.Module):
     )
     self.rope_base, self.dtype = rope_base, dtype
     self.rope_scaling: RopeScaling | None = as_rope_scaling(rope_scaling)
+    options = {"qkv_bias": qkv_bias, "out_bias": out_bias, "qk_norm": qk_norm}
+    if any(options.values()) and not self.projection_options:
+      raise ValueError(
+        f"{type(self).__name__} does not take "
+        f"{sorted(k for k, v in options.items() if v)}: its projections "
+        "are not the GQA q/k/v/o ones."
+      )
+    self.qkv_bias, self.out_bias = bool(qkv_bias), bool(out_bias)
+    self.qk_norm, self.norm_eps = bool(qk_norm), float(norm_eps)
     self.init_projections(rngs, param_dtype)
 
   def init_projections(self, rngs: nnx.Rngs, param_dtype: Any) -> None:
@@ -228,6 +253,25 @@ class AttentionLayer(nnx.Module):
     self.wo = param(
       rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype
     )
+    zeros = nnx.initializers.zeros_init()
+    if self.qkv_bias:
+      self.bq = param(rngs, (h, d), ("heads", "head_dim"), param_dtype, zeros)
+      self.bk = param(
+        rngs, (g, d), ("kv_heads", "head_dim"), param_dtype, zeros
+      )
+      self.bv = param(
+        rngs, (g, d), ("kv_heads", "head_dim"), param_dtype, zeros
+      )
+    if self.out_bias:
+      self.bo = param(rngs, (e,), ("embed",), param_dtype, zeros)
+    if self.qk_norm:
+      eps = self.norm_eps
+      self.q_norm = RMSNorm(
+        d, eps=eps, param_dtype=param_dtype, axis_name="head_dim"
+      )
+      self.k_norm = RMSNorm(
+        d, eps=eps, param_dtype=param_dtype, axis_name="head_dim"
+      )
 
   # -- projections -----------------------------------------------------------
 
@@ -239,6 +283,12 @@ class AttentionLayer(nnx.Module):
     q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
     k = jnp.einsum("bte,egd->btgd", x, self.wk[...].astype(self.dtype))
     v = jnp.einsum("bte,egd->btgd", x, self.wv[...].astype(self.dtype))
+    if self.qkv_bias:
+      q = q + self.bq[...].astype(self.dtype)
+      k = k + self.bk[...].astype(self.dtype)
+      v = v + self.bv[...].astype(self.dtype)
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     return self.rope(q, positions), self.rope(k, positions), v
 
   def rope(
@@ -261,7 +311,10 @@ class AttentionLayer(nnx.Module):
 
   def output(self, o: jax.Array) -> jax.Array:
     """o [B, T, H, Dv] -> y [B, T, E]."""
-    return jnp.einsum("bthd,hde->bte", o, self.wo[...].astype(self.dtype))
+    y = jnp.einsum("bthd,hde->bte", o, self.wo[...].astype(self.dtype))
+    if self.out_bias:
+      y = y + self.bo[...].astype(self.dtype)
+    return y
 
   # -- cache -----------------------------------------------------------------
 

@@ -40,7 +40,8 @@ class AttentionKind:
     layer: the NNX layer class, constructed as
       layer(E, H, G, D, **params, layer_index=, implementation=, block_sizes=,
       rope_base=, dtype=, param_dtype=, rngs=) (+ rope_scaling= when the
-      config scales RoPE).
+      config scales RoPE, and qkv_bias= / out_bias= / qk_norm= + norm_eps=
+      when the config sets them: `AttentionLayer` takes them).
     params: a frozen dataclass of the kind's parameters with defaults; its
       `__post_init__` raises ValueError on invalid values.
     keys_per_query: fn(seq_len, params, *, num_heads=None, layer_index=None)
@@ -134,10 +135,15 @@ class AttentionKind:
     if self.layer is None:
       raise ValueError(f"attention kind {self.name!r} has no layer class.")
     params = self.params_from_config(cfg)
-    extra = {}
+    extra: dict[str, Any] = {}
+    # Only when set, so layers of user kinds that predate them still build.
     if cfg.rope_scaling_config is not None:
-      # Only when set, so layers of user kinds that predate it still build.
       extra["rope_scaling"] = cfg.rope_scaling_config
+    for option in ("qkv_bias", "out_bias", "qk_norm"):
+      if getattr(cfg, option):
+        extra[option] = True
+    if cfg.qk_norm:
+      extra["norm_eps"] = cfg.norm_eps
     return self.layer(
       cfg.embed_dim,
       cfg.num_heads,

@@ -103,6 +103,7 @@ class LSHAttention(AttentionLayer):
   lookback="window" only, so `init_cache` refuses "chunk".
   """
 
+  projection_options = False
   counted_attention = staticmethod(counted_attention)
 
   def __init__(

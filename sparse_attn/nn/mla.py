@@ -126,6 +126,8 @@ class MLAAttention(AttentionLayer):
   for all S keys (from the cache when decoding).
   """
 
+  projection_options = False
+
   def __init__(
     self,
     embed_dim: int,
