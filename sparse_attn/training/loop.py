@@ -34,6 +34,7 @@ from sparse_attn.training.loader import make_datasets
 from sparse_attn.training.metrics import MetricsLogger, fmt_tokens, host_metrics
 from sparse_attn.training.stages import StageRunner, stage_of
 from sparse_attn.training.state import Setup, init_state, setup
+from sparse_attn.training.transfer import init_from
 from sparse_attn.training.steps import STAGE_MODE, make_eval_step
 
 
@@ -101,6 +102,15 @@ def _log_start(logger: MetricsLogger, s: Setup, has_idx: bool) -> None:
   )
 
 
+def _eta(timed_from: tuple[int, float], done: int, now: float, total: int):
+  """' eta 1m05s' from the mean step time since the first timed step."""
+  step0, t0 = timed_from
+  if done <= step0 or done >= total:
+    return ""
+  left = (now - t0) / (done - step0) * (total - done)
+  return f" eta {int(left // 60)}m{int(left % 60):02d}s"
+
+
 def train(
   cfg: Config,
   run_dir: str | None = None,
@@ -109,11 +119,17 @@ def train(
   devices=None,
   echo: Callable[[str], None] | None = print,
   final_eval: bool = True,
+  init_params: Mapping[str, Any] | None = None,
 ) -> TrainResult:
   """Runs (or resumes) both stages; returns the final state and evaluation.
 
   run_dir None: no checkpoints and no files (metrics only in the result).
   resume: continue from the latest checkpoint in run_dir if there is one.
+  init_params: {"main": ..., "indexer": ...} (either or both), the starting
+    parameters of a fresh run (e.g. a pretrained model's, split with
+    `models.MAIN` / `models.INDEXER`); every leaf of a given group must
+    match the model's (ValueError naming those that do not). A resumed run
+    ignores them: its checkpoint holds the state.
   """
   s = setup(cfg, devices)
   cfg, t = s.cfg, s.cfg.train
@@ -131,6 +147,13 @@ def train(
     )
   else:
     state = init_state(s)
+    for group, params in (init_params or {}).items():
+      state, moved = init_from(state, params, group)
+      if moved.kept:
+        raise ValueError(
+          f"init_params[{group!r}] has no leaf of the model's path, shape "
+          f"and dtype for {list(moved.kept)[:8]} ({len(moved.kept)} leaves)."
+        )
   start = int(shd.to_host(state["step"]))
 
   has_idx = registry.has_indexer(cfg.model.attention)
@@ -141,6 +164,7 @@ def train(
   history = []
   total = t.total_steps
   tick, tokens = time.perf_counter(), 0.0
+  timed_from: tuple[int, float] | None = None  # (step, time) after compiling
 
   def label(stage):  # kinds without an indexer have a single plain stage
     return stage if has_idx else "train"
@@ -170,6 +194,9 @@ def train(
         # The first step after (re)start includes compilation: no rate.
         tps = tokens / max(now - tick, 1e-9) if done > start + 1 else None
         tick, tokens = now, 0.0
+        if timed_from is None:
+          timed_from = (done, now)
+        eta = _eta(timed_from, done, now, total)
         rec = {
           "event": "train",
           "step": done,
@@ -187,7 +214,8 @@ def train(
           f"[{cfg.model.attention}:{label(stage)}] {done}/{total} "
           f"loss {m['loss']:.4f}{kl}"
           f" attended {m['attended_fraction']:.3f} lr {lr:.2e}"
-          f"{f' {fmt_tokens(tps)} tok/s' if tps else ' (compiled)'}",
+          f"{f' {fmt_tokens(tps)} tok/s' if tps else ' (compiled)'}"
+          f"{eta}",
         )
       if t.eval_every and done % t.eval_every == 0 and done != total:
         last_eval = run_eval(done, stage)
