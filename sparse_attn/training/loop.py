@@ -34,8 +34,8 @@ from sparse_attn.training.loader import make_datasets
 from sparse_attn.training.metrics import MetricsLogger, fmt_tokens, host_metrics
 from sparse_attn.training.stages import StageRunner, stage_of
 from sparse_attn.training.state import Setup, init_state, setup
-from sparse_attn.training.transfer import init_from
 from sparse_attn.training.steps import STAGE_MODE, make_eval_step
+from sparse_attn.training.transfer import init_from
 
 
 @dataclasses.dataclass
