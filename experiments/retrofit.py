@@ -47,6 +47,7 @@ from sparse_attn import training as T  # noqa: E402
 from sparse_attn.config import Config, TrainConfig  # noqa: E402
 from sparse_attn.data import make_dataset  # noqa: E402
 from sparse_attn.models import INDEXER, MAIN  # noqa: E402
+from sparse_attn.ops.attention import group_heads, masked_softmax  # noqa: E402
 from sparse_attn.ops.indexer import lightning_topk  # noqa: E402
 from sparse_attn.ops.losses import lm_loss  # noqa: E402
 
@@ -202,10 +203,9 @@ def dense_topk_recall(model, a) -> list[float | None]:
       attn = block.attn
       h = block.attn_norm(x)
       q, k, _ = attn.project(h, positions)
-      rep = q.shape[2] // k.shape[2]
-      k = jnp.repeat(k, rep, axis=2)
-      s = jnp.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
-      p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1).mean(1)
+      qg = group_heads(q, k.shape[2])
+      s = jnp.einsum("btgrd,bsgd->btgrs", qg, k) * q.shape[-1] ** -0.5
+      p = masked_softmax(s, causal[None, :, None, None])[0].mean((2, 3))
       dense_top = jax.lax.top_k(jnp.where(causal, p, -1.0), k_keep)[1]
       q_idx, k_idx, w = attn.index(h, positions)
       mine = lightning_topk(q_idx, k_idx, w, k_keep, implementation="xla")

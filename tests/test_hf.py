@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import save_file
 
+from _goldens import assert_same_params, assert_same_tensors
+from _goldens import golden_case as _case
+from _goldens import param_arrays as _params
 from sparse_attn import hf, inference
 from sparse_attn.hf import parity
 from sparse_attn.hf.safetensors_io import (
@@ -30,20 +32,7 @@ from sparse_attn.hf.safetensors_io import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDENS = os.path.join(ROOT, "tests", "goldens")
 CASES = ["deepseek_v32_rope", "deepseek_v32_yarn"]
-
-
-def _case(name):
-  path = os.path.join(GOLDENS, name)
-  return path, np.load(os.path.join(path, "reference.npz"))
-
-
-def _params(model):
-  return {
-    p: np.asarray(v.get_value())
-    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-  }
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -100,17 +89,13 @@ def test_round_trip_is_lossless(tmp_path):
   model, cfg = hf.load_pretrained(path)
   files = hf.save_pretrained(model, str(tmp_path / "copy"))
   assert sorted(files) == ["config.json", "model.safetensors"]
-  src, out = CheckpointTensors(path), CheckpointTensors(str(tmp_path / "copy"))
-  assert set(src) == set(out)
-  for name in src:
-    np.testing.assert_array_equal(src[name], out[name], err_msg=name)
+  assert_same_tensors(path, str(tmp_path / "copy"))
   a, b = hf.read_config(path), hf.read_config(str(tmp_path / "copy"))
   for key in set(a) - {"transformers_version"}:
     assert a[key] == b[key], key
   again, cfg2 = hf.load_pretrained(str(tmp_path / "copy"))
   assert cfg2 == cfg
-  for (p, x), (_, y) in zip(_params(model).items(), _params(again).items()):
-    np.testing.assert_array_equal(x, y, err_msg=str(p))
+  assert_same_params(model, again)
 
 
 def test_sharded_checkpoint_and_bfloat16(tmp_path):
@@ -121,8 +106,7 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert set(index["weight_map"]) == set(CheckpointTensors(path))
   again, _ = hf.load_pretrained(str(tmp_path))
-  for x, y in zip(_params(model).values(), _params(again).values()):
-    np.testing.assert_array_equal(x, y)
+  assert_same_params(model, again)
   bf = tmp_path / "bf16"
   hf.save_pretrained(model, str(bf), dtype="bfloat16")
   assert CheckpointTensors(str(bf)).dtype("lm_head.weight") == "BF16"

@@ -10,21 +10,21 @@ logits max |diff| 0.9e-6 .. 1.4e-6 of a logit scale ~2 in all five cases
 
 import dataclasses
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from _goldens import GOLDENS, assert_same_params, assert_same_tensors
+from _goldens import golden_case as _case
+from _goldens import param_arrays as _params
 from sparse_attn import hf, inference
 from sparse_attn.config import ModelConfig
 from sparse_attn.hf import llama, parity
 from sparse_attn.hf.safetensors_io import CheckpointTensors
 from sparse_attn.models import Transformer, build_model
 from sparse_attn.ops.rope import RopeScaling
-
-GOLDENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goldens")
 
 CASES = [
   "llama_gqa_bias_llama3",
@@ -38,18 +38,6 @@ DTYPES = {
   "mistral_window_f16": "F16",
   "qwen2_bias_tied_bf16": "BF16",
 }
-
-
-def _case(name):
-  path = os.path.join(GOLDENS, name)
-  return path, np.load(os.path.join(path, "reference.npz"))
-
-
-def _params(model):
-  return {
-    p: np.asarray(v.get_value())
-    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-  }
 
 
 def _logits(model, ref, **kw):
@@ -106,11 +94,7 @@ def test_round_trip_is_lossless(tmp_path, name):
   dtype = {"BF16": "bfloat16", "F16": "float16"}.get(DTYPES.get(name, ""))
   out = str(tmp_path / "copy")
   hf.save_pretrained(model, out, dtype=dtype)
-  src, mine = CheckpointTensors(path), CheckpointTensors(out)
-  assert set(src) == set(mine)
-  for t in src:
-    assert src.dtype(t) == mine.dtype(t), t
-    np.testing.assert_array_equal(src[t], mine[t], err_msg=t)
+  assert_same_tensors(path, out, dtypes=True)
   a, b = hf.read_config(path), hf.read_config(out)
   rope = "rope_parameters"  # ours spells out YaRN's default betas
   for key in set(a) - {"transformers_version", "max_window_layers", rope}:
@@ -119,8 +103,7 @@ def test_round_trip_is_lossless(tmp_path, name):
   assert a[rope]["rope_theta"] == b[rope]["rope_theta"]
   again, cfg2 = hf.load_pretrained(out)
   assert cfg2 == cfg
-  for (p, x), y in zip(_params(model).items(), _params(again).values()):
-    np.testing.assert_array_equal(x, y, err_msg=str(p))
+  assert_same_params(model, again)
 
 
 def test_shards_and_parameter_dtypes(tmp_path):
@@ -261,8 +244,7 @@ def test_retrofit_adds_a_fresh_indexer_and_keeps_the_dense_model(
   assert names - indexer == set(CheckpointTensors(path))
   again, cfg2 = hf.load_pretrained(out)
   assert cfg2 == cfg
-  for (p, x), y in zip(_params(model).items(), _params(again).values()):
-    np.testing.assert_array_equal(x, y, err_msg=str(p))
+  assert_same_params(model, again)
   twin, tcfg = hf.load_pretrained(out, attention="dense")
   assert tcfg.sparse_layers is None
   np.testing.assert_array_equal(_logits(twin, ref), _logits(dense, ref))

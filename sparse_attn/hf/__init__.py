@@ -120,13 +120,21 @@ def _override(
       f"weights; attention {cfg.attention!r} has {spec.projections} "
       f"projections."
     )
-  if base_kind == "sliding_window" and cfg.attention != base_kind:
-    window = dict(cfg.attention_params).get("window")
+  base = registry.get(base_kind)
+  if (
+    cfg.attention != base_kind
+    and not base.has_indexer  # its dense twin drops only the indexer
+    and base.param_names
+  ):
+    # The checkpoint's own attention pattern (Mistral's window) would be
+    # lost: only the config.json field that sets it may drop it.
+    kept = {k: v for k, v in cfg.attention_kwargs.items() if k in base.defaults}
     raise ValueError(
-      f"this {family.MODEL_TYPE} checkpoint attends a sliding window of "
-      f"{window} keys; attention={cfg.attention!r} would attend beyond it. "
-      f"Pass sliding_window=None to load it with full attention (the same "
-      f"model on sequences of up to {window} tokens)."
+      f"this {family.MODEL_TYPE} checkpoint attends with {base_kind!r} "
+      f"{kept}; attention={cfg.attention!r} would not keep that. Override "
+      f"the config.json field that sets it instead (one of "
+      f"{list(family.HF_OVERRIDES)}; e.g. sliding_window=None loads full "
+      f"attention, the same model on sequences up to the window)."
     )
   keep = set(spec.param_names)
   cfg = dataclasses.replace(  # e.g. the dense twin takes no DSA fields

@@ -37,8 +37,8 @@ from typing import Any
 from sparse_attn import registry
 from sparse_attn.config import ModelConfig
 from sparse_attn.hf import mapping as M
+from sparse_attn.hf.fields import require, rope_from_hf, rope_to_hf
 from sparse_attn.nn.mla_dsa import MLADSAParams
-from sparse_attn.ops.rope import RopeScaling
 
 MODEL_TYPE = "deepseek_v32"
 PROJECTIONS = "mla"
@@ -53,18 +53,6 @@ MLA_FIELDS = (
   "qk_rope_head_dim",
   "v_head_dim",
 )
-
-
-def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-  """(rope_theta, scaling) from rope_parameters (transformers 5) or
-  rope_theta + rope_scaling (older files, DeepSeek's release)."""
-  params = hf.get("rope_parameters") or {}
-  legacy = hf.get("rope_scaling") or {}
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  scaling = RopeScaling.from_dict(
-    params or legacy, max_position_embeddings=hf.get("max_position_embeddings")
-  )
-  return float(theta), scaling
 
 
 #: DeepseekV32Config's defaults (transformers 5.24) of the fields a
@@ -89,19 +77,14 @@ HF_DEFAULTS: dict[str, Any] = {
 LATENT_NORM_EPS = 1e-6
 
 
-def _require(hf: dict[str, Any], *names: str) -> None:
-  missing = [n for n in names if hf.get(n) is None]
-  if missing:
-    raise ValueError(f"config.json of {MODEL_TYPE} lacks the fields {missing}.")
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """The ModelConfig of an HF deepseek_v32 config.json dict (float32).
 
   Fields left out take DeepseekV32Config's defaults (`HF_DEFAULTS`).
   """
   hf = {**HF_DEFAULTS, **hf}
-  _require(
+  require(
+    MODEL_TYPE,
     hf,
     "vocab_size",
     "hidden_size",
@@ -132,7 +115,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       f"moe_layer_freq={hf['moe_layer_freq']} is not supported (only 1)."
     )
   layers = int(hf["num_hidden_layers"])
-  theta, scaling = _rope(hf)
+  theta, scaling = rope_from_hf(hf)
   first_dense = min(int(hf["first_k_dense_replace"] or 0), layers)
   types = hf.get("mlp_layer_types")
   experts = hf.get("n_routed_experts")
@@ -234,10 +217,6 @@ def config_to_hf(
     for k, v in dict(base or {}).items()
     if k not in ("rope_scaling", "rope_theta", "quantization_config")
   }
-  scaling = cfg.rope_scaling_config
-  rope = {"rope_theta": cfg.rope_base, "rope_type": "default"}
-  if scaling is not None:
-    rope.update(scaling.to_dict())
   moe = cfg.moe_config
   layers = cfg.num_layers
   first_dense = layers if moe is None else moe.first_dense_layers
@@ -257,7 +236,7 @@ def config_to_hf(
     index_head_dim=cfg.indexer_dim,
     rms_norm_eps=cfg.norm_eps,
     tie_word_embeddings=cfg.tie_embeddings,
-    rope_parameters=rope,
+    rope_parameters=rope_to_hf(cfg),
     hidden_act="silu",
     attention_bias=False,
     mlp_bias=False,

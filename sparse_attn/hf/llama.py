@@ -49,6 +49,7 @@ from typing import Any
 from sparse_attn import registry
 from sparse_attn.config import ModelConfig
 from sparse_attn.hf import mapping as M
+from sparse_attn.hf.fields import require, rope_from_hf, rope_to_hf
 from sparse_attn.nn.dsa import DSAParams
 from sparse_attn.nn.sliding_window import SlidingWindowParams
 from sparse_attn.ops.rope import RopeScaling
@@ -131,10 +132,7 @@ def _window(fmt: Format, hf: dict[str, Any], layers: int) -> int | None:
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-  params = hf.get("rope_parameters") or {}
-  legacy = hf.get("rope_scaling") or {}
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  factor = params.get(
+  factor = (hf.get("rope_parameters") or {}).get(
     "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
   )
   if factor != 1.0:
@@ -142,16 +140,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
       f"partial_rotary_factor={factor} is not supported (RoPE on the whole "
       f"head only)."
     )
-  scaling = RopeScaling.from_dict(
-    params or legacy, max_position_embeddings=hf.get("max_position_embeddings")
-  )
-  return float(theta), scaling
-
-
-def _require(model_type: str, hf: dict[str, Any], *names: str) -> None:
-  missing = [n for n in names if hf.get(n) is None]
-  if missing:
-    raise ValueError(f"config.json of {model_type} lacks the fields {missing}.")
+  return rope_from_hf(hf)
 
 
 class Family:
@@ -172,7 +161,7 @@ class Family:
   def config_from_hf(self, hf: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a config.json dict (float32 parameters)."""
     fmt = self.fmt
-    _require(
+    require(
       fmt.model_type,
       hf,
       "vocab_size",
@@ -220,7 +209,7 @@ class Family:
           f"config.json sets both a sliding window ({window}) and DSA "
           f"(index_topk): not supported."
         )
-      _require(fmt.model_type, hf, "index_n_heads", "index_head_dim")
+      require(fmt.model_type, hf, "index_n_heads", "index_head_dim")
       layers_idx = hf.get("index_layers")
       return dataclasses.replace(
         cfg,
@@ -291,10 +280,6 @@ class Family:
     if fmt.window != "none":
       drop |= {"sliding_window", "use_sliding_window", "layer_types"}
     out = {k: v for k, v in dict(base or {}).items() if k not in drop}
-    scaling = cfg.rope_scaling_config
-    rope: dict[str, Any] = {"rope_theta": cfg.rope_base, "rope_type": "default"}
-    if scaling is not None:
-      rope.update(scaling.to_dict())
     out.update(
       architectures=[fmt.architecture],
       model_type=fmt.model_type,
@@ -306,7 +291,7 @@ class Family:
       num_key_value_heads=cfg.num_kv_heads,
       rms_norm_eps=cfg.norm_eps,
       tie_word_embeddings=cfg.tie_embeddings,
-      rope_parameters=rope,
+      rope_parameters=rope_to_hf(cfg),
       hidden_act="silu",
     )
     if fmt.head_dim_field:
