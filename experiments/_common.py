@@ -1,7 +1,8 @@
-"""Helpers shared by the experiment scripts (retrieval, bench_attention, indexer_analysis).
+"""Helpers shared by the experiment scripts (retrieval, retrofit, benchmarks).
 
-Nothing here is part of the library: CSV/markdown writing, matplotlib (Agg)
-setup and a short environment line for reports.
+Nothing here is part of the library: the retrieval tasks' options, CSV /
+markdown writing, matplotlib (Agg) setup and a short environment line for
+reports.
 """
 
 from __future__ import annotations
@@ -17,6 +18,29 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# Task options of the retrieval experiments (retrieval.py, retrofit.py,
+# make_dense_checkpoint.py), fixed across lengths so longer evaluations only
+# add filler.
+TASK_OPTIONS: dict[str, dict[str, int]] = {
+  # 8 keys and 8 values: a 2-layer model learns the binding (not just the
+  # value distribution) in a few hundred CPU steps (see notebook 02).
+  "mqar": {"key_vocab": 8, "value_vocab": 8},
+  "passkey": {"num_digits": 5},
+  "niah": {"num_needles": 2, "num_digits": 5, "name_chars": 4},
+  "vartrack": {
+    "num_hops": 2,
+    "num_chains": 2,
+    "num_digits": 4,
+    "name_chars": 3,
+  },
+}
+
+
+def task_options(dataset: str) -> dict[str, dict[str, int]]:
+  """TASK_OPTIONS of the tasks a dataset (or mixture spec) names."""
+  names = {part.partition(":")[0].strip() for part in dataset.split("+")}
+  return {k: v for k, v in TASK_OPTIONS.items() if k in names}
 
 
 def add_layer_shape_args(p) -> None:

@@ -3,9 +3,13 @@
 The offline stand-in for a downloaded Llama / Qwen checkpoint (there is no
 model hub here): a dense GQA transformer in the Llama layout (unscaled
 embeddings, untied output; --qwen3 adds Qwen3's q/k norms) trained on the
-built-in text (the Python standard library's sources, bytes as tokens),
-written with `sparse_attn.hf.save_pretrained`. `experiments/retrofit.py`
-then runs on that directory exactly as on a real checkpoint.
+built-in text (the Python standard library's sources, bytes as tokens)
+mixed with the passkey and variable-tracking tasks (--dataset; rows of
+each task 3x as often as text rows, since a task row has only its few answer
+tokens in the loss: the model learns to retrieve at its training length,
+and a retrofit has something to keep), written with
+`sparse_attn.hf.save_pretrained`. `experiments/retrofit.py` then runs on
+that directory exactly as on a real checkpoint.
 
   python experiments/make_dense_checkpoint.py --out /tmp/dense_llama
   python experiments/make_dense_checkpoint.py --out /tmp/d --smoke   # CI
@@ -19,7 +23,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 
 from sparse_attn import hf  # noqa: E402
 from sparse_attn import training as T  # noqa: E402
@@ -32,13 +37,18 @@ def parse_args(argv=None):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--out", required=True, help="checkpoint directory to write")
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=900)
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--embed-dim", type=int, default=128)
   p.add_argument("--qwen3", action="store_true", help="q/k norms (Qwen3)")
-  p.add_argument("--data-path", default=None)
+  p.add_argument(
+    "--dataset",
+    default="text+passkey:3+vartrack:3",
+    help="a dataset or mixture spec (text, text+passkey, text:2+passkey:1)",
+  )
+  p.add_argument("--data-path", default=None, help="text (default: stdlib)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--smoke", action="store_true", help="tiny and fast (CI)")
   return p.parse_args(argv)
@@ -59,6 +69,8 @@ def config(a) -> Config:
     qk_norm=a.qwen3,
   )
   train = TrainConfig(
+    dataset=a.dataset,
+    dataset_options=C.task_options(a.dataset),
     data_path=a.data_path,
     seq_len=a.seq_len,
     batch_size=a.batch_size,
@@ -69,6 +81,7 @@ def config(a) -> Config:
     lr_warmup_steps=min(20, max(a.steps // 5, 1)),
     checkpoint_every=0,
     eval_every=0,
+    eval_batches=8,
     log_every=max(a.steps // 10, 1),
     mesh_shape=None,
   )
@@ -78,7 +91,7 @@ def config(a) -> Config:
 def main(argv=None):
   a = parse_args(argv)
   if a.smoke:
-    a.steps, a.seq_len, a.batch_size = 20, 64, 4
+    a.steps, a.seq_len, a.batch_size = 20, 128, 4
     a.layers, a.embed_dim = 2, 64
   cfg = config(a)
   t0 = time.perf_counter()

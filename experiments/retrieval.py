@@ -79,20 +79,7 @@ COLUMNS = (
   "params",
 )
 
-# Task options, fixed across lengths so longer evaluations only add filler.
-TASK_KWARGS = {
-  # 8 keys and 8 values: a 2-layer model learns the binding (not just the
-  # value distribution) in a few hundred CPU steps (see notebook 02).
-  "mqar": {"key_vocab": 8, "value_vocab": 8},
-  "passkey": {"num_digits": 5},
-  "niah": {"num_needles": 2, "num_digits": 5, "name_chars": 4},
-  "vartrack": {
-    "num_hops": 2,
-    "num_chains": 2,
-    "num_digits": 4,
-    "name_chars": 3,
-  },
-}
+TASK_KWARGS = C.TASK_OPTIONS  # the options every task is trained with
 
 
 @dataclasses.dataclass

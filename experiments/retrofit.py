@@ -12,16 +12,23 @@ the library's two stages with `training.train` (orbax checkpoints in
   2. sparse stage: top-k attention, everything trains; the main model at
      the much lower --sparse-lr, the indexer on the sparse KL.
 
-Evaluates the dense original against the retrofitted model: held-out
-perplexity on the text and exact match on retrieval tasks (byte-level
-models: passkey, vartrack) at 1x/2x/4x the training length, and each DSA
-layer's recall of the dense attention's top-k keys before and after
-training. Writes <out>/hf (the retrofit in the source format: indexer
+Both stages train on --dataset (default: the text; a mixture such as
+text+passkey+vartrack keeps the retrieval skills a model was pretrained
+with). A dense twin (the dense original trained for the sparse stage's
+steps at its learning rate, on the same data) separates the cost of DSA
+from the effect of the extra training; --no-dense-twin skips it.
+
+Evaluates the dense original, the dense twin and the retrofitted model:
+held-out perplexity on the text and exact match on retrieval tasks
+(byte-level models: passkey, vartrack) at 1x/2x/4x the training length, and
+each DSA layer's recall of the dense attention's top-k keys before and
+after training. Writes <out>/hf (the retrofit in the source format: indexer
 tensors + index_topk / index_n_heads / index_head_dim), report.json,
 report.md and retrofit.png (loss curves, indexer KL, recall per layer).
 
   python experiments/make_dense_checkpoint.py --out /tmp/dense_llama
-  python experiments/retrofit.py --hf-checkpoint /tmp/dense_llama --top-k 16
+  python experiments/retrofit.py --hf-checkpoint /tmp/dense_llama --top-k 16 \
+      --dataset text+passkey:3+vartrack:3
   python experiments/retrofit.py --hf-checkpoint DIR --top-k 64 --layers 2,3 \
       --indexer-heads 4 --indexer-dim 32 --seq-len 512 --data-path my_texts/
   python experiments/retrofit.py --hf-checkpoint DIR --smoke --out-dir /tmp/r
@@ -51,11 +58,10 @@ from sparse_attn.ops.attention import group_heads, masked_softmax  # noqa: E402
 from sparse_attn.ops.indexer import lightning_topk  # noqa: E402
 from sparse_attn.ops.losses import lm_loss  # noqa: E402
 
-TASKS = {
-  "passkey": {"num_digits": 5},
-  "vartrack": {"num_hops": 2, "num_chains": 2, "num_digits": 3},
-}
+TASKS = ("passkey", "vartrack")  # options: _common.TASK_OPTIONS
 LENGTH_FACTORS = (1, 2, 4)
+# report keys, in table order, and their labels
+MODELS = {"dense": "dense original", "dense_twin": "dense twin", "dsa": "DSA"}
 
 
 def parse_args(argv=None):
@@ -69,6 +75,12 @@ def parse_args(argv=None):
   )
   p.add_argument("--indexer-heads", type=int, default=4)
   p.add_argument("--indexer-dim", type=int, default=32)
+  p.add_argument(
+    "--dataset",
+    default="text",
+    help="training data of both stages: text, or a mixture such as "
+    "text+passkey:3+vartrack:3 (perplexity is always on the text)",
+  )
   p.add_argument("--data-path", default=None, help="text (default: stdlib)")
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--batch-size", type=int, default=8)
@@ -80,8 +92,15 @@ def parse_args(argv=None):
     "--indexer-lr", type=float, default=None, help="default: --warmup-lr"
   )
   p.add_argument("--eval-batches", type=int, default=4)
-  p.add_argument("--task-examples", type=int, default=32)
+  p.add_argument("--task-examples", type=int, default=64)
   p.add_argument("--tasks", default=",".join(TASKS))
+  p.add_argument(
+    "--no-dense-twin",
+    dest="dense_twin",
+    action="store_false",
+    help="skip the dense twin (the original trained as long as the sparse "
+    "stage)",
+  )
   p.add_argument("--mesh", default=None, help="data,fsdp,tensor")
   p.add_argument(
     "--drop-window",
@@ -95,26 +114,31 @@ def parse_args(argv=None):
   return p.parse_args(argv)  # fmt: skip
 
 
-def retrofit_config(a, model_cfg) -> Config:
+def retrofit_config(a, model_cfg, warmup_steps: int, name: str) -> Config:
+  """Both stages of the retrofit (warmup_steps 0: the dense twin's run)."""
   mesh = None if a.mesh is None else tuple(int(x) for x in a.mesh.split(","))
-  total = a.warmup_steps + a.sparse_steps
+  total = warmup_steps + a.sparse_steps
   train = TrainConfig(
+    dataset=a.dataset,
+    dataset_options=C.task_options(a.dataset),
     data_path=a.data_path,
     seq_len=a.seq_len,
     batch_size=a.batch_size,
     seed=a.seed,
-    warmup_stage_steps=a.warmup_steps,
+    warmup_stage_steps=warmup_steps,
     sparse_stage_steps=a.sparse_steps,
     lr=a.sparse_lr,
     indexer_lr=a.indexer_lr or a.warmup_lr,
     lr_warmup_steps=min(20, max(total // 10, 1)),
     checkpoint_every=max(total // 4, 1),
-    eval_every=0,
+    # Held-out loss a few times per run: with a mixture, the train loss of
+    # a batch mostly says how many task rows it drew.
+    eval_every=max(total // 6, 1),
     eval_batches=a.eval_batches,
     log_every=max(total // 20, 1),
     mesh_shape=mesh,
   )
-  return Config(model=model_cfg, train=train, name="retrofit")
+  return Config(model=model_cfg, train=train, name=name)
 
 
 # -- evaluation --------------------------------------------------------------
@@ -163,7 +187,7 @@ def evaluate(model, mode, a, lengths, log):
     for task in a.task_list:
       try:
         ds = make_dataset(
-          task, seq_len=length, split="validation", **TASKS[task]
+          task, seq_len=length, split="validation", **C.TASK_OPTIONS[task]
         )
       except ValueError as e:  # too short for the task: no figure
         log(f"    {task} at L={length}: {e}")
@@ -220,22 +244,23 @@ def dense_topk_recall(model, a) -> list[float | None]:
 # -- report ------------------------------------------------------------------
 
 
-def write_report(a, report, history, out_dir):
+def write_report(a, report, history, evals, out_dir):
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   lengths = sorted(int(x) for x in report["dense"])
+  models = [m for m in MODELS if m in report]
+  names = " / ".join(MODELS[m] for m in models)
   cols = ["ppl"] + a.task_list
   rows = []
   for length in lengths:
-    d, s = report["dense"][str(length)], report["dsa"][str(length)]
+    got = [report[m][str(length)] for m in models]
     rows.append(
       [f"{length} ({length // a.seq_len}x)"]
-      + [f"{C.fmt(d[c])} / {C.fmt(s[c])}" for c in cols]
-      + [f"{s['attended_fraction']:.3f}"]
+      + [" / ".join(C.fmt(g[c]) for g in got) for c in cols]
+      + [f"{report['dsa'][str(length)]['attended_fraction']:.3f}"]
     )
   table = C.markdown_table(
-    rows,
-    ["length"] + [f"{c} dense / DSA" for c in cols] + ["DSA keys attended"],
+    rows, ["length"] + [f"{c} {names}" for c in cols] + ["DSA keys attended"]
   )
   recall = C.markdown_table(
     [
@@ -246,14 +271,21 @@ def write_report(a, report, history, out_dir):
     ],
     ["layer", "recall of dense top-k before", "after"],
   )
+  twin = (
+    f"The dense twin is the original trained {a.sparse_steps} steps at lr "
+    f"{a.sparse_lr:g} on the same data, dense.\n\n"
+    if "dense_twin" in report
+    else ""
+  )
   md = (
     f"# DSA retrofit of {report['checkpoint']} ({report['model_type']})\n\n"
     f"top_k {report['top_k']}, indexer {report['indexer_heads']} heads x "
     f"{report['indexer_dim']}, layers {report['layers']}; "
     f"{a.warmup_steps} warm-up steps (lr {a.warmup_lr:g}) + "
-    f"{a.sparse_steps} sparse steps (lr {a.sparse_lr:g}), seq_len "
-    f"{a.seq_len}, batch {a.batch_size}; {report['wall_s']:.0f} s.\n\n"
-    f"{table}\n\n{recall}\n\n`{report['command']}`\n"
+    f"{a.sparse_steps} sparse steps (lr {a.sparse_lr:g}) on {a.dataset}, "
+    f"seq_len {a.seq_len}, batch {a.batch_size}; {report['wall_s']:.0f} s. "
+    f"Perplexity on held-out text; exact match on the tasks.\n\n"
+    f"{table}\n\n{twin}{recall}\n\n`{report['command']}`\n"
   )
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(md)
@@ -262,8 +294,21 @@ def write_report(a, report, history, out_dir):
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     for stage in ("warmup", "sparse"):
       h = [r for r in history if r["stage"] == stage]
+      e = [r for r in evals if r["stage"] == stage]
       if h:
-        ax[0].plot([r["step"] for r in h], [r["loss"] for r in h], label=stage)
+        (line,) = ax[0].plot(
+          [r["step"] for r in h],
+          [r["loss"] for r in h],
+          alpha=0.35,
+          label=f"{stage} train batch",
+        )
+        ax[0].plot(
+          [r["step"] for r in e],
+          [r["loss"] for r in e],
+          "o-",
+          color=line.get_color(),
+          label=f"{stage} held-out",
+        )
         ax[1].plot(
           [r["step"] for r in h], [r["indexer_kl"] for r in h], label=stage
         )
@@ -278,7 +323,7 @@ def write_report(a, report, history, out_dir):
         label=key.split("_")[1],
       )
     ax[2].set(title=f"recall of the dense top-{report['top_k']}",
-              xlabel="layer", ylim=(0, 1))  # fmt: skip
+              xlabel="layer", ylim=(0, 1), xticks=layers)  # fmt: skip
     for x in ax:
       x.legend()
     fig.tight_layout()
@@ -312,14 +357,13 @@ def main(argv=None):
     seed=a.seed,
     **fields,
   )
-  cfg = retrofit_config(a, model_cfg)
   lengths = [a.seq_len * f for f in LENGTH_FACTORS]
   log(f"dense original ({src.get('model_type')}, {a.hf_checkpoint}):")
-  dense_eval = evaluate(dense, "dense", a, lengths, log)
+  evals = {"dense": evaluate(dense, "dense", a, lengths, log)}
   recall_before = dense_topk_recall(model, a)
   _, idx, main_params = nnx.split(model, INDEXER, MAIN)
   result = T.train(
-    cfg,
+    retrofit_config(a, model_cfg, a.warmup_steps, "retrofit"),
     os.path.join(a.out_dir, "run"),
     resume=not a.no_resume,
     init_params={"main": main_params, "indexer": idx},
@@ -328,10 +372,24 @@ def main(argv=None):
   trained.hf_config_json = model.hf_config_json
   recall_after = dense_topk_recall(trained, a)
   log("DSA retrofit:")
-  dsa_eval = evaluate(trained, "sparse", a, lengths, log)
+  evals["dsa"] = evaluate(trained, "sparse", a, lengths, log)
+  if a.dense_twin:
+    # The same LM steps, learning rate and data as the sparse stage, dense.
+    twin = T.train(
+      retrofit_config(a, dense_cfg, 0, "dense_twin"),
+      os.path.join(a.out_dir, "dense_twin"),
+      resume=not a.no_resume,
+      init_params={"main": nnx.split(dense, INDEXER, MAIN)[2]},
+    )
+    log("dense twin:")
+    evals["dense_twin"] = evaluate(
+      T.merge_model(twin.setup, twin.state), "dense", a, lengths, log
+    )
   hf_dir = os.path.join(a.out_dir, "hf")
   hf.save_pretrained(trained, hf_dir)
-  history = T.read_metrics(os.path.join(a.out_dir, "run"))
+  run_dir = os.path.join(a.out_dir, "run")
+  history = T.read_metrics(run_dir)
+  held_out = T.read_metrics(run_dir, event="eval")
   report = {
     "checkpoint": a.hf_checkpoint,
     "model_type": src.get("model_type"),
@@ -345,8 +403,8 @@ def main(argv=None):
     "warmup_lr": a.warmup_lr,
     "sparse_lr": a.sparse_lr,
     "resumed_from": result.resumed_from,
-    "dense": {str(k): v for k, v in dense_eval.items()},
-    "dsa": {str(k): v for k, v in dsa_eval.items()},
+    "dataset": a.dataset,
+    **{m: {str(k): v for k, v in evals[m].items()} for m in evals},
     "recall_before": recall_before,
     "recall_after": recall_after,
     "hf_output": hf_dir,
@@ -355,7 +413,9 @@ def main(argv=None):
     + " ".join(sys.argv[1:] if argv is None else argv),
     "env": C.env_line(),
   }
-  md = write_report(a, report, list(history.values()), a.out_dir)
+  md = write_report(
+    a, report, list(history.values()), list(held_out.values()), a.out_dir
+  )
   log(md)
   return report
 

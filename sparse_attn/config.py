@@ -23,6 +23,8 @@ import os
 from typing import Any
 
 from sparse_attn import dispatch, registry
+from sparse_attn.data import TASKS
+from sparse_attn.data.mixture import parse_mixture
 from sparse_attn.nn.base import KERNELS
 from sparse_attn.nn.moe import MoEParams
 from sparse_attn.ops.rope import RopeScaling, as_rope_scaling
@@ -43,6 +45,24 @@ def _sorted_pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
     raise ValueError(
       f"model.{name} must be a dict of named values, got {value!r}."
     ) from e
+
+
+def _nested_pairs(name: str, value: Any, what: str) -> tuple:
+  """{outer: {inner: value}} as sorted pairs of sorted pairs (hashable)."""
+  if isinstance(value, dict):
+    value = value.items()
+  try:
+    return tuple(
+      sorted(
+        (
+          str(k),
+          tuple(sorted((str(a), _frozen(b)) for a, b in dict(v).items())),
+        )
+        for k, v in value
+      )
+    )
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a dict {what}, got {value!r}.") from e
 
 
 def _frozen(v: Any) -> Any:
@@ -113,23 +133,15 @@ class ModelConfig:
           f"got {self.sparse_layers!r}."
         ) from e
       object.__setattr__(self, "sparse_layers", layers)
-    sizes = self.kernel_block_sizes
-    if isinstance(sizes, dict):
-      sizes = sizes.items()
-    try:
-      nested = tuple(
-        sorted(
-          (str(name), tuple(sorted(dict(fields).items())))
-          for name, fields in sizes
-        )
-      )
-    except (TypeError, ValueError) as e:
-      raise ValueError(
-        f"model.kernel_block_sizes must be a dict kernel -> "
-        f"dict of BlockSizes fields, got "
-        f"{self.kernel_block_sizes!r}."
-      ) from e
-    object.__setattr__(self, "kernel_block_sizes", nested)
+    object.__setattr__(
+      self,
+      "kernel_block_sizes",
+      _nested_pairs(
+        "model.kernel_block_sizes",
+        self.kernel_block_sizes,
+        "kernel -> dict of BlockSizes fields",
+      ),
+    )
 
   @property
   def attention_kwargs(self) -> dict[str, Any]:
@@ -200,7 +212,12 @@ class ModelConfig:
 class TrainConfig:
   """Data, stages, optimiser, mesh, checkpointing and logging."""
 
-  dataset: str = "text"  # "text" or a synthetic task of sparse_attn.data
+  # "text", a synthetic task of sparse_attn.data ("mqar", "passkey", ...),
+  # or a mixture of them: "text+passkey" / "text:2+passkey:1" (per row).
+  dataset: str = "text"
+  # Task options per dataset name, {"passkey": {"num_digits": 5}} (a dict
+  # in JSON, stored as sorted pairs); tasks not named use their defaults.
+  dataset_options: Any = ()
   data_path: str | None = None  # text only; None = Python stdlib sources
   max_bytes: int | None = 4_000_000  # text train split prefix
   eval_max_bytes: int | None = 1_000_000  # text validation split prefix
@@ -228,6 +245,22 @@ class TrainConfig:
   eval_batches: int = 4
   log_every: int = 10
 
+  def __post_init__(self):
+    object.__setattr__(
+      self,
+      "dataset_options",
+      _nested_pairs(
+        "train.dataset_options",
+        self.dataset_options,
+        "dataset name -> dict of task options",
+      ),
+    )
+
+  @property
+  def dataset_options_dict(self) -> dict[str, dict[str, Any]]:
+    """dataset_options as {dataset name: {option: value}}."""
+    return {name: dict(opts) for name, opts in self.dataset_options}
+
   @property
   def total_steps(self) -> int:
     return self.warmup_stage_steps + self.sparse_stage_steps
@@ -245,6 +278,7 @@ class Config:
     d["model"]["rope_scaling"] = dict(self.model.rope_scaling)
     d["model"]["moe"] = dict(self.model.moe)
     d["model"]["kernel_block_sizes"] = self.model.kernel_block_sizes_dict
+    d["train"]["dataset_options"] = self.train.dataset_options_dict
     return d
 
   def to_json(self) -> str:
@@ -277,6 +311,34 @@ class Config:
         t, warmup_stage_steps=0, sparse_stage_steps=t.total_steps
       )
     return dataclasses.replace(self, train=t)
+
+
+def _dataset_errors(t: TrainConfig) -> list[str]:
+  try:
+    names = [n for n, _ in parse_mixture(t.dataset)]
+  except ValueError as e:
+    return [f"train.dataset: {e}"]
+  errors = []
+  unknown = [n for n in names if n != "text" and n not in TASKS]
+  if unknown:
+    errors.append(
+      f"train.dataset {t.dataset!r}: unknown dataset(s) {unknown}; expected "
+      f"'text' or one of {sorted(TASKS)} (or a mixture 'text+passkey')"
+    )
+  if "text" in names:
+    if t.data_path is not None and not os.path.exists(t.data_path):
+      errors.append(f"train.data_path {t.data_path!r} does not exist")
+  elif t.data_path is not None:
+    errors.append(
+      f"train.data_path applies only to dataset 'text', not {t.dataset!r}"
+    )
+  extra = sorted(set(dict(t.dataset_options)) - set(names))
+  if extra:
+    errors.append(
+      f"train.dataset_options names {extra}, which are not in train.dataset "
+      f"{t.dataset!r}"
+    )
+  return errors
 
 
 def _build(cls, d: dict[str, Any], section: str):
@@ -456,13 +518,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       errors.append(f"train.{k} must be > 0, got {getattr(t, k)!r}")
   if not 0 <= t.min_lr_ratio <= 1:
     errors.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-  if t.dataset == "text":
-    if t.data_path is not None and not os.path.exists(t.data_path):
-      errors.append(f"train.data_path {t.data_path!r} does not exist")
-  elif t.data_path is not None:
-    errors.append(
-      f"train.data_path applies only to dataset 'text', not {t.dataset!r}"
-    )
+  errors += _dataset_errors(t)
   if num_devices is None:
     import jax  # pylint: disable=g-import-not-at-top
 

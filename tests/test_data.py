@@ -495,3 +495,81 @@ def test_minimum_seq_len_is_exact(name):
     CHECKS[name](ds.task, D.Example(*(x[row] for x in b)))
   with pytest.raises(ValueError, match="too short"):
     D.make_dataset(name, seq_len=need - 1, **kw)
+
+
+# -- mixtures ----------------------------------------------------------------
+
+MIX_OPTS = {"passkey": {"num_digits": 4}, "vartrack": {"num_hops": 1}}
+
+
+def _mix(spec="text:2+passkey+vartrack", split="train", seed=0, **kw):
+  kw = {**MIX_OPTS, **kw}
+  kw = {k: v for k, v in kw.items() if k in spec}
+  return D.make_dataset(
+    spec, seq_len=256, split=split, seed=seed, max_bytes=300_000, **kw
+  )
+
+
+def _kind(row_mask):
+  """Which part a row came from: text rows predict every token."""
+  return "text" if row_mask.sum() == row_mask.size else "task"
+
+
+def test_parse_mixture():
+  from sparse_attn.data.mixture import is_mixture, parse_mixture
+
+  assert parse_mixture("text") == [("text", 1.0)]
+  assert parse_mixture("text:2+passkey") == [("text", 2.0), ("passkey", 1.0)]
+  assert is_mixture("a+b") and is_mixture("a:2") and not is_mixture("text")
+  for bad in ("text:0", "text:-1", "text:x", "+passkey", "text+text"):
+    with pytest.raises(ValueError, match="mixture"):
+      parse_mixture(bad)
+
+
+def test_mixture_rows_follow_the_weights_and_options():
+  ds = _mix()
+  b = ds.batch(0, 400)
+  kinds = [_kind(m) for m in b.loss_mask]
+  assert 0.42 < kinds.count("text") / 400 < 0.58  # weight 2 of 4
+  answers = {int(m.sum()) for m in b.loss_mask if _kind(m) == "task"}
+  assert 4 in answers  # passkey with the given num_digits=4
+  assert b.inputs.shape == (400, 256)
+
+
+def test_mixture_batches_are_pure_resumable_and_shardable():
+  ds = _mix()
+  assert _eq(ds.batch(7, 8), _mix().batch(7, 8))
+  assert not np.array_equal(ds.batch(7, 8).inputs, ds.batch(8, 8).inputs)
+  assert not np.array_equal(
+    ds.batch(7, 8).inputs, _mix(seed=1).batch(7, 8).inputs
+  )
+  whole = ds.batch(3, 8)
+  halves = [ds.batch(3, 8, shard_index=i, num_shards=2) for i in range(2)]
+  for f in range(3):
+    assert np.array_equal(np.concatenate([h[f] for h in halves]), whole[f])
+
+
+def test_mixture_eval_takes_every_part_in_turn():
+  ev = _mix(split="validation").eval_batch(0, 6)
+  assert [_kind(m) for m in ev.loss_mask] == ["text", "task", "task"] * 2
+  # the parts' own eval rows: the text rows are the text split's rows 0, 1
+  text = D.make_dataset(
+    "text", seq_len=256, split="validation", max_bytes=300_000
+  )
+  want = text.eval_batch(0, 2)
+  assert np.array_equal(ev.inputs[[0, 3]], want.inputs)
+  again = _mix(split="validation", seed=5).eval_batch(0, 6)
+  assert _eq(ev, again)  # seed-free
+
+
+def test_mixture_errors():
+  with pytest.raises(ValueError, match="name no part"):
+    D.make_dataset(
+      "text+passkey", seq_len=256, max_bytes=300_000, mqar={"key_vocab": 8}
+    )
+  with pytest.raises(ValueError, match="need a 'text' part"):
+    D.make_dataset("passkey+vartrack", seq_len=256, max_bytes=10)
+  with pytest.raises(ValueError, match="unknown dataset"):
+    D.make_dataset("text+nope", seq_len=256, max_bytes=300_000)
+  with pytest.raises(ValueError, match="too short"):
+    D.make_dataset("text+vartrack", seq_len=32, max_bytes=300_000)

@@ -182,3 +182,49 @@ def test_train_script_deepseek_v32(tmp_path):
   cfg = json.loads((tmp_path / "config.json").read_text())
   assert cfg["model"]["moe"]["num_experts"] == 8
   assert "resumed from checkpoint at step 4" in run_script(*args)
+
+
+def test_retrofit_demo_smoke(tmp_path):
+  """The README demo at smoke size: a dense checkpoint written with
+  save_pretrained, retrofitted with DSA on a text + task mixture, with the
+  dense original, its dense twin and the retrofit evaluated at 1x/2x/4x;
+  a rerun resumes both training runs from their orbax checkpoints."""
+  from sparse_attn import hf
+
+  dense_dir, out = tmp_path / "dense", tmp_path / "rf"
+  made = run_script("make_dense_checkpoint", "--out", dense_dir, "--smoke")
+  assert "dense llama checkpoint" in made
+  assert hf.read_config(dense_dir)["model_type"] == "llama"
+  args = (
+    "retrofit", "--hf-checkpoint", dense_dir, "--smoke", "--top-k", "8",
+    "--dataset", "text+passkey", "--out-dir", out,
+  )  # fmt: skip
+  first = run_script(*args)
+  assert "[dsa:warmup]" in first and "[dsa:sparse]" in first
+  report = json.loads((out / "report.json").read_text())
+  lengths = {"128", "256", "512"}
+  for model in ("dense", "dense_twin", "dsa"):
+    assert set(report[model]) == lengths, model
+    for row in report[model].values():
+      assert math.isfinite(row["ppl"]) and row["ppl"] > 1
+      assert all(0 <= row[t] <= 1 for t in ("passkey", "vartrack"))
+  assert report["dense"]["512"]["attended_fraction"] == 1.0
+  assert report["dsa"]["512"]["attended_fraction"] < 0.1  # 8 of <= 512 keys
+  layers = hf.read_config(dense_dir)["num_hidden_layers"]
+  for key in ("recall_before", "recall_after"):
+    assert len(report[key]) == layers
+    assert all(0 <= r <= 1 for r in report[key])
+  saved = hf.read_config(out / "hf")
+  assert saved["model_type"] == "llama" and saved["index_topk"] == 8
+  model, cfg = hf.load_pretrained(out / "hf")
+  assert cfg.attention == "dsa" and cfg.top_k == 8
+  assert "dense original / dense twin / DSA" in (out / "report.md").read_text()
+  assert (out / "retrofit.png").exists()
+
+  again = run_script(*args)  # both runs resume at their last step
+  assert "resumed from checkpoint at step 8" in again
+  assert "resumed from checkpoint at step 4" in again
+  rerun = json.loads((out / "report.json").read_text())
+  assert rerun["resumed_from"] == 8
+  for model in ("dense_twin", "dsa"):
+    assert rerun[model] == report[model], model

@@ -115,6 +115,33 @@ def test_loss_decreases_both_stages():
   assert all(h["attended_fraction"] < 1.0 for h in sparse)
 
 
+def test_log_leaves_compile_steps_out_of_the_rate():
+  """The first step of each stage compiles: it is logged with no tok/s, and
+  the rate and the ETA (to the end of the stage) restart after it."""
+  cfg = _one_device(
+    "train.warmup_stage_steps=3",
+    "train.sparse_stage_steps=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+  )
+  lines = []
+  r = T.train(cfg, None, devices=DEV1, echo=lines.append, final_eval=False)
+  rates = {h["step"]: h["tokens_per_s"] for h in r.history}
+  assert [h["stage"] for h in r.history] == ["warmup"] * 3 + ["sparse"] * 4
+  assert rates[1] is None and rates[4] is None
+  assert all(rates[i] > 0 for i in (2, 3, 5, 6, 7))
+  steps = [x for x in lines if x.startswith("[dsa:")]
+  assert [("(compiled)" in x, " eta " in x) for x in steps] == [
+    (True, False),  # 1: compiles the warm-up step
+    (False, True),  # 2: one warm-up step to go
+    (False, False),  # 3: end of the warm-up
+    (True, False),  # 4: compiles the sparse step
+    (False, True),
+    (False, True),
+    (False, False),  # 7: end of the run
+  ]
+
+
 @pytest.mark.parametrize(
   "change,match",
   [
@@ -123,6 +150,10 @@ def test_loss_decreases_both_stages():
     (("train.mesh_shape=[2,2,2]",), r"mesh_shape \(2, 2, 2\) has 8 devices"),
     (('train.data_path="/nonexistent/corpus"',), "does not exist"),
     (('model.attention="nope"',), "model.attention must be one of"),
+    (('train.dataset="text+nope"',), r"unknown dataset\(s\) \['nope'\]"),
+    (('train.dataset="text:0"',), "weight > 0"),
+    (('train.dataset_options={"mqar": {}}',), "not in train.dataset"),
+    (('train.dataset="text+passkey"', "train.seq_len=32"), "too short"),
     (("train.batch_size=3", "train.mesh_shape=[1,1,1]"), None),
   ],
 )
@@ -207,6 +238,16 @@ def test_init_from_converts_a_dense_state_to_dsa():
 def test_config_json_roundtrip_and_resolution():
   cfg = small_config()
   assert Config.from_json(cfg.to_json()) == cfg
+  mixed = override(
+    cfg,
+    'train.dataset="text:2+passkey"',
+    "train.seq_len=64",
+    'train.dataset_options={"passkey": {"num_digits": 4}}',
+  )
+  assert Config.from_json(mixed.to_json()) == mixed
+  assert mixed.train.dataset_options_dict == {"passkey": {"num_digits": 4}}
+  train_ds, _ = T.make_datasets(mixed)
+  assert train_ds.components[1].task.num_digits == 4
   dense = override(cfg, 'model.attention="dense"', "train.mesh_shape=[1,1,1]")
   r = validate(dense, num_devices=1)
   assert r.train.warmup_stage_steps == 0

@@ -9,8 +9,10 @@ byte value, so the same byte-level model trains on text and on every task.
   text      the text corpus: files, split by file, loading, DOC_SEP
   filler    the ASCII filler, numbers and names the text tasks are made of
   tasks     MQAR, passkey, needle in a haystack, variable tracking
-  dataset   Dataset, TextDataset, TaskDataset, make_dataset: deterministic,
-            resumable, shardable batches
+  dataset   Dataset, TextDataset, TaskDataset, MixtureDataset, make_dataset:
+            deterministic, resumable, shardable batches
+  mixture   parse_mixture: specs such as "text:2+passkey" (rows drawn from
+            text and tasks)
   checks    argument checks
 
 Token conventions: `text` is the raw bytes of the files, each followed by
@@ -21,11 +23,13 @@ loss_mask, aligned with targets).
 from sparse_attn.data.checks import SPLITS
 from sparse_attn.data.dataset import (
   Dataset,
+  MixtureDataset,
   TaskDataset,
   TextDataset,
   make_dataset,
 )
 from sparse_attn.data.example import VOCAB_SIZE, Batch, Example, decode
+from sparse_attn.data.mixture import parse_mixture
 from sparse_attn.data.tasks import (
   MQAR_KEY_BASE,
   TASKS,
@@ -73,6 +77,8 @@ __all__ = [
   "Dataset",
   "TextDataset",
   "TaskDataset",
+  "MixtureDataset",
   "make_dataset",
+  "parse_mixture",
   "decode",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 
 from sparse_attn.data.checks import as_int, check_split
 from sparse_attn.data.example import VOCAB_SIZE, Batch, Example, stack
+from sparse_attn.data.mixture import is_mixture, parse_mixture
 from sparse_attn.data.tasks import TASKS, Task
 from sparse_attn.data.text import TextCorpus, load_text
 
@@ -69,6 +70,14 @@ class Dataset:
       np.random.SeedSequence([_EVAL_TAG, self._stream, index, row])
     )
     return self._train_row(rng)
+
+  def draw(self, rng: np.random.Generator) -> Example:
+    """One training row drawn from `rng` (what batch() draws per row)."""
+    return self._train_row(rng)
+
+  def eval_row(self, index: int, row: int, batch_size: int) -> Example:
+    """Row `row` of evaluation batch `index` of `batch_size` rows."""
+    return self._eval_row(index, row, batch_size)
 
   def batch(
     self,
@@ -230,6 +239,59 @@ class TaskDataset(Dataset):
     return f"TaskDataset({self.task!r}, split={self.split!r}, seed={self.seed})"
 
 
+class MixtureDataset(Dataset):
+  """Rows drawn from component datasets with fixed probabilities.
+
+  Training row r of step s: the row's own rng picks component c with
+  probability weights[c] / sum(weights), then draws c's row from the same
+  rng, so batches stay a pure function of (seed, split, step, row).
+  Evaluation row j of batch i: component j % n (every component equally
+  often, whatever the weights), its evaluation row j // n of batch i.
+  All components must have the same seq_len.
+  """
+
+  def __init__(
+    self,
+    components: list[Dataset],
+    weights: list[float],
+    name: str,
+    split: str = "train",
+    seed: int = 0,
+  ):
+    if not components or len(components) != len(weights):
+      raise ValueError(
+        f"MixtureDataset needs one weight per component, got "
+        f"{len(components)} components and {len(weights)} weights"
+      )
+    lengths = {c.seq_len for c in components}
+    if len(lengths) != 1:
+      raise ValueError(
+        f"mixture components must share seq_len, got {sorted(lengths)}"
+      )
+    super().__init__(name, components[0].seq_len, split, seed)
+    self.components = list(components)
+    w = np.asarray(weights, np.float64)
+    self.probabilities = w / w.sum()
+
+  def _train_row(self, rng: np.random.Generator) -> Example:
+    c = int(rng.choice(len(self.components), p=self.probabilities))
+    return self.components[c].draw(rng)
+
+  def _eval_row(self, index: int, row: int, batch_size: int) -> Example:
+    n = len(self.components)
+    per = -(-batch_size // n)
+    return self.components[row % n].eval_row(index, row // n, per)
+
+  def __repr__(self) -> str:
+    parts = ", ".join(
+      f"{c.name}: {p:.3g}" for c, p in zip(self.components, self.probabilities)
+    )
+    return (
+      f"MixtureDataset({{{parts}}}, seq_len={self.seq_len}, "
+      f"split={self.split!r}, seed={self.seed})"
+    )
+
+
 _TEXT_KWARGS = ("val_fraction", "suffixes", "cache_dir")
 
 
@@ -255,8 +317,15 @@ def make_dataset(
     load_text.
   **kwargs: task options (see MQARTask, PasskeyTask, NeedleTask,
     VariableTrackingTask).
+
+  A mixture spec, e.g. "text+passkey" or "text:2+passkey:1"
+  (`sparse_attn.data.mixture`), builds a MixtureDataset of those datasets;
+  path/max_bytes go to its text part, and kwargs are per part, keyed by
+  name: make_dataset("text+passkey", seq_len=128, passkey={"num_digits": 5}).
   """
   split = check_split(split)
+  if is_mixture(name):
+    return _make_mixture(name, seq_len, split, seed, path, max_bytes, kwargs)
   if name == "text":
     bad = sorted(set(kwargs) - set(_TEXT_KWARGS))
     if bad:
@@ -283,3 +352,33 @@ def make_dataset(
       f"unknown option(s) {bad} for {name!r}; accepted: {fields}"
     )
   return TaskDataset(cls(seq_len, **kwargs), split=split, seed=seed)
+
+
+def _make_mixture(name, seq_len, split, seed, path, max_bytes, kwargs):
+  parts = parse_mixture(name)
+  names = [n for n, _ in parts]
+  bad = sorted(set(kwargs) - set(names))
+  if bad:
+    raise ValueError(
+      f"options {bad} name no part of the mixture {name!r} (options of a "
+      f"mixture are per part: {names[0]}={{...}})"
+    )
+  if "text" not in names and (path is not None or max_bytes is not None):
+    raise ValueError(f"path/max_bytes need a 'text' part in {name!r}")
+  components = []
+  for part, _ in parts:
+    options = kwargs.get(part) or {}
+    if not isinstance(options, dict):
+      raise ValueError(
+        f"options of mixture part {part!r} must be a dict, got {options!r}"
+      )
+    if part == "text":
+      options = dict(options, path=path, max_bytes=max_bytes)
+    elif is_mixture(part):
+      raise ValueError(f"mixture {name!r}: parts cannot be mixtures")
+    components.append(
+      make_dataset(part, seq_len=seq_len, split=split, seed=seed, **options)
+    )
+  return MixtureDataset(
+    components, [w for _, w in parts], name=name, split=split, seed=seed
+  )

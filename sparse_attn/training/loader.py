@@ -15,32 +15,29 @@ import jax
 from sparse_attn import sharding as shd
 from sparse_attn.config import Config
 from sparse_attn.data import Batch, Dataset, make_dataset
+from sparse_attn.data.mixture import is_mixture, parse_mixture
 from sparse_attn.training.state import Setup
 
 
 def make_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
-  """(train, validation) datasets of cfg.train (its dataset, length, seed)."""
+  """(train, validation) datasets of cfg.train: its dataset (one name or a
+  mixture spec), dataset_options, length and seed; text parts read
+  data_path, max_bytes (train) and eval_max_bytes (validation)."""
   t = cfg.train
-  kw: dict[str, Any] = {}
-  if t.dataset == "text":
-    kw = dict(path=t.data_path)
-  train_ds = make_dataset(
-    t.dataset,
-    seq_len=t.seq_len,
-    split="train",
-    seed=t.seed,
-    max_bytes=t.max_bytes if t.dataset == "text" else None,
-    **kw,
-  )
-  eval_ds = make_dataset(
-    t.dataset,
-    seq_len=t.seq_len,
-    split="validation",
-    seed=t.seed,
-    max_bytes=t.eval_max_bytes if t.dataset == "text" else None,
-    **kw,
-  )
-  return train_ds, eval_ds
+  options = t.dataset_options_dict
+  has_text = "text" in [n for n, _ in parse_mixture(t.dataset)]
+
+  def build(split: str, max_bytes: int | None) -> Dataset:
+    kw: dict[str, Any] = (
+      options if is_mixture(t.dataset) else options.get(t.dataset, {})
+    )
+    if has_text:
+      kw = dict(kw, path=t.data_path, max_bytes=max_bytes)
+    return make_dataset(
+      t.dataset, seq_len=t.seq_len, split=split, seed=t.seed, **kw
+    )
+
+  return build("train", t.max_bytes), build("validation", t.eval_max_bytes)
 
 
 def global_batch(s: Setup, local: Batch) -> dict[str, jax.Array]:

@@ -102,12 +102,13 @@ def _log_start(logger: MetricsLogger, s: Setup, has_idx: bool) -> None:
   )
 
 
-def _eta(timed_from: tuple[int, float], done: int, now: float, total: int):
-  """' eta 1m05s' from the mean step time since the first timed step."""
+def _eta(timed_from: tuple[int, float], done: int, now: float, end: int):
+  """' eta 1m05s' to step `end` (the end of the current stage: the stages
+  differ in step time) from the mean step time since the last compile."""
   step0, t0 = timed_from
-  if done <= step0 or done >= total:
+  if done <= step0 or done >= end:
     return ""
-  left = (now - t0) / (done - step0) * (total - done)
+  left = (now - t0) / (done - step0) * (end - done)
   return f" eta {int(left // 60)}m{int(left % 60):02d}s"
 
 
@@ -134,9 +135,9 @@ def train(
   s = setup(cfg, devices)
   cfg, t = s.cfg, s.cfg.train
   lead = jax.process_index() == 0
+  train_ds, eval_ds = make_datasets(cfg)  # bad data options fail first
   mngr = None if run_dir is None else _open_run_dir(run_dir, cfg, resume, lead)
   logger = MetricsLogger(run_dir, lead, echo)
-  train_ds, eval_ds = make_datasets(cfg)
 
   resumed_from = mngr.latest_step() if resume and mngr is not None else None
   if mngr is not None and resumed_from is not None:
@@ -164,7 +165,7 @@ def train(
   history = []
   total = t.total_steps
   tick, tokens = time.perf_counter(), 0.0
-  timed_from: tuple[int, float] | None = None  # (step, time) after compiling
+  timed_from = (start, tick)  # (step, time) after the last compile
 
   def label(stage):  # kinds without an indexer have a single plain stage
     return stage if has_idx else "train"
@@ -184,19 +185,27 @@ def train(
     return ev
 
   last_eval = None
+  prev_stage = None
   try:
     for r in StageRunner(s, train_ds).steps(state, start, total):
       state, done, stage = r.state, r.step, r.stage
       tokens += t.batch_size * t.seq_len
-      if done % t.log_every == 0 or done == total or done == start + 1:
+      # The first step of each stage after (re)start compiles its step
+      # function: it is logged without a rate and the rate and the ETA
+      # restart after it, so compile time never counts as training time.
+      compiled = stage != prev_stage
+      prev_stage = stage
+      if done % t.log_every == 0 or done == total or compiled:
         m = host_metrics(r.metrics)
         now = time.perf_counter()
-        # The first step after (re)start includes compilation: no rate.
-        tps = tokens / max(now - tick, 1e-9) if done > start + 1 else None
+        tps = None if compiled else tokens / max(now - tick, 1e-9)
         tick, tokens = now, 0.0
-        if timed_from is None:
+        if compiled:
           timed_from = (done, now)
-        eta = _eta(timed_from, done, now, total)
+        in_warmup = has_idx and done <= t.warmup_stage_steps
+        eta = _eta(
+          timed_from, done, now, t.warmup_stage_steps if in_warmup else total
+        )
         rec = {
           "event": "train",
           "step": done,
@@ -218,7 +227,12 @@ def train(
           f"{eta}",
         )
       if t.eval_every and done % t.eval_every == 0 and done != total:
+        paused = time.perf_counter()
         last_eval = run_eval(done, stage)
+        # Evaluation time is not training time: the rate and ETA skip it.
+        paused = time.perf_counter() - paused
+        tick += paused
+        timed_from = (timed_from[0], timed_from[1] + paused)
       if (
         mngr is not None
         and t.checkpoint_every
