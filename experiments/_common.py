@@ -39,7 +39,9 @@ TASK_OPTIONS: dict[str, dict[str, int]] = {
 
 def task_options(dataset: str) -> dict[str, dict[str, int]]:
   """TASK_OPTIONS of the tasks a dataset (or mixture spec) names."""
-  names = {part.partition(":")[0].strip() for part in dataset.split("+")}
+  from sparse_attn.data import parse_mixture
+
+  names = {name for name, _ in parse_mixture(dataset)}
   return {k: v for k, v in TASK_OPTIONS.items() if k in names}
 
 

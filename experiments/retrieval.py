@@ -79,8 +79,6 @@ COLUMNS = (
   "params",
 )
 
-TASK_KWARGS = C.TASK_OPTIONS  # the options every task is trained with
-
 
 @dataclasses.dataclass
 class Preset:
@@ -304,7 +302,7 @@ def make_config(
 
 def dataset(task, length, split, seed=0):
   return make_dataset(
-    task, seq_len=length, split=split, seed=seed, **TASK_KWARGS.get(task, {})
+    task, seq_len=length, split=split, seed=seed, **C.TASK_OPTIONS.get(task, {})
   )
 
 
@@ -569,7 +567,7 @@ def main(argv=None):
         "preset": a.preset,
         "protocol": a.protocol,
         "seed": a.seed,
-        "task_kwargs": TASK_KWARGS,
+        "task_kwargs": C.TASK_OPTIONS,
         **dataclasses.asdict(pr),
       },
       f,

@@ -129,7 +129,9 @@ def retrofit_config(a, model_cfg, warmup_steps: int, name: str) -> Config:
     sparse_stage_steps=a.sparse_steps,
     lr=a.sparse_lr,
     indexer_lr=a.indexer_lr or a.warmup_lr,
-    lr_warmup_steps=min(20, max(total // 10, 1)),
+    # The main model's schedule spans the sparse stage (or the twin's run):
+    # the same linear warm-up in both.
+    lr_warmup_steps=min(20, max(a.sparse_steps // 10, 1)),
     checkpoint_every=max(total // 4, 1),
     # Held-out loss a few times per run: with a mixture, the train loss of
     # a batch mostly says how many task rows it drew.
@@ -273,7 +275,7 @@ def write_report(a, report, history, evals, out_dir):
   )
   twin = (
     f"The dense twin is the original trained {a.sparse_steps} steps at lr "
-    f"{a.sparse_lr:g} on the same data, dense.\n\n"
+    f"{a.sparse_lr:g} on the same data distribution, dense.\n\n"
     if "dense_twin" in report
     else ""
   )
@@ -342,11 +344,15 @@ def main(argv=None):
   os.makedirs(a.out_dir, exist_ok=True)
   src = hf.read_config(a.hf_checkpoint)
   fields = {"sliding_window": None} if a.drop_window else {}
+  kind = hf.config_from_pretrained(a.hf_checkpoint, **fields).attention
+  if registry.has_indexer(kind):  # e.g. DeepSeek-V3.2: its dense twin
+    fields["attention"] = registry.dense_twin(kind)
   dense, dense_cfg = hf.load_pretrained(a.hf_checkpoint, **fields)
   if dense_cfg.vocab_size < 256 and a.task_list:
     log(f"vocab {dense_cfg.vocab_size} < 256: no byte-level retrieval tasks")
     a.task_list = []
   layers = None if a.layers == "all" else [int(x) for x in a.layers.split(",")]
+  fields.pop("attention", None)
   model, model_cfg = hf.retrofit_from(
     a.hf_checkpoint,
     attention="mla_dsa" if dense_cfg.attention == "mla" else "dsa",
@@ -374,7 +380,8 @@ def main(argv=None):
   log("DSA retrofit:")
   evals["dsa"] = evaluate(trained, "sparse", a, lengths, log)
   if a.dense_twin:
-    # The same LM steps, learning rate and data as the sparse stage, dense.
+    # The same LM steps, learning-rate schedule and data distribution as
+    # the sparse stage, dense.
     twin = T.train(
       retrofit_config(a, dense_cfg, 0, "dense_twin"),
       os.path.join(a.out_dir, "dense_twin"),

@@ -43,9 +43,6 @@ from jax.experimental import pallas as pl
 
 PLATFORMS = ("tpu", "gpu")
 
-# 32-bit sentinel bigger than any index we deal with.
-BIG_INDEX = 2**30
-
 
 def detected_platform() -> str:
   """'tpu', 'gpu' or 'cpu' for the default JAX backend."""

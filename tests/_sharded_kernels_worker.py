@@ -71,6 +71,12 @@ def make_inputs(seed, B, H, G):
     ki=jnp.abs(mk(B, S, DI)),
     w=jnp.abs(mk(B, T, HI)),
   )
+  # Integer-valued indexer inputs: exact ties everywhere (relu zeros, few
+  # distinct values), for the tie rule of the selection (order included).
+  ints = lambda *s: jnp.asarray(rng.integers(-1, 2, s), jnp.float32)
+  x.update(
+    qi_t=ints(B, T, HI, DI), ki_t=ints(B, S, DI), w_t=jnp.ones((B, T, HI))
+  )
   x["cot"] = mk(B, T, H, DV)
   x["kv"] = jnp.asarray(rng.integers(S // 2, S + 1, B), jnp.int32)
   x["off"] = jnp.asarray(rng.integers(0, 3, B), jnp.int32)
@@ -116,7 +122,17 @@ def run_all(x, impl):
       kv_lengths=x["kv"],
       implementation=impl,
     )
+    sel_ties = sa.lightning_topk(
+      x["qi_t"],
+      x["ki_t"],
+      x["w_t"],
+      K,
+      q_offset=x["off"],
+      kv_lengths=x["kv"],
+      implementation=impl,
+    )
     return dict(
+      sel_ties=sel_ties,
       dsa_out=dsa_out,
       dsa_grads=dsa_grads,
       ga_out=ga_out,
@@ -132,6 +148,12 @@ def check(name, got, want):
     np.sort(np.asarray(got["sel"]), -1),
     np.sort(np.asarray(want["sel"]), -1),
     err_msg=f"{name} topk",
+  )
+  # The tie rule fixes the selection exactly, order included.
+  np.testing.assert_array_equal(
+    np.asarray(got["sel_ties"]),
+    np.asarray(want["sel_ties"]),
+    err_msg=f"{name} topk with ties",
   )
   for key in ("dsa", "ga"):
     np.testing.assert_allclose(
@@ -179,8 +201,41 @@ def main():
         lambda xs: {n: run_all(x, "pallas")(*xs[n]) for n, x in inputs.items()}
       )
       got = f({n: tuple(place(x[a]) for a in "qkv") for n, x in inputs.items()})
+      # The XLA selection under the mesh too (GSPMD partitions it), its
+      # inputs split over the batch as the model's activations are.
+      by_batch = lambda a, mesh=mesh: jax.device_put(
+        a,
+        NamedSharding(
+          mesh,
+          shd.logical_to_spec(
+            ("batch",) + (None,) * (a.ndim - 1), a.shape, mesh
+          ),
+        ),
+      )
+      ties = jax.jit(
+        lambda xs: {
+          n: sa.lightning_topk(
+            *xs[n],
+            K,
+            q_offset=x["off"],
+            kv_lengths=x["kv"],
+            implementation="xla",
+          )
+          for n, x in inputs.items()
+        }
+      )(
+        {
+          n: tuple(by_batch(x[a]) for a in ("qi_t", "ki_t", "w_t"))
+          for n, x in inputs.items()
+        }
+      )
     for n in LAYOUTS:
       check(f"mesh {mesh_shape} {n}", got[n], want[n])
+      np.testing.assert_array_equal(
+        np.asarray(ties[n]),
+        np.asarray(want[n]["sel_ties"]),
+        err_msg=f"mesh {mesh_shape} {n} xla topk with ties",
+      )
     print(
       f"mesh {mesh_shape}: ok in {time.perf_counter() - t1:.1f} s", flush=True
     )

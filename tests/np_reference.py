@@ -133,3 +133,18 @@ def sparse_indexer_kl(q, k, q_idx, k_idx, w, indices):
       total += kl(p, logits)
       count += 1
   return total / max(count, 1)
+
+
+def select_topk(scores, k):
+  """The API's tie rule, by sorting: the K largest finite scores of each row,
+  by descending score and, among equal scores, descending index (the more
+  recent key first); -1 for the slots past the visible keys."""
+  B, T, S = scores.shape
+  out = np.full((B, T, k), -1, np.int64)
+  for b in range(B):
+    for t in range(T):
+      keys = [(-float(scores[b, t, s]), -s) for s in range(S)]
+      keys = [x for x in keys if np.isfinite(x[0])]
+      for slot, (_, neg_s) in enumerate(sorted(keys)[:k]):
+        out[b, t, slot] = -neg_s
+  return out

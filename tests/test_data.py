@@ -563,13 +563,38 @@ def test_mixture_eval_takes_every_part_in_turn():
 
 
 def test_mixture_errors():
-  with pytest.raises(ValueError, match="name no part"):
+  with pytest.raises(ValueError, match=r"name \['mqar'\], which are not parts"):
     D.make_dataset(
       "text+passkey", seq_len=256, max_bytes=300_000, mqar={"key_vocab": 8}
     )
-  with pytest.raises(ValueError, match="need a 'text' part"):
+  with pytest.raises(ValueError, match="needs a 'text' part"):
     D.make_dataset("passkey+vartrack", seq_len=256, max_bytes=10)
   with pytest.raises(ValueError, match="unknown dataset"):
     D.make_dataset("text+nope", seq_len=256, max_bytes=300_000)
   with pytest.raises(ValueError, match="too short"):
     D.make_dataset("text+vartrack", seq_len=32, max_bytes=300_000)
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['digits'\]"):
+    D.make_dataset("text+passkey", seq_len=256, passkey={"digits": 3})
+  text = D.make_dataset("text", seq_len=16, max_bytes=300_000)
+  with pytest.raises(ValueError, match="finite and > 0"):
+    D.MixtureDataset([text, text], [1.0, 0.0], name="t")
+
+
+def test_mixture_spelling_is_canonical():
+  from sparse_attn.data.mixture import canonical
+
+  assert canonical(" text : 2 + passkey:1 ") == "text:2+passkey"
+  assert canonical("passkey ") == "passkey"
+  a = _mix("text:2+passkey+vartrack")
+  b = _mix("text:2 + passkey:1 + vartrack")
+  assert a.name == b.name and _eq(a.batch(3, 8), b.batch(3, 8))
+
+
+def test_mixture_eval_covers_every_part_with_small_batches():
+  """batch_size < parts: the parts still take turns, across batches."""
+  ds = _mix(split="validation")
+  kinds = [
+    _kind(ds.eval_batch(i, 2).loss_mask[r]) for i in range(3) for r in (0, 1)
+  ]
+  assert kinds == ["text", "task", "task"] * 2
+  assert _eq(ds.eval_batch(1, 2), ds.eval_batch(1, 2))

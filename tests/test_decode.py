@@ -4,11 +4,12 @@ Equivalence tolerance: fp32 throughout; prefill and decode logits match the
 full forward pass to atol = rtol = 1e-4 (measured max |diff| ~2e-6: the
 cached path only changes reduction sizes and summation order).
 
-DSA equivalence needs an unambiguous top-k: a random-init indexer has many
-exact ties at the k-th score (relu zeros everywhere when a key's dots are all
-negative), and ties may go either way (docs/api.md). The DSA tests therefore
-use 4 indexer heads with non-negative head weights, where a tie at the k-th
-score needs all 4 relus to vanish.
+DSA ties: a random-init indexer has many exact ties at the k-th score
+(relu zeros everywhere when a key's dots are all negative). Every path
+breaks them by the tie rule (docs/api.md), so decode must equal the forward
+with them too (test_random_init_dsa_decode_with_ties_matches_forward). The
+other DSA tests use non-negative head weights, where a tie at the k-th
+score needs all 4 relus to vanish, so that they test the cache alone.
 """
 
 import os
@@ -56,7 +57,9 @@ MLA_PARAMS = {
 }
 
 
-def _model(kind, num_layers=1, top_k=8, model_fields=None, **params):
+def _model(
+  kind, num_layers=1, top_k=8, model_fields=None, few_ties=True, **params
+):
   if kind in ("mla", "mla_dsa"):
     params = {**MLA_PARAMS, **params}
   cfg = ModelConfig(
@@ -74,10 +77,8 @@ def _model(kind, num_layers=1, top_k=8, model_fields=None, **params):
     **(model_fields or {}),
   )
   model = build_model(cfg, seed=1)
-  if kind in (
-    "dsa",
-    "mla_dsa",
-  ):  # non-negative head weights: no ties at the k-th score
+  if few_ties and kind in ("dsa", "mla_dsa"):
+    # non-negative head weights: few ties at the k-th score
     for blk in model.blocks:
       w = blk.attn.indexer.w_weights
       w[...] = jnp.abs(w[...])
@@ -174,6 +175,22 @@ def test_mla_dsa_fp8_indexer_and_yarn_decode_match_forward(
   _check_against_forward(
     model, prompt_lens=[29, 21], chunk=8, index_dtype=index_dtype
   )
+
+
+@pytest.mark.parametrize("kind", ["dsa", "mla_dsa"])
+@pytest.mark.parametrize("weights", ["as_initialised", "negative"])
+def test_random_init_dsa_decode_with_ties_matches_forward(kind, weights):
+  """Exact ties at the k-th score: a key scores exactly 0 when every head's
+  dot is <= 0. With the head weights as initialised (mixed signs) some
+  queries tie there; with negative weights every score is <= 0 and each
+  query's top-k is decided among zeros, by the tie rule alone. Prefill
+  chunks and decode steps break the ties as the full forward does."""
+  model = _model(kind, num_layers=2, few_ties=False)
+  if weights == "negative":
+    for blk in model.blocks:
+      w = blk.attn.indexer.w_weights
+      w[...] = -jnp.abs(w[...])
+  _check_against_forward(model, prompt_lens=[37, 20], chunk=8, new_tokens=6)
 
 
 def test_view_buckets_match_forward():

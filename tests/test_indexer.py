@@ -146,6 +146,8 @@ def test_two_stage_selection_with_ties(sub_block):
   for k in (1, 13, 64, 300):
     sel = two_stage_topk(jnp.asarray(scores), k, sub_block)
     assert_topk_matches(sel, scores, k)
+    # the tie rule: the same indices as a plain sort, order included
+    np.testing.assert_array_equal(np.asarray(sel), ref.select_topk(scores, k))
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,38 @@ def test_grad_finite_and_validation():
       key=jax.random.key(0),
       lookback="all",
     )
+
+
+def test_layer_hashes_content_not_position():
+  """Reformer's buckets are a function of a token's content: the layer
+  hashes its shared-QK projection before RoPE. Identical content 256
+  tokens apart lands in the same bucket in every round (hashing after RoPE
+  gave 22% here, chance 1/8), while the attention logits still see RoPE."""
+  from flax import nnx
+
+  from sparse_attn.nn import LSHAttention
+
+  layer = LSHAttention(32, 4, 2, 16, n_buckets=8, rngs=nnx.Rngs(0))
+  block = jax.random.normal(jax.random.key(1), (1, 64, 32))
+  x = jnp.concatenate([block] * 5, axis=1)[:, :320]  # period 64
+  pos = jnp.arange(320)[None]
+  q_rope, hashed, _ = layer.project(x, pos)
+  rot = lsh.lsh_rotations(layer.hash_key(), 16, 8, layer.params.n_hashes)
+  b = np.asarray(lsh.lsh_buckets(hashed, rot))  # [NH, B, H, T]
+  np.testing.assert_array_equal(b[..., :64], b[..., 256:320])
+  rotated = np.asarray(lsh.lsh_buckets(q_rope, rot))
+  assert (rotated[..., :64] == rotated[..., 256:320]).mean() < 0.5
+  # the layer's output uses those buckets: same as the pure function with
+  # hash_qk = the content vectors
+  y, _ = layer(x)
+  o = lsh.lsh_attention(
+    q_rope, layer.project(x, pos)[2], n_buckets=8,
+    n_hashes=layer.params.n_hashes, chunk_size=layer.params.chunk_size,
+    rotations=rot, lookback=layer.params.lookback, hash_qk=hashed,
+  )  # fmt: skip
+  np.testing.assert_allclose(y, layer.output(o), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="hash_qk shape"):
+    lsh.lsh_attention(
+      q_rope, layer.project(x, pos)[2], n_buckets=8, n_hashes=2,
+      chunk_size=32, rotations=rot, hash_qk=hashed[:, :10],
+    )  # fmt: skip

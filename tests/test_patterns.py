@@ -39,7 +39,7 @@ def formula_masks(pattern, T, S, l, c, offset):
       if j > i:
         continue
       if pattern == "strided":
-        A[t, j] = i - l < j <= i
+        A[t, j] = max(0, i - l) <= j <= i  # Child et al.: t = max(0, i - l)
         Bm[t, j] = (i - j) % l == 0
       else:
         A[t, j] = j // l == i // l
@@ -51,7 +51,7 @@ def test_explicit_index_sets():
   pos = jnp.arange(10)
   keys = jnp.arange(10)
   a, b = P.pattern_masks("strided", pos, keys, stride=3)
-  assert rows(a, 7) == {5, 6, 7}
+  assert rows(a, 7) == {4, 5, 6, 7}  # l + 1 keys: max(0, i - l) .. i
   assert rows(b, 7) == {1, 4, 7}
   assert rows(a, 0) == {0} and rows(b, 0) == {0}
   assert rows(a, 2) == {0, 1, 2} and rows(b, 2) == {2}
@@ -67,7 +67,7 @@ def test_explicit_index_sets():
   assert rows(w, 9) == {6, 7, 8, 9} and rows(w, 1) == {0, 1}
   # Decode-style offset: one query at absolute position 8 against 10 keys.
   a, b = P.pattern_masks("strided", jnp.array([8]), keys, stride=3)
-  assert rows(a, 0) == {6, 7, 8} and rows(b, 0) == {2, 5, 8}
+  assert rows(a, 0) == {5, 6, 7, 8} and rows(b, 0) == {2, 5, 8}
 
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])

@@ -152,7 +152,14 @@ def test_log_leaves_compile_steps_out_of_the_rate():
     (('model.attention="nope"',), "model.attention must be one of"),
     (('train.dataset="text+nope"',), r"unknown dataset\(s\) \['nope'\]"),
     (('train.dataset="text:0"',), "weight > 0"),
-    (('train.dataset_options={"mqar": {}}',), "not in train.dataset"),
+    (('train.dataset_options={"mqar": {}}',), "not parts of 'text'"),
+    (
+      (
+        'train.dataset="passkey"',
+        'train.dataset_options={"passkey": {"x": 1}}',
+      ),
+      r"unknown option\(s\) \['x'\] for 'passkey'",
+    ),
     (('train.dataset="text+passkey"', "train.seq_len=32"), "too short"),
     (("train.batch_size=3", "train.mesh_shape=[1,1,1]"), None),
   ],

@@ -3,9 +3,10 @@
 I[b,t,s] = sum_j w[b,t,j] * relu(q_idx[b,t,j] . k_idx[b,s])  for visible s
 (s <= q_offset[b] + t and s < kv_lengths[b]), -inf otherwise. The kernel
 returns the indices of the K largest visible scores (int32[B,T,K]); slots
-beyond the number of visible keys hold -1. Order in a row: TPU formulation
-gives descending score (ties -> smaller index first); GPU formulation the
-order of lax.top_k. Callers must not rely on the order.
+beyond the number of visible keys hold -1. Ties: among equal scores the
+more recent key (larger index) wins, and a row lists its keys by descending
+score, the more recent first among equals, on both formulations and the
+reference (the selection rule of sparse_attn's select_topk).
 
 Layout of the package:
 * ``reference.py``: :func:`indexer_scores_reference`,

@@ -76,12 +76,19 @@ def indexer_scores_reference(
 
 
 def select_topk_reference(scores, k):
-  """int32[B,T,K] indices of the K largest finite scores, -1 past the visible."""
+  """int32[B,T,K] indices of the K largest finite scores, -1 past the visible.
+
+  Tie rule: among equal scores the more recent key (larger index) wins; a
+  row lists its keys by descending score, the more recent first among
+  equals; -0.0 and 0.0 are equal. (lax.top_k prefers the smaller index and
+  ranks -0.0 below 0.0, so it runs on the reversed row, zeros made +0.0.)
+  """
   S = scores.shape[-1]
+  rev = jnp.where(scores == 0, 0.0, scores).astype(scores.dtype)[..., ::-1]
   if k > S:
-    scores = bk_.pad_axis(scores, -1, k, _NEG_INF)
-  vals, idx = jax.lax.top_k(scores, k)
-  return jnp.where(vals == _NEG_INF, -1, idx).astype(jnp.int32)
+    rev = bk_.pad_axis(rev, -1, k, _NEG_INF)
+  vals, pos = jax.lax.top_k(rev, k)
+  return jnp.where(vals == _NEG_INF, -1, S - 1 - pos).astype(jnp.int32)
 
 
 def lightning_topk_reference(

@@ -13,7 +13,7 @@ lane-dense [block_t, 128] register tile and stored 128 slots at a time. Only
 elementwise ops, comparisons and reductions are used, so it lowers with
 Mosaic. Cost: O(K * S) VPU work per query on top of the O(S*HI*DI) MXU work
 of the scores; VMEM: block_t * S_pad * 4 bytes. Output order: descending
-score (ties -> smaller index first).
+score, ties -> larger (more recent) index first, the library's tie rule.
 
 Why not a radix select: a 32-pass bit-wise threshold search is cheaper to
 *find* the K-th value (O(32*S)), but emitting the selected indices into K
@@ -126,14 +126,15 @@ def _topk_tpu_kernel(
     lane128 = jax.lax.broadcasted_iota(jnp.int32, (bt, 128), 1)
 
     def extract(prev):
-      # Remove the previous winner and find the new (max, smallest argmax).
+      # Remove the previous winner and find the new (max, largest argmax):
+      # among equal scores the more recent key wins (the library's tie rule).
       def blk(jb, c):
         mv, ai = c
         cols = lane + jb * bs
         x = sc_ref[jb]
         x = jnp.where(cols == prev, _NEG_INF, x)
         sc_ref[jb] = x
-        upd = x > mv
+        upd = x >= mv  # later blocks hold larger indices: they win ties
         return jnp.where(upd, x, mv), jnp.where(upd, cols, ai)
 
       mv, ai = jax.lax.fori_loop(
@@ -142,13 +143,11 @@ def _topk_tpu_kernel(
         blk,
         (
           jnp.full((bt, bs), _NEG_INF, jnp.float32),
-          jnp.full((bt, bs), bk_.BIG_INDEX, jnp.int32),
+          jnp.full((bt, bs), -1, jnp.int32),
         ),
       )
       m = jnp.max(mv, axis=1, keepdims=True)
-      idx = jnp.min(
-        jnp.where(mv == m, ai, bk_.BIG_INDEX), axis=1, keepdims=True
-      )
+      idx = jnp.max(jnp.where(mv == m, ai, -1), axis=1, keepdims=True)
       return jnp.where(m == _NEG_INF, -1, idx)
 
     def chunk(c, prev):
@@ -168,7 +167,8 @@ def _topk_tpu_kernel(
 
 
 def topk(q_idx, k_idx, weights, q_off, kv_len, K, *, bs, interpret):
-  """int32[B, T, K] (descending score, -1 past the visible keys)."""
+  """int32[B, T, K] (descending score, the more recent first among equal
+  scores, -1 past the visible keys)."""
   B, T, HI, DI = q_idx.shape
   S = k_idx.shape[1]
   bt, bsz = bs.block_t, bs.block_s

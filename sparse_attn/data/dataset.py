@@ -20,7 +20,7 @@ import numpy as np
 
 from sparse_attn.data.checks import as_int, check_split
 from sparse_attn.data.example import VOCAB_SIZE, Batch, Example, stack
-from sparse_attn.data.mixture import is_mixture, parse_mixture
+from sparse_attn.data.mixture import canonical, is_mixture, parse_mixture
 from sparse_attn.data.tasks import TASKS, Task
 from sparse_attn.data.text import TextCorpus, load_text
 
@@ -245,9 +245,11 @@ class MixtureDataset(Dataset):
   Training row r of step s: the row's own rng picks component c with
   probability weights[c] / sum(weights), then draws c's row from the same
   rng, so batches stay a pure function of (seed, split, step, row).
-  Evaluation row j of batch i: component j % n (every component equally
-  often, whatever the weights), its evaluation row j // n of batch i.
-  All components must have the same seq_len.
+  Evaluation takes the parts in turn, whatever the weights: row r of
+  evaluation batch i is the g-th row overall (g = i * batch_size + r), and
+  comes from component g % n, whose own evaluation rows it reads in order
+  (so over batches every part is evaluated equally often, within one row,
+  even when batch_size < n). All components must have the same seq_len.
   """
 
   def __init__(
@@ -268,9 +270,11 @@ class MixtureDataset(Dataset):
       raise ValueError(
         f"mixture components must share seq_len, got {sorted(lengths)}"
       )
+    w = np.asarray(weights, np.float64)
+    if not (np.all(np.isfinite(w)) and np.all(w > 0)):
+      raise ValueError(f"mixture weights must be finite and > 0, got {weights}")
     super().__init__(name, components[0].seq_len, split, seed)
     self.components = list(components)
-    w = np.asarray(weights, np.float64)
     self.probabilities = w / w.sum()
 
   def _train_row(self, rng: np.random.Generator) -> Example:
@@ -279,8 +283,11 @@ class MixtureDataset(Dataset):
 
   def _eval_row(self, index: int, row: int, batch_size: int) -> Example:
     n = len(self.components)
-    per = -(-batch_size // n)
-    return self.components[row % n].eval_row(index, row // n, per)
+    g = index * batch_size + row
+    mine = g // n  # this component's g-th evaluation row, in batches of B
+    return self.components[g % n].eval_row(
+      mine // batch_size, mine % batch_size, batch_size
+    )
 
   def __repr__(self) -> str:
     parts = ", ".join(
@@ -354,31 +361,79 @@ def make_dataset(
   return TaskDataset(cls(seq_len, **kwargs), split=split, seed=seed)
 
 
-def _make_mixture(name, seq_len, split, seed, path, max_bytes, kwargs):
-  parts = parse_mixture(name)
+def check_dataset(
+  spec: str,
+  *,
+  seq_len: int,
+  options: dict[str, dict] | None = None,
+  has_path: bool = False,
+) -> list[tuple[str, float]]:
+  """The parts of dataset spec `spec` (a name or a mixture), checked.
+
+  options: per part, {"passkey": {"num_digits": 5}}. Raises ValueError
+  naming the problem: an unknown name, options for a part the spec does not
+  name or that the task does not take, a task too long for seq_len, a text
+  path without a text part.
+  """
+  parts = parse_mixture(spec)
   names = [n for n, _ in parts]
-  bad = sorted(set(kwargs) - set(names))
-  if bad:
+  options = dict(options or {})
+  unknown = [n for n in names if n != "text" and n not in TASKS]
+  if unknown:
     raise ValueError(
-      f"options {bad} name no part of the mixture {name!r} (options of a "
-      f"mixture are per part: {names[0]}={{...}})"
+      f"dataset {spec!r}: unknown dataset(s) {unknown}; expected 'text' or "
+      f"one of {sorted(TASKS)} (or a mixture such as 'text+passkey')"
     )
-  if "text" not in names and (path is not None or max_bytes is not None):
-    raise ValueError(f"path/max_bytes need a 'text' part in {name!r}")
+  extra = sorted(set(options) - set(names))
+  if extra:
+    raise ValueError(
+      f"dataset options name {extra}, which are not parts of {spec!r} "
+      f"(options are per part: {names[0]}={{...}})"
+    )
+  if has_path and "text" not in names:
+    raise ValueError(f"a text path needs a 'text' part in {spec!r}")
+  for name in names:
+    opts = options.get(name) or {}
+    if not isinstance(opts, dict):
+      raise ValueError(f"options of {name!r} must be a dict, got {opts!r}")
+    if name == "text":
+      bad = sorted(set(opts) - set(_TEXT_KWARGS) - {"path", "max_bytes"})
+      if bad:
+        raise ValueError(
+          f"unknown option(s) {bad} for 'text'; accepted: path, max_bytes, "
+          f"{', '.join(_TEXT_KWARGS)}"
+        )
+      continue
+    fields = [f.name for f in dataclasses.fields(TASKS[name])]
+    bad = sorted((set(opts) - set(fields)) | ({"seq_len"} & set(opts)))
+    if bad:
+      raise ValueError(
+        f"unknown option(s) {bad} for {name!r}; accepted: "
+        f"{[f for f in fields if f != 'seq_len']}"
+      )
+    TASKS[name](seq_len, **opts)  # the task's own checks (lengths, ranges)
+  return parts
+
+
+def _make_mixture(name, seq_len, split, seed, path, max_bytes, kwargs):
+  parts = check_dataset(
+    name,
+    seq_len=seq_len,
+    options=kwargs,
+    has_path=path is not None or max_bytes is not None,
+  )
   components = []
   for part, _ in parts:
-    options = kwargs.get(part) or {}
-    if not isinstance(options, dict):
-      raise ValueError(
-        f"options of mixture part {part!r} must be a dict, got {options!r}"
-      )
+    options = dict(kwargs.get(part) or {})
     if part == "text":
-      options = dict(options, path=path, max_bytes=max_bytes)
-    elif is_mixture(part):
-      raise ValueError(f"mixture {name!r}: parts cannot be mixtures")
+      options.update(path=path, max_bytes=max_bytes)
     components.append(
       make_dataset(part, seq_len=seq_len, split=split, seed=seed, **options)
     )
   return MixtureDataset(
-    components, [w for _, w in parts], name=name, split=split, seed=seed
+    components,
+    [w for _, w in parts],
+    name=canonical(name),
+    split=split,
+    seed=seed,
   )

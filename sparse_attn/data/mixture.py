@@ -36,4 +36,14 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 def is_mixture(name: str) -> bool:
+  """Whether `name` is a mixture spec ("a+b", "a:2") rather than one name."""
   return "+" in name or ":" in name
+
+
+def canonical(spec: str) -> str:
+  """The one spelling of a spec: no spaces, weight 1 left out
+  ("text : 2 + passkey:1" -> "text:2+passkey"); a single name stays a name.
+  A mixture's random stream is keyed by it, so equal specs draw equal data."""
+  return "+".join(
+    name if w == 1 else f"{name}:{w:g}" for name, w in parse_mixture(spec)
+  )

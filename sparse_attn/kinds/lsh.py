@@ -6,7 +6,10 @@ G kv heads (GQA): head h reads v of group h // (H / G).
 
 Per hash round r (n_hashes rounds, each with its own random rotation
 R_r [D, n_buckets / 2] drawn from a PRNG key):
-  1. bucket[t] = argmax([x R_r ; -x R_r])  (angular LSH, n_buckets even);
+  1. bucket[t] = argmax([x R_r ; -x R_r])  (angular LSH, n_buckets even;
+     sec. 2 of the paper) of the hashed vector x[t]: qk[t], or `hash_qk[t]`
+     (the layer passes qk before RoPE: buckets by content, as Reformer's
+     inputs carry position in their embeddings, not in a rotation of qk);
   2. sort tokens by (bucket, position), cut the sorted sequence into chunks
      of `chunk_size`;
   3. every query attends the keys of its own chunk and of the previous chunk
@@ -132,6 +135,7 @@ def lsh_attention(
   lookback: str = "chunk",
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
+  hash_qk: jax.Array | None = None,
   return_counts: Literal[False] = False,
 ) -> jax.Array: ...
 
@@ -150,6 +154,7 @@ def lsh_attention(
   lookback: str = "chunk",
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
+  hash_qk: jax.Array | None = None,
   return_counts: Literal[True],
 ) -> tuple[jax.Array, jax.Array]: ...
 
@@ -168,6 +173,7 @@ def lsh_attention(
   lookback: str = "chunk",
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
+  hash_qk: jax.Array | None = None,
   return_counts: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 
@@ -185,6 +191,7 @@ def lsh_attention(
   lookback: str = "chunk",
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
+  hash_qk: jax.Array | None = None,
   return_counts: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Reformer LSH self-attention [B, T, H, Dv].
@@ -203,6 +210,12 @@ def lsh_attention(
       strictly causal together with same_bucket, see the module docstring).
     kv_lengths: optional int32[B]; keys >= kv_lengths[b] are padding.
     scale: logit scale, default D**-0.5.
+    hash_qk: [B, T, H, D] the vectors hashed into buckets (default: qk).
+      Reformer hashes the shared-QK vectors of its inputs, where position
+      comes from the input embeddings; a RoPE model passes qk *before*
+      RoPE here and qk after RoPE as `qk`, so that a token's bucket depends
+      on its content only and position enters the logits inside a bucket,
+      as in the paper (the layer does this).
     return_counts: also return f32[B, T]: distinct keys attended per query,
       averaged over heads.
   """
@@ -227,6 +240,10 @@ def lsh_attention(
   if rotations is None:
     assert key is not None  # exactly one of key / rotations, checked above
     rotations = lsh_rotations(key, dim, n_buckets, n_hashes)
+  if hash_qk is not None and tuple(hash_qk.shape) != tuple(qs):
+    raise ValueError(
+      f"hash_qk shape {hash_qk.shape} must equal qk shape {qs} ([B, T, H, D])."
+    )
   if rotations.shape != (n_hashes, dim, n_buckets // 2):
     raise ValueError(
       f"rotations shape {rotations.shape} must be "
@@ -251,7 +268,7 @@ def lsh_attention(
     key_ok = key_ok & (pos[None] < jnp.asarray(kv_lengths, jnp.int32)[:, None])
   key_ok = jnp.broadcast_to(key_ok[:, None, :], (batch, heads, tp))
 
-  buckets = lsh_buckets(qk, rotations)  # [NH, B, H, T]
+  buckets = lsh_buckets(qk if hash_qk is None else hash_qk, rotations)
   buckets = jnp.pad(
     buckets, [(0, 0), (0, 0), (0, 0), (0, tp - seq)], constant_values=n_buckets
   )

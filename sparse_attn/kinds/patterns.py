@@ -4,7 +4,8 @@ Sparse Transformer (Child et al. 2019, "Generating Long Sequences with Sparse
 Transformers"), causal, stride l. For the query at absolute position i and the
 key at position j (always j <= i):
 
-  strided  A (local):    i - l < j <= i
+  strided  A (local):    i - l <= j <= i       (l + 1 keys: t = max(0, i - l)
+                                                 .. i, the paper's A(1))
            B (stride):   (i - j) mod l == 0
   fixed    A (block):    floor(j / l) == floor(i / l)
            B (summary):  j mod l >= l - c        (the last c keys of every block)
@@ -15,7 +16,7 @@ The two patterns of a kind are combined in one of three ways (`combine`):
   "split"      heads split: heads h < ceil(H / 2) use A, the others B.
 
 Sliding-window local attention with window w: i - w < j <= i (the strided
-local pattern with l = w).
+local pattern with l = w - 1).
 
 Mask functions take absolute query positions int[..., T] and key positions
 int[S] and return bool[..., T, S] (pattern AND causal; padding is the
@@ -79,8 +80,9 @@ def sliding_window_mask(q_pos, key_pos, window: int):
 
 
 def strided_local_mask(q_pos, key_pos, stride: int):
-  """Strided pattern A: the previous `stride` positions, i - l < j <= i."""
-  return sliding_window_mask(q_pos, key_pos, stride)
+  """Strided pattern A (Child et al. 2019, sec. 4.2: A(1)_i = {t, t+1, ...,
+  i} for t = max(0, i - l)): i - l <= j <= i, l + 1 keys."""
+  return sliding_window_mask(q_pos, key_pos, stride + 1)
 
 
 def strided_stride_mask(q_pos, key_pos, stride: int):
@@ -518,7 +520,8 @@ def sparse_transformer_keys_per_query(
 ):
   """Keys per query of a Sparse Transformer pattern (closed forms).
 
-  strided: A = min(l, i+1), B = floor(i/l) + 1, A|B = min(l, i+1) + floor(i/l)
+  strided: A = min(l+1, i+1), B = floor(i/l) + 1,
+           A|B = min(l, i+1) + floor(i/l) (A and B share i and i - l)
   fixed:   A = (i mod l) + 1, B = c*floor(i/l) + max(0, (i mod l) - (l-c) + 1),
            A|B = (i mod l) + 1 + c*floor(i/l)
   """
@@ -526,7 +529,7 @@ def sparse_transformer_keys_per_query(
   i = np.arange(seq_len)
   l, c = stride, summary
   if pattern == "strided":
-    a = np.minimum(l, i + 1)
+    a = np.minimum(l + 1, i + 1)
     b = i // l + 1
     union = np.minimum(l, i + 1) + i // l
   else:

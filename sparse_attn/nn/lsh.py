@@ -43,7 +43,8 @@ class LSHParams:
 
 @struct.dataclass
 class LSHCache(KVCache):
-  """k holds the shared-QK vectors of all H heads [B, S_max, H, D]."""
+  """k holds the shared-QK vectors of all H heads before RoPE [B, S_max, H,
+  D] (hashed as they are, rotated by position when attended)."""
 
   axes: ClassVar[dict[str, tuple[str, ...]]] = {
     "k": ("batch", "length", "heads", "head_dim"),
@@ -64,13 +65,16 @@ def counted_attention(
   *,
   kv_lengths=None,
   layer_index: int = 0,
+  hash_qk: jax.Array | None = None,
   **_: Any,
 ) -> tuple[jax.Array, jax.Array]:
   """Shared-QK LSH self-attention: q is the QK projection; k is ignored.
 
-  Returns (o [B, T, H, Dv], keys per query f32[B, T]). Self-attention over
-  one whole sequence only (T == S): LSH has no incremental form (the layer
-  decodes by recomputing over its cache).
+  hash_qk: the vectors hashed into buckets, [B, T, H, D] (default q); the
+  layer passes the QK projection before RoPE (content-only buckets,
+  `kinds.lsh.lsh_attention`). Returns (o [B, T, H, Dv], keys per query
+  f32[B, T]). Self-attention over one whole sequence only (T == S): LSH has
+  no incremental form (the layer decodes by recomputing over its cache).
   """
   del k
   if q.shape[1] != v.shape[1]:
@@ -88,6 +92,7 @@ def counted_attention(
     same_bucket=params.same_bucket,
     lookback=params.lookback,
     kv_lengths=kv_lengths,
+    hash_qk=hash_qk,
     return_counts=True,
   )
 
@@ -96,7 +101,10 @@ class LSHAttention(AttentionLayer):
   """Reformer LSH attention with shared QK (no key projection).
 
   Queries and keys both come from the query projection `wq` (keys are the
-  length-normalised queries), so this layer has no `wk`. Rotations are fixed
+  length-normalised queries), so this layer has no `wk`. Buckets hash the
+  projection before RoPE (a token's content, as in Reformer, whose
+  position lives in the input embeddings); the logits inside a bucket use
+  it after RoPE. Rotations are fixed
   per layer (`hash_key`), drawn at every call: deterministic, no RNG state,
   identical in training and evaluation. Decoding recomputes LSH attention
   over the cached prefix (there is no incremental form); it is exact for
@@ -128,10 +136,12 @@ class LSHAttention(AttentionLayer):
     )
 
   def project(self, x, positions):
+    """(shared QK after RoPE, shared QK before RoPE (the hashed content, in
+    the k slot and the cache), v)."""
     x = x.astype(self.dtype)
-    q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
+    qk = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(self.dtype))
     v = jnp.einsum("bte,egd->btgd", x, self.wv[...].astype(self.dtype))
-    return self.rope(q, positions), None, v
+    return self.rope(qk, positions), qk, v
 
   def hash_key(self) -> jax.Array:
     return hash_key(self.params.hash_seed, self.layer_index)
@@ -156,22 +166,31 @@ class LSHAttention(AttentionLayer):
     v = (batch_size, max_len, self.num_kv_heads, self.head_dim)
     return LSHCache(k=jnp.zeros(qk, dt), v=jnp.zeros(v, dt))
 
-  def write_cache(self, cache, q, k, v, start):
-    # Shared QK: the cache keeps q in its k field.
-    return super().write_cache(cache, q, q, v, start)
-
   def attend(self, q, k, v, ctx: Context):
-    if not ctx.decoding:  # shared QK: q also stands for the keys
-      return super().attend(q, q, v, ctx)
-    # k is the cached shared-QK prefix [B, view, H, D] (it already holds q):
-    # recompute over the prefix, keep the rows of the new tokens.
+    # k: the shared QK before RoPE (hashed); q, after RoPE, is also the keys.
+    if not ctx.decoding:
+      o, counts = counted_attention(
+        q,
+        None,
+        v,
+        self.params,
+        kv_lengths=ctx.kv_lengths,
+        layer_index=self.layer_index,
+        hash_qk=k,
+      )
+      aux = counts_aux(counts, ctx.positions, q.shape[1], ctx.kv_lengths)
+      return o, aux, ctx.cache
+    # k is the cached prefix [B, view, H, D] before RoPE (cache slot s holds
+    # position s): recompute over the prefix, keep the new tokens' rows.
+    prefix = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
     o, counts = counted_attention(
-      k,
+      self.rope(k, prefix),
       None,
       v,
       self.params,
       kv_lengths=ctx.kv_lengths,
       layer_index=self.layer_index,
+      hash_qk=k,
     )
     rows = jnp.clip(ctx.positions, 0, o.shape[1] - 1)
     o = jnp.take_along_axis(o, rows[:, :, None, None], axis=1)

@@ -21,6 +21,12 @@ from sparse_attn.ops import checks, chunking, kernel_sharding, masking
 # Bound on the [chunk, S, HI] intermediate of one query block (elements).
 _TOPK_BUDGET = 1 << 23
 
+TIE_RULE = (
+  "among equal scores the more recent key (larger index) wins; a row lists "
+  "its keys by descending score, the more recent first among equals, then "
+  "-1 slots"
+)
+
 
 def check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths):
   qs = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
@@ -102,31 +108,44 @@ def two_stage_topk(
 ) -> jax.Array:
   """int32[..., K] indices of the K largest finite scores, -1 for the rest.
 
-  Exact two-stage selection. The K largest entries of a row lie in the K
-  sub-blocks with the largest maxima (a block outside those has K blocks
-  whose maxima are >= everything in it, so its entries can at best tie
-  with the K-th). Stage 1 picks those K blocks by their maxima, stage 2 the
-  K largest of their K * sub_block entries. XLA's CPU top_k sorts whole
-  rows, so two sorts of ~sqrt(S*K) entries beat one of S entries several
-  times over at long context; on other backends it is no worse.
+  Ties follow the selection rule of the API: among equal scores the more
+  recent key (larger index) wins, and a row lists its keys by descending
+  score, the more recent first among equals (`TIE_RULE`).
+
+  Exact two-stage selection. Order the entries of a row by (score, index).
+  The K largest lie in the K sub-blocks whose largest entries are largest
+  (a block outside those has K blocks whose largest entries beat
+  everything in it). Stage 1 picks those K blocks, stage 2 the K largest of
+  their K * sub_block entries. XLA's CPU top_k sorts whole rows, so two
+  sorts of ~sqrt(S*K) entries beat one of S entries several times over at
+  long context; on other backends it is no worse.
   """
   num_keys = scores.shape[-1]
+  # lax.top_k breaks ties towards the smaller index: select on the reversed
+  # row, where the smaller index is the more recent key. Its total order
+  # also ranks -0.0 below 0.0, which a comparison-based kernel calls equal.
+  rev = jnp.where(scores == 0, 0.0, scores).astype(scores.dtype)[..., ::-1]
   sb = default_sub_block(num_keys, k) if sub_block is None else sub_block
   num_blocks = -(-num_keys // sb)
   if sb == 1 or num_blocks <= k:
-    return _select(scores, jnp.arange(num_keys, dtype=jnp.int32), k)
-  pad = [(0, 0)] * (scores.ndim - 1) + [(0, num_blocks * sb - num_keys)]
-  blocks = jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(
-    *scores.shape[:-1], num_blocks, sb
-  )
-  _, top_blocks = jax.lax.top_k(jnp.max(blocks, axis=-1), k)
-  cand = jnp.take_along_axis(blocks, top_blocks[..., None], axis=-2)
-  cand_cols = top_blocks[..., None] * sb + jnp.arange(sb, dtype=jnp.int32)
-  return _select(
-    cand.reshape(*cand.shape[:-2], k * sb),
-    cand_cols.reshape(*cand.shape[:-2], k * sb),
-    k,
-  )
+    picked = _select(rev, jnp.arange(num_keys, dtype=jnp.int32), k)
+  else:
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, num_blocks * sb - num_keys)]
+    blocks = jnp.pad(rev, pad, constant_values=-jnp.inf).reshape(
+      *scores.shape[:-1], num_blocks, sb
+    )
+    _, top_blocks = jax.lax.top_k(jnp.max(blocks, axis=-1), k)
+    # In row order again, so that stage 2's ties also go to the smaller
+    # (reversed) index.
+    top_blocks = jnp.sort(top_blocks, axis=-1)
+    cand = jnp.take_along_axis(blocks, top_blocks[..., None], axis=-2)
+    cand_cols = top_blocks[..., None] * sb + jnp.arange(sb, dtype=jnp.int32)
+    picked = _select(
+      cand.reshape(*cand.shape[:-2], k * sb),
+      cand_cols.reshape(*cand.shape[:-2], k * sb),
+      k,
+    )
+  return jnp.where(picked >= 0, num_keys - 1 - picked, -1)
 
 
 def _select(values: jax.Array, columns: jax.Array, k: int) -> jax.Array:
@@ -145,8 +164,12 @@ def _select(values: jax.Array, columns: jax.Array, k: int) -> jax.Array:
 def select_topk(scores: jax.Array, k: int) -> jax.Array:
   """int32[B, T, K]: indices of the K largest visible (finite) scores.
 
-  Slots beyond the number of visible keys hold -1. Order within a row is
-  unspecified; ties may go either way. -inf marks a key as not visible.
+  Slots beyond the number of visible keys hold -1; -inf marks a key as not
+  visible. Ties: among equal scores the more recent key (larger index)
+  wins, and each row lists its keys by descending score, the more recent
+  first among equals (`TIE_RULE`; every top-k path of the library follows
+  it, so training, decoding, kernels and sharded runs select the same keys
+  from the same scores).
   """
   checks.check_rank("scores", scores, 3, "[B, T, S]")
   checks.check_floating("scores", scores)
@@ -168,9 +191,12 @@ def lightning_topk(
 ) -> jax.Array:
   """int32[B, T, K]: top-k of the index scores without materialising [T, S].
 
-  Selects the same set as `select_topk(indexer_scores(...), k)` (ties may go
-  either way). The XLA path scores `query_chunk` queries at a time (default:
-  as many as fit a fixed budget of chunk*S*HI elements), so peak memory is
+  Returns what `select_topk(indexer_scores(...), k)` returns, ties and
+  order included (`TIE_RULE`), whenever the two compute equal scores
+  (always for exact ties such as all-zero ReLU scores; otherwise scores one
+  rounding apart may order differently). The XLA path scores `query_chunk`
+  queries at a time (default: as many as fit a fixed budget of chunk*S*HI
+  elements), so peak memory is
   O(T*K + chunk*S*HI). For causal self-attention (T == S, q_offset None or
   0) it also skips the invisible upper triangle: query chunk c is paired
   with chunk n-1-c so that every step scores the same number of visible key

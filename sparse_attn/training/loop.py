@@ -195,16 +195,21 @@ def train(
       # restart after it, so compile time never counts as training time.
       compiled = stage != prev_stage
       prev_stage = stage
-      if done % t.log_every == 0 or done == total or compiled:
+      stage_end = done == total or (
+        stage == "warmup" and done == t.warmup_stage_steps
+      )
+      if done % t.log_every == 0 or stage_end or compiled:
         m = host_metrics(r.metrics)
         now = time.perf_counter()
         tps = None if compiled else tokens / max(now - tick, 1e-9)
         tick, tokens = now, 0.0
         if compiled:
           timed_from = (done, now)
-        in_warmup = has_idx and done <= t.warmup_stage_steps
         eta = _eta(
-          timed_from, done, now, t.warmup_stage_steps if in_warmup else total
+          timed_from,
+          done,
+          now,
+          t.warmup_stage_steps if stage == "warmup" else total,
         )
         rec = {
           "event": "train",
@@ -227,6 +232,7 @@ def train(
           f"{eta}",
         )
       if t.eval_every and done % t.eval_every == 0 and done != total:
+        jax.block_until_ready(r.metrics)  # queued steps are training time
         paused = time.perf_counter()
         last_eval = run_eval(done, stage)
         # Evaluation time is not training time: the rate and ETA skip it.
