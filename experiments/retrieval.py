@@ -314,15 +314,22 @@ def train_steps(s, state, ds, first_step: int, log, label: str):
   total = s.cfg.train.total_steps
   every = max(1, total // 4)
   last = None
+  timed: list[tuple[int, float]] = []  # (step, time) of the logs so far
 
   def log_step(r):
     nonlocal last
     if r.step % every == 0 or r.step == total:
       last = T.host_metrics(r.metrics)
+      timed.append((r.step, time.perf_counter()))
+      eta = ""
+      if len(timed) > 1 and r.step < total:  # the first log holds compiles
+        (s0, t0), (s1, t1) = timed[0], timed[-1]
+        left = (t1 - t0) / (s1 - s0) * (total - s1)
+        eta = f" eta {int(left // 60)}m{int(left % 60):02d}s"
       log(
         f"    [{label}:{r.stage}] step {r.step}/{total} loss "
         f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
-        f"{last['attended_fraction']:.3f}"
+        f"{last['attended_fraction']:.3f}{eta}"
       )
 
   state = T.run_stages(s, state, ds, first_step=first_step, on_step=log_step)
@@ -399,7 +406,15 @@ def run_task(pr: Preset, a, task: str, log):
     jax.block_until_ready(pre_state)
     pre_time = time.perf_counter() - t0
     log(f"  [{task}] pretraining took {pre_time:.0f} s")
-  for label, kind, top_k, params in runs_for(pr):
+  runs = runs_for(pr)
+  task_start = time.perf_counter()
+  for n_done, (label, kind, top_k, params) in enumerate(runs):
+    if n_done:  # models differ in cost; the mean so far is the estimate
+      left = (time.perf_counter() - task_start) / n_done * (len(runs) - n_done)
+      log(
+        f"  [{task}] model {n_done + 1}/{len(runs)} ({label}); eta "
+        f"{int(left // 60)}m{int(left % 60):02d}s for this task"
+      )
     if a.protocol == "convert":
       warm = pr.warmup_steps
       cfg = make_config(

@@ -41,7 +41,7 @@ BASELINE_PARAMS = {
     "cmp_block": 8,
     "cmp_stride": 4,
     "select_block": 8,
-    "num_selected": 2,
+    "num_selected": 4,
     "window": 8,
   },
   "lsh": {"chunk_size": 8, "n_buckets": 4},

@@ -41,7 +41,7 @@ SMALL = {
     "cmp_block": 8,
     "cmp_stride": 4,
     "select_block": 8,
-    "num_selected": 2,
+    "num_selected": 4,
     "window": 8,
   },
 }

@@ -17,6 +17,8 @@ nsa_attention = jax.jit(
     "select_block",
     "num_selected",
     "window",
+    "num_initial",
+    "num_local",
     "return_branches",
     "return_counts",
   ),
@@ -66,11 +68,38 @@ def test_nsa_full_budget_selected_branch_is_dense(T, q_offset, kv):
   np.testing.assert_allclose(br["selected"], want, rtol=1e-5, atol=1e-5)
 
 
-def test_nsa_branches_against_reference():
-  B, T, H, G, D = 1, 21, 4, 2, 8
+def eq9_weights(N, M, l, d, ls):
+  """NSA eq. 9 written out: p_slc[j] = sum_{m < l'/d} sum_{n < l/d}
+  p_cmp[.. + m + n] over the compressed blocks that overlap selection block
+  j; the weight of compressed block i is the number of (m, n) pairs naming
+  it (integer block sizes: d divides l and l')."""
+  W = np.zeros((N, M))
+  for j in range(M):
+    first = j * ls // d - l // d + 1  # first compressed block overlapping j
+    for m in range(ls // d):
+      for n in range(l // d):
+        i = first + m + n
+        if 0 <= i < N:
+          W[i, j] += 1
+  return W
+
+
+@pytest.mark.parametrize(
+  "l,d,ls,n,n_init,n_local",
+  [
+    (4, 2, 4, 2, 0, 1),  # the old setup: the current block only
+    (4, 2, 8, 3, 1, 2),  # l' = 2l: eq. 9's 1, 2, 2, 1 weights
+    (8, 4, 4, 4, 1, 2),  # l' < l
+  ],
+)
+def test_nsa_branches_against_reference(l, d, ls, n, n_init, n_local):
+  B, T, H, G, D = 1, 29, 4, 2, 8
   q, k, v = inputs(1, B=B, T=T, S=T, H=H, G=G, D=D)
+  # Independent K/V per branch: the compressed and window branches' own.
+  _, kc_in, vc_in = inputs(2, B=B, T=T, S=T, H=H, G=G, D=D)
+  _, kw_in, vw_in = inputs(3, B=B, T=T, S=T, H=H, G=G, D=D)
   g = jax.nn.sigmoid(jax.random.normal(jax.random.key(0), (B, T, H, 3)))
-  l, d, ls, n, w = 4, 2, 4, 2, 3
+  w = 3
   out, br, counts = nsa_attention(
     q,
     k,
@@ -81,42 +110,43 @@ def test_nsa_branches_against_reference():
     select_block=ls,
     num_selected=n,
     window=w,
+    num_initial=n_init,
+    num_local=n_local,
+    kv_compressed=(kc_in, vc_in),
+    kv_window=(kw_in, vw_in),
     return_branches=True,
     return_counts=True,
   )
   qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+  kcn, vcn, kwn, vwn = (
+    np.asarray(a, np.float64) for a in (kc_in, vc_in, kw_in, vw_in)
+  )
   i = np.arange(T)
   # Compressed: mean-pooled blocks m*d .. m*d+l-1, visible when fully past.
   N = (T - l) // d + 1
-  kc = np.stack([kn[:, m * d : m * d + l].mean(1) for m in range(N)], 1)
-  vc = np.stack([vn[:, m * d : m * d + l].mean(1) for m in range(N)], 1)
+  kc = np.stack([kcn[:, m * d : m * d + l].mean(1) for m in range(N)], 1)
+  vc = np.stack([vcn[:, m * d : m * d + l].mean(1) for m in range(N)], 1)
   vis_c = (np.arange(N) * d + l - 1)[None, :] <= i[:, None]  # [T, N]
   want_c = np_masked_attention(qn, kc, vc, np.broadcast_to(vis_c, (B, H, T, N)))
   np.testing.assert_allclose(br["compressed"], want_c, rtol=1e-5, atol=1e-5)
   # Window.
   j = np.arange(T)
   win = (j[None] <= i[:, None]) & (j[None] > i[:, None] - w)
-  want_w = np_masked_attention(qn, kn, vn, np.broadcast_to(win, (B, H, T, T)))
+  want_w = np_masked_attention(qn, kwn, vwn, np.broadcast_to(win, (B, H, T, T)))
   np.testing.assert_allclose(br["window"], want_w, rtol=1e-5, atol=1e-5)
   # Selection: block importance = compressed probs summed over the group's
-  # heads and the compressed blocks overlapping the selection block.
+  # heads (eq. 10), spread over the selection blocks by eq. 9.
   logits = np.einsum("bthd,bnhd->bhtn", qn, np.repeat(kc, H // G, 2)) * D**-0.5
   logits = np.where(vis_c, logits, -np.inf)
   mx = np.max(logits, -1, keepdims=True)
   p = np.where(vis_c, np.exp(logits - np.where(np.isfinite(mx), mx, 0)), 0)
   p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)  # [B,H,T,N]
   M = -(-T // ls)
-  ov = np.array(
-    [
-      [
-        (m * d <= (jb + 1) * ls - 1) and (m * d + l - 1 >= jb * ls)
-        for jb in range(M)
-      ]
-      for m in range(N)
-    ],
-    float,
-  )
-  imp = np.einsum("bhtn,nm->bhtm", p, ov)
+  W = eq9_weights(N, M, l, d, ls)
+  np.testing.assert_array_equal(
+    nsa.selection_weights(N, M, l, d, ls), W
+  )  # the token-overlap form equals the double sum
+  imp = np.einsum("bhtn,nm->bhtm", p, W)
   imp = imp.reshape(B, G, H // G, T, M).sum(2)  # [B,G,T,M]
   sel = np.asarray(br["selection"])  # [B,T,G,n]
   allowed = np.zeros((B, H, T, T), bool)
@@ -124,9 +154,10 @@ def test_nsa_branches_against_reference():
     for t in range(T):
       for gg in range(G):
         cur = t // ls
-        past = [m for m in range(M) if m * ls <= t and m != cur]
-        past.sort(key=lambda m: -imp[b, gg, t, m])
-        want = {cur} | set(past[: n - 1])
+        cands = [m for m in range(M) if m * ls <= t]
+        forced = {m for m in cands if m < n_init or cur - n_local < m <= cur}
+        rest = sorted(set(cands) - forced, key=lambda m: -imp[b, gg, t, m])
+        want = forced | set(rest[: n - len(forced)])
         got = set(sel[b, t, gg].tolist()) - {-1}
         assert got == want, (t, gg, got, want)
         for m in want:
@@ -203,7 +234,7 @@ def test_no_future_leakage():
       cmp_block=4,
       cmp_stride=2,
       select_block=4,
-      num_selected=2,
+      num_selected=4,
       window=3,
     ),
     lambda k, v: moba_attention(q, k, v, block_size=4, top_k=2),
@@ -221,6 +252,10 @@ def test_validation():
     nsa.nsa_attention(q, k, v, g[..., :2])
   with pytest.raises(ValueError, match="cmp_stride"):
     nsa.nsa_attention(q, k, v, g, cmp_block=2, cmp_stride=4)
+  with pytest.raises(ValueError, match="do not fit in num_selected=2"):
+    nsa.nsa_attention(q, k, v, g, num_selected=2)  # 1 initial + 2 local
+  with pytest.raises(ValueError, match="kv_window shapes"):
+    nsa.nsa_attention(q, k, v, g, kv_window=(k[:, :4], v[:, :4]))
   with pytest.raises(ValueError, match="top_k"):
     moba.moba_attention(q, k, v, block_size=4, top_k=0)
   # Shorter than one compression block: the compressed branch is empty (zeros).
@@ -232,9 +267,47 @@ def test_validation():
     cmp_block=16,
     cmp_stride=8,
     select_block=4,
-    num_selected=2,
+    num_selected=3,
     window=2,
     return_branches=True,
   )
   assert np.all(np.asarray(br["compressed"]) == 0)
   assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_nsa_branches_read_only_their_own_kv():
+  """Independent K/V (sec. 3.3.3): changing one branch's keys/values
+  changes that branch's output only (the selection reads the compressed
+  branch's keys, so it moves the selected branch through its choice only)."""
+  q, k, v = inputs(6, T=33, S=33)
+  g = jnp.full(q.shape[:3] + (3,), 0.5)
+  kw = dict(
+    cmp_block=8, cmp_stride=4, select_block=8, num_selected=3, window=5,
+    return_branches=True,
+  )  # fmt: skip
+  _, base = nsa_attention(q, k, v, g, kv_window=(k, v), **kw)
+  _, win = nsa_attention(q, k, v, g, kv_window=(k + 1.0, v * 2.0), **kw)
+  np.testing.assert_array_equal(base["compressed"], win["compressed"])
+  np.testing.assert_array_equal(base["selected"], win["selected"])
+  assert not np.allclose(base["window"], win["window"])
+  _, cmp = nsa_attention(q, k, v, g, kv_compressed=(k, v * 3.0), **kw)
+  np.testing.assert_array_equal(base["window"], cmp["window"])
+  np.testing.assert_array_equal(base["selection"], cmp["selection"])
+  assert not np.allclose(base["compressed"], cmp["compressed"])
+
+
+def test_nsa_always_keeps_initial_and_local_blocks():
+  """Whatever the importance, the first block and the two most recent
+  blocks are selected (the paper's 1 initial + 2 local)."""
+  q, k, v = inputs(7, B=1, T=64, S=64, H=2, G=1)
+  g = jnp.ones(q.shape[:3] + (3,))
+  _, br = nsa_attention(
+    q, k, v, g, cmp_block=8, cmp_stride=8, select_block=8, num_selected=4,
+    window=4, return_branches=True,
+  )  # fmt: skip
+  sel = np.asarray(br["selection"])[0, :, 0]  # [T, n]
+  for t in range(64):
+    cur = t // 8
+    must = {0, cur, max(cur - 1, 0)}
+    assert must <= set(sel[t].tolist()), (t, sel[t])
+    assert len(set(sel[t].tolist()) - {-1}) == min(4, cur + 1)

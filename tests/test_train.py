@@ -229,6 +229,18 @@ def test_transfer_params_copies_matching_paths_shapes_and_dtypes():
   np.testing.assert_array_equal(t.params["a"], np.ones(2))
   assert t.params["b"] is dst["b"] and t.params["d"] is dst["d"]
   assert t.params["a"] is not src["a"]  # a copy: src survives donation
+  # A leaf that is src's repeated along one axis (NSA's per-branch K/V
+  # [E, 3G, D] from a dense [E, G, D]) is src tiled; 3 into 4 is not.
+  kv = jnp.arange(12.0).reshape(2, 2, 3)
+  t = T.transfer_params(
+    {"wk": kv, "b": jnp.ones(3)},
+    {"wk": jnp.zeros((2, 6, 3)), "b": jnp.zeros(4)},
+  )
+  assert t.tiled == ("['wk']",) and "['b']" in t.kept
+  for branch in range(3):
+    np.testing.assert_array_equal(
+      t.params["wk"][:, 2 * branch : 2 * branch + 2], kv
+    )
 
 
 def test_init_from_converts_a_dense_state_to_dsa():

@@ -1,30 +1,48 @@
-"""NSA: Native Sparse Attention (Yuan et al. 2025, DeepSeek).
+"""NSA: Native Sparse Attention (Yuan et al. 2025, DeepSeek; arXiv 2502.11089).
 
-Three branches per query, mixed by per-head sigmoid gates g[B, T, H, 3]
-(projected from x by the layer):  o = g_cmp o_cmp + g_slc o_slc + g_win o_win.
+Three branches per query t, each with its own keys and values (sec. 3.3.3:
+independent K/V per branch, so that the branches do not shortcut through
+one another), mixed by per-head gates in [0, 1] (eq. 5):
 
-  compressed  keys/values summarised per block of `cmp_block` tokens taken
-              every `cmp_stride` tokens (block m covers m*d .. m*d + l - 1)
-              by mean-pooling or a small learned MLP (`compress_k` /
-              `compress_v` callables [B, N, G, l, D] -> [B, N, G, D]). A
-              compressed block is visible only when it is fully in the past:
-              m*d + l - 1 <= i (and below kv_lengths).
-  selected    keys split into selection blocks of `select_block` tokens.
-              Importance of selection block j = the compressed attention
-              probabilities summed over the heads of the kv group and over
-              the compressed blocks that overlap j (NSA eq. 9, which reduces
-              to p_cmp when cmp_block = cmp_stride = select_block). Each kv
-              group keeps the top `num_selected` blocks among those that start
-              at or before the query, always including the query's own
-              (current) block; attention inside them is causal.
-  window      sliding window of the last `window` keys.
+  o_t = g_cmp o_cmp + g_slc o_slc + g_win o_win
 
-The selection is a hard top-k (no gradient through it), as in NSA; the
-compressed keys learn through the compressed branch.
+  compressed  (eq. 7) block m of the compressed branch's keys covers tokens
+              m*d .. m*d + l - 1 (length l = cmp_block, stride d =
+              cmp_stride) and is summarised by phi: the paper's learnable
+              MLP with intra-block position encoding, or mean-pooling
+              (`compress_k` / `compress_v` callables [B, N, G, l, D] ->
+              [B, N, G, D]; default mean). A compressed block is visible only
+              when it is fully in the past: m*d + l - 1 <= t.
+  selected    (eqs. 8-12) keys in selection blocks of l' = select_block
+              tokens. The importance of block j comes from the compressed
+              branch's attention probabilities p_cmp (eq. 8), summed over
+              the heads of the kv group (eq. 10), and, when the blockings
+              differ, spread over the selection blocks by eq. 9: compressed
+              block m adds p_cmp[m] once per stride-sized piece of it that
+              lies in block j, i.e. with weight |block m & block j| / d
+              (l / d pieces per compressed block; with l = l' = d this is
+              p_slc = p_cmp). Eq. 9's double sum has exactly these weights
+              (1, 2, .., 2, 1 for l = 32, d = 16, l' = 64) over the
+              l'/d + l/d - 1 compressed blocks that overlap block j; we
+              align that window to those blocks (read literally with 0-based
+              indices, l'j/d - m - n would credit block j with blocks that
+              end before it starts). Each kv group keeps `num_selected`
+              blocks (eq. 11) among those that start at or before t: the
+              `num_initial` first blocks and the `num_local` most recent
+              ones (the current block and those before it) always, as in the
+              paper's setup (1 initial + 2 local of 16), then the most
+              important others. Attention inside them is causal (eq. 12).
+  window      the last `window` keys of the window branch (sec. 3.3.3).
+
+The selection is a hard top-n (no gradient through it), as in NSA; the
+compressed keys learn through the compressed branch. The pure function's
+defaults are the paper's sizes (l = 32, d = 16, l' = 64, n = 16, w = 512,
+1 initial + 2 local blocks); the layer's presets are scaled down for CPU
+(docs/baselines.md).
 
 Dense equivalence: with num_selected >= ceil(S / select_block) the selected
-branch alone is dense causal attention, so gates = (0, 1, 0) give dense
-attention (used by the tests).
+branch alone is dense causal attention over its keys, so gates = (0, 1, 0)
+give dense attention (used by the tests).
 """
 
 from __future__ import annotations
@@ -77,36 +95,55 @@ def mean_compress(windows: jax.Array) -> jax.Array:
   return jnp.mean(windows.astype(jnp.float32), axis=3).astype(windows.dtype)
 
 
-def _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block):
-  """f32[N, M]: 1 where compressed block m overlaps selection block j."""
+def selection_weights(
+  n_cmp: int, n_sel: int, cmp_block: int, cmp_stride: int, select_block: int
+) -> jax.Array:
+  """f32[N, M]: eq. 9's weight of compressed block m in selection block j,
+  |tokens of block m in block j| / d (the number of stride-sized pieces of
+  block m inside block j when d divides l and l')."""
   m = np.arange(n_cmp)[:, None]
   j = np.arange(n_sel)[None, :]
-  start, end = m * cmp_stride, m * cmp_stride + cmp_block - 1
-  ov = (start <= (j + 1) * select_block - 1) & (end >= j * select_block)
-  return jnp.asarray(ov, jnp.float32)
+  lo = np.maximum(m * cmp_stride, j * select_block)
+  hi = np.minimum(m * cmp_stride + cmp_block, (j + 1) * select_block)
+  return jnp.asarray(np.maximum(hi - lo, 0) / cmp_stride, jnp.float32)
 
 
-def check_nsa_sizes(cmp_block, cmp_stride, select_block, num_selected, window):
-  """ValueError unless the block sizes are positive ints with stride <= block."""
+def check_nsa_sizes(
+  cmp_block,
+  cmp_stride,
+  select_block,
+  num_selected,
+  window,
+  num_initial=0,
+  num_local=1,
+):
+  """ValueError unless the block sizes are positive ints with stride <= block
+  and the always-selected blocks fit in num_selected."""
   for name, value in (
     ("cmp_block", cmp_block),
     ("cmp_stride", cmp_stride),
     ("select_block", select_block),
     ("num_selected", num_selected),
     ("window", window),
+    ("num_local", num_local),
   ):
     checks.check_positive_int(name, value)
+  if not isinstance(num_initial, int) or num_initial < 0:
+    raise ValueError(f"num_initial must be an int >= 0, got {num_initial!r}.")
   if cmp_stride > cmp_block:
     raise ValueError(
       f"cmp_stride={cmp_stride} must be <= cmp_block="
       f"{cmp_block} (blocks must cover every key)."
     )
+  if num_initial + num_local > num_selected:
+    raise ValueError(
+      f"num_initial={num_initial} + num_local={num_local} always-selected "
+      f"blocks do not fit in num_selected={num_selected}."
+    )
 
 
-def _check_nsa(
-  gates, qs, cmp_block, cmp_stride, select_block, num_selected, window
-):
-  check_nsa_sizes(cmp_block, cmp_stride, select_block, num_selected, window)
+def _check_nsa(gates, qs, *sizes):
+  check_nsa_sizes(*sizes)
   gs = checks.check_rank("gates", gates, 4, "[B, T, H, 3]")
   if gs != qs[:3] + (3,):
     raise ValueError(
@@ -127,8 +164,12 @@ def nsa_attention(
   select_block: int = 64,
   num_selected: int = 16,
   window: int = 512,
+  num_initial: int = 1,
+  num_local: int = 2,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
@@ -152,8 +193,12 @@ def nsa_attention(
   select_block: int = 64,
   num_selected: int = 16,
   window: int = 512,
+  num_initial: int = 1,
+  num_local: int = 2,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
@@ -177,8 +222,12 @@ def nsa_attention(
   select_block: int = 64,
   num_selected: int = 16,
   window: int = 512,
+  num_initial: int = 1,
+  num_local: int = 2,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
@@ -202,8 +251,12 @@ def nsa_attention(
   select_block: int = 64,
   num_selected: int = 16,
   window: int = 512,
+  num_initial: int = 1,
+  num_local: int = 2,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
@@ -227,8 +280,12 @@ def nsa_attention(
   select_block: int = 64,
   num_selected: int = 16,
   window: int = 512,
+  num_initial: int = 1,
+  num_local: int = 2,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
@@ -256,8 +313,12 @@ def nsa_attention(
   select_block: int = 64,
   num_selected: int = 16,
   window: int = 512,
+  num_initial: int = 1,
+  num_local: int = 2,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths: jax.Array | None = None,
   scale: float | None = None,
@@ -280,8 +341,15 @@ def nsa_attention(
       typically sigmoid outputs.
     cmp_block, cmp_stride: compression block length l and stride d (d <= l).
     select_block, num_selected: selection block size l' and blocks per query
-      (current block included). window: sliding-window size w.
-    compress_k, compress_v: [B, N, G, l, D] -> [B, N, G, D]; default mean.
+      n (the always-selected ones included). window: sliding-window size w.
+    num_initial, num_local: blocks always selected: the first num_initial
+      blocks and the num_local most recent ones (the query's own block and
+      those before it); the paper's setup is 1 and 2.
+    compress_k, compress_v: phi, [B, N, G, l, D] -> [B, N, G, D]; default
+      mean-pooling.
+    kv_compressed, kv_window: (k, v) of the compressed and window branches,
+      [B, S, G, D] / [B, S, G, Dv] like k / v (default: k, v, which are the
+      selected branch's). The NSA layer passes independent K/V per branch.
     q_offset, kv_lengths, scale: as `dense_attention`.
     implementation, block_sizes: the window branch's gathered attention
       ("xla", "pallas", None = platform default; its kernel's BlockSizes).
@@ -292,8 +360,27 @@ def nsa_attention(
   """
   qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   _check_nsa(
-    gates, qs, cmp_block, cmp_stride, select_block, num_selected, window
+    gates,
+    qs,
+    cmp_block,
+    cmp_stride,
+    select_block,
+    num_selected,
+    window,
+    num_initial,
+    num_local,
   )
+  k_cmp, v_cmp = (k, v) if kv_compressed is None else kv_compressed
+  k_win, v_win = (k, v) if kv_window is None else kv_window
+  for name, (kb, vb) in (
+    ("kv_compressed", (k_cmp, v_cmp)),
+    ("kv_window", (k_win, v_win)),
+  ):
+    if kb.shape != k.shape or vb.shape != v.shape:
+      raise ValueError(
+        f"{name} shapes {kb.shape}, {vb.shape} must equal k / v shapes "
+        f"{k.shape}, {v.shape}."
+      )
   batch, num_q, num_heads, head_dim = qs
   num_keys, num_kv = ks[1], ks[2]
   scale = default_scale(scale, head_dim)
@@ -305,14 +392,14 @@ def nsa_attention(
   acc = checks.acc_dtype(q)
   blk = jnp.arange(n_sel, dtype=jnp.int32)
 
-  # (kc, vc, cmp_end, overlap); None when no compressed block fits in S.
+  # (kc, vc, cmp_end, eq. 9 weights); None when no compressed block fits.
   compressed = None
   if n_cmp > 0:
     compressed = (
-      compress_k(compression_windows(k, cmp_block, cmp_stride)),
-      compress_v(compression_windows(v, cmp_block, cmp_stride)),
+      compress_k(compression_windows(k_cmp, cmp_block, cmp_stride)),
+      compress_v(compression_windows(v_cmp, cmp_block, cmp_stride)),
       jnp.arange(n_cmp, dtype=jnp.int32) * cmp_stride + cmp_block - 1,
-      _overlap(n_cmp, n_sel, cmp_block, cmp_stride, select_block),
+      selection_weights(n_cmp, n_sel, cmp_block, cmp_stride, select_block),
     )
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(
@@ -323,7 +410,7 @@ def nsa_attention(
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
     if compressed is not None:
-      kc, vc, cmp_end, overlap = compressed
+      kc, vc, cmp_end, weights = compressed
       qg = group_heads(qb, num_kv)
       logits = (
         jnp.einsum("bcgrd,bngd->bcgrn", qg, kc, preferred_element_type=acc)
@@ -341,7 +428,7 @@ def nsa_attention(
         preferred_element_type=acc,
       )
       o_cmp = o_cmp.reshape(batch, c, num_heads, vs[3]).astype(q.dtype)
-      importance = jnp.einsum("bcgrn,nm->bcgm", probs, overlap)
+      importance = jnp.einsum("bcgrn,nm->bcgm", probs, weights)
       n_cmp_keys = jnp.sum(valid, axis=-1).astype(jnp.float32)
     else:
       o_cmp = jnp.zeros((batch, c, num_heads, vs[3]), q.dtype)
@@ -352,7 +439,8 @@ def nsa_attention(
     if kv_lengths is not None:
       kv = jnp.asarray(kv_lengths, jnp.int32)[:, None, None, None]
       cand = cand & (blk * select_block < kv)
-    forced = (blk == cur) & (cur < n_sel)
+    local = (blk <= cur) & (blk > cur - num_local)
+    forced = cand & ((blk < num_initial) | local)
     sel = topk_blocks(importance, forced, cand, num_selected)
     return o_cmp, sel, n_cmp_keys
 
@@ -371,8 +459,8 @@ def nsa_attention(
   )
   o_win, n_win = sliding_window_attention(
     q,
-    k,
-    v,
+    k_win,
+    v_win,
     window=window,
     q_offset=q_offset,
     kv_lengths=kv_lengths,

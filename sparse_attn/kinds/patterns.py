@@ -693,7 +693,8 @@ def block_sparse_attention(
 
 
 def topk_blocks(scores, forced, candidates, n: int):
-  """int32[..., n]: the forced block plus the top n-1 candidate blocks by score.
+  """int32[..., n]: the forced blocks, then the other candidate blocks by
+  descending score, n in all (the forced ones must number <= n).
 
   scores f32[..., M]; forced / candidates bool[..., M]. Slots beyond the
   number of available blocks hold -1. Ties break toward lower block ids.

@@ -1,4 +1,5 @@
-"""Native Sparse Attention layer (Yuan et al. 2025): compressed + selected + window."""
+"""Native Sparse Attention layer (Yuan et al. 2025): compressed + selected +
+window branches, each with its own K/V, mixed by an MLP + sigmoid gate."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from flax import nnx
 
 from sparse_attn.kinds.nsa import (
   check_nsa_sizes,
-  mean_compress,
   nsa_attention,
   nsa_keys_per_query,
 )
-from sparse_attn.nn.base import AttentionLayer, Context
+from sparse_attn.nn.base import AttentionLayer, Context, KVCache, counts_aux
 from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.params import param
 
@@ -26,12 +26,19 @@ COMPRESSIONS = ("mean", "mlp")
 
 @dataclasses.dataclass(frozen=True)
 class NSAParams:
-  """Block sizes of the three branches and the compressor.
+  """Block sizes of the three branches, the compressor and the gate.
 
   cmp_block l / cmp_stride d: compression windows; select_block l' and
-  num_selected n: selected blocks; window w: the sliding branch. compress:
-  "mean" pools each block, "mlp" adds a learned MLP (hidden size
-  mlp_hidden, default 2 * head_dim) with intra-block positions to the mean.
+  num_selected n: selected blocks, of which the first num_initial and the
+  num_local most recent are always kept; window w: the sliding branch.
+  compress: "mlp" (the paper's phi: a learned MLP, hidden size mlp_hidden
+  (default 2 * head_dim), over the block plus an intra-block position
+  embedding) or "mean" (mean-pooling, no parameters). gate_hidden: hidden
+  size of the gate MLP (default embed_dim // 4). independent_kv: separate
+  K/V projections per branch (the paper); False shares one K/V.
+
+  These defaults are CPU-sized; the paper's (l=32, d=16, l'=64, n=16,
+  w=512) are the pure function's (`kinds.nsa.nsa_attention`).
   """
 
   cmp_block: int = 16
@@ -39,8 +46,12 @@ class NSAParams:
   select_block: int = 16
   num_selected: int = 4
   window: int = 32
-  compress: str = "mean"
+  compress: str = "mlp"
   mlp_hidden: int | None = None
+  num_initial: int = 1
+  num_local: int = 2
+  gate_hidden: int | None = None
+  independent_kv: bool = True
 
   def __post_init__(self):
     check_nsa_sizes(
@@ -49,11 +60,19 @@ class NSAParams:
       self.select_block,
       self.num_selected,
       self.window,
+      self.num_initial,
+      self.num_local,
     )
     if self.compress not in COMPRESSIONS:
       raise ValueError(
         f"compress must be one of {COMPRESSIONS}, got {self.compress!r}."
       )
+    for name in ("mlp_hidden", "gate_hidden"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(
+          f"{name} must be a positive int or None, got {value!r}."
+        )
 
 
 def counted_attention(
@@ -65,6 +84,8 @@ def counted_attention(
   gates: jax.Array | None = None,
   compress_k: Callable | None = None,
   compress_v: Callable | None = None,
+  kv_compressed: tuple[jax.Array, jax.Array] | None = None,
+  kv_window: tuple[jax.Array, jax.Array] | None = None,
   q_offset=None,
   kv_lengths=None,
   implementation=None,
@@ -73,8 +94,10 @@ def counted_attention(
 ) -> tuple[jax.Array, jax.Array]:
   """(o [B, T, H, Dv], keys per query f32[B, T]) of NSA.
 
-  gates [B, T, H, 3] default to ones; compress_k / compress_v default to
-  mean pooling (the layer passes its learned compressors for "mlp").
+  k, v: the selected branch's keys/values (and the others' unless
+  kv_compressed / kv_window give theirs). gates [B, T, H, 3] default to
+  ones; compress_k / compress_v default to mean pooling (the layer passes
+  its learned phi for "mlp").
   """
   if gates is None:
     gates = jnp.ones(q.shape[:3] + (3,), q.dtype)
@@ -88,8 +111,12 @@ def counted_attention(
     select_block=params.select_block,
     num_selected=params.num_selected,
     window=params.window,
+    num_initial=params.num_initial,
+    num_local=params.num_local,
     compress_k=compress_k,
     compress_v=compress_v,
+    kv_compressed=kv_compressed,
+    kv_window=kv_window,
     q_offset=q_offset,
     kv_lengths=kv_lengths,
     implementation=implementation,
@@ -99,11 +126,15 @@ def counted_attention(
 
 
 class NSAAttention(AttentionLayer):
-  """Native Sparse Attention: compressed + selected + window, sigmoid-gated.
+  """Native Sparse Attention: compressed + selected + window, gated.
 
-  Gates g[B, T, H, 3] = sigmoid(x @ w_gate). Compression "mean" mean-pools
-  each block; "mlp" adds a learned MLP over the flattened block (with an
-  intra-block position embedding) to the mean: summary = mean + MLP(block),
+  Keys and values: with independent_kv (default, the paper's sec. 3.3.3)
+  `wk` / `wv` are [E, 3G, D], the three branches' K/V side by side on the
+  kv-head axis (compressed, selected, window), so the cache holds them as
+  one [B, S, 3G, D] pair. Gates g[B, T, H, 3] = sigmoid(MLP(x)) (eq. 5:
+  "derived from input features via an MLP and sigmoid activation"; one
+  hidden layer of gate_hidden, GELU). Compression "mlp" is phi of eq. 7:
+  an MLP over the flattened block plus an intra-block position embedding,
   separately for keys and values, shared by the kv heads.
   """
 
@@ -123,10 +154,28 @@ class NSAAttention(AttentionLayer):
     window: int = NSAParams.window,
     compress: str = NSAParams.compress,
     mlp_hidden: int | None = NSAParams.mlp_hidden,
+    num_initial: int = NSAParams.num_initial,
+    num_local: int = NSAParams.num_local,
+    gate_hidden: int | None = NSAParams.gate_hidden,
+    independent_kv: bool = NSAParams.independent_kv,
     rngs: nnx.Rngs,
     param_dtype: Any = jnp.float32,
     **kw: Any,
   ):
+    # Set before the base constructor: init_projections reads it.
+    self.params = p = NSAParams(
+      cmp_block=cmp_block,
+      cmp_stride=cmp_stride,
+      select_block=select_block,
+      num_selected=num_selected,
+      window=window,
+      compress=compress,
+      mlp_hidden=mlp_hidden,
+      num_initial=num_initial,
+      num_local=num_local,
+      gate_hidden=gate_hidden,
+      independent_kv=independent_kv,
+    )
     super().__init__(
       embed_dim,
       num_heads,
@@ -136,19 +185,14 @@ class NSAAttention(AttentionLayer):
       param_dtype=param_dtype,
       **kw,
     )
-    self.params = p = NSAParams(
-      cmp_block,
-      cmp_stride,
-      select_block,
-      num_selected,
-      window,
-      compress,
-      mlp_hidden,
+    hidden = p.gate_hidden or max(embed_dim // 4, 1)
+    self.w_gate1 = param(
+      rngs, (embed_dim, hidden), ("embed", "mlp"), param_dtype
     )
-    self.w_gate = param(
+    self.w_gate2 = param(
       rngs,
-      (embed_dim, num_heads, 3),
-      ("embed", "heads", "nsa_branches"),
+      (hidden, num_heads, 3),
+      ("mlp", "heads", "nsa_branches"),
       param_dtype,
     )
     if p.compress == "mlp":
@@ -174,11 +218,43 @@ class NSAAttention(AttentionLayer):
           param(rngs, (hidden, d), ("mlp", "head_dim"), param_dtype),
         )
 
-  def compressor(self, name: str):
-    """The learned block compressor of keys ("k") or values ("v"), or None.
+  @property
+  def kv_slots(self) -> int:
+    """Kv heads of the K/V projections and cache: 3G (one G per branch)
+    with independent_kv, else G."""
+    return self.num_kv_heads * (3 if self.params.independent_kv else 1)
 
-    Returns fn(windows [B, N, G, l, D]) -> [B, N, G, D] for compress="mlp"
-    (None for "mean": the pure function mean-pools).
+  def init_projections(self, rngs: nnx.Rngs, param_dtype: Any) -> None:
+    super().init_projections(rngs, param_dtype)
+    if not self.params.independent_kv:
+      return
+    e, d, g3 = self.embed_dim, self.head_dim, self.kv_slots
+    axes = ("embed", "kv_heads", "head_dim")
+    self.wk = param(rngs, (e, g3, d), axes, param_dtype)
+    self.wv = param(rngs, (e, g3, d), axes, param_dtype)
+    if self.qkv_bias:
+      zeros = nnx.initializers.zeros_init()
+      self.bk = param(rngs, (g3, d), axes[1:], param_dtype, zeros)
+      self.bv = param(rngs, (g3, d), axes[1:], param_dtype, zeros)
+
+  def init_cache(
+    self,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: Any = None,
+    index_dtype: Any = "float32",
+  ) -> KVCache:
+    del index_dtype
+    dt = self.dtype if dtype is None else dtype
+    shape = (batch_size, max_len, self.kv_slots, self.head_dim)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+
+  def compressor(self, name: str):
+    """phi of eq. 7 for keys ("k") or values ("v"), or None ("mean": the
+    pure function mean-pools).
+
+    Returns fn(windows [B, N, G, l, D]) -> [B, N, G, D] for compress="mlp".
     """
     if self.params.compress != "mlp":
       return None
@@ -188,15 +264,15 @@ class NSAAttention(AttentionLayer):
 
     def fn(windows):  # [B, N, G, l, D]
       flat = (windows + pos).reshape(*windows.shape[:3], -1)
-      return mean_compress(windows) + jax.nn.gelu(flat @ w1) @ w2
+      return jax.nn.gelu(flat @ w1) @ w2
 
     return fn
 
   def gates(self, x: jax.Array) -> jax.Array:
-    """Branch gates f32[B, T, H, 3] = sigmoid(x @ w_gate)."""
-    g = jnp.einsum(
-      "bte,ehc->bthc", x.astype(self.dtype), self.w_gate[...].astype(self.dtype)
-    )
+    """Branch gates f32[B, T, H, 3] = sigmoid(MLP(x))."""
+    x = x.astype(self.dtype)
+    h = jax.nn.gelu(x @ self.w_gate1[...].astype(self.dtype))
+    g = jnp.einsum("btf,fhc->bthc", h, self.w_gate2[...].astype(self.dtype))
     return jax.nn.sigmoid(g)
 
   def attention_inputs(self, ctx: Context) -> dict[str, Any]:
@@ -205,6 +281,29 @@ class NSAAttention(AttentionLayer):
       "compress_k": self.compressor("k"),
       "compress_v": self.compressor("v"),
     }
+
+  def attend(self, q, k, v, ctx: Context):
+    if not self.params.independent_kv:
+      return super().attend(q, k, v, ctx)
+    # k, v [B, S, 3G, D]: the compressed, selected and window branches' K/V.
+    g = self.num_kv_heads
+    kc, ks, kw = (k[:, :, i * g : (i + 1) * g] for i in range(3))
+    vc, vs, vw = (v[:, :, i * g : (i + 1) * g] for i in range(3))
+    o, counts = counted_attention(
+      q,
+      ks,
+      vs,
+      self.params,
+      kv_compressed=(kc, vc),
+      kv_window=(kw, vw),
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
+      implementation=self.implementation,
+      block_sizes=self.attention_block_sizes,
+      **self.attention_inputs(ctx),
+    )
+    aux = counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths)
+    return o, aux, ctx.cache
 
 
 def keys_per_query(seq_len: int, params: NSAParams, **_: Any) -> np.ndarray:
