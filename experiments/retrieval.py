@@ -446,7 +446,11 @@ def run_task(pr: Preset, a, task: str, log):
     s = T.setup(cfg)
     state = T.init_state(s)
     if pre_state is not None:
-      state, moved = T.init_from(state, pre_state["params"]["main"])
+      state, moved = T.init_from(
+        state,
+        pre_state["params"]["main"],
+        repeat=registry.get(kind).dense_copies,
+      )
       if moved.kept:
         log(
           f"    {label}: {len(moved.kept)} parameter(s) not in the dense "

@@ -269,8 +269,39 @@ def test_nsa_layer_is_the_papers():
   # Each branch reads its own slice of the K/V heads.
   y, _ = layer(x)
   w = layer.wk[...]
-  layer.wk[...] = w.at[:, 4:].add(1.0)  # the window branch's keys only
+  layer.wk[...] = w.at[:, 2::3].add(1.0)  # the window branch's keys only
   y2, _ = layer(x)
   assert not np.allclose(y, y2)
   shared = NSAAttention(32, 4, 2, 8, independent_kv=False, rngs=nnx.Rngs(0))
   assert shared.wk.shape == (32, 2, 8)
+
+
+def test_nsa_from_a_dense_model_starts_each_branch_with_its_kv():
+  """A dense checkpoint fills every NSA branch's K/V (group-major copies),
+  through training.init_from and the kind's dense_copies."""
+  from sparse_attn import training as T
+  from sparse_attn.config import override, tiny
+
+  base = override(
+    tiny(), "model.num_layers=1", "train.mesh_shape=[1,1,1]",
+    'model.attention="dense"',
+  )  # fmt: skip
+  nsa_cfg = override(base, 'model.attention="nsa"')
+  dev = jax.devices()[:1]
+  dense = T.init_state(T.setup(base, dev))
+  nsa_state = T.init_state(T.setup(nsa_cfg, dev))
+  state, moved = T.init_from(
+    nsa_state,
+    dense["params"]["main"],
+    repeat=registry.get("nsa").dense_copies,
+  )
+  assert {
+    "['blocks'][0]['attn']['wk'].value",
+    "['blocks'][0]['attn']['wv'].value",
+  } <= set(moved.repeated)
+  wk = state["params"]["main"]["blocks"][0]["attn"]["wk"][...]
+  dense_wk = dense["params"]["main"]["blocks"][0]["attn"]["wk"][...]
+  g = dense_wk.shape[1]
+  for branch in range(3):
+    np.testing.assert_array_equal(wk[:, branch::3], dense_wk)
+  assert wk.shape[1] == 3 * g

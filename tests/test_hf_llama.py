@@ -294,3 +294,22 @@ def test_goldens_readme_lists_every_case():
   for name in CASES:
     assert name in text
   assert set(llama.FORMATS) == {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def test_retrofit_to_nsa_starts_every_branch_from_the_checkpoints_kv():
+  """Other kinds retrofit the same way: NSA's per-branch K/V (group-major
+  [E, 3G, D]) each start as the checkpoint's K/V; q / o are loaded."""
+  path, _ = _case("llama_gqa_bias_llama3")
+  dense, _ = hf.load_pretrained(path)
+  model, cfg = hf.retrofit_from(path, attention="nsa", compress="mean")
+  assert cfg.attention == "nsa"
+  for blk, ref_blk in zip(model.blocks, dense.blocks):
+    for name in ("wk", "wv", "bk", "bv"):
+      got = np.asarray(getattr(blk.attn, name)[...])
+      want = np.asarray(getattr(ref_blk.attn, name)[...])
+      axis = got.ndim - 2  # the kv-head axis
+      for branch in range(3):
+        np.testing.assert_array_equal(
+          np.take(got, np.arange(branch, got.shape[axis], 3), axis=axis), want
+        )
+    np.testing.assert_array_equal(blk.attn.wq[...], ref_blk.attn.wq[...])

@@ -159,3 +159,15 @@ def test_signed_zeros_are_one_score():
     topk_kernels.select_topk_reference(scores, 7),
   ):
     np.testing.assert_array_equal(np.asarray(sel), want)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_pallas_ties_across_score_blocks(platform):
+  """S = 300 spans three 128-key score blocks of the TPU kernel: equal
+  scores in different blocks still go to the more recent key."""
+  q, k, w = tie_inputs(1, 24, 300, seed=5)
+  _, want = _want(q, k, w, 20, q_offset=276)
+  got = topk_kernels.lightning_topk(
+    q, k, w, 20, q_offset=276, platform=platform, interpret=True
+  )
+  np.testing.assert_array_equal(np.asarray(got), want)

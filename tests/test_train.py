@@ -229,18 +229,22 @@ def test_transfer_params_copies_matching_paths_shapes_and_dtypes():
   np.testing.assert_array_equal(t.params["a"], np.ones(2))
   assert t.params["b"] is dst["b"] and t.params["d"] is dst["d"]
   assert t.params["a"] is not src["a"]  # a copy: src survives donation
-  # A leaf that is src's repeated along one axis (NSA's per-branch K/V
-  # [E, 3G, D] from a dense [E, G, D]) is src tiled; 3 into 4 is not.
+  # Opt-in repeats (NSA's per-branch K/V [E, 3G, D], group-major, from a
+  # dense [E, G, D]): each entry of src r times in a row, only for the
+  # names given; 3 into 4 never, and an unnamed size change is kept.
   kv = jnp.arange(12.0).reshape(2, 2, 3)
-  t = T.transfer_params(
-    {"wk": kv, "b": jnp.ones(3)},
-    {"wk": jnp.zeros((2, 6, 3)), "b": jnp.zeros(4)},
-  )
-  assert t.tiled == ("['wk']",) and "['b']" in t.kept
+  src = {"wk": kv, "b": jnp.ones(3), "w_up": jnp.ones((2, 3))}
+  dst = {
+    "wk": jnp.zeros((2, 6, 3)),
+    "b": jnp.zeros(4),
+    "w_up": jnp.zeros((2, 6)),
+  }
+  t = T.transfer_params(src, dst, repeat=("wk", "b"))
+  assert t.repeated == ("['wk']",)
+  assert "['b']" in t.kept and "['w_up']" in t.kept
   for branch in range(3):
-    np.testing.assert_array_equal(
-      t.params["wk"][:, 2 * branch : 2 * branch + 2], kv
-    )
+    np.testing.assert_array_equal(t.params["wk"][:, branch::3], kv)
+  assert T.transfer_params(src, dst).repeated == ()
 
 
 def test_init_from_converts_a_dense_state_to_dsa():

@@ -94,7 +94,8 @@ def _scores_gpu_kernel(
 
 
 def topk(q_idx, k_idx, weights, q_off, kv_len, K, *, bs, interpret):
-  """int32[B, T, K] (lax.top_k order, -1 past the visible keys)."""
+  """int32[B, T, K] (descending score, the more recent first among equal
+  scores: select_topk_reference; -1 past the visible keys)."""
   B, T, HI, DI = q_idx.shape
   S = k_idx.shape[1]
   bt, bsz = bs.block_t, bs.block_s

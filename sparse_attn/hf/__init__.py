@@ -43,6 +43,7 @@ from sparse_attn.hf.safetensors_io import (
   write_checkpoint,
 )
 from sparse_attn.models import Transformer
+from sparse_attn.models.transfer import transfer_params
 
 CONFIG_FILE = "config.json"
 #: model_type -> the module that knows its config fields and tensor names.
@@ -100,6 +101,9 @@ def _override(
 ) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   kind_params = set(family.attention_param_names())
+  wanted = overrides.get("attention", cfg.attention)
+  if wanted in registry.names():  # the requested kind's own parameters
+    kind_params |= set(registry.get(wanted).param_names)
   unknown = sorted(set(overrides) - fields - kind_params)
   if unknown:
     raise ValueError(
@@ -258,15 +262,13 @@ def retrofit_from(
   }
   dense, _ = load_pretrained(path, attention=twin, **dense_overrides)
   model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
-  src = {p: v for p, v in nnx.to_flat_state(nnx.state(dense, nnx.Param))}
-  fresh = []
-  for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    old = src.get(p)
-    if old is not None and old.get_value().shape == v.get_value().shape:
-      v.set_value(old.get_value())
-    else:
-      fresh.append(".".join(map(str, p)))
-  if not fresh:
+  moved = transfer_params(
+    nnx.state(dense, nnx.Param),
+    nnx.state(model, nnx.Param),
+    repeat=registry.get(attention).dense_copies,
+  )
+  nnx.update(model, moved.params)
+  if not moved.kept:
     raise ValueError(
       f"attention={attention!r} adds no parameters to this checkpoint: use "
       f"load_pretrained(path, attention={attention!r})."

@@ -60,6 +60,10 @@ class AttentionKind:
       D: the kinds compared with DSA at equal budgets) or "mla" (latent
       projections, DeepSeek's MLA: the pure form takes MLA's q/k/v).
     reference: the paper (for docs and tables).
+    dense_copies: names of layer parameters holding several copies of the
+      dense twin's parameter of the same name, repeated along one axis
+      (NSA's per-branch wk / wv): a dense checkpoint fills each copy
+      (`models.transfer.transfer_params(repeat=)`).
     factory: optional fn(cfg, *, layer_index, rngs) -> layer replacing the
       default construction (used by `register_attention` for old-style
       registrations).
@@ -76,6 +80,7 @@ class AttentionKind:
   reference: str = ""
   factory: Callable[..., AttentionLayer] | None = None
   projections: str = "gqa"
+  dense_copies: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.projections not in PROJECTIONS:

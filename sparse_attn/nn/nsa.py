@@ -129,9 +129,11 @@ class NSAAttention(AttentionLayer):
   """Native Sparse Attention: compressed + selected + window, gated.
 
   Keys and values: with independent_kv (default, the paper's sec. 3.3.3)
-  `wk` / `wv` are [E, 3G, D], the three branches' K/V side by side on the
-  kv-head axis (compressed, selected, window), so the cache holds them as
-  one [B, S, 3G, D] pair. Gates g[B, T, H, 3] = sigmoid(MLP(x)) (eq. 5:
+  `wk` / `wv` are [E, 3G, D], group-major: kv head 3g + b is branch b
+  (compressed, selected, window) of group g, so a tensor-parallel split of
+  the kv heads keeps each group's three branches with its query heads; the
+  cache holds them as one [B, S, 3G, D] pair (a dense checkpoint fills each
+  branch with its K/V: `dense_copies`). Gates g[B, T, H, 3] = sigmoid(MLP(x)) (eq. 5:
   "derived from input features via an MLP and sigmoid activation"; one
   hidden layer of gate_hidden, GELU). Compression "mlp" is phi of eq. 7:
   an MLP over the flattened block plus an intra-block position embedding,
@@ -285,10 +287,13 @@ class NSAAttention(AttentionLayer):
   def attend(self, q, k, v, ctx: Context):
     if not self.params.independent_kv:
       return super().attend(q, k, v, ctx)
-    # k, v [B, S, 3G, D]: the compressed, selected and window branches' K/V.
+    # k, v [B, S, 3G, D], group-major: [B, S, G, 3, D] per branch.
     g = self.num_kv_heads
-    kc, ks, kw = (k[:, :, i * g : (i + 1) * g] for i in range(3))
-    vc, vs, vw = (v[:, :, i * g : (i + 1) * g] for i in range(3))
+    split = lambda a: [
+      a.reshape(*a.shape[:2], g, 3, -1)[..., b, :] for b in range(3)
+    ]
+    kc, ks, kw = split(k)
+    vc, vs, vw = split(v)
     o, counts = counted_attention(
       q,
       ks,
@@ -325,4 +330,5 @@ KIND = AttentionKind(
   attention=pure_form(counted_attention),
   budget_param="num_selected",
   reference="Yuan et al. 2025 (NSA)",
+  dense_copies=("wk", "wv", "bk", "bv"),
 )

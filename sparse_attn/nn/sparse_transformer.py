@@ -24,7 +24,7 @@ from sparse_attn.nn.kind import AttentionKind, pure_form
 
 @dataclasses.dataclass(frozen=True)
 class StridedParams:
-  """stride l: local band of l keys + every l-th key back."""
+  """stride l: local band of l + 1 keys (i - l .. i) + every l-th key back."""
 
   stride: int = 16
   combine: str = "merged"
@@ -76,7 +76,8 @@ def counted_attention(
 
 
 class StridedAttention(AttentionLayer):
-  """Sparse Transformer, strided pattern: local band of l + every l-th key."""
+  """Sparse Transformer, strided pattern: local band of l + 1 keys + every
+  l-th key."""
 
   counted_attention = staticmethod(counted_attention)
 

@@ -167,9 +167,10 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
   Slots beyond the number of visible keys hold -1; -inf marks a key as not
   visible. Ties: among equal scores the more recent key (larger index)
   wins, and each row lists its keys by descending score, the more recent
-  first among equals (`TIE_RULE`; every top-k path of the library follows
-  it, so training, decoding, kernels and sharded runs select the same keys
-  from the same scores).
+  first among equals (`TIE_RULE`; every DSA top-k path follows it, so
+  training, decoding, kernels and sharded runs select the same keys from
+  the same scores; NSA's and MoBA's block selections keep their own rule,
+  the lower block id).
   """
   checks.check_rank("scores", scores, 3, "[B, T, S]")
   checks.check_floating("scores", scores)

@@ -149,7 +149,12 @@ def train(
   else:
     state = init_state(s)
     for group, params in (init_params or {}).items():
-      state, moved = init_from(state, params, group)
+      state, moved = init_from(
+        state,
+        params,
+        group,
+        repeat=registry.get(cfg.model.attention).dense_copies,
+      )
       if moved.kept:
         raise ValueError(
           f"init_params[{group!r}] has no leaf of the model's path, shape "
