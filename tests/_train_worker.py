@@ -142,6 +142,10 @@ def mesh_equiv(family="transformer"):
   (l1, p1), (l8, p8) = results["one"], results["eight"]
   out["losses_one"], out["losses_eight"] = l1, l8
   out["max_param_diff"] = max(float(np.max(np.abs(p1[k] - p8[k]))) for k in p1)
+  out["param_entries"] = int(sum(p1[k].size for k in p1))
+  out["entries_over_1e-6"] = int(
+    sum(int(np.sum(np.abs(p1[k] - p8[k]) > 1e-6)) for k in p1)
+  )
   out["same_keys"] = sorted(p1) == sorted(p8)
   print("RESULT " + json.dumps(out))
 

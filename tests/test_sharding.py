@@ -118,4 +118,9 @@ def test_train_step_8_devices_matches_1_device(family):
   assert out["same_keys"]
   for a, b in zip(out["losses_one"], out["losses_eight"]):
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-  assert out["max_param_diff"] < 1e-5
+  # Adam's first steps divide by |g| + eps: an entry whose gradient is near
+  # eps moves by up to lr * (reduction-order noise) / eps. Measured: one
+  # embedding entry differs by 1.8e-5 (lr 3e-3) and every other entry
+  # agrees to 1.5e-7, so: nothing beyond 1e-4, almost nothing beyond 1e-6.
+  assert out["max_param_diff"] < 1e-4
+  assert out["entries_over_1e-6"] <= 1e-5 * out["param_entries"] + 1
