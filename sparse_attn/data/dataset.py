@@ -334,12 +334,7 @@ def make_dataset(
   if is_mixture(name):
     return _make_mixture(name, seq_len, split, seed, path, max_bytes, kwargs)
   if name == "text":
-    bad = sorted(set(kwargs) - set(_TEXT_KWARGS))
-    if bad:
-      raise ValueError(
-        f"unknown option(s) {bad} for 'text'; accepted: "
-        f"path, max_bytes, {', '.join(_TEXT_KWARGS)}"
-      )
+    _check_options(name, kwargs)
     seq_len = as_int("seq_len", seq_len, 1)
     corpus = load_text(path, split=split, max_bytes=max_bytes, **kwargs)
     return TextDataset(corpus, seq_len, split=split, seed=seed)
@@ -351,14 +346,22 @@ def make_dataset(
     raise ValueError(
       f"path/max_bytes apply only to 'text', not to the synthetic task {name!r}"
     )
-  cls = TASKS[name]
-  fields = [f.name for f in dataclasses.fields(cls) if f.name != "seq_len"]
-  bad = sorted(set(kwargs) - set(fields))
+  _check_options(name, kwargs)
+  return TaskDataset(TASKS[name](seq_len, **kwargs), split=split, seed=seed)
+
+
+def _check_options(name: str, options: dict) -> None:
+  """ValueError naming the options dataset `name` does not take."""
+  if name == "text":
+    accepted = ["path", "max_bytes", *_TEXT_KWARGS]
+  else:
+    accepted = [f.name for f in dataclasses.fields(TASKS[name])]
+    accepted.remove("seq_len")
+  bad = sorted(set(options) - set(accepted))
   if bad:
     raise ValueError(
-      f"unknown option(s) {bad} for {name!r}; accepted: {fields}"
+      f"unknown option(s) {bad} for {name!r}; accepted: {accepted}"
     )
-  return TaskDataset(cls(seq_len, **kwargs), split=split, seed=seed)
 
 
 def check_dataset(
@@ -396,22 +399,9 @@ def check_dataset(
     opts = options.get(name) or {}
     if not isinstance(opts, dict):
       raise ValueError(f"options of {name!r} must be a dict, got {opts!r}")
-    if name == "text":
-      bad = sorted(set(opts) - set(_TEXT_KWARGS) - {"path", "max_bytes"})
-      if bad:
-        raise ValueError(
-          f"unknown option(s) {bad} for 'text'; accepted: path, max_bytes, "
-          f"{', '.join(_TEXT_KWARGS)}"
-        )
-      continue
-    fields = [f.name for f in dataclasses.fields(TASKS[name])]
-    bad = sorted((set(opts) - set(fields)) | ({"seq_len"} & set(opts)))
-    if bad:
-      raise ValueError(
-        f"unknown option(s) {bad} for {name!r}; accepted: "
-        f"{[f for f in fields if f != 'seq_len']}"
-      )
-    TASKS[name](seq_len, **opts)  # the task's own checks (lengths, ranges)
+    _check_options(name, opts)
+    if name != "text":
+      TASKS[name](seq_len, **opts)  # the task's own checks (lengths, ranges)
   return parts
 
 

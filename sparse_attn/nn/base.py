@@ -233,6 +233,12 @@ class AttentionLayer(nnx.Module):
     self.qk_norm, self.norm_eps = bool(qk_norm), float(norm_eps)
     self.init_projections(rngs, param_dtype)
 
+  @property
+  def kv_slots(self) -> int:
+    """K/V heads the projections produce and the cache holds: num_kv_heads
+    (a kind with several K/V sets, NSA's per branch, holds them all)."""
+    return self.num_kv_heads
+
   def init_projections(self, rngs: nnx.Rngs, param_dtype: Any) -> None:
     """Creates the projection parameters (GQA: wq, wk, wv, wo).
 
@@ -240,7 +246,7 @@ class AttentionLayer(nnx.Module):
     `output`.
     """
     e, h = self.embed_dim, self.num_heads
-    g, d = self.num_kv_heads, self.head_dim
+    g, d = self.kv_slots, self.head_dim
     self.wq = param(
       rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype
     )
@@ -333,7 +339,7 @@ class AttentionLayer(nnx.Module):
     """
     del index_dtype
     dt = self.dtype if dtype is None else dtype
-    shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+    shape = (batch_size, max_len, self.kv_slots, self.head_dim)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
 
   def write_cache(
@@ -466,6 +472,14 @@ class AttentionLayer(nnx.Module):
     del ctx
     return {}
 
+  def attention_kv(
+    self, k: Any, v: jax.Array
+  ) -> tuple[Any, jax.Array, dict[str, Any]]:
+    """(k, v, extra keyword inputs) `counted_attention` gets from the
+    projected or cached K/V: as they are by default (NSA splits its
+    branches' K/V, LSH passes its pre-RoPE vectors to hash)."""
+    return k, v, {}
+
   def attend(
     self, q: jax.Array, k: Any, v: jax.Array, ctx: Context
   ) -> tuple[jax.Array, Aux, Any]:
@@ -480,6 +494,7 @@ class AttentionLayer(nnx.Module):
         f"{type(self).__name__} must set counted_attention or implement "
         f"attend()."
       )
+    k, v, kv_inputs = self.attention_kv(k, v)
     o, counts = fn(
       q,
       k,
@@ -490,7 +505,8 @@ class AttentionLayer(nnx.Module):
       layer_index=self.layer_index,
       implementation=self.implementation,
       block_sizes=self.attention_block_sizes,
+      **kv_inputs,
       **self.attention_inputs(ctx),
     )
-    aux = counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths)
+    aux = counts_aux(counts, ctx.positions, v.shape[1], ctx.kv_lengths)
     return o, aux, ctx.cache

@@ -166,20 +166,13 @@ class LSHAttention(AttentionLayer):
     v = (batch_size, max_len, self.num_kv_heads, self.head_dim)
     return LSHCache(k=jnp.zeros(qk, dt), v=jnp.zeros(v, dt))
 
+  def attention_kv(self, k, v):
+    # k: the shared QK before RoPE, hashed; q (after RoPE) is also the keys.
+    return None, v, {"hash_qk": k}
+
   def attend(self, q, k, v, ctx: Context):
-    # k: the shared QK before RoPE (hashed); q, after RoPE, is also the keys.
     if not ctx.decoding:
-      o, counts = counted_attention(
-        q,
-        None,
-        v,
-        self.params,
-        kv_lengths=ctx.kv_lengths,
-        layer_index=self.layer_index,
-        hash_qk=k,
-      )
-      aux = counts_aux(counts, ctx.positions, q.shape[1], ctx.kv_lengths)
-      return o, aux, ctx.cache
+      return super().attend(q, k, v, ctx)
     # k is the cached prefix [B, view, H, D] before RoPE (cache slot s holds
     # position s): recompute over the prefix, keep the new tokens' rows.
     prefix = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])

@@ -17,7 +17,7 @@ from sparse_attn.kinds.nsa import (
   nsa_attention,
   nsa_keys_per_query,
 )
-from sparse_attn.nn.base import AttentionLayer, Context, KVCache, counts_aux
+from sparse_attn.nn.base import AttentionLayer, Context
 from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.params import param
 
@@ -222,35 +222,9 @@ class NSAAttention(AttentionLayer):
 
   @property
   def kv_slots(self) -> int:
-    """Kv heads of the K/V projections and cache: 3G (one G per branch)
-    with independent_kv, else G."""
+    """3G with independent_kv (one G per branch), else G: the K/V heads of
+    the projections and the cache."""
     return self.num_kv_heads * (3 if self.params.independent_kv else 1)
-
-  def init_projections(self, rngs: nnx.Rngs, param_dtype: Any) -> None:
-    super().init_projections(rngs, param_dtype)
-    if not self.params.independent_kv:
-      return
-    e, d, g3 = self.embed_dim, self.head_dim, self.kv_slots
-    axes = ("embed", "kv_heads", "head_dim")
-    self.wk = param(rngs, (e, g3, d), axes, param_dtype)
-    self.wv = param(rngs, (e, g3, d), axes, param_dtype)
-    if self.qkv_bias:
-      zeros = nnx.initializers.zeros_init()
-      self.bk = param(rngs, (g3, d), axes[1:], param_dtype, zeros)
-      self.bv = param(rngs, (g3, d), axes[1:], param_dtype, zeros)
-
-  def init_cache(
-    self,
-    batch_size: int,
-    max_len: int,
-    *,
-    dtype: Any = None,
-    index_dtype: Any = "float32",
-  ) -> KVCache:
-    del index_dtype
-    dt = self.dtype if dtype is None else dtype
-    shape = (batch_size, max_len, self.kv_slots, self.head_dim)
-    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
 
   def compressor(self, name: str):
     """phi of eq. 7 for keys ("k") or values ("v"), or None ("mean": the
@@ -284,31 +258,17 @@ class NSAAttention(AttentionLayer):
       "compress_v": self.compressor("v"),
     }
 
-  def attend(self, q, k, v, ctx: Context):
+  def attention_kv(self, k, v):
     if not self.params.independent_kv:
-      return super().attend(q, k, v, ctx)
-    # k, v [B, S, 3G, D], group-major: [B, S, G, 3, D] per branch.
+      return k, v, {}
+    # k, v [B, S, 3G, D], group-major: branch b of group g is head 3g + b.
     g = self.num_kv_heads
-    split = lambda a: [
-      a.reshape(*a.shape[:2], g, 3, -1)[..., b, :] for b in range(3)
-    ]
-    kc, ks, kw = split(k)
-    vc, vs, vw = split(v)
-    o, counts = counted_attention(
-      q,
-      ks,
-      vs,
-      self.params,
-      kv_compressed=(kc, vc),
-      kv_window=(kw, vw),
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      implementation=self.implementation,
-      block_sizes=self.attention_block_sizes,
-      **self.attention_inputs(ctx),
-    )
-    aux = counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths)
-    return o, aux, ctx.cache
+
+    def split(a):
+      return [a.reshape(*a.shape[:2], g, 3, -1)[..., b, :] for b in range(3)]
+
+    (kc, ks, kw), (vc, vs, vw) = split(k), split(v)
+    return ks, vs, {"kv_compressed": (kc, vc), "kv_window": (kw, vw)}
 
 
 def keys_per_query(seq_len: int, params: NSAParams, **_: Any) -> np.ndarray:
