@@ -120,3 +120,46 @@ def env_line() -> str:
     f"jax {jax.__version__}, backend {jax.default_backend()}, "
     f"{os.cpu_count()} CPUs, {platform.machine()}, {load}"
   )
+
+
+def eta_text(seconds: float) -> str:
+  """'12m05s' (or '1h02m' past an hour)."""
+  seconds = max(0.0, seconds)
+  if seconds >= 3600:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+class Eta:
+  """Time left of a sequence of work items of known relative cost.
+
+  weights: one number per item, proportional to its expected time (e.g.
+  L^2 for a benchmark at length L, steps for a training segment). After
+  `done(i)` for the items finished so far, `text()` extrapolates the seconds
+  per unit of weight measured since the start to the items not done.
+  """
+
+  def __init__(self, weights: Sequence[float]):
+    import time  # pylint: disable=g-import-not-at-top
+
+    self._clock = time.perf_counter
+    self._weights = [float(w) for w in weights]
+    self._done: set[int] = set()
+    self._t0 = self._clock()
+
+  def done(self, i: int) -> None:
+    self._done.add(i)
+
+  def seconds_left(self) -> float | None:
+    spent = sum(self._weights[i] for i in self._done)
+    if not spent:
+      return None
+    left = sum(w for i, w in enumerate(self._weights) if i not in self._done)
+    return (self._clock() - self._t0) / spent * left
+
+  def text(self) -> str:
+    """'; eta 3m10s' once something is done, '' before (and at the end)."""
+    s = self.seconds_left()
+    if s is None or len(self._done) == len(self._weights):
+      return ""
+    return f"; eta {eta_text(s)}"

@@ -631,10 +631,20 @@ def main(argv=None):
   t_start = time.perf_counter()
   rows = []
   csv_path = os.path.join(a.out_dir, "bench_attention.csv")
-  for length in lengths:
-    for mode in modes:
-      rows += run_group(a, length, mode, kinds, log)
-      C.write_csv(csv_path, rows, COLUMNS)  # partial results survive a kill
+  groups = [(length, mode) for length in lengths for mode in modes]
+  # The dense references dominate: quadratic in L, linear in decode.
+  eta = C.Eta(
+    [
+      float(length) ** (1 if mode == "decode" else 2)
+      * (3 if mode == "fwdbwd" else 1)
+      for length, mode in groups
+    ]
+  )
+  for i, (length, mode) in enumerate(groups):
+    log(f"[{i + 1}/{len(groups)}] L={length} {mode}{eta.text()}")
+    rows += run_group(a, length, mode, kinds, log)
+    C.write_csv(csv_path, rows, COLUMNS)  # partial results survive a kill
+    eta.done(i)
   rss = run_rss_check(a, a.rss_check, log) if a.rss_check else None
   md = (
     f"Shape B={a.batch} H={a.heads} G={a.kv_heads} D={a.head_dim} "

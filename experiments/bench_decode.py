@@ -107,7 +107,11 @@ def bench_decode(a):
   batch = a.batch
   e = a.heads * a.head_dim
   x = jax.random.normal(jax.random.key(1), (batch, 1, e), jnp.float32)
-  for ctx in a.contexts:
+  eta = C.Eta([float(c) for c in a.contexts])  # a decode step reads all ctx
+  for i_ctx, ctx in enumerate(a.contexts):
+    print(
+      f"[{i_ctx + 1}/{len(a.contexts)}] context {ctx}{eta.text()}", flush=True
+    )
     lengths = jnp.full((batch,), ctx, jnp.int32)
     runs = {}
     for kind in ("dense", "dsa"):
@@ -156,6 +160,7 @@ def bench_decode(a):
       flush=True,
     )
     del runs
+    eta.done(i_ctx)
   return rows
 
 

@@ -26,7 +26,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common as C  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -88,7 +90,10 @@ def run(
   attention_block_sizes=None,
 ):
   rows = []
-  for case in cases:
+  # A case's cost: its top-k scoring plus the gathered attention.
+  eta = C.Eta([sum(_flops(c)) for c in cases])
+  for i_case, case in enumerate(cases):
+    print(f"[{i_case + 1}/{len(cases)}] case {case}{eta.text()}", flush=True)
     B, T, S, K, H, G, D, Dv, HI, DI = case
     ks = jax.random.split(jax.random.key(0), 6)
     q = jax.random.normal(ks[0], (B, T, H, D), dtype)
@@ -159,6 +164,7 @@ def run(
         )
       rows.append(row)
       print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    eta.done(i_case)
   return rows
 
 

@@ -282,7 +282,11 @@ def train_and_analyse(a, log):
     set(range(0, total + 1, a.eval_every)) | {0, a.warmup_steps, total}
   )
   done = 0
-  for ck in checkpoints:
+  # A segment costs its steps plus one analysis (about a few steps' worth).
+  eta = C.Eta(
+    [ck - prev + 2 for prev, ck in zip([0, *checkpoints], checkpoints)]
+  )
+  for i_ck, ck in enumerate(checkpoints):
     state = runner.run(state, start=done, stop=ck)
     done = ck
     stage = "warmup" if ck <= a.warmup_steps else "sparse"
@@ -299,6 +303,8 @@ def train_and_analyse(a, log):
         for r in stats
       )
     )
+    eta.done(i_ck)
+    log(f"  [{i_ck + 1}/{len(checkpoints)} analyses]{eta.text()}")
   return rows, maps
 
 

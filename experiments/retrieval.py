@@ -325,7 +325,7 @@ def train_steps(s, state, ds, first_step: int, log, label: str):
       if len(timed) > 1 and r.step < total:  # the first log holds compiles
         (s0, t0), (s1, t1) = timed[0], timed[-1]
         left = (t1 - t0) / (s1 - s0) * (total - s1)
-        eta = f" eta {int(left // 60)}m{int(left % 60):02d}s"
+        eta = f" eta {C.eta_text(left)}"
       log(
         f"    [{label}:{r.stage}] step {r.step}/{total} loss "
         f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
@@ -379,95 +379,106 @@ def evaluate(s, state, task, length, n_examples, eval_fn):
   }
 
 
-def run_task(pr: Preset, a, task: str, log):
-  rows = []
-  ds = dataset(task, pr.seq_len, "train", a.seed)
-  pre_state, pre_time = None, 0.0
-  if a.protocol == "convert":
+def pretrain_dense(pr: Preset, task: str, seed: int, log):
+  """The convert protocol's shared dense model: (training state, seconds)."""
+  cfg = make_config(
+    pr,
+    task,
+    "dense",
+    pr.budget_top_k,
+    {},
+    warmup=0,
+    steps=pr.pretrain_steps,
+    lr=pr.lr,
+    seed=seed,
+  )
+  s = T.setup(cfg)
+  t0 = time.perf_counter()
+  state = T.init_state(s)
+  log(
+    f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at L={pr.seq_len}"
+  )
+  ds = dataset(task, pr.seq_len, "train", seed)
+  state, _ = train_steps(s, state, ds, 0, log, "pretrain")
+  jax.block_until_ready(state)
+  pre_time = time.perf_counter() - t0
+  log(f"  [{task}] pretraining took {pre_time:.0f} s")
+  return state, pre_time
+
+
+def train_and_evaluate(
+  pr: Preset,
+  task: str,
+  run: tuple[str, str, int, dict],
+  *,
+  protocol: str,
+  seed: int,
+  pre_main=None,
+  pre_time: float = 0.0,
+  log=print,
+) -> list[dict]:
+  """Trains one model of runs_for(pr) and evaluates it at every pr.eval_lens.
+
+  convert: starts from pre_main (the dense model's params["main"]) and
+  trains warmup_steps + adapt_steps; scratch: trains warmup_steps of its
+  pretrain_steps + adapt_steps from a fresh init. Returns one row (COLUMNS)
+  per evaluation length.
+  """
+  label, kind, top_k, params = run
+  ds = dataset(task, pr.seq_len, "train", seed)
+  if protocol == "convert":
+    if pre_main is None:
+      raise ValueError("pre_main: the convert protocol needs the dense model")
     cfg = make_config(
       pr,
       task,
-      "dense",
-      pr.budget_top_k,
-      {},
-      warmup=0,
-      steps=pr.pretrain_steps,
+      kind,
+      top_k,
+      params,
+      warmup=pr.warmup_steps,
+      steps=pr.adapt_steps,
+      lr=pr.adapt_lr,
+      seed=seed,
+    )
+    first = pr.pretrain_steps
+  else:
+    cfg = make_config(
+      pr,
+      task,
+      kind,
+      top_k,
+      params,
+      warmup=pr.warmup_steps,
+      steps=pr.pretrain_steps + pr.adapt_steps,
       lr=pr.lr,
-      seed=a.seed,
+      seed=seed,
     )
-    s = T.setup(cfg)
-    t0 = time.perf_counter()
-    state = T.init_state(s)
-    log(
-      f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at "
-      f"L={pr.seq_len}"
+    first = 0
+  t0 = time.perf_counter()
+  s = T.setup(cfg)
+  state = T.init_state(s)
+  if pre_main is not None and protocol == "convert":
+    state, moved = T.init_from(
+      state, pre_main, repeat=registry.get(kind).dense_copies
     )
-    pre_state, _ = train_steps(s, state, ds, 0, log, "pretrain")
-    jax.block_until_ready(pre_state)
-    pre_time = time.perf_counter() - t0
-    log(f"  [{task}] pretraining took {pre_time:.0f} s")
-  runs = runs_for(pr)
-  task_start = time.perf_counter()
-  for n_done, (label, kind, top_k, params) in enumerate(runs):
-    if n_done:  # models differ in cost; the mean so far is the estimate
-      left = (time.perf_counter() - task_start) / n_done * (len(runs) - n_done)
+    if moved.kept:
       log(
-        f"  [{task}] model {n_done + 1}/{len(runs)} ({label}); eta "
-        f"{int(left // 60)}m{int(left % 60):02d}s for this task"
+        f"    {label}: {len(moved.kept)} parameter(s) not in the dense "
+        f"checkpoint keep their init"
       )
-    if a.protocol == "convert":
-      warm = pr.warmup_steps
-      cfg = make_config(
-        pr,
-        task,
-        kind,
-        top_k,
-        params,
-        warmup=warm,
-        steps=pr.adapt_steps,
-        lr=pr.adapt_lr,
-        seed=a.seed,
-      )
-      first = pr.pretrain_steps
-    else:
-      cfg = make_config(
-        pr,
-        task,
-        kind,
-        top_k,
-        params,
-        warmup=pr.warmup_steps,
-        steps=pr.pretrain_steps + pr.adapt_steps,
-        lr=pr.lr,
-        seed=a.seed,
-      )
-      first = 0
-    t0 = time.perf_counter()
-    s = T.setup(cfg)
-    state = T.init_state(s)
-    if pre_state is not None:
-      state, moved = T.init_from(
-        state,
-        pre_state["params"]["main"],
-        repeat=registry.get(kind).dense_copies,
-      )
-      if moved.kept:
-        log(
-          f"    {label}: {len(moved.kept)} parameter(s) not in the dense "
-          f"checkpoint keep their init"
-        )
-    state, last = train_steps(s, state, ds, first, log, label)
-    jax.block_until_ready(state)
-    train_time = time.perf_counter() - t0
-    mode = "sparse"
-    eval_fn = make_eval_fn(s, mode)
-    for length in pr.eval_lens:
-      ev = evaluate(s, state, task, length, pr.eval_examples, eval_fn)
-      row = {
+  state, last = train_steps(s, state, ds, first, log, label)
+  jax.block_until_ready(state)
+  train_time = time.perf_counter() - t0
+  eval_fn = make_eval_fn(s, "sparse")
+  rows = []
+  for length in pr.eval_lens:
+    ev = evaluate(s, state, task, length, pr.eval_examples, eval_fn)
+    rows.append(
+      {
         "task": task,
         "kind": kind,
         "label": label,
-        "protocol": a.protocol,
+        "protocol": protocol,
         "train_len": pr.seq_len,
         "eval_len": length,
         "train_time_s": train_time,
@@ -479,12 +490,40 @@ def run_task(pr: Preset, a, task: str, log):
         "params": json.dumps(params, sort_keys=True),
         **ev,
       }
-      rows.append(row)
+    )
+    log(
+      f"  [{task}] {label:15s} L={length:6d} exact {ev['exact_match']:.3f} "
+      f"token {ev['token_acc']:.3f} keys/query {ev['keys_per_query']:.1f} "
+      f"(train {train_time:.0f} s)"
+    )
+  return rows
+
+
+def run_task(pr: Preset, a, task: str, log):
+  rows = []
+  pre_main, pre_time = None, 0.0
+  if a.protocol == "convert":
+    pre_state, pre_time = pretrain_dense(pr, task, a.seed, log)
+    pre_main = pre_state["params"]["main"]
+  runs = runs_for(pr)
+  task_start = time.perf_counter()
+  for n_done, run in enumerate(runs):
+    if n_done:  # models differ in cost; the mean so far is the estimate
+      left = (time.perf_counter() - task_start) / n_done * (len(runs) - n_done)
       log(
-        f"  [{task}] {label:15s} L={length:6d} exact {ev['exact_match']:.3f} "
-        f"token {ev['token_acc']:.3f} keys/query {ev['keys_per_query']:.1f} "
-        f"(train {train_time:.0f} s)"
+        f"  [{task}] model {n_done + 1}/{len(runs)} ({run[0]}); eta "
+        f"{C.eta_text(left)} for this task"
       )
+    rows += train_and_evaluate(
+      pr,
+      task,
+      run,
+      protocol=a.protocol,
+      seed=a.seed,
+      pre_main=pre_main,
+      pre_time=pre_time,
+      log=log,
+    )
   return rows
 
 

@@ -228,3 +228,68 @@ def test_retrofit_demo_smoke(tmp_path):
   assert rerun["resumed_from"] == 8
   for model in ("dense_twin", "dsa"):
     assert rerun[model] == report[model], model
+
+
+def test_retrieval_study_smoke_and_resume(tmp_path):
+  """Every part at one seed, then a rerun that trains nothing (the cache),
+  then one more seed (only its models are trained)."""
+  mod = _module("retrieval_study")
+  out = run_script(
+    "retrieval_study", "--smoke", "--seeds", "0", "--out-dir", tmp_path
+  )
+  todo = mod.models(mod.SMOKE, mod.PARTS, seeds=(0,))
+  keys = {m.key(mod.SMOKE) for m in todo}
+  assert len(keys) < len(todo)  # warm-up sweep shares main's DSA model
+  assert f"({len(keys)} distinct), 0 already in" in out
+  assert f" {len(keys)} to train" in out
+  runs = mod.read_runs(str(tmp_path / "runs.jsonl"))
+  assert set(runs) == keys
+  rows = _rows(tmp_path / "study.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  assert {r["part"] for r in rows} == set(mod.PARTS)
+  for r in rows:
+    _finite(r, ("exact_match", "token_acc", "keys_per_query"))
+  for name in ("study.md", "study_length.png", "study_warmup.png"):
+    assert (tmp_path / name).exists(), name
+
+  again = run_script(
+    "retrieval_study", "--smoke", "--seeds", "0", "--out-dir", tmp_path
+  )
+  assert f"{len(keys)} already in" in again and " 0 to train" in again
+  assert mod.read_runs(str(tmp_path / "runs.jsonl")) == runs
+
+  # A killed run leaves a torn last line: it is skipped, that model retrained.
+  with open(tmp_path / "runs.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"key": "torn')
+  assert mod.read_runs(str(tmp_path / "runs.jsonl")) == runs
+
+
+def test_retrieval_study_grid():
+  """The CPU study's grid: DSA at <= 3% of L, NSA at its closest budget,
+  every model keyed by its settings (no two models share a key unless they
+  are the same training run)."""
+  mod = _module("retrieval_study")
+  st = mod.CPU
+  for L, ks in st.dsa_top_k.items():
+    assert max(ks) <= 0.03 * L, (L, ks)
+  todo = mod.models(st, mod.PARTS)
+  by_key = {}
+  for m in todo:
+    by_key.setdefault(m.key(st), set()).add(
+      (m.task, m.seq_len, m.protocol, m.seed, m.run[0], m.warmup_steps)
+    )
+  assert all(len(v) == 1 for v in by_key.values())
+  seeds = {m.seed for m in todo}
+  assert seeds == {0, 1, 2}
+  assert {m.protocol for m in todo} == {"convert", "scratch"}
+  assert {m.seq_len for m in todo} == {512, 1024}
+  from sparse_attn.budgets import key_budget
+
+  for L in st.lens:
+    ks = st.dsa_top_k[L]
+    target = key_budget("dsa", L, top_k=ks[len(ks) // 2])
+    p = mod.scaled_nsa(L, target)
+    got = key_budget("nsa", L, **p)
+    # NSA's floor: no block sizes of the grid come closer.
+    paper = key_budget("nsa", L)
+    assert abs(got - target) <= abs(paper - target)

@@ -1,0 +1,744 @@
+"""The retrieval study at longer context: DSA against every kind, with seeds.
+
+Where retrieval.py runs one grid (one length, one seed, one protocol), this
+script runs the study whose figures docs/experiments.md and README report:
+
+  main     trained at L = 512 and 1024 on MQAR, passkey and variable
+           tracking (multi-hop), the convert protocol (DeepSeek-V3.2-Exp's
+           recipe: dense pretraining, dense warm-up of the indexer, sparse
+           training), every kind: DSA at three top_k <= 3% of L, every
+           other kind at DSA's middle budget (NSA at the block sizes that
+           bring it closest: `scaled_nsa`); evaluation at 1x / 2x / 4x L
+  scratch  the same models trained from scratch (no dense checkpoint) at
+           L = 512 on MQAR
+  warmup   DSA's accuracy against the number of dense warm-up steps
+           (0 .. 300) at a fixed sparse stage, L = 512 and 1024 on MQAR
+
+each over 3 seeds (the seed draws the training data and the initialisation;
+the evaluation examples are the same for every seed), reported as mean and
+spread (min - max).
+Every model is one retrieval.train_and_evaluate call (the library's
+training API); the models share their task's dense pretraining per seed.
+
+Resumable: every finished model is one line of <out-dir>/runs.jsonl and
+every dense pretraining one file under <out-dir>/pretrained/, keyed by all of
+the settings that define it; a rerun (after a kill, or with more parts or
+seeds) trains only what is missing, so the study can be run in pieces:
+
+  python experiments/retrieval_study.py                    # everything (CPU hours)
+  python experiments/retrieval_study.py --parts main --tasks mqar --lens 512
+  python experiments/retrieval_study.py --report-only      # tables + plots so far
+  python experiments/retrieval_study.py --list             # what it would train
+  python experiments/retrieval_study.py --smoke --out-dir /tmp/s   # CI
+
+Writes <out-dir>/study.md (the tables), study_length.png (exact match vs
+evaluation length per kind), study_budget.png (exact match vs keys per
+query), study_warmup.png (DSA vs warm-up steps) and study.csv (every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import retrieval as R  # noqa: E402
+
+from sparse_attn import training as T  # noqa: E402
+from sparse_attn.budgets import key_budget  # noqa: E402
+
+PARTS = ("main", "scratch", "warmup")
+
+# Bump when a change of the code changes what a model of the same settings
+# learns, so that runs.jsonl entries of the old code are not reused (version
+# 1 keys carry no version field).
+STUDY_VERSION = 1
+
+# Column order of study.csv: retrieval's columns plus the study's own.
+COLUMNS = R.COLUMNS + ("part", "seed", "warmup_steps", "adapt_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """The study's grid. Steps and sizes are per training length."""
+
+  tasks: tuple[str, ...]
+  lens: tuple[int, ...]
+  seeds: tuple[int, ...]
+  kinds: tuple[str, ...]
+  # DSA top_k per training length; the middle one sets the baselines' budget.
+  dsa_top_k: dict[int, tuple[int, ...]]
+  pretrain_steps: dict[int, int]
+  warmup_steps: int
+  adapt_steps: int
+  warmup_sweep: tuple[int, ...]
+  scratch_lens: tuple[int, ...]
+  scratch_tasks: tuple[str, ...]
+  sweep_tasks: tuple[str, ...]
+  batch_size: dict[int, int]
+  eval_examples: int
+  eval_multiples: tuple[int, ...]
+  model: dict
+  lr: float
+  adapt_lr: float
+  lr_warmup_steps: int
+
+
+CPU = Study(
+  tasks=("mqar", "passkey", "vartrack"),
+  lens=(512, 1024),
+  seeds=(0, 1, 2),
+  kinds=R.ALL_KINDS,
+  dsa_top_k={512: (4, 8, 15), 1024: (8, 16, 30)},
+  pretrain_steps={512: 400, 1024: 400},
+  warmup_steps=100,
+  adapt_steps=150,
+  warmup_sweep=(0, 10, 30, 100, 300),
+  scratch_lens=(512,),
+  scratch_tasks=("mqar",),
+  sweep_tasks=("mqar",),
+  batch_size={512: 32, 1024: 16},
+  eval_examples=64,
+  eval_multiples=(1, 2, 4),
+  model=dict(
+    embed_dim=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    mlp_dim=384,
+    indexer_heads=4,
+    indexer_dim=32,
+  ),
+  lr=1e-3,
+  adapt_lr=1e-3,
+  lr_warmup_steps=20,
+)
+
+SMOKE = Study(
+  tasks=("mqar",),
+  lens=(32,),
+  seeds=(0, 1),
+  kinds=("dense", "dsa"),
+  dsa_top_k={32: (4,)},
+  pretrain_steps={32: 2},
+  warmup_steps=1,
+  adapt_steps=1,
+  warmup_sweep=(0, 1),
+  scratch_lens=(32,),
+  scratch_tasks=("mqar",),
+  sweep_tasks=("mqar",),
+  batch_size={32: 2},
+  eval_examples=2,
+  eval_multiples=(1, 2),
+  model=dict(
+    embed_dim=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    mlp_dim=64,
+    indexer_heads=2,
+    indexer_dim=8,
+  ),
+  lr=1e-3,
+  adapt_lr=1e-3,
+  lr_warmup_steps=1,
+)
+
+STUDIES = {"cpu": CPU, "smoke": SMOKE}
+
+
+def scaled_nsa(seq_len: int, target: float) -> dict:
+  """NSA parameters whose key budget at seq_len is closest to `target`.
+
+  NSA's keys per query have a floor: its compressed branch alone attends
+  about t / d keys, and its always-selected blocks (1 initial + 2 local)
+  3 l'. The paper's sizes (l = 32, d = 16, l' = 64, w = 512, n = 16) attend
+  more than all of L = 1024, so the study scales the blocks down, keeping the
+  paper's l = 2d, and reports the keys each model actually attended.
+  """
+  best, best_gap = None, float("inf")
+  for d in (2, 4, 8, 16, 32):
+    for sel in (d, 2 * d, 4 * d):
+      for window in (4, 8, 16, 32):
+        p = dict(
+          cmp_block=2 * d,
+          cmp_stride=d,
+          select_block=sel,
+          window=window,
+          num_selected=3,
+        )
+        try:
+          gap = abs(key_budget("nsa", seq_len, **p) - target)
+        except ValueError:
+          continue
+        if gap < best_gap:
+          best, best_gap = p, gap
+  assert best is not None
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One model to train: a row group of runs.jsonl."""
+
+  part: str
+  task: str
+  seq_len: int
+  protocol: str
+  seed: int
+  run: tuple  # retrieval.runs_for's (label, kind, top_k, params)
+  warmup_steps: int
+
+  def preset(self, st: Study) -> R.Preset:
+    L = self.seq_len
+    return R.Preset(
+      tasks=(self.task,),
+      seq_len=L,
+      eval_lens=tuple(m * L for m in st.eval_multiples),
+      dsa_top_k=st.dsa_top_k[L],
+      budget_top_k=st.dsa_top_k[L][len(st.dsa_top_k[L]) // 2],
+      kinds=st.kinds,
+      pretrain_steps=st.pretrain_steps[L],
+      warmup_steps=self.warmup_steps,
+      adapt_steps=st.adapt_steps,
+      batch_size=st.batch_size[L],
+      eval_examples=st.eval_examples,
+      model=st.model,
+      lr=st.lr,
+      adapt_lr=st.adapt_lr,
+      lr_warmup_steps=st.lr_warmup_steps,
+    )
+
+  def key(self, st: Study) -> str:
+    """Every setting that defines the model's result (not its part)."""
+    pr = self.preset(st)
+    d = dataclasses.asdict(pr)
+    for f in ("tasks", "kinds", "dsa_top_k", "budget_top_k"):
+      d.pop(f)
+    label, kind, top_k, params = self.run
+    d.update(
+      task=self.task,
+      protocol=self.protocol,
+      seed=self.seed,
+      kind=kind,
+      top_k=top_k,
+      params=params,
+      task_options=C.TASK_OPTIONS.get(self.task, {}),
+    )
+    if self.protocol == "scratch":
+      d.pop("adapt_lr")
+    if STUDY_VERSION > 1:
+      d["version"] = STUDY_VERSION
+    return json.dumps(d, sort_keys=True)
+
+  def steps(self, st: Study) -> int:
+    if self.protocol == "convert":
+      return self.warmup_steps + st.adapt_steps
+    return st.pretrain_steps[self.seq_len] + st.adapt_steps
+
+
+def pretrain_key(st: Study, task: str, L: int, seed: int) -> str:
+  m = Model("main", task, L, "convert", seed, ("dense", "dense", 0, {}), 0)
+  d = json.loads(m.key(st))
+  for f in ("warmup_steps", "adapt_steps", "adapt_lr", "kind", "top_k"):
+    d.pop(f, None)
+  d.pop("params")
+  d.pop("eval_lens")
+  d.pop("eval_examples")
+  return json.dumps(d, sort_keys=True)
+
+
+def study_runs(pr: R.Preset) -> list[tuple]:
+  """retrieval.runs_for, with NSA at the block sizes closest to the budget."""
+  target = key_budget("dsa", pr.seq_len, top_k=pr.budget_top_k)
+  out = []
+  for label, kind, top_k, params in R.runs_for(pr):
+    if kind == "nsa":
+      params = scaled_nsa(pr.seq_len, target)
+    out.append((label, kind, top_k, params))
+  return out
+
+
+def models(st: Study, parts, tasks=None, lens=None, seeds=None) -> list[Model]:
+  """The study's models in the order they are trained (seed-major within a
+  part, so an interrupted study has whole seeds)."""
+  keep = lambda x, sel: sel is None or x in sel
+  out: list[Model] = []
+  for part in parts:
+    if part == "main":
+      grid = [(t, L, "convert") for L in st.lens for t in st.tasks]
+    elif part == "scratch":
+      grid = [
+        (t, L, "scratch") for L in st.scratch_lens for t in st.scratch_tasks
+      ]
+    elif part == "warmup":
+      grid = [(t, L, "convert") for L in st.lens for t in st.sweep_tasks]
+    else:
+      raise ValueError(f"parts: unknown part {part!r}; known: {PARTS}")
+    for seed in st.seeds:
+      for task, L, protocol in grid:
+        if not (keep(task, tasks) and keep(L, lens) and keep(seed, seeds)):
+          continue
+        probe = Model(part, task, L, protocol, seed, ("", "", 0, {}), 0)
+        pr = probe.preset(st)
+        if part == "warmup":
+          k = pr.budget_top_k
+          for w in st.warmup_sweep:
+            run = (f"dsa_k{k}", "dsa", k, {"top_k": k})
+            out.append(Model(part, task, L, protocol, seed, run, w))
+        else:
+          for run in study_runs(pr):
+            out.append(
+              Model(part, task, L, protocol, seed, run, st.warmup_steps)
+            )
+  return out
+
+
+# ---------------------------------------------------------------------------
+# the cache
+
+
+def read_runs(path: str) -> dict[str, list[dict]]:
+  """runs.jsonl: {key: rows}; a torn last line (killed mid-write) is skipped."""
+  out: dict[str, list[dict]] = {}
+  if not os.path.exists(path):
+    return out
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      out[rec["key"]] = rec["rows"]
+  return out
+
+
+def append_run(path: str, key: str, rows: list[dict]) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"key": key, "rows": rows}) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _digest(key: str) -> str:
+  return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def pretrained_path(st, out_dir, task, L, seed) -> str:
+  key = pretrain_key(st, task, L, seed)
+  return os.path.join(out_dir, "pretrained", _digest(key) + ".npz")
+
+
+def load_or_pretrain(st, out_dir, task, L, seed, log):
+  """The dense model of (task, L, seed): params["main"] and its train time,
+  from <out_dir>/pretrained/ when a previous run saved it."""
+  key = pretrain_key(st, task, L, seed)
+  path = pretrained_path(st, out_dir, task, L, seed)
+  probe = Model("main", task, L, "convert", seed, ("", "", 0, {}), 0)
+  pr = probe.preset(st)
+  if os.path.exists(path):
+    cfg = R.make_config(
+      pr,
+      task,
+      "dense",
+      pr.budget_top_k,
+      {},
+      warmup=0,
+      steps=1,
+      lr=pr.lr,
+      seed=seed,
+    )
+    template = T.init_state(T.setup(cfg))["params"]["main"]
+    with np.load(path) as z:
+      saved = dict(z)
+    pre_time = float(saved.pop("__pretrain_time_s__"))
+    if saved.pop("__key__").item() != key:
+      raise ValueError(f"{path}: saved for other settings; delete it")
+    main = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.numpy.asarray(saved[jax.tree_util.keystr(p)], x.dtype),
+      template,
+    )
+    log(f"  [{task} L={L} seed {seed}] dense model from {path}")
+    return main, pre_time
+  state, pre_time = R.pretrain_dense(pr, task, seed, log)
+  main = state["params"]["main"]
+  flat: dict[str, Any] = {
+    jax.tree_util.keystr(p): np.asarray(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(main)[0]
+  }
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, __pretrain_time_s__=pre_time, __key__=np.array(key), **flat)
+  os.replace(tmp, path)
+  return main, pre_time
+
+
+# ---------------------------------------------------------------------------
+# running
+
+
+class Progress:
+  """ETA from the seconds per training step of the models trained so far at
+  the same length (length^1.5 scaled from the nearest length done).
+
+  items: (training length, steps) per model left, a model's steps including
+  the dense pretraining it has to run first.
+  """
+
+  def __init__(self, items: list[tuple[int, int]]):
+    self.items = list(items)
+    self.left = set(range(len(items)))
+    self.spent: dict[int, list[float]] = {}  # L -> [seconds, steps]
+
+  def done(self, i: int, seconds: float) -> None:
+    self.left.discard(i)
+    L, steps = self.items[i]
+    s = self.spent.setdefault(L, [0.0, 0.0])
+    s[0] += seconds
+    s[1] += steps
+
+  def eta(self) -> float | None:
+    if not self.spent:
+      return None
+    total = 0.0
+    for i in self.left:
+      L, steps = self.items[i]
+      L0 = min(self.spent, key=lambda x: abs(x - L))
+      sec, done_steps = self.spent[L0]
+      total += sec / done_steps * steps * (L / L0) ** 1.5
+    return total
+
+
+def run_study(st, out_dir, todo, log) -> None:
+  runs_path = os.path.join(out_dir, "runs.jsonl")
+  cached = read_runs(runs_path)
+  distinct = {m.key(st) for m in todo}
+  missing, seen = [], set(cached)
+  for m in todo:  # a model two parts share is trained once
+    if m.key(st) not in seen:
+      seen.add(m.key(st))
+      missing.append(m)
+  log(
+    f"retrieval study: {len(todo)} models ({len(distinct)} distinct), "
+    f"{len(distinct) - len(missing)} already in {runs_path}, "
+    f"{len(missing)} to train"
+  )
+  items, pending = [], set()
+  for m in missing:
+    steps = m.steps(st)
+    cell = (m.task, m.seq_len, m.seed)
+    if m.protocol == "convert" and cell not in pending:
+      pending.add(cell)
+      if not os.path.exists(pretrained_path(st, out_dir, *cell)):
+        steps += st.pretrain_steps[m.seq_len]
+    items.append((m.seq_len, steps))
+  prog = Progress(items)
+  dense: dict[tuple, tuple] = {}
+  t_start = time.perf_counter()
+  for i, m in enumerate(missing):
+    label = m.run[0]
+    eta = prog.eta()
+    log(
+      f"[{i + 1}/{len(missing)}] {m.part} {m.task} L={m.seq_len} "
+      f"{m.protocol} seed {m.seed} {label} warm-up {m.warmup_steps}"
+      + ("" if eta is None else f"; study eta {C.eta_text(eta)}")
+    )
+    t0 = time.perf_counter()
+    pre_main, pre_time = None, 0.0
+    if m.protocol == "convert":
+      dk = (m.task, m.seq_len, m.seed)
+      if dk not in dense:
+        dense.clear()  # one dense model in memory at a time
+        dense[dk] = load_or_pretrain(st, out_dir, *dk, log)
+      pre_main, pre_time = dense[dk]
+    rows = R.train_and_evaluate(
+      m.preset(st),
+      m.task,
+      m.run,
+      protocol=m.protocol,
+      seed=m.seed,
+      pre_main=pre_main,
+      pre_time=pre_time,
+      log=log,
+    )
+    append_run(runs_path, m.key(st), rows)
+    prog.done(i, time.perf_counter() - t0)
+  log(f"trained {len(missing)} models in {time.perf_counter() - t_start:.0f} s")
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def study_rows(st, out_dir, todo) -> list[dict]:
+  """Every cached row of the models in todo, tagged with part and seed."""
+  cached = read_runs(os.path.join(out_dir, "runs.jsonl"))
+  rows = []
+  for m in todo:
+    for r in cached.get(m.key(st), ()):
+      rows.append(
+        dict(
+          r,
+          part=m.part,
+          seed=m.seed,
+          warmup_steps=m.warmup_steps,
+          adapt_steps=st.adapt_steps,
+        )
+      )
+  return rows
+
+
+def spread(values) -> str:
+  """'mean (min-max)' of exact-match values, or the value for one seed."""
+  v = np.asarray(values, float)
+  if len(v) == 1:
+    return f"{v[0]:.2f}"
+  return f"{v.mean():.2f} ({v.min():.2f}-{v.max():.2f})"
+
+
+def group(rows, *fields):
+  out: dict[tuple, list[dict]] = {}
+  for r in rows:
+    out.setdefault(tuple(r[f] for f in fields), []).append(r)
+  return out
+
+
+def length_table(rows, part: str) -> str:
+  rows = [r for r in rows if r["part"] == part]
+  if not rows:
+    return ""
+  out = []
+  for (task, L, protocol), rs in group(
+    rows, "task", "train_len", "protocol"
+  ).items():
+    mults = sorted({r["eval_len"] // L for r in rs})
+    header = ["kind", "keys/query @L", "seeds"] + [f"{m}x L" for m in mults]
+    table = []
+    for (label,), lr in group(rs, "label").items():
+      seeds = sorted({r["seed"] for r in lr})
+      at = [r for r in lr if r["eval_len"] == L]
+      cells = [label, f"{np.mean([r['keys_per_query'] for r in at]):.1f}"]
+      cells.append(str(len(seeds)))
+      for mu in mults:
+        ex = [r["exact_match"] for r in lr if r["eval_len"] == mu * L]
+        cells.append(spread(ex) if ex else "")
+      table.append(cells)
+    steps = rs[0]["steps"]
+    out.append(
+      f"**{task}, trained at L={L}, protocol {protocol}** "
+      f"({steps} steps per model after pretraining"
+      + (")" if protocol == "convert" else ", from scratch)")
+      + "\n\n"
+      + C.markdown_table(table, header)
+    )
+  return "\n\n".join(out)
+
+
+def warmup_table(rows) -> str:
+  rows = [r for r in rows if r["part"] == "warmup"]
+  if not rows:
+    return ""
+  out = []
+  for (task, L), rs in group(rows, "task", "train_len").items():
+    mults = sorted({r["eval_len"] // L for r in rs})
+    table = []
+    for w, wr in sorted(group(rs, "warmup_steps").items()):
+      cells = [str(w[0]), str(len({r["seed"] for r in wr}))]
+      for mu in mults:
+        ex = [r["exact_match"] for r in wr if r["eval_len"] == mu * L]
+        cells.append(spread(ex) if ex else "")
+      table.append(cells)
+    out.append(
+      f"**{task}, L={L}, {rs[0]['label']}: exact match vs dense warm-up "
+      f"steps** (then {rs[0]['adapt_steps']} sparse steps)\n\n"
+      + C.markdown_table(
+        table, ["warm-up steps", "seeds"] + [f"{m}x L" for m in mults]
+      )
+    )
+  return "\n\n".join(out)
+
+
+def report(rows, st, out_dir, seconds) -> str:
+  md = "\n\n".join(
+    x
+    for x in (
+      f"Retrieval study; {C.env_line()}. Cells: exact match, mean over "
+      "seeds (min-max); keys/query: mean keys attended per query at the "
+      f"training length. {len(rows)} rows; trained in this invocation: "
+      f"{seconds:.0f} s.",
+      length_table(rows, "main"),
+      length_table(rows, "scratch"),
+      warmup_table(rows),
+    )
+    if x
+  )
+  with open(os.path.join(out_dir, "study.md"), "w", encoding="utf-8") as f:
+    f.write(md + "\n")
+  C.write_csv(os.path.join(out_dir, "study.csv"), rows, COLUMNS)
+  plots(rows, out_dir)
+  return md
+
+
+def plots(rows, out_dir) -> None:
+  plt = C.pyplot()
+  if plt is None or not rows:
+    return
+  main = [r for r in rows if r["part"] in ("main", "scratch")]
+  panels = list(group(main, "task", "train_len", "protocol"))
+  if panels:
+    fig, axes = plt.subplots(
+      2, len(panels), figsize=(4.5 * len(panels), 8), squeeze=False
+    )
+    for col, (task, L, protocol) in enumerate(panels):
+      rs = [
+        r
+        for r in main
+        if (r["task"], r["train_len"], r["protocol"]) == (task, L, protocol)
+      ]
+      ax, bx = axes[0][col], axes[1][col]
+      for label, lr in group(rs, "label").items():
+        pts = sorted(
+          (e[0], np.mean([r["exact_match"] for r in er]))
+          for e, er in group(lr, "eval_len").items()
+        )
+        lw = 2.5 if label[0].startswith(("dsa", "dense")) else 1.2
+        ax.plot(*zip(*pts), marker="o", lw=lw, label=label[0])
+        at = [r for r in lr if r["eval_len"] == L]
+        bx.scatter(
+          np.mean([r["keys_per_query"] for r in at]),
+          np.mean([r["exact_match"] for r in at]),
+          label=label[0],
+        )
+        bx.annotate(
+          label[0],
+          (
+            np.mean([r["keys_per_query"] for r in at]),
+            np.mean([r["exact_match"] for r in at]),
+          ),
+          fontsize=6,
+        )
+      ax.set_xscale("log", base=2)
+      ax.set_ylim(-0.03, 1.03)
+      ax.set_title(f"{task} L={L} {protocol}", fontsize=9)
+      ax.set_xlabel("evaluation length")
+      ax.set_ylabel("exact match (mean over seeds)")
+      ax.grid(True, alpha=0.3)
+      bx.set_xscale("log", base=2)
+      bx.set_ylim(-0.03, 1.03)
+      bx.set_xlabel(f"keys per query at L={L}")
+      bx.set_ylabel(f"exact match at L={L}")
+      bx.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "study_length.png"), dpi=100)
+    plt.close(fig)
+  sweep = [r for r in rows if r["part"] == "warmup"]
+  if sweep:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (task, L, mult), rs in group(
+      [dict(r, mult=r["eval_len"] // r["train_len"]) for r in sweep],
+      "task",
+      "train_len",
+      "mult",
+    ).items():
+      pts = sorted(
+        (w[0], np.mean([r["exact_match"] for r in wr]))
+        for w, wr in group(rs, "warmup_steps").items()
+      )
+      xs = [max(x, 1) for x, _ in pts]  # 0 steps drawn at 1 on the log axis
+      ax.plot(
+        xs, [y for _, y in pts], marker="o", label=f"{task} L={L} @{mult}x"
+      )
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("dense warm-up steps (0 drawn at 1)")
+    ax.set_ylabel("DSA exact match (mean over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "study_warmup.png"), dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--smoke", action="store_true", help="the tiny CI study")
+  p.add_argument("--parts", default=",".join(PARTS), help="comma list")
+  p.add_argument("--tasks", help="comma list (default: every task)")
+  p.add_argument("--lens", help="comma list of training lengths")
+  p.add_argument("--seeds", help="comma list (default 0,1,2)")
+  p.add_argument("--out-dir", default="results/retrieval_study")
+  p.add_argument("--report-only", action="store_true")
+  p.add_argument("--list", action="store_true", help="print the models")
+  p.add_argument(
+    "--no-compile-cache",
+    dest="compile_cache",
+    action="store_false",
+    help="no persistent XLA cache under <out-dir>/jax_cache",
+  )
+  a = p.parse_args(argv)
+  ints = lambda s: tuple(int(x) for x in s.split(",")) if s else None
+  a.parts = tuple(a.parts.split(","))
+  for part in a.parts:
+    if part not in PARTS:
+      raise ValueError(f"--parts: unknown part {part!r}; known: {PARTS}")
+  a.tasks = tuple(a.tasks.split(",")) if a.tasks else None
+  a.lens, a.seeds = ints(a.lens), ints(a.seeds)
+  return a
+
+
+def iter_lines(todo, st) -> Iterator[str]:
+  for m in todo:
+    yield (
+      f"{m.part:8s} {m.task:9s} L={m.seq_len:5d} {m.protocol:8s} seed "
+      f"{m.seed} {m.run[0]:15s} warm-up {m.warmup_steps:4d} steps "
+      f"{m.steps(st):5d} {json.dumps(m.run[3], sort_keys=True)}"
+    )
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  st = SMOKE if a.smoke else CPU
+  todo = models(st, a.parts, a.tasks, a.lens, a.seeds)
+  if a.list:
+    for line in iter_lines(todo, st):
+      print(line)
+    return []
+  os.makedirs(a.out_dir, exist_ok=True)
+  if a.compile_cache:
+    # Seeds differ only in data: their models compile to the same programs.
+    jax.config.update(
+      "jax_compilation_cache_dir", os.path.join(a.out_dir, "jax_cache")
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  log = lambda s: print(s, flush=True)
+  t0 = time.perf_counter()
+  if not a.report_only:
+    run_study(st, a.out_dir, todo, log)
+  # The report covers every part and seed the cache holds, not just this
+  # invocation's selection.
+  rows = study_rows(st, a.out_dir, models(st, PARTS))
+  md = report(rows, st, a.out_dir, time.perf_counter() - t0)
+  log(md)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
