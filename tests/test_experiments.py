@@ -293,3 +293,28 @@ def test_retrieval_study_grid():
     # NSA's floor: no block sizes of the grid come closer.
     paper = key_budget("nsa", L)
     assert abs(got - target) <= abs(paper - target)
+
+
+def test_eta_extrapolates_by_weight():
+  C = _module("_common")
+  eta = C.Eta([1.0, 1.0, 2.0])
+  now = [100.0]
+  eta._clock = lambda: now[0]  # pylint: disable=protected-access
+  eta._t0 = 100.0  # pylint: disable=protected-access
+  assert eta.seconds_left() is None and eta.text() == ""
+  now[0] = 110.0
+  eta.done(0)
+  assert eta.seconds_left() == 30.0  # 10 s per unit, 3 units left
+  assert eta.text() == "; eta 0m30s"
+  eta.done(1)
+  eta.done(2)
+  assert eta.text() == ""
+  assert C.eta_text(3725) == "1h02m" and C.eta_text(-1) == "0m00s"
+
+
+def test_study_progress_scales_to_unseen_lengths():
+  mod = _module("retrieval_study")
+  p = mod.Progress([(512, 100), (512, 100), (1024, 100)])
+  assert p.eta() is None
+  p.done(0, 50.0)  # 0.5 s per step at L=512
+  assert abs(p.eta() - (50.0 + 50.0 * 2**1.5)) < 1e-9
