@@ -570,14 +570,14 @@ def warmup_table(rows) -> str:
   return "\n\n".join(out)
 
 
-def report(rows, st, out_dir, seconds) -> str:
+def report(rows, st, out_dir, seconds: float | None) -> str:
   md = "\n\n".join(
     x
     for x in (
       f"Retrieval study; {C.env_line()}. Cells: exact match, mean over "
       "seeds (min-max); keys/query: mean keys attended per query at the "
-      f"training length. {len(rows)} rows; trained in this invocation: "
-      f"{seconds:.0f} s.",
+      f"training length. {len(rows)} rows"
+      + ("." if seconds is None else f"; trained now in {seconds:.0f} s."),
       length_table(rows, "main"),
       length_table(rows, "scratch"),
       warmup_table(rows),
@@ -735,7 +735,9 @@ def main(argv=None):
   # The report covers every part and seed the cache holds, not just this
   # invocation's selection.
   rows = study_rows(st, a.out_dir, models(st, PARTS))
-  md = report(rows, st, a.out_dir, time.perf_counter() - t0)
+  md = report(
+    rows, st, a.out_dir, None if a.report_only else time.perf_counter() - t0
+  )
   log(md)
   return rows
 
