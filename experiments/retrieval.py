@@ -426,38 +426,26 @@ def train_and_evaluate(
   """
   label, kind, top_k, params = run
   ds = dataset(task, pr.seq_len, "train", seed)
-  if protocol == "convert":
-    if pre_main is None:
-      raise ValueError("pre_main: the convert protocol needs the dense model")
-    cfg = make_config(
-      pr,
-      task,
-      kind,
-      top_k,
-      params,
-      warmup=pr.warmup_steps,
-      steps=pr.adapt_steps,
-      lr=pr.adapt_lr,
-      seed=seed,
-    )
-    first = pr.pretrain_steps
-  else:
-    cfg = make_config(
-      pr,
-      task,
-      kind,
-      top_k,
-      params,
-      warmup=pr.warmup_steps,
-      steps=pr.pretrain_steps + pr.adapt_steps,
-      lr=pr.lr,
-      seed=seed,
-    )
-    first = 0
+  convert = protocol == "convert"
+  if convert and pre_main is None:
+    raise ValueError("pre_main: the convert protocol needs the dense model")
+  cfg = make_config(
+    pr,
+    task,
+    kind,
+    top_k,
+    params,
+    warmup=pr.warmup_steps,
+    steps=pr.adapt_steps + (0 if convert else pr.pretrain_steps),
+    lr=pr.adapt_lr if convert else pr.lr,
+    seed=seed,
+  )
+  # Converted models continue the dense model's data stream.
+  first = pr.pretrain_steps if convert else 0
   t0 = time.perf_counter()
   s = T.setup(cfg)
   state = T.init_state(s)
-  if pre_main is not None and protocol == "convert":
+  if convert:
     state, moved = T.init_from(
       state, pre_main, repeat=registry.get(kind).dense_copies
     )

@@ -110,16 +110,8 @@ CPU = Study(
   batch_size={512: 32, 1024: 16},
   eval_examples=64,
   eval_multiples=(1, 2, 4),
-  model=dict(
-    embed_dim=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    mlp_dim=384,
-    indexer_heads=4,
-    indexer_dim=32,
-  ),
+  # The --quick preset's model: the size the L=64 table was measured at.
+  model=dict(R.PRESETS["quick"].model),
   lr=1e-3,
   adapt_lr=1e-3,
   lr_warmup_steps=20,
@@ -141,22 +133,11 @@ SMOKE = Study(
   batch_size={32: 2},
   eval_examples=2,
   eval_multiples=(1, 2),
-  model=dict(
-    embed_dim=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    mlp_dim=64,
-    indexer_heads=2,
-    indexer_dim=8,
-  ),
+  model=dict(R.PRESETS["smoke"].model),
   lr=1e-3,
   adapt_lr=1e-3,
   lr_warmup_steps=1,
 )
-
-STUDIES = {"cpu": CPU, "smoke": SMOKE}
 
 
 def scaled_nsa(seq_len: int, target: float) -> dict:
