@@ -1,7 +1,12 @@
 """Device mesh, logical-axis rules, and shardings for parameters and batches.
 
-The mesh always has three axes, MESH_AXES = ("data", "fsdp", "tensor"):
+The mesh always has four axes, MESH_AXES = ("data", "fsdp", "tensor",
+"context"):
   - the batch is split over data x fsdp;
+  - with context > 1 the sequence is split over context (context
+    parallelism: tokens and activations in the zigzag layout of
+    `sparse_attn.ops.context_layout`, attention through
+    `sparse_attn.ops.context_parallel`); parameters never are;
   - parameters are split over fsdp (their "embed" dimension, ZeRO-3 style)
     and tensor (heads / kv_heads / mlp / vocab / indexer_heads / experts;
     an expert's hidden dim when the experts do not divide);
@@ -33,8 +38,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("batch", BATCH_AXES),
@@ -59,26 +65,42 @@ def make_mesh(
   # jax.Device is re-exported from a compiled module pyright cannot read.
   devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> Mesh:
-  """Mesh over `devices` (default: all) with axes (data, fsdp, tensor).
+  """Mesh over `devices` (default: all) with axes (data, fsdp, tensor, context).
 
-  mesh_shape None means (len(devices), 1, 1): pure data parallelism.
+  mesh_shape: 4 ints, or 3 (data, fsdp, tensor; context 1). None means
+  (len(devices), 1, 1, 1): pure data parallelism.
   Devices are laid out in jax.devices() order, so in a multi-host run each
   process's devices are contiguous along the leading (data) axis.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if mesh_shape is None:
-    mesh_shape = (len(devices), 1, 1)
-  mesh_shape = tuple(int(x) for x in mesh_shape)
-  if len(mesh_shape) != 3 or min(mesh_shape) < 1:
-    raise ValueError(
-      f"mesh_shape must be 3 positive ints {MESH_AXES}, got {mesh_shape}."
-    )
+  mesh_shape = full_mesh_shape(mesh_shape, len(devices))
   if math.prod(mesh_shape) != len(devices):
     raise ValueError(
       f"mesh_shape {mesh_shape} needs {math.prod(mesh_shape)} "
       f"devices, but {len(devices)} are available."
     )
   return Mesh(np.asarray(devices, dtype=object).reshape(mesh_shape), MESH_AXES)
+
+
+def full_mesh_shape(
+  mesh_shape: Sequence[int] | None, num_devices: int
+) -> tuple[int, int, int, int]:
+  """mesh_shape as 4 ints (data, fsdp, tensor, context); 3 ints get context 1."""
+  if mesh_shape is None:
+    return (num_devices, 1, 1, 1)
+  shape = tuple(int(x) for x in mesh_shape)
+  if len(shape) not in (3, 4) or min(shape) < 1:
+    raise ValueError(
+      f"mesh_shape must be 3 or 4 positive ints {MESH_AXES} (context "
+      f"defaults to 1), got {tuple(mesh_shape)}."
+    )
+  d, f, t, *c = shape
+  return (d, f, t, c[0] if c else 1)
+
+
+def context_size(mesh) -> int:
+  """Size of the mesh's context axis (1 when it has none)."""
+  return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(CONTEXT_AXIS, 1)
 
 
 def _as_tuple(x) -> tuple[str, ...]:

@@ -206,3 +206,28 @@ def test_jit_vmap_grad(rng):
   assert all(np.all(np.isfinite(gi)) for gi in g)
   gv = jax.vmap(jax.grad(lambda q, *r: jnp.sum(f(q, *r))))(*stacked)
   assert gv.shape == stacked[0].shape
+
+
+def test_masked_softmax_lse_gradient_is_the_softmax():
+  # d lse / d logits = probs: ring attention's VJP and LSH's round
+  # weights differentiate through lse (the shift by the row max must not
+  # add a one-hot at the argmax).
+  from sparse_attn.ops.attention import masked_softmax
+
+  logits = jax.random.normal(jax.random.key(0), (3, 7))
+  valid = jnp.arange(7)[None, :] <= jnp.array([[0], [3], [6]])
+  valid = valid.at[0].set(False)  # a fully masked row: lse -inf, zero grad
+  probs, lse = masked_softmax(logits, valid)
+  # Row 0's lse is -inf; the sum of the other rows must not reach it.
+  grad = jax.grad(lambda x: jnp.sum(masked_softmax(x, valid)[1][1:]))(logits)
+  np.testing.assert_allclose(grad[1:], probs[1:], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(grad[0], 0.0)
+  assert np.isneginf(lse[0]) and np.all(np.isfinite(lse[1:]))
+  check_grads(
+    lambda x: masked_softmax(x, valid)[1][1:],
+    (logits,),
+    order=2,
+    modes=["rev"],
+    atol=1e-3,
+    rtol=1e-3,
+  )

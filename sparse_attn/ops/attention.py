@@ -60,8 +60,12 @@ def masked_softmax(
   """
   logits = jnp.where(valid, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  unnorm = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+  # The shift cancels in probs and lse alike; stopping its gradient keeps
+  # d lse / d logits = probs (else the argmax gets an extra one).
+  row_max = jax.lax.stop_gradient(
+    jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  )
+  unnorm = jnp.exp(logits - row_max)
   denom = jnp.sum(unnorm, axis=-1, keepdims=True)
   safe = jnp.where(denom > 0, denom, 1.0)
   probs = unnorm / safe

@@ -1,0 +1,524 @@
+"""Attention with the sequence sharded over a mesh axis (context parallelism).
+
+Every function here runs *inside* shard_map (or any map that binds
+`axis_name`, the context axis of C shards). Each shard holds the rows of its
+chunks of the sequence in layout order (`sparse_attn.ops.context_layout`):
+its queries, keys, values and indexer keys, and returns the outputs of its
+own queries. Positions are implicit in the layout, so causality, the top-k
+selection and every loss equal the unsharded computation on the same
+tokens (the tests compare them on 8 devices, gradients included). Indices
+(the -1 sentinel included) always name natural positions in [0, S).
+
+How each piece crosses shards:
+
+* indexer keys (DI values per token): all-gathered, so each shard scores
+  and selects the top-k of its own queries over all S keys exactly as the
+  unsharded `lightning_topk` does (`TIE_RULE` included);
+* sparse attention, two strategies:
+  - "all_gather": K and V are all-gathered (O(S) K/V per device);
+  - "fetch": K and V stay sharded; a ring pass brings each block past
+    every shard, which copies out only the rows its queries selected
+    (O(S/C) K/V per device plus the O(T/C * K) selected rows). Its VJP
+    sends the row gradients back around the ring to their owners;
+* dense attention: ring attention (each K/V block visits every shard and an
+  online softmax accumulates the blocks; a custom VJP recomputes each block
+  in a second ring pass that carries the K/V gradients home), or
+  "all_gather";
+* the indexer KL losses: the main keys (stop-gradient) are all-gathered for
+  the dense warm-up KL, which needs every key's attention weight; the
+  sparse KL reads the selected rows with the chosen strategy.
+
+Shapes are per shard: B batch, Tc = S/C local queries and keys, H heads,
+G kv heads, D head dim, Dv value dim, HI indexer heads, DI indexer dim,
+K top-k. Without `kv_lengths` every query sees at least itself, which the
+loss means rely on.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attn.ops import chunking, context_layout, losses
+from sparse_attn.ops.attention import (
+  ATTN_BUDGET,
+  default_scale,
+  dense_block,
+  gather_rows,
+  gathered_attention,
+)
+from sparse_attn.ops.indexer import lightning_topk
+
+STRATEGIES = ("all_gather", "fetch")
+DENSE_STRATEGIES = ("ring", "all_gather")
+
+
+def check_strategy(strategy: str, allowed=STRATEGIES) -> str:
+  if strategy not in allowed:
+    raise ValueError(f"strategy must be one of {allowed}, got {strategy!r}.")
+  return strategy
+
+
+def _ring(axis_name: str, num_shards: int):
+  perm = [(i, (i + 1) % num_shards) for i in range(num_shards)]
+  return lambda tree: jax.tree.map(
+    lambda x: jax.lax.ppermute(x, axis_name, perm), tree
+  )
+
+
+def _local_chunks(seq_len: int, num_shards: int, layout: str, axis_name: str):
+  """[(row slice, natural offset)] of this shard's chunks."""
+  length = context_layout.chunk_length(seq_len, num_shards, layout)
+  me = jax.lax.axis_index(axis_name)
+  ids = context_layout.shard_chunk_ids(me, num_shards, layout)
+  return [
+    (slice(n * length, (n + 1) * length), c * length) for n, c in enumerate(ids)
+  ]
+
+
+def gather_sequence(
+  x: jax.Array, axis_name: str, layout: str = "zigzag"
+) -> jax.Array:
+  """[B, Tc, ...] shards in layout order -> [B, S, ...] in natural order."""
+  num_shards = jax.lax.axis_size(axis_name)
+  full = jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+  return context_layout.from_layout(full, num_shards, layout)
+
+
+def context_topk(
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  top_k: int,
+  *,
+  axis_name: str,
+  layout: str = "zigzag",
+  implementation: str | None = None,
+  block_sizes: Any = None,
+) -> jax.Array:
+  """int32[B, Tc, K]: `lightning_topk` of this shard's queries over all keys.
+
+  q_idx [B, Tc, HI, DI], k_idx [B, Tc, DI], weights [B, Tc, HI] (this
+  shard's rows). The indexer keys are all-gathered; each of the shard's
+  chunks is selected with its own offset, so rows equal the unsharded
+  selection (natural key positions, -1 slots, `TIE_RULE`).
+  """
+  keys = gather_sequence(k_idx, axis_name, layout)
+  num_shards = jax.lax.axis_size(axis_name)
+  parts = [
+    lightning_topk(
+      q_idx[:, rows],
+      keys,
+      weights[:, rows],
+      top_k,
+      q_offset=offset,
+      implementation=implementation,
+      block_sizes=block_sizes,
+    )
+    for rows, offset in _local_chunks(
+      keys.shape[1], num_shards, layout, axis_name
+    )
+  ]
+  return jnp.concatenate(parts, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fetch_rows(
+  x: jax.Array, indices: jax.Array, axis_name: str, layout: str = "zigzag"
+) -> jax.Array:
+  """x's rows at natural positions `indices`, from whichever shard holds them.
+
+  x [B, Tc, ...] this shard's rows (layout order); indices int[B, T', K]
+  natural positions in [0, S) (anything else reads zeros). Returns
+  [B, T', K, ...]. The blocks of x pass around the ring once; each shard
+  keeps only the rows it asked for, so no device holds more than two
+  blocks of x. The VJP sends the row gradients around the ring to the
+  shards that own the rows (scatter-add, duplicates summed).
+  """
+  return _fetch_fwd(x, indices, axis_name, layout)[0]
+
+
+def _fetch_plan(indices, seq_len, num_shards, layout):
+  valid = (indices >= 0) & (indices < seq_len)
+  safe = jnp.where(valid, indices, 0)
+  owner, row = context_layout.owner_and_row(safe, seq_len, num_shards, layout)
+  return valid, owner, row
+
+
+def _fetch_fwd(x, indices, axis_name, layout):
+  num_shards = jax.lax.axis_size(axis_name)
+  seq_len = x.shape[1] * num_shards
+  valid, owner, row = _fetch_plan(indices, seq_len, num_shards, layout)
+  me = jax.lax.axis_index(axis_name)
+  send = _ring(axis_name, num_shards)
+  trailing = (None,) * (x.ndim - 2)
+
+  def visit(s, block, out):
+    take = valid & (owner == (me - s) % num_shards)
+    rows = gather_rows(block, jnp.where(take, row, 0))
+    return jnp.where(take[(...,) + trailing], rows, out)
+
+  def step(s, carry):
+    block, out = carry
+    return send(block), visit(s, block, out)
+
+  out = jnp.zeros(indices.shape + x.shape[2:], x.dtype)
+  block, out = jax.lax.fori_loop(0, num_shards - 1, step, (x, out))
+  out = visit(num_shards - 1, block, out)
+  return out, (indices, x.shape)
+
+
+def _fetch_bwd(axis_name, layout, res, g):
+  indices, shape = res
+  num_shards = jax.lax.axis_size(axis_name)
+  seq_len = shape[1] * num_shards
+  valid, owner, row = _fetch_plan(indices, seq_len, num_shards, layout)
+  me = jax.lax.axis_index(axis_name)
+  send = _ring(axis_name, num_shards)
+  trailing = (None,) * (len(shape) - 2)
+  batch = jnp.arange(shape[0])[:, None, None]
+
+  def step(s, grad):
+    take = valid & (owner == (me - s) % num_shards)
+    contrib = jnp.where(take[(...,) + trailing], g, 0).astype(grad.dtype)
+    grad = grad.at[batch, jnp.where(take, row, 0)].add(contrib)
+    # The accumulator travels with its block: after C hops it is home.
+    return send(grad)
+
+  grad = jax.lax.fori_loop(0, num_shards, step, jnp.zeros(shape, jnp.float32))
+  return grad.astype(g.dtype), None
+
+
+fetch_rows.defvjp(_fetch_fwd, _fetch_bwd)
+
+
+def _attend_rows(q, kg, vg, valid, scale, implementation, block_sizes):
+  """Each query over its own K fetched rows: kg [B, T, K, G, D] -> [B, T, H, Dv].
+
+  Folding queries into the batch (one query, K keys each) reuses
+  `gathered_attention`, kernel included.
+  """
+  batch, num_q, num_heads, head_dim = q.shape
+  k_sel = kg.shape[2]
+  idx = jnp.where(valid, jnp.arange(k_sel, dtype=jnp.int32), -1)
+  out = gathered_attention(
+    q.reshape(batch * num_q, 1, num_heads, head_dim),
+    kg.reshape(batch * num_q, *kg.shape[2:]),
+    vg.reshape(batch * num_q, *vg.shape[2:]),
+    idx.reshape(batch * num_q, 1, k_sel),
+    scale=scale,
+    implementation=implementation,
+    block_sizes=block_sizes,
+  )
+  return out.reshape(batch, num_q, num_heads, vg.shape[-1])
+
+
+def context_gathered_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  indices: jax.Array,
+  *,
+  axis_name: str,
+  layout: str = "zigzag",
+  strategy: str = "fetch",
+  scale: float | None = None,
+  implementation: str | None = None,
+  block_sizes: Any = None,
+) -> jax.Array:
+  """`gathered_attention` of this shard's queries [B, Tc, H, Dv].
+
+  q [B, Tc, H, D], k [B, Tc, G, D], v [B, Tc, G, Dv] (this shard's rows),
+  indices int32[B, Tc, K] natural key positions (-1 ignored). strategy:
+  "fetch" (K/V stay sharded, see the module docstring) or "all_gather".
+  """
+  check_strategy(strategy)
+  if strategy == "all_gather":
+    return gathered_attention(
+      q,
+      gather_sequence(k, axis_name, layout),
+      gather_sequence(v, axis_name, layout),
+      indices,
+      scale=scale,
+      implementation=implementation,
+      block_sizes=block_sizes,
+    )
+  seq_len = k.shape[1] * jax.lax.axis_size(axis_name)
+  valid = (indices >= 0) & (indices < seq_len)
+  kg = fetch_rows(k, indices, axis_name, layout)
+  vg = fetch_rows(v, indices, axis_name, layout)
+  return _attend_rows(q, kg, vg, valid, scale, implementation, block_sizes)
+
+
+def context_dsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  top_k: int,
+  axis_name: str,
+  layout: str = "zigzag",
+  strategy: str = "fetch",
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_indices: bool = False,
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """`dsa_attention` of this shard's queries: context top-k, then attention."""
+  indices = context_topk(
+    q_idx,
+    k_idx,
+    weights,
+    top_k,
+    axis_name=axis_name,
+    layout=layout,
+    implementation=implementation,
+    block_sizes=topk_block_sizes,
+  )
+  out = context_gathered_attention(
+    q,
+    k,
+    v,
+    indices,
+    axis_name=axis_name,
+    layout=layout,
+    strategy=strategy,
+    scale=scale,
+    implementation=implementation,
+    block_sizes=attention_block_sizes,
+  )
+  return (out, indices) if return_indices else out
+
+
+def _merge(acc, lse, out_b, lse_b):
+  """Online-softmax merge of two partial results (f32, -inf safe)."""
+  top = jnp.maximum(lse, lse_b)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  wa, wb = jnp.exp(lse - top), jnp.exp(lse_b - top)
+  total = wa + wb
+  safe = jnp.where(total > 0, total, 1.0)
+  acc = (acc * wa[..., None] + out_b.astype(jnp.float32) * wb[..., None]) / (
+    safe[..., None]
+  )
+  return acc, jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _ring_dense(q, k, v, axis_name, layout, scale):
+  return _ring_dense_fwd(q, k, v, axis_name, layout, scale)[0]
+
+
+def _ring_geometry(q, axis_name, layout):
+  num_shards = jax.lax.axis_size(axis_name)
+  seq_len = q.shape[1] * num_shards
+  me = jax.lax.axis_index(axis_name)
+  q_pos = context_layout.shard_positions(me, seq_len, num_shards, layout)
+  return num_shards, seq_len, me, q_pos
+
+
+def _block_attention(q, kb, vb, q_pos, k_pos, scale):
+  """Dense causal attention of queries at q_pos over keys at k_pos: (out, lse)."""
+  num_keys = kb.shape[1]
+  chunk = chunking.auto_chunk(q.shape[1], num_keys * q.shape[2], ATTN_BUDGET)
+  q_pos = jnp.broadcast_to(q_pos, q.shape[:2])
+
+  def one(start, qb, pb):
+    del start
+    valid = k_pos[None, None, :] <= pb[:, :, None]
+    return dense_block(qb, kb, vb, valid[:, :, None, None, :], scale)
+
+  return chunking.map_query_chunks(one, chunk, q, q_pos)
+
+
+def _ring_dense_fwd(q, k, v, axis_name, layout, scale):
+  num_shards, seq_len, me, q_pos = _ring_geometry(q, axis_name, layout)
+  send = _ring(axis_name, num_shards)
+
+  def visit(s, kb, vb, acc, lse):
+    j = (me - s) % num_shards
+    k_pos = context_layout.shard_positions(j, seq_len, num_shards, layout)
+    out_b, lse_b = _block_attention(q, kb, vb, q_pos, k_pos, scale)
+    return _merge(acc, lse, out_b, lse_b)
+
+  def step(s, carry):
+    kb, vb, acc, lse = carry
+    acc, lse = visit(s, kb, vb, acc, lse)
+    kb, vb = send((kb, vb))
+    return kb, vb, acc, lse
+
+  acc = jnp.zeros(q.shape[:3] + v.shape[3:], jnp.float32)
+  lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
+  kb, vb, acc, lse = jax.lax.fori_loop(
+    0, num_shards - 1, step, (k, v, acc, lse)
+  )
+  acc, lse = visit(num_shards - 1, kb, vb, acc, lse)
+  out = acc.astype(q.dtype)
+  return out, (q, k, v, out, lse)
+
+
+def _ring_dense_bwd(axis_name, layout, scale, res, g):
+  q, k, v, out, lse = res
+  num_shards, seq_len, me, q_pos = _ring_geometry(q, axis_name, layout)
+  send = _ring(axis_name, num_shards)
+  g32 = g.astype(jnp.float32)
+  delta = jnp.sum(g32 * out.astype(jnp.float32), axis=-1)
+
+  def step(s, carry):
+    kb, vb, dkb, dvb, dq = carry
+    j = (me - s) % num_shards
+    k_pos = context_layout.shard_positions(j, seq_len, num_shards, layout)
+    (out_b, lse_b), pull = jax.vjp(
+      lambda q_, k_, v_: _block_attention(q_, k_, v_, q_pos, k_pos, scale),
+      q,
+      kb,
+      vb,
+    )
+    # out = sum_b w_b out_b with w_b = exp(lse_b - lse), so
+    # d out_b = w_b g and d lse_b = w_b (g . out_b - g . out).
+    w = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - lse), 0.0)
+    d_out = (w[..., None] * g32).astype(out_b.dtype)
+    d_lse = w * (jnp.sum(g32 * out_b.astype(jnp.float32), -1) - delta)
+    dq_b, dk_b, dv_b = pull((d_out, d_lse))
+    dq = dq + dq_b.astype(jnp.float32)
+    dkb = dkb + dk_b.astype(jnp.float32)
+    dvb = dvb + dv_b.astype(jnp.float32)
+    # K/V gradients travel with their blocks and are home after C hops.
+    kb, vb, dkb, dvb = send((kb, vb, dkb, dvb))
+    return kb, vb, dkb, dvb, dq
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+  carry = (k, v, zeros(k), zeros(v), zeros(q))
+  _, _, dk, dv, dq = jax.lax.fori_loop(0, num_shards, step, carry)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_ring_dense.defvjp(_ring_dense_fwd, _ring_dense_bwd)
+
+
+def context_dense_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  axis_name: str,
+  layout: str = "zigzag",
+  strategy: str = "ring",
+  scale: float | None = None,
+) -> jax.Array:
+  """Causal `dense_attention` of this shard's queries [B, Tc, H, Dv].
+
+  strategy "ring": ring attention (K/V blocks pass around the ring, online
+  softmax, O(S/C) K/V per device, a ring-pass VJP); "all_gather": K and V
+  gathered, then the dense reference with each chunk's offset.
+  """
+  check_strategy(strategy, DENSE_STRATEGIES)
+  scale = default_scale(scale, q.shape[-1])
+  if strategy == "ring":
+    return _ring_dense(q, k, v, axis_name, layout, scale)
+  k_full = gather_sequence(k, axis_name, layout)
+  v_full = gather_sequence(v, axis_name, layout)
+  q_pos = _ring_geometry(q, axis_name, layout)[3]
+  k_pos = jnp.arange(k_full.shape[1], dtype=jnp.int32)
+  return _block_attention(q, k_full, v_full, q_pos, k_pos, scale)[0]
+
+
+def context_dense_indexer_kl(
+  q: jax.Array,
+  k: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  *,
+  axis_name: str,
+  layout: str = "zigzag",
+  scale: float | None = None,
+) -> jax.Array:
+  """`dense_indexer_kl` over the whole sequence (same scalar on every shard).
+
+  The main keys (stop-gradient) and the indexer keys are all-gathered; each
+  local chunk is scored with its offset, and the chunk means (every query
+  sees at least itself, so all chunks count the same) are averaged over
+  the context axis.
+  """
+  num_shards = jax.lax.axis_size(axis_name)
+  k_full = gather_sequence(jax.lax.stop_gradient(k), axis_name, layout)
+  keys = gather_sequence(k_idx, axis_name, layout)
+  parts = [
+    losses.dense_indexer_kl(
+      q[:, rows],
+      k_full,
+      q_idx[:, rows],
+      keys,
+      weights[:, rows],
+      q_offset=offset,
+      scale=scale,
+    )
+    for rows, offset in _local_chunks(
+      keys.shape[1], num_shards, layout, axis_name
+    )
+  ]
+  return jax.lax.pmean(sum(parts) / len(parts), axis_name)
+
+
+def context_sparse_indexer_kl(
+  q: jax.Array,
+  k: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  indices: jax.Array,
+  *,
+  axis_name: str,
+  layout: str = "zigzag",
+  strategy: str = "fetch",
+  scale: float | None = None,
+) -> jax.Array:
+  """`sparse_indexer_kl` over the whole sequence (same scalar on every shard).
+
+  The selected main-key rows come by `strategy` (stop-gradient); the
+  indexer keys are all-gathered (their gradient returns by the all-gather's
+  transpose). The local mean is weighted by its query count across shards.
+  """
+  check_strategy(strategy)
+  num_shards = jax.lax.axis_size(axis_name)
+  seq_len = k.shape[1] * num_shards
+  keys = gather_sequence(k_idx, axis_name, layout)
+  k = jax.lax.stop_gradient(k)
+  valid = (indices >= 0) & (indices < seq_len)
+  if strategy == "all_gather":
+    local = losses.sparse_indexer_kl(
+      q,
+      gather_sequence(k, axis_name, layout),
+      q_idx,
+      keys,
+      weights,
+      indices,
+      scale=scale,
+    )
+  else:
+    batch, num_q, k_sel = indices.shape
+    rows = batch * num_q
+    kg = jnp.asarray(fetch_rows(k, indices, axis_name, layout))
+    kig = gather_rows(keys, jnp.where(valid, indices, 0))
+    idx = jnp.where(valid, jnp.arange(k_sel, dtype=jnp.int32), -1)
+    local = losses.sparse_indexer_kl(
+      q.reshape(rows, 1, *q.shape[2:]),
+      kg.reshape(rows, *kg.shape[2:]),
+      q_idx.reshape(rows, 1, *q_idx.shape[2:]),
+      kig.reshape(rows, *kig.shape[2:]),
+      weights.reshape(rows, 1, weights.shape[-1]),
+      idx.reshape(rows, 1, k_sel),
+      scale=scale,
+    )
+  count = jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32)
+  total = jnp.asarray(
+    jax.lax.psum(jnp.stack([local * count, count]), axis_name)
+  )
+  return total[0] / jnp.maximum(total[1], 1.0)
