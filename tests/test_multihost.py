@@ -63,7 +63,7 @@ def test_two_process_run_matches_single_process(tmp_path):
   multi = json.loads(outs[0].read_text())
   ref = json.loads((tmp_path / "single.json").read_text())
   assert multi["processes"] == 2 and ref["processes"] == 1
-  assert multi["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert multi["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "context": 1}
   assert len(multi["losses"]) == len(ref["losses"]) == 5
   assert multi["losses"] == pytest.approx(ref["losses"], rel=1e-5)
   assert multi["kls"] == pytest.approx(ref["kls"], rel=1e-4, abs=1e-6)

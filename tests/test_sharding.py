@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _abstract_mesh(shape):
-  return AbstractMesh(tuple(shape), shd.MESH_AXES)
+  return AbstractMesh(shd.full_mesh_shape(shape, 0), shd.MESH_AXES)
 
 
 def test_logical_rules_map_to_mesh_axes():
@@ -60,7 +60,7 @@ def test_make_mesh_checks_device_count():
   assert mesh.axis_names == shd.MESH_AXES and mesh.shape["data"] == n
   with pytest.raises(ValueError, match="needs 8 devices"):
     shd.make_mesh((2, 2, 2), jax.devices()[:1])
-  with pytest.raises(ValueError, match="3 positive ints"):
+  with pytest.raises(ValueError, match="3 or 4 positive ints"):
     shd.make_mesh((2, 2))
 
 
