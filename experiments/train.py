@@ -6,6 +6,8 @@
   python experiments/train.py --model deepseek_v32 --preset tiny --run-dir runs/ds_tiny
   # 8 virtual CPU devices, mesh data=2 x fsdp=2 x tensor=2:
   python experiments/train.py --preset tiny --host-devices 8 --mesh 2,2,2 --run-dir runs/mesh
+  # context parallelism: the sequence split over 4 devices (zigzag layout):
+  python experiments/train.py --preset tiny --host-devices 8 --mesh 2,1,1,4 --run-dir runs/cp
   # any field: --set model.num_layers=4 --set train.indexer_loss_scale=0.5
   # multi-host (run once per process):
   python experiments/train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...
@@ -55,7 +57,11 @@ def parse_args(argv=None):
   p.add_argument("--seq-len", type=int)
   p.add_argument("--dataset", help="text | mqar | passkey | niah | vartrack")
   p.add_argument("--data-path", help="text corpus file/directory")
-  p.add_argument("--mesh", help="data,fsdp,tensor (product = device count)")
+  p.add_argument(
+    "--mesh",
+    help="data,fsdp,tensor[,context] (product = device count; context > 1 "
+    "shards the sequence)",
+  )
   p.add_argument(
     "--set",
     action="append",
@@ -113,7 +119,8 @@ def build_config(args):
       mesh = tuple(int(x) for x in args.mesh.split(","))
     except ValueError:
       raise ValueError(
-        f"--mesh must be three ints like 2,2,2, got {args.mesh!r}"
+        f"--mesh must be 3 or 4 ints like 2,2,2 or 2,1,1,4 (data, fsdp, "
+        f"tensor[, context]), got {args.mesh!r}"
       ) from None
     changes["train.mesh_shape"] = mesh
   sets.extend(args.set)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -240,9 +241,13 @@ class TrainConfig:
   b2: float = 0.95
   grad_clip: float = 1.0  # global-norm clipping (per parameter group)
   indexer_loss_scale: float = 1.0
-  mesh_shape: tuple[int, int, int] | None = (
-    None  # (data, fsdp, tensor); None: (devices, 1, 1)
-  )
+  # (data, fsdp, tensor) or (data, fsdp, tensor, context); None: pure data
+  # parallelism. context > 1 shards the sequence (context parallelism,
+  # docs/context_parallel.md) with the three context_* choices below.
+  mesh_shape: tuple[int, ...] | None = None
+  context_layout: str = "zigzag"  # or "contiguous"
+  context_strategy: str = "fetch"  # sparse attention: or "all_gather"
+  context_dense_strategy: str = "ring"  # dense / warm-up: or "all_gather"
   checkpoint_every: int = 100  # 0 disables periodic checkpoints
   keep_checkpoints: int = 2
   async_checkpointing: bool = True
@@ -389,6 +394,43 @@ def _positive(errors, where, **values):
       errors.append(f"{where}.{k} must be a positive integer, got {v!r}")
 
 
+def _context_errors(cfg: Config, context: int) -> list[str]:
+  """What context parallelism over `context` shards needs of the config."""
+  t, errors = cfg.train, []
+  choices = (
+    ("context_layout", ("zigzag", "contiguous")),
+    ("context_strategy", ("fetch", "all_gather")),
+    ("context_dense_strategy", ("ring", "all_gather")),
+  )
+  for k, allowed in choices:
+    if getattr(t, k) not in allowed:
+      errors.append(
+        f"train.{k} must be one of {allowed}, got {getattr(t, k)!r}"
+      )
+  if context == 1 or errors:
+    return errors
+  chunks = context * (2 if t.context_layout == "zigzag" else 1)
+  if isinstance(t.seq_len, int) and t.seq_len % chunks:
+    errors.append(
+      f"train.seq_len={t.seq_len} must be divisible by {chunks} (context="
+      f"{context} shards x {chunks // context} chunks of the "
+      f"{t.context_layout!r} layout)"
+    )
+  m = cfg.model
+  if m.attention in registry.names():
+    for i in range(m.num_layers if isinstance(m.num_layers, int) else 0):
+      kind = m.layer_attention(i)
+      layer = registry.get(kind).layer
+      if not getattr(layer, "supports_context_parallel", False):
+        errors.append(
+          f"model.attention={kind!r} (layer {i}) does not support context "
+          f"parallelism (mesh context={context}); supported: dense, dsa, "
+          f"mla, mla_dsa"
+        )
+        break
+  return errors
+
+
 def validate(cfg: Config, num_devices: int | None = None) -> Config:
   """Raises ValueError listing every problem found; returns cfg.resolved().
 
@@ -524,13 +566,15 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
 
     num_devices = jax.device_count()
   mesh = t.mesh_shape if t.mesh_shape is not None else (num_devices, 1, 1)
-  if len(mesh) != 3 or any(not isinstance(x, int) or x < 1 for x in mesh):
+  if len(mesh) not in (3, 4) or any(
+    not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in mesh
+  ):
     errors.append(
-      f"train.mesh_shape must be 3 positive ints (data, fsdp, "
-      f"tensor), got {mesh!r}"
+      f"train.mesh_shape must be 3 or 4 positive ints (data, fsdp, "
+      f"tensor[, context]), got {mesh!r}"
     )
   else:
-    n = mesh[0] * mesh[1] * mesh[2]
+    n = math.prod(mesh)
     if n != num_devices:
       errors.append(
         f"train.mesh_shape {tuple(mesh)} has {n} devices but "
@@ -541,6 +585,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
         f"train.batch_size={t.batch_size} must be divisible by "
         f"data*fsdp={mesh[0] * mesh[1]} of mesh {tuple(mesh)}"
       )
+    errors += _context_errors(cfg, mesh[3] if len(mesh) == 4 else 1)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
   return cfg.resolved()

@@ -1,6 +1,7 @@
 """Subprocess worker for tests that need their own JAX process.
 
   python tests/_train_worker.py mesh_equiv [deepseek_v32]   (XLA_FLAGS: 8 host devices)
+  python tests/_train_worker.py context_equiv                (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py multihost OUT PROCESS_ID NUM_PROCESSES PORT [RUN_DIR]
   python tests/_train_worker.py single OUT [RUN_DIR]
 
@@ -150,7 +151,76 @@ def mesh_equiv(family="transformer"):
   print("RESULT " + json.dumps(out))
 
 
-def _run(out_path, run_dir, steps):
+# (family, model overrides, mesh, train overrides) of the context-parallel
+# runs: the three issue meshes with the default zigzag + fetch + ring, the
+# all-gather strategies, dense attention, and DeepSeek-V3.2's family (MLA +
+# DSA on the q latent, MoE, the Pallas kernels in interpret mode).
+AG = (
+  'train.context_strategy="all_gather"',
+  'train.context_dense_strategy="all_gather"',
+)
+CONTEXT_RUNS = (
+  ("transformer", (), [1, 1, 1, 8], ()),
+  ("transformer", (), [2, 1, 1, 4], ()),
+  ("transformer", (), [1, 2, 2, 2], ()),
+  ("transformer", (), [1, 2, 1, 4], AG),
+  ("transformer", ('model.attention="dense"',), [2, 1, 1, 4], ()),
+  ("deepseek_v32", (), [2, 1, 1, 4], ()),
+)
+
+
+def context_equiv():
+  """Train steps with the sequence sharded over the context axis == the
+  same steps on one device, for each CONTEXT_RUNS entry: losses, KLs and
+  every parameter after one warm-up and one sparse step (dense: one step)."""
+  import jax
+  import numpy as np
+
+  from sparse_attn import training as T
+
+  assert jax.device_count() == 8, jax.devices()
+
+  def steps(family, model, mesh, train, devices):
+    make = deepseek_config if family == "deepseek_v32" else small_config
+    cfg = make(f"train.mesh_shape={json.dumps(mesh)}", *model, *train)
+    s = T.setup(cfg, devices)
+    state = T.init_state(s)
+    ds, _ = T.make_datasets(s.cfg)
+    loader = T.BatchLoader(ds, s)
+    metrics = []
+    dense = s.cfg.model.attention == "dense"
+    for i, stage in enumerate(("sparse",) if dense else ("warmup", "sparse")):
+      state, m = T.make_train_step(s, stage)(state, loader.train(i))
+      metrics.append([float(m["loss"]), float(m["indexer_kl"])])
+    return metrics, _flat(state["params"])
+
+  refs, out = {}, []
+  for family, model, mesh, train in CONTEXT_RUNS:
+    if (family, model) not in refs:  # the context choices do not change it
+      refs[family, model] = steps(
+        family, model, [1, 1, 1], (), jax.devices()[:1]
+      )
+    m1, p1 = refs[family, model]
+    m8, p8 = steps(family, model, mesh, train, jax.devices())
+    diff = {k: np.abs(p1[k] - p8[k]) for k in p1 if k in p8}
+    out.append(
+      {
+        "run": f"{family} {list(model)} {mesh} {list(train)}",
+        "metrics_one": m1,
+        "metrics_sharded": m8,
+        "max_param_diff": max(float(np.max(d)) for d in diff.values()),
+        "entries_over_1e-6": int(
+          sum(int(np.sum(d > 1e-6)) for d in diff.values())
+        ),
+        "param_entries": int(sum(p1[k].size for k in p1)),
+        "same_keys": sorted(p1) == sorted(p8),
+      }
+    )
+    print(out[-1]["run"], out[-1]["max_param_diff"], flush=True)
+  print("RESULT " + json.dumps(out))
+
+
+def _run(out_path, run_dir, steps, mesh=None):
   import numpy as np
 
   from sparse_attn import training as T
@@ -159,6 +229,7 @@ def _run(out_path, run_dir, steps):
     "train.warmup_stage_steps=2",
     f"train.sparse_stage_steps={steps - 2}",
     "train.checkpoint_every=2",
+    *([f"train.mesh_shape={mesh}"] if mesh else []),
   )
   r = T.train(cfg, run_dir, resume=False, echo=None)
   import jax
@@ -180,11 +251,14 @@ def _run(out_path, run_dir, steps):
       json.dump(res, f)
 
 
-def multihost(out_path, process_id, num_processes, port, run_dir=None):
+def multihost(
+  out_path, process_id, num_processes, port, run_dir=None, mesh=None
+):
+  """mesh: a JSON list, e.g. [1,1,1,2] (default: data over the processes)."""
   from sparse_attn import training as T
 
   T.init_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id))
-  _run(out_path, run_dir, 5)
+  _run(out_path, run_dir, 5, mesh or None)
 
 
 def single(out_path, run_dir=None):
@@ -193,6 +267,9 @@ def single(out_path, run_dir=None):
 
 if __name__ == "__main__":
   cmd, *rest = sys.argv[1:]
-  {"mesh_equiv": mesh_equiv, "multihost": multihost, "single": single}[cmd](
-    *rest
-  )
+  {
+    "mesh_equiv": mesh_equiv,
+    "context_equiv": context_equiv,
+    "multihost": multihost,
+    "single": single,
+  }[cmd](*rest)

@@ -1,6 +1,7 @@
 """Context parallelism: the sequence layouts (here) and every context-parallel
 op on 8-device meshes against one device (subprocess, 8 CPU devices)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,119 @@ def test_context_parallel_ops_on_8_devices_match_one_device():
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert "OK context parallel" in proc.stdout
+
+
+def test_context_parallel_training_on_8_devices_matches_one_device():
+  """Train steps (warm-up + sparse) with the sequence sharded over the
+  context axis: losses, KLs and every parameter equal one device's
+  (tests/_train_worker.py context_equiv; the runs are its CONTEXT_RUNS)."""
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
+  worker = os.path.join(os.path.dirname(__file__), "_train_worker.py")
+  proc = subprocess.run(
+    [sys.executable, worker, "context_equiv"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, (
+    proc.stdout[-3000:] + proc.stderr[-5000:]
+  )
+  runs = json.loads(lines[-1][len("RESULT ") :])
+  assert len(runs) == 6
+  for r in runs:
+    assert r["same_keys"], r["run"]
+    for a, b in zip(r["metrics_one"], r["metrics_sharded"], strict=True):
+      assert a == pytest.approx(b, rel=1e-5, abs=1e-6), r["run"]
+    # As tests/test_sharding.py's mesh test: Adam's first steps divide by
+    # |g| + eps, so an entry whose gradient is near eps moves by up to
+    # lr * (reduction-order noise) / eps; everything else agrees to 1e-6.
+    assert r["max_param_diff"] < 1e-4, r["run"]
+    assert r["entries_over_1e-6"] <= 1e-4 * r["param_entries"] + 1, r["run"]
+
+
+def test_context_parallel_rejects_what_it_cannot_run():
+  from sparse_attn.config import override, tiny, validate
+
+  cfg = override(tiny(), "train.mesh_shape=[1, 1, 1, 8]", "train.seq_len=40")
+  with pytest.raises(ValueError, match=r"seq_len=40 must be divisible by 16"):
+    validate(cfg, num_devices=8)
+  cfg = override(
+    tiny(),
+    "train.mesh_shape=[1, 1, 1, 2]",
+    'model.attention="sliding_window"',
+    'train.context_strategy="fetch"',
+  )
+  with pytest.raises(ValueError, match="does not support context parallel"):
+    validate(cfg, num_devices=2)
+  cfg = override(
+    tiny(), "train.mesh_shape=[1, 1, 1, 2]", 'train.context_layout="ring"'
+  )
+  with pytest.raises(ValueError, match="context_layout must be one of"):
+    validate(cfg, num_devices=2)
+  cfg = override(tiny(), "train.mesh_shape=[2, 2]")
+  with pytest.raises(ValueError, match="3 or 4 positive ints"):
+    validate(cfg, num_devices=4)
+
+
+def _one_device_cp(**kw):
+  import jax
+
+  from sparse_attn.nn.context_parallel import ContextParallel
+
+  return ContextParallel(shd.make_mesh((1, 1, 1, 1), jax.devices()[:1]), **kw)
+
+
+@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
+def test_layer_with_context_parallel_matches_plain_layer(mode):
+  """One shard runs the same code path (shard_map, layout, ring of one):
+  outputs and aux equal the unsharded layer's, on an odd length."""
+  import jax
+  from flax import nnx
+
+  from sparse_attn.nn.dsa import DSAAttention
+
+  layer = DSAAttention(
+    16, 4, 2, 8, top_k=3, indexer_heads=2, indexer_dim=8, rngs=nnx.Rngs(0)
+  )
+  x = jax.random.normal(jax.random.key(1), (2, 14, 16))
+  cp_ = _one_device_cp()
+  pos = cp_.layout_positions(2, 14)
+  y0, aux0 = layer(x, mode=mode)
+  y1, aux1 = layer(x, positions=pos, mode=mode, context_parallel=cp_)
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5)
+  for k in aux0:
+    np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5)
+
+
+def test_context_parallel_layer_errors():
+  import jax
+  from flax import nnx
+
+  from sparse_attn.nn.context_parallel import ContextParallel
+  from sparse_attn.nn.dsa import DSAAttention
+  from sparse_attn.nn.sliding_window import SlidingWindowAttention
+
+  cp_ = _one_device_cp()
+  x = jnp.zeros((1, 8, 16))
+  pos = cp_.layout_positions(1, 8)
+  sw = SlidingWindowAttention(16, 2, 2, 8, window=4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="does not support a sharded sequence"):
+    sw(x, positions=pos, context_parallel=cp_)
+  dsa = DSAAttention(16, 2, 2, 8, top_k=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs positions"):
+    dsa(x, context_parallel=cp_)
+  with pytest.raises(ValueError, match="kv_lengths must be None"):
+    dsa(x, positions=pos, kv_lengths=jnp.array([4]), context_parallel=cp_)
+  two = ContextParallel(jax.sharding.AbstractMesh((1, 1, 1, 2), shd.MESH_AXES))
+  with pytest.raises(ValueError, match=r"x of shape \(1, 6, 16\)"):
+    two.check_length("x of shape (1, 6, 16)", 6)
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    _one_device_cp(strategy="all_to_all")
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    _one_device_cp(axis_name="sequence")

@@ -1,5 +1,6 @@
 """Two JAX processes on localhost (jax.distributed + gloo CPU collectives)
-train a few steps, with checkpoints, and match a single-process run."""
+train a few steps, with checkpoints, and match a single-process run: the
+batch split over them (data=2), or the sequence (context=2)."""
 
 import json
 import os
@@ -19,7 +20,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_process_run_matches_single_process(tmp_path):
+@pytest.mark.parametrize(
+  "mesh,want",
+  [
+    ("", {"data": 2, "fsdp": 1, "tensor": 1, "context": 1}),
+    # context parallelism across the processes: the sequence split in two
+    ("[1,1,1,2]", {"data": 1, "fsdp": 1, "tensor": 1, "context": 2}),
+  ],
+  ids=["data2", "context2"],
+)
+def test_two_process_run_matches_single_process(tmp_path, mesh, want):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device per process
   port = _free_port()
@@ -35,6 +45,7 @@ def test_two_process_run_matches_single_process(tmp_path):
         "2",
         str(port),
         str(tmp_path / "multi_run"),
+        mesh,
       ],
       env=env,
       stdout=subprocess.PIPE,
@@ -63,7 +74,7 @@ def test_two_process_run_matches_single_process(tmp_path):
   multi = json.loads(outs[0].read_text())
   ref = json.loads((tmp_path / "single.json").read_text())
   assert multi["processes"] == 2 and ref["processes"] == 1
-  assert multi["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "context": 1}
+  assert multi["mesh"] == want
   assert len(multi["losses"]) == len(ref["losses"]) == 5
   assert multi["losses"] == pytest.approx(ref["losses"], rel=1e-5)
   assert multi["kls"] == pytest.approx(ref["kls"], rel=1e-4, abs=1e-6)

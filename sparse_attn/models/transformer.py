@@ -70,6 +70,7 @@ class Block(nnx.Module):
     mode: str,
     cache: None = None,
     view: int | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux]: ...
 
   @overload
@@ -82,6 +83,7 @@ class Block(nnx.Module):
     mode: str,
     cache: Any,
     view: int | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux, Any]: ...
 
   def __call__(
@@ -93,12 +95,17 @@ class Block(nnx.Module):
     mode: str,
     cache: Any = None,
     view: int | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
     """(x, aux) without a cache; (x, aux, cache) with one."""
     h = self.attn_norm(x)
     if cache is None:
       y, aux = self.attn(
-        h, positions=positions, kv_lengths=kv_lengths, mode=mode
+        h,
+        positions=positions,
+        kv_lengths=kv_lengths,
+        mode=mode,
+        context_parallel=context_parallel,
       )
     else:
       y, aux, cache = self.attn(
@@ -197,6 +204,7 @@ class Transformer(nnx.Module):
     num_valid: jax.Array | None = None,
     view: int | None = None,
     logits_at: jax.Array | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux]: ...
 
   @overload
@@ -211,6 +219,7 @@ class Transformer(nnx.Module):
     num_valid: jax.Array | None = None,
     view: int | None = None,
     logits_at: jax.Array | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux, Cache]: ...
 
   def __call__(
@@ -224,6 +233,7 @@ class Transformer(nnx.Module):
     num_valid: jax.Array | None = None,
     view: int | None = None,
     logits_at: jax.Array | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Cache]:
     """The forward pass.
 
@@ -239,6 +249,11 @@ class Transformer(nnx.Module):
 
     logits_at int32[B]: return only the logits of token logits_at[b] of each
     row, f32[B, V] (e.g. the last real token of a prefill chunk).
+
+    context_parallel (`sparse_attn.nn.context_parallel.ContextParallel`):
+    tokens are in its layout order, sharded over its mesh axis
+    (`ContextParallel.layout_batch`); positions default to that layout's
+    and logits come back in the same order. No cache or kv_lengths.
     """
     check_mode(mode)
     if tokens.ndim != 2:
@@ -267,6 +282,14 @@ class Transformer(nnx.Module):
       kv_lengths = cache.lengths + num_valid
     elif num_valid is not None or view is not None:
       raise ValueError("num_valid and view apply only with a cache.")
+    if context_parallel is not None:
+      if cache is not None or kv_lengths is not None:
+        raise ValueError(
+          "context_parallel runs full sequences without padding: cache and "
+          "kv_lengths must be None."
+        )
+      if positions is None:
+        positions = context_parallel.layout_positions(batch, length)
     if positions is None:
       positions = jnp.broadcast_to(
         jnp.arange(length, dtype=jnp.int32), (batch, length)
@@ -276,7 +299,13 @@ class Transformer(nnx.Module):
     new_layers = []
     for i, block in enumerate(self.blocks):
       if cache is None:
-        x, aux = block(x, positions=positions, kv_lengths=kv_lengths, mode=mode)
+        x, aux = block(
+          x,
+          positions=positions,
+          kv_lengths=kv_lengths,
+          mode=mode,
+          context_parallel=context_parallel,
+        )
       else:
         x, aux, lc = block(
           x,

@@ -142,6 +142,9 @@ class Context:
   q_offset: jax.Array | None = None  # int32[B] with a cache; None = S - T
   cache: Any = None  # this layer's cache (K/V rows written)
   view: int | None = None  # cache slots attention reads
+  # The sequence sharded over a mesh axis (`sparse_attn.nn.context_parallel`
+  # .ContextParallel); None: every device holds the whole sequence.
+  context_parallel: Any = None
 
   @property
   def decoding(self) -> bool:
@@ -176,6 +179,9 @@ class AttentionLayer(nnx.Module):
   #: qkv_bias / out_bias / qk_norm options apply (MLA and shared-QK layers
   #: project differently and refuse them).
   projection_options: ClassVar[bool] = True
+  #: Whether `attend` runs with the sequence sharded (`context_parallel=`);
+  #: kinds whose patterns need the whole sequence on one device leave it off.
+  supports_context_parallel: ClassVar[bool] = False
 
   def __init__(
     self,
@@ -377,6 +383,7 @@ class AttentionLayer(nnx.Module):
     mode: str = "sparse",
     cache: None = None,
     view: int | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux]: ...
 
   @overload
@@ -389,6 +396,7 @@ class AttentionLayer(nnx.Module):
     mode: str = "sparse",
     cache: Any,
     view: int | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux, Any]: ...
 
   def __call__(
@@ -400,12 +408,22 @@ class AttentionLayer(nnx.Module):
     mode: str = "sparse",
     cache: Any = None,
     view: int | None = None,
+    context_parallel: Any = None,
   ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
-    """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc)."""
+    """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc).
+
+    context_parallel: a `ContextParallel` when x [B, S, E] is in its layout
+    order and sharded over its axis (positions then required: the natural
+    position of each row); training and full-sequence scoring only.
+    """
     check_mode(mode)
     if x.ndim != 3 or x.shape[-1] != self.embed_dim:
       raise ValueError(
         f"x must be [B, T, E={self.embed_dim}], got shape {x.shape}."
+      )
+    if context_parallel is not None:
+      self._check_context_parallel(
+        context_parallel, x, positions, kv_lengths, cache
       )
     if positions is None:
       if cache is not None:
@@ -421,7 +439,10 @@ class AttentionLayer(nnx.Module):
       )
     q, k, v = self.project(x, positions)
     if cache is None:
-      o, aux, _ = self.attend(q, k, v, Context(x, positions, kv_lengths, mode))
+      ctx = Context(
+        x, positions, kv_lengths, mode, context_parallel=context_parallel
+      )
+      o, aux, _ = self.attend(q, k, v, ctx)
       self._check_attend(x, o, aux)
       return self.output(o), aux
     start = positions[:, 0].astype(jnp.int32)
@@ -446,6 +467,27 @@ class AttentionLayer(nnx.Module):
     # shapes (it may only have written rows into it).
     chex.assert_trees_all_equal_shapes_and_dtypes(new_cache, cache)
     return self.output(o), aux, new_cache
+
+  def _check_context_parallel(
+    self, cp: Any, x: jax.Array, positions, kv_lengths, cache
+  ) -> None:
+    name = type(self).__name__
+    if not type(self).supports_context_parallel:
+      raise ValueError(
+        f"context_parallel: {name} does not support a sharded sequence "
+        f"(supported: dense, dsa, mla, mla_dsa)."
+      )
+    if cache is not None or kv_lengths is not None:
+      raise ValueError(
+        "context_parallel runs full sequences without padding: cache and "
+        "kv_lengths must be None."
+      )
+    if positions is None:
+      raise ValueError(
+        "context_parallel needs positions int32[B, S] (the natural position "
+        "of each row of the layout, ContextParallel.layout_positions)."
+      )
+    cp.check_length(f"x of shape {x.shape}", x.shape[1])
 
   def _check_attend(self, x: jax.Array, o: jax.Array, aux: Aux) -> None:
     """What every kind's attend must return (a clear error for new kinds)."""

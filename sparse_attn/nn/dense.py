@@ -21,10 +21,15 @@ class DenseParams:
 class DenseAttention(AttentionLayer):
   """Causal dense softmax attention (GQA/MQA)."""
 
+  supports_context_parallel = True
+
   def attend(self, q, k, v, ctx: Context):
-    o = dense_attention(
-      q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
-    )
+    if ctx.context_parallel is not None:
+      o = ctx.context_parallel.dense_attention(q, k, v)
+    else:
+      o = dense_attention(
+        q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
+      )
     return (
       o,
       counts_aux(None, ctx.positions, k.shape[1], ctx.kv_lengths),

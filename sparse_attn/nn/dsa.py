@@ -204,10 +204,28 @@ def indexed_attention(
   "dense": dense attention, no loss. No loss while decoding. q [B, T, H, D],
   k [B, S, G, D], v [B, S, G, Dv] (any form: GQA, MLA's MHA or absorbed
   form), indexer inputs over the same T and S; `scale` the logit scale
-  (None: D**-0.5; MLA passes its own).
+  (None: D**-0.5; MLA passes its own). With `ctx.context_parallel` every
+  array is sequence-sharded in its layout order and the same stages run
+  through `ContextParallel.indexed_attention`.
   """
   kl = None
-  if ctx.mode == "sparse":
+  if ctx.context_parallel is not None:
+    o, idx, kl = ctx.context_parallel.indexed_attention(
+      q,
+      k,
+      v,
+      q_idx,
+      k_idx,
+      weights,
+      mode=ctx.mode,
+      top_k=top_k,
+      scale=scale,
+      implementation=implementation,
+      topk_block_sizes=topk_block_sizes,
+      attention_block_sizes=attention_block_sizes,
+    )
+    attended = None if idx is None else idx >= 0
+  elif ctx.mode == "sparse":
     o, idx = dsa_attention(
       q,
       k,
@@ -266,6 +284,8 @@ class DSAAttention(AttentionLayer):
   its KL loss never reaches the trunk, and it receives no gradient from the
   LM loss because all it passes on is an integer selection.
   """
+
+  supports_context_parallel = True
 
   def __init__(
     self,

@@ -126,6 +126,8 @@ class MLAAttention(AttentionLayer):
   for all S keys (from the cache when decoding).
   """
 
+  supports_context_parallel = True
+
   projection_options = False
 
   def __init__(
@@ -311,14 +313,17 @@ class MLAAttention(AttentionLayer):
   def attend(self, q, k, v, ctx: Context):
     del v  # the values are the latent k's first R dims
     f = self.forms(q, k, self.resolve_form(ctx))
-    o = dense_attention(
-      f.q,
-      f.k,
-      f.v,
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      scale=self.scale,
-    )
+    if ctx.context_parallel is not None:
+      o = ctx.context_parallel.dense_attention(f.q, f.k, f.v, scale=self.scale)
+    else:
+      o = dense_attention(
+        f.q,
+        f.k,
+        f.v,
+        q_offset=ctx.q_offset,
+        kv_lengths=ctx.kv_lengths,
+        scale=self.scale,
+      )
     aux = counts_aux(None, ctx.positions, k.shape[1], ctx.kv_lengths)
     return f.finish(o), aux, ctx.cache
 

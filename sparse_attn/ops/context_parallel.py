@@ -179,12 +179,15 @@ def _fetch_bwd(axis_name, layout, res, g):
   me = jax.lax.axis_index(axis_name)
   send = _ring(axis_name, num_shards)
   trailing = (None,) * (len(shape) - 2)
-  batch = jnp.arange(shape[0])[:, None, None]
+  # Per-row scatter under vmap (a batched scatter): XLA's SPMD partitioner
+  # rejects the equivalent explicit batch-index scatter when the auto axes
+  # (data, fsdp, tensor) shard the operand.
+  scatter = jax.vmap(lambda gb, ib, cb: gb.at[ib].add(cb))
 
   def step(s, grad):
     take = valid & (owner == (me - s) % num_shards)
     contrib = jnp.where(take[(...,) + trailing], g, 0).astype(grad.dtype)
-    grad = grad.at[batch, jnp.where(take, row, 0)].add(contrib)
+    grad = scatter(grad, jnp.where(take, row, 0), contrib)
     # The accumulator travels with its block: after C hops it is home.
     return send(grad)
 

@@ -21,6 +21,7 @@ from flax import nnx
 from sparse_attn import sharding as shd
 from sparse_attn.config import Config, validate
 from sparse_attn.models import INDEXER, MAIN, Transformer
+from sparse_attn.nn.context_parallel import ContextParallel
 from sparse_attn.training.optimizer import make_optimizer, schedules
 
 
@@ -36,6 +37,9 @@ class Setup:
   state_shardings: Any
   batch_sharding: Any
   init_fn: Callable[[], Any]
+  # The sequence split over the mesh's context axis (None when it is 1):
+  # the steps lay each batch out in its order (`ContextParallel.layout_batch`).
+  context_parallel: ContextParallel | None = None
 
 
 def setup(cfg: Config, devices=None) -> Setup:
@@ -64,6 +68,15 @@ def setup(cfg: Config, devices=None) -> Setup:
   graphdef, _, _ = nnx.split(abstract_model, INDEXER, MAIN)
   abstract_state = jax.eval_shape(init_fn)
   state_shardings = shd.tree_shardings(abstract_state, mesh)
+  cp = None
+  if shd.context_size(mesh) > 1:
+    t = cfg.train
+    cp = ContextParallel(
+      mesh,
+      layout=t.context_layout,
+      strategy=t.context_strategy,
+      dense_strategy=t.context_dense_strategy,
+    )
   return Setup(
     cfg,
     mesh,
@@ -73,6 +86,7 @@ def setup(cfg: Config, devices=None) -> Setup:
     state_shardings,
     shd.batch_sharding(mesh),
     init_fn,
+    cp,
   )
 
 

@@ -39,9 +39,22 @@ class Step(Protocol):
   def lower(self, *args: Any) -> jax.stages.Lowered: ...
 
 
-def _forward(graphdef, idx, main, batch, mode, kl_scale):
+def _forward(graphdef, idx, main, batch, mode, kl_scale, cp=None):
   model = nnx.merge(graphdef, idx, main)
-  logits, aux = model(batch["inputs"], mode=mode)
+  if cp is None:
+    logits, aux = model(batch["inputs"], mode=mode)
+  else:
+    # Tokens, targets and mask in the context layout: the loss is a mean
+    # over tokens, so it equals the natural-order one.
+    batch = cp.layout_batch(
+      {k: batch[k] for k in ("inputs", "targets", "loss_mask")}
+    )
+    logits, aux = model(
+      batch["inputs"],
+      mode=mode,
+      positions=batch["positions"],
+      context_parallel=cp,
+    )
   lm, count = lm_loss(logits, batch["targets"], batch["loss_mask"])
   total = lm + kl_scale * aux["indexer_kl"]
   return total, (lm, count, aux)
@@ -51,7 +64,7 @@ def make_loss_fn(s: Setup, mode: str) -> Callable[..., Any]:
   """loss(idx_params, main_params, batch) -> (total, (lm, count, aux))."""
   scale = s.cfg.train.indexer_loss_scale
   return lambda idx, main, batch: _forward(
-    s.graphdef, idx, main, batch, mode, scale
+    s.graphdef, idx, main, batch, mode, scale, s.context_parallel
   )
 
 
@@ -139,14 +152,16 @@ def make_eval_step(s: Setup, mode: str) -> Step:
 
 
 def _kernel_mesh(s: Setup, jitted: Step) -> Step:
-  """Traces and runs `jitted` under the run's mesh when Pallas kernels are on.
+  """Traces and runs `jitted` under the run's mesh when Pallas kernels are on
+  or the sequence is sharded.
 
   The attention functions then wrap their pallas_calls in shard_map (see
-  `ops.kernel_sharding.call_kernel_sharded`); the XLA path needs no mesh
-  context. The result can be called or lowered (`.lower(*abstract_args)`,
+  `ops.kernel_sharding.call_kernel_sharded`); the XLA path without context
+  parallelism needs no mesh context. The result can be called or lowered (`.lower(*abstract_args)`,
   for AOT).
   """
-  if dispatch.resolve(s.cfg.model.implementation) != "pallas":
+  pallas = dispatch.resolve(s.cfg.model.implementation) == "pallas"
+  if not pallas and s.context_parallel is None:
     return jitted
   return _UnderMesh(jitted, s.mesh)
 
