@@ -318,3 +318,30 @@ def test_study_progress_scales_to_unseen_lengths():
   assert p.eta() is None
   p.done(0, 50.0)  # 0.5 s per step at L=512
   assert abs(p.eta() - (50.0 + 50.0 * 2**1.5)) < 1e-9
+
+
+def test_context_memory_smoke(tmp_path):
+  run_script("context_memory", "--smoke", "--out-dir", tmp_path)
+  mod = _module("context_memory")
+  rows = _rows(tmp_path / "context_memory.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  got = {(r["context"], r["strategy"], r["stage"]) for r in rows}
+  assert got == {
+    ("1", "-", "warmup"),
+    ("1", "-", "sparse"),
+    *(
+      ("2", s, st)
+      for s in ("fetch", "all_gather")
+      for st in ("warmup", "sparse")
+    ),
+  }
+  for r in rows:
+    _finite(r, ("argument_mib", "temp_mib", "total_mib"))
+  temp = {
+    (r["context"], r["strategy"], r["stage"]): float(r["temp_mib"])
+    for r in rows
+  }
+  # Splitting the sequence in two shrinks every step's activations.
+  assert temp["2", "fetch", "sparse"] < temp["1", "-", "sparse"]
+  assert temp["2", "fetch", "warmup"] < temp["1", "-", "warmup"]
+  assert (tmp_path / "context_memory.md").exists()

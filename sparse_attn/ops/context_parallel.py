@@ -17,16 +17,20 @@ How each piece crosses shards:
 * sparse attention, two strategies:
   - "all_gather": K and V are all-gathered (O(S) K/V per device);
   - "fetch": K and V stay sharded; a ring pass brings each block past
-    every shard, which copies out only the rows its queries selected
-    (O(S/C) K/V per device plus the O(T/C * K) selected rows). Its VJP
-    sends the row gradients back around the ring to their owners;
+    every shard, whose queries attend the selected slots that block holds
+    and fold them into an online softmax (O(S/C) K/V per device; no
+    [Tc, K, D] copy of the selected rows is ever built). Its custom VJP
+    recomputes each hop in a second ring pass that carries the K/V
+    gradients home;
 * dense attention: ring attention (each K/V block visits every shard and an
   online softmax accumulates the blocks; a custom VJP recomputes each block
   in a second ring pass that carries the K/V gradients home), or
   "all_gather";
 * the indexer KL losses: the main keys (stop-gradient) are all-gathered for
   the dense warm-up KL, which needs every key's attention weight; the
-  sparse KL reads the selected rows with the chosen strategy.
+  sparse KL reads the selected rows with the chosen strategy ("fetch":
+  one ring pass collects the main logits of the selected slots, the
+  indexer keys are all-gathered anyway).
 
 Shapes are per shard: B batch, Tc = S/C local queries and keys, H heads,
 G kv heads, D head dim, Dv value dim, HI indexer heads, DI indexer dim,
@@ -49,6 +53,7 @@ from sparse_attn.ops.attention import (
   dense_block,
   gather_rows,
   gathered_attention,
+  group_heads,
 )
 from sparse_attn.ops.indexer import lightning_topk
 
@@ -198,25 +203,60 @@ def _fetch_bwd(axis_name, layout, res, g):
 fetch_rows.defvjp(_fetch_fwd, _fetch_bwd)
 
 
-def _attend_rows(q, kg, vg, valid, scale, implementation, block_sizes):
-  """Each query over its own K fetched rows: kg [B, T, K, G, D] -> [B, T, H, Dv].
+def _slot_block_fn(q, indices, axis_name, layout, scale):
+  """block(j, kb, vb) of the sparse ring: each query over its selected slots
+  that shard j holds (the others masked), in query chunks whose gathered
+  rows fit ATTN_BUDGET; each chunk is rematerialised in the backward pass,
+  so only q, k, v, the output and the lse are kept."""
+  num_shards = jax.lax.axis_size(axis_name)
+  seq_len = q.shape[1] * num_shards
+  valid, owner, row = _fetch_plan(indices, seq_len, num_shards, layout)
+  k_sel = indices.shape[2]
 
-  Folding queries into the batch (one query, K keys each) reuses
-  `gathered_attention`, kernel included.
-  """
-  batch, num_q, num_heads, head_dim = q.shape
-  k_sel = kg.shape[2]
-  idx = jnp.where(valid, jnp.arange(k_sel, dtype=jnp.int32), -1)
-  out = gathered_attention(
-    q.reshape(batch * num_q, 1, num_heads, head_dim),
-    kg.reshape(batch * num_q, *kg.shape[2:]),
-    vg.reshape(batch * num_q, *vg.shape[2:]),
-    idx.reshape(batch * num_q, 1, k_sel),
-    scale=scale,
-    implementation=implementation,
-    block_sizes=block_sizes,
-  )
-  return out.reshape(batch, num_q, num_heads, vg.shape[-1])
+  def block(j, kb, vb, q_=None):
+    q_ = q if q_ is None else q_
+    take = valid & (owner == j)
+    rows = jnp.where(take, row, 0)
+    per_query = k_sel * (kb.shape[2] * kb.shape[3] + vb.shape[2] * vb.shape[3])
+    chunk = chunking.auto_chunk(q_.shape[1], per_query, ATTN_BUDGET)
+
+    @jax.checkpoint
+    def one(start, qb, rb, tb):
+      del start
+      b, c = qb.shape[:2]
+      fold = lambda x: x.reshape(b * c, *x.shape[2:])  # noqa: E731
+      out, lse = dense_block(
+        fold(qb)[:, None],
+        fold(gather_rows(kb, rb)),
+        fold(gather_rows(vb, rb)),
+        fold(tb)[:, None, None, None, :],
+        scale,
+      )
+      return out.reshape(b, c, *out.shape[2:]), lse.reshape(b, c, -1)
+
+    return chunking.map_query_chunks(one, chunk, q_, rows, take)
+
+  return block
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring_sparse(q, k, v, indices, axis_name, layout, scale):
+  return _ring_sparse_fwd(q, k, v, indices, axis_name, layout, scale)[0]
+
+
+def _ring_sparse_fwd(q, k, v, indices, axis_name, layout, scale):
+  block = _slot_block_fn(q, indices, axis_name, layout, scale)
+  out, lse = _ring_fwd(q, k, v, axis_name, block)
+  return out, (q, k, v, indices, out, lse)
+
+
+def _ring_sparse_bwd(axis_name, layout, scale, res, g):
+  q, k, v, indices, out, lse = res
+  block = _slot_block_fn(q, indices, axis_name, layout, scale)
+  return (*_ring_bwd(q, k, v, out, lse, g, axis_name, block), None)
+
+
+_ring_sparse.defvjp(_ring_sparse_fwd, _ring_sparse_bwd)
 
 
 def context_gathered_attention(
@@ -249,11 +289,9 @@ def context_gathered_attention(
       implementation=implementation,
       block_sizes=block_sizes,
     )
-  seq_len = k.shape[1] * jax.lax.axis_size(axis_name)
-  valid = (indices >= 0) & (indices < seq_len)
-  kg = fetch_rows(k, indices, axis_name, layout)
-  vg = fetch_rows(v, indices, axis_name, layout)
-  return _attend_rows(q, kg, vg, valid, scale, implementation, block_sizes)
+  del implementation, block_sizes  # the ring's blocks are XLA (see above)
+  scale = default_scale(scale, q.shape[-1])
+  return _ring_sparse(q, k, v, indices, axis_name, layout, scale)
 
 
 def context_dsa_attention(
@@ -340,14 +378,15 @@ def _block_attention(q, kb, vb, q_pos, k_pos, scale):
   return chunking.map_query_chunks(one, chunk, q, q_pos)
 
 
-def _ring_dense_fwd(q, k, v, axis_name, layout, scale):
-  num_shards, seq_len, me, q_pos = _ring_geometry(q, axis_name, layout)
+def _ring_fwd(q, k, v, axis_name, block):
+  """One ring pass of the K/V blocks; block(j, kb, vb) -> (out, lse) of the
+  local queries over shard j's block; merged by online softmax."""
+  num_shards = jax.lax.axis_size(axis_name)
+  me = jax.lax.axis_index(axis_name)
   send = _ring(axis_name, num_shards)
 
   def visit(s, kb, vb, acc, lse):
-    j = (me - s) % num_shards
-    k_pos = context_layout.shard_positions(j, seq_len, num_shards, layout)
-    out_b, lse_b = _block_attention(q, kb, vb, q_pos, k_pos, scale)
+    out_b, lse_b = block((me - s) % num_shards, kb, vb)
     return _merge(acc, lse, out_b, lse_b)
 
   def step(s, carry):
@@ -362,13 +401,14 @@ def _ring_dense_fwd(q, k, v, axis_name, layout, scale):
     0, num_shards - 1, step, (k, v, acc, lse)
   )
   acc, lse = visit(num_shards - 1, kb, vb, acc, lse)
-  out = acc.astype(q.dtype)
-  return out, (q, k, v, out, lse)
+  return acc.astype(q.dtype), lse
 
 
-def _ring_dense_bwd(axis_name, layout, scale, res, g):
-  q, k, v, out, lse = res
-  num_shards, seq_len, me, q_pos = _ring_geometry(q, axis_name, layout)
+def _ring_bwd(q, k, v, out, lse, g, axis_name, block):
+  """The VJP of `_ring_fwd`: a second ring pass recomputes each block; the
+  K/V gradients travel with their blocks and are home after C hops."""
+  num_shards = jax.lax.axis_size(axis_name)
+  me = jax.lax.axis_index(axis_name)
   send = _ring(axis_name, num_shards)
   g32 = g.astype(jnp.float32)
   delta = jnp.sum(g32 * out.astype(jnp.float32), axis=-1)
@@ -376,12 +416,8 @@ def _ring_dense_bwd(axis_name, layout, scale, res, g):
   def step(s, carry):
     kb, vb, dkb, dvb, dq = carry
     j = (me - s) % num_shards
-    k_pos = context_layout.shard_positions(j, seq_len, num_shards, layout)
     (out_b, lse_b), pull = jax.vjp(
-      lambda q_, k_, v_: _block_attention(q_, k_, v_, q_pos, k_pos, scale),
-      q,
-      kb,
-      vb,
+      lambda q_, k_, v_: block(j, k_, v_, q_), q, kb, vb
     )
     # out = sum_b w_b out_b with w_b = exp(lse_b - lse), so
     # d out_b = w_b g and d lse_b = w_b (g . out_b - g . out).
@@ -392,7 +428,6 @@ def _ring_dense_bwd(axis_name, layout, scale, res, g):
     dq = dq + dq_b.astype(jnp.float32)
     dkb = dkb + dk_b.astype(jnp.float32)
     dvb = dvb + dv_b.astype(jnp.float32)
-    # K/V gradients travel with their blocks and are home after C hops.
     kb, vb, dkb, dvb = send((kb, vb, dkb, dvb))
     return kb, vb, dkb, dvb, dq
 
@@ -400,6 +435,30 @@ def _ring_dense_bwd(axis_name, layout, scale, res, g):
   carry = (k, v, zeros(k), zeros(v), zeros(q))
   _, _, dk, dv, dq = jax.lax.fori_loop(0, num_shards, step, carry)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _dense_block_fn(q, axis_name, layout, scale):
+  num_shards, seq_len, _, q_pos = _ring_geometry(q, axis_name, layout)
+
+  def block(j, kb, vb, q_=None):
+    k_pos = context_layout.shard_positions(j, seq_len, num_shards, layout)
+    return _block_attention(
+      q if q_ is None else q_, kb, vb, q_pos, k_pos, scale
+    )
+
+  return block
+
+
+def _ring_dense_fwd(q, k, v, axis_name, layout, scale):
+  block = _dense_block_fn(q, axis_name, layout, scale)
+  out, lse = _ring_fwd(q, k, v, axis_name, block)
+  return out, (q, k, v, out, lse)
+
+
+def _ring_dense_bwd(axis_name, layout, scale, res, g):
+  q, k, v, out, lse = res
+  block = _dense_block_fn(q, axis_name, layout, scale)
+  return _ring_bwd(q, k, v, out, lse, g, axis_name, block)
 
 
 _ring_dense.defvjp(_ring_dense_fwd, _ring_dense_bwd)
@@ -470,6 +529,47 @@ def context_dense_indexer_kl(
   return jax.lax.pmean(sum(parts) / len(parts), axis_name)
 
 
+def _slot_logits(q, k, indices, axis_name, layout, scale):
+  """f32[B, Tc, G, H/G, K]: the main logits of each query's selected slots,
+  from one ring pass of the (stop-gradient) key blocks; invalid slots 0."""
+  num_shards = jax.lax.axis_size(axis_name)
+  seq_len = k.shape[1] * num_shards
+  me = jax.lax.axis_index(axis_name)
+  send = _ring(axis_name, num_shards)
+  valid, owner, row = _fetch_plan(indices, seq_len, num_shards, layout)
+  num_kv, k_sel = k.shape[2], indices.shape[2]
+  scale = default_scale(scale, q.shape[-1])
+  chunk = chunking.auto_chunk(
+    q.shape[1], k_sel * (num_kv * k.shape[3] + q.shape[2]), ATTN_BUDGET
+  )
+
+  def visit(s, kb, out):
+    take = valid & (owner == (me - s) % num_shards)
+
+    def one(start, qb, rb, tb, ob):
+      del start
+      logits = jnp.einsum(
+        "btgrd,btkgd->btgrk",
+        group_heads(qb, num_kv),
+        gather_rows(kb, rb),
+        preferred_element_type=jnp.float32,
+      )
+      return jnp.where(tb[:, :, None, None, :], logits * scale, ob)
+
+    return chunking.map_query_chunks(
+      one, chunk, q, jnp.where(take, row, 0), take, out
+    )
+
+  def step(s, carry):
+    kb, out = carry
+    return send(kb), visit(s, kb, out)
+
+  group = q.shape[2] // num_kv
+  out = jnp.zeros(q.shape[:2] + (num_kv, group, k_sel), jnp.float32)
+  kb, out = jax.lax.fori_loop(0, num_shards - 1, step, (k, out))
+  return visit(num_shards - 1, kb, out)
+
+
 def context_sparse_indexer_kl(
   q: jax.Array,
   k: jax.Array,
@@ -506,20 +606,31 @@ def context_sparse_indexer_kl(
       scale=scale,
     )
   else:
-    batch, num_q, k_sel = indices.shape
-    rows = batch * num_q
-    kg = jnp.asarray(fetch_rows(k, indices, axis_name, layout))
-    kig = gather_rows(keys, jnp.where(valid, indices, 0))
-    idx = jnp.where(valid, jnp.arange(k_sel, dtype=jnp.int32), -1)
-    local = losses.sparse_indexer_kl(
-      q.reshape(rows, 1, *q.shape[2:]),
-      kg.reshape(rows, *kg.shape[2:]),
-      q_idx.reshape(rows, 1, *q_idx.shape[2:]),
-      kig.reshape(rows, *kig.shape[2:]),
-      weights.reshape(rows, 1, weights.shape[-1]),
-      idx.reshape(rows, 1, k_sel),
-      scale=scale,
+    logits = _slot_logits(
+      jax.lax.stop_gradient(q), k, indices, axis_name, layout, scale
     )
+    acc = jnp.promote_types(q_idx.dtype, jnp.float32)
+
+    # Query chunks, rematerialised in the backward pass: the gathered
+    # indexer keys [B, Tc, K, DI] are never held whole.
+    @jax.checkpoint
+    def one(start, qib, wb, ib, tb, lb):
+      del start
+      kig = gather_rows(keys, jnp.where(tb, ib, 0))  # [B, c, K, DI]
+      dots = jnp.einsum("bthd,btkd->bthk", qib, kig, preferred_element_type=acc)
+      index_logits = jnp.einsum(
+        "bthk,bth->btk", jax.nn.relu(dots), wb.astype(acc)
+      )
+      kl, has_keys = losses.slot_kl(lb, index_logits, tb)
+      return jnp.where(has_keys, kl, 0.0), has_keys
+
+    k_sel = indices.shape[2]
+    per_query = k_sel * (keys.shape[-1] + q_idx.shape[2] + q.shape[2])
+    chunk = chunking.auto_chunk(q.shape[1], per_query, ATTN_BUDGET)
+    kl, has_keys = chunking.map_query_chunks(
+      one, chunk, q_idx, weights, indices, valid, logits
+    )
+    local = jnp.sum(kl) / jnp.maximum(jnp.sum(has_keys), 1)
   count = jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32)
   total = jnp.asarray(
     jax.lax.psum(jnp.stack([local * count, count]), axis_name)

@@ -215,9 +215,7 @@ def sparse_indexer_kl(
       index_logits = jnp.einsum(
         "bthk,bth->btk", jax.nn.relu(dots), wb.astype(acc)
       )
-    probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
-    p = _head_summed_target(probs)
-    return _kl_rows(p, index_logits, valid), jnp.any(valid, axis=-1)
+    return slot_kl(logits, index_logits, valid)
 
   width = num_keys if counted else ishape[2]
   chunk = chunking.auto_chunk(qs[1], width * (qs[2] + iq[2]), _KL_BUDGET)
@@ -225,6 +223,21 @@ def sparse_indexer_kl(
     block, chunk, q, q_idx, weights, indices
   )
   return _masked_mean(kl, has_keys)
+
+
+def slot_kl(
+  logits: jax.Array, index_logits: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """The sparse KL of each query from its slots' logits (the body of
+  `sparse_indexer_kl`, for callers that computed the logits elsewhere).
+
+  logits f32[B, T, G, H/G, K] main-attention logits of the K slots (scaled),
+  index_logits f32[B, T, K], valid bool[B, T, K]. Returns (kl f32[B, T],
+  has_keys bool[B, T]); the loss is the mean of kl over has_keys.
+  """
+  probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
+  p = _head_summed_target(probs)
+  return _kl_rows(p, index_logits, valid), jnp.any(valid, axis=-1)
 
 
 def _check_same_tokens(qs, ks, iq, ik):
