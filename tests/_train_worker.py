@@ -2,6 +2,7 @@
 
   python tests/_train_worker.py mesh_equiv [deepseek_v32]   (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py context_equiv                (XLA_FLAGS: 8 host devices)
+  python tests/_train_worker.py context_prefill              (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py multihost OUT PROCESS_ID NUM_PROCESSES PORT [RUN_DIR]
   python tests/_train_worker.py single OUT [RUN_DIR]
 
@@ -220,6 +221,107 @@ def context_equiv():
   print("RESULT " + json.dumps(out))
 
 
+# (kind, attention params, implementation, index_dtype, mesh): DSA over the
+# three context meshes, dense, and DSA on MLA with the Pallas kernels and
+# an fp8 index cache.
+MLA = {
+  "q_lora_rank": 16,
+  "kv_lora_rank": 16,
+  "qk_nope_head_dim": 8,
+  "qk_rope_head_dim": 4,
+  "v_head_dim": 8,
+}
+PREFILL_RUNS = [
+  ("dsa", {}, "xla", "float32", (1, 1, 1, 8)),
+  ("dsa", {}, "xla", "float32", (2, 1, 1, 4)),
+  ("dsa", {}, "xla", "bfloat16", (1, 2, 2, 2)),
+  ("dense", {}, "xla", "float32", (2, 1, 1, 4)),
+  ("mla_dsa", MLA, "pallas", "float8_e4m3fn", (2, 1, 1, 4)),
+]
+
+
+def context_prefill():
+  """Chunked prefill with each chunk split over the context axis == the
+  plain Decoder on one device: every chunk's logits, the cache rows of
+  every leaf, then decode steps (greedy tokens and their logits)."""
+  import jax
+  import numpy as np
+
+  from sparse_attn import inference as D
+  from sparse_attn import sharding as shd
+  from sparse_attn.config import ModelConfig
+  from sparse_attn.models import build_model
+  from sparse_attn.nn.context_parallel import ContextParallel
+
+  assert jax.device_count() == 8, jax.devices()
+  prompts = np.random.default_rng(0).integers(0, 256, (2, 40))
+  lens = [40, 27]  # 16 + 16 + 8 tokens; row 1 ends inside chunk 2
+
+  def run(dec):
+    cache = dec.init_cache(2, 48)
+    every, cache = dec.prefill(cache, prompts, lens, return_all=True)
+    last, _ = dec.prefill(dec.init_cache(2, 48), prompts, lens)
+    steps, tokens = [], np.argmax(np.asarray(last), -1)
+    for _ in range(3):
+      logits, cache = dec.step(cache, tokens)
+      steps.append(np.asarray(logits))
+      tokens = np.argmax(steps[-1], -1)
+    rows = {
+      f"{i}.{name}": np.asarray(getattr(lc, name)).astype(np.float32)
+      for i, lc in enumerate(cache.layers)
+      for name in type(lc).axes
+      if getattr(lc, name) is not None
+    }
+    valid = np.arange(40)[None, :] < np.asarray(lens)[:, None]
+    # Rows past each row's length (+ the 3 steps) hold padding, which a
+    # context-parallel chunk pads further; nothing ever attends them.
+    written = np.arange(48)[None, :] < np.asarray(lens)[:, None] + 3
+    rows = {k: v[written] for k, v in rows.items()}
+    return np.asarray(every)[valid], np.asarray(last), rows, np.stack(steps)
+
+  out = []
+  for kind, params, impl, index_dtype, mesh_shape in PREFILL_RUNS:
+    cfg = ModelConfig(
+      embed_dim=32,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      mlp_dim=64,
+      top_k=6,
+      indexer_heads=2,
+      indexer_dim=8,
+      attention=kind,
+      attention_params=params,
+      implementation=impl,
+    )
+    model = build_model(cfg, seed=1)
+    one = run(D.Decoder(model, chunk_size=16, index_dtype=index_dtype))
+    cp = ContextParallel(shd.make_mesh(mesh_shape))
+    sharded = run(
+      D.Decoder(
+        model, chunk_size=16, index_dtype=index_dtype, context_parallel=cp
+      )
+    )
+    diffs = {
+      "prefill_all": float(np.max(np.abs(one[0] - sharded[0]))),
+      "prefill_last": float(np.max(np.abs(one[1] - sharded[1]))),
+      "cache": max(
+        float(np.max(np.abs(one[2][k] - sharded[2][k]))) for k in one[2]
+      ),
+      "steps": float(np.max(np.abs(one[3] - sharded[3]))),
+    }
+    out.append(
+      {
+        "run": f"{kind} {impl} {index_dtype} {list(mesh_shape)}",
+        "same_leaves": sorted(one[2]) == sorted(sharded[2]),
+        **diffs,
+      }
+    )
+    print(out[-1], flush=True)
+  print("RESULT " + json.dumps(out))
+
+
 def _run(out_path, run_dir, steps, mesh=None):
   import numpy as np
 
@@ -270,6 +372,7 @@ if __name__ == "__main__":
   {
     "mesh_equiv": mesh_equiv,
     "context_equiv": context_equiv,
+    "context_prefill": context_prefill,
     "multihost": multihost,
     "single": single,
   }[cmd](*rest)

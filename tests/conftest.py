@@ -71,6 +71,7 @@ MARKED: dict[str, dict[str, str | frozenset[str]]] = {
       {
         "test_context_parallel_ops_on_8_devices_match_one_device",
         "test_context_parallel_training_on_8_devices_matches_one_device",
+        "test_context_parallel_prefill_on_8_devices_matches_one_device",
       }
     ),
     "test_decode.py": frozenset(

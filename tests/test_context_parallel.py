@@ -128,6 +128,39 @@ def test_context_parallel_training_on_8_devices_matches_one_device():
     assert r["entries_over_1e-6"] <= 1e-4 * r["param_entries"] + 1, r["run"]
 
 
+def test_context_parallel_prefill_on_8_devices_matches_one_device():
+  """Chunked prefill with each chunk split over the context axis, then
+  decode steps: logits of every prompt token, every cache leaf's written
+  rows and the decode logits equal the one-device Decoder's
+  (tests/_train_worker.py context_prefill: DSA on three meshes incl. a bf16
+  index cache, dense, DSA on MLA with the Pallas kernels and fp8 keys)."""
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
+  worker = os.path.join(os.path.dirname(__file__), "_train_worker.py")
+  proc = subprocess.run(
+    [sys.executable, worker, "context_prefill"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, (
+    proc.stdout[-3000:] + proc.stderr[-5000:]
+  )
+  runs = json.loads(lines[-1][len("RESULT ") :])
+  assert len(runs) == 5
+  for r in runs:
+    assert r["same_leaves"], r["run"]
+    # f32 reduction order only (the selections are identical: a different
+    # key would move the logits by far more).
+    for key in ("prefill_all", "prefill_last", "cache", "steps"):
+      assert r[key] < 2e-5, (r["run"], key, r[key])
+
+
 def test_context_parallel_rejects_what_it_cannot_run():
   from sparse_attn.config import override, tiny, validate
 
@@ -208,3 +241,10 @@ def test_context_parallel_layer_errors():
     _one_device_cp(strategy="all_to_all")
   with pytest.raises(ValueError, match="not an axis of the mesh"):
     _one_device_cp(axis_name="sequence")
+  from sparse_attn.config import ModelConfig
+  from sparse_attn.inference import Decoder
+  from sparse_attn.models import build_model
+
+  model = build_model(ModelConfig(embed_dim=16, num_layers=1, num_heads=2))
+  with pytest.raises(ValueError, match=r"chunk_size=6: .*into 4 equal chunks"):
+    Decoder(model, chunk_size=6, context_parallel=two)

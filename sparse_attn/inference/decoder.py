@@ -14,7 +14,11 @@ the `Decoder` drives it from the host:
     (`Cache.max_length`) and raises ValueError before launching a step that
     would write past S_max;
   - sampling (greedy / temperature / top-p) and jitted steps with donated
-    caches, optionally sharded over a mesh (`cache_shardings`).
+    caches, optionally sharded over a mesh (`cache_shardings`);
+  - context parallelism (`context_parallel=`): each prefill chunk is split
+    over the mesh's context axis in its causally balanced layout (its
+    activations O(chunk / C) per device) and writes the cache in natural
+    order; decode steps (one token) run as without it.
 
 Prompts of different lengths are batched right-padded: row b's tokens are
 written at its own offset (lengths[b]) and only num_valid[b] of them count.
@@ -35,6 +39,7 @@ from jax.sharding import Mesh
 from sparse_attn.inference.sampling import sample_logits
 from sparse_attn.models.cache import Cache, cache_shardings
 from sparse_attn.nn.base import check_mode
+from sparse_attn.ops import context_layout
 from sparse_attn.ops.quantize import index_dtype as as_index_dtype
 
 
@@ -112,6 +117,12 @@ class Decoder:
       and every step keeps them so (parameters keep their own shardings).
     min_view: smallest attention view (see the module docstring); views are
       powers of two between min_view and S_max.
+    context_parallel: a `sparse_attn.nn.context_parallel.ContextParallel`
+      (its mesh is the default `mesh`): prefill chunks of more than one
+      token are split over its axis (chunk_size must split into its layout;
+      the last chunk is padded to do so). Each shard reads the cache view
+      whole; the cache, logits and sampled tokens equal the unsharded
+      Decoder's. Dense, DSA, MLA and DSA-on-MLA layers only.
   """
 
   def __init__(
@@ -123,12 +134,17 @@ class Decoder:
     mode: str = "sparse",
     mesh: Mesh | None = None,
     min_view: int = 256,
+    context_parallel: Any = None,
   ):
     check_mode(mode)
     if chunk_size < 1 or min_view < 1:
       raise ValueError(
         f"chunk_size and min_view must be >= 1, got {chunk_size}, {min_view}."
       )
+    self.context_parallel = context_parallel
+    if context_parallel is not None:
+      context_parallel.check_length(f"chunk_size={chunk_size}", chunk_size)
+      mesh = context_parallel.mesh if mesh is None else mesh
     self.cfg = model.cfg
     self.index_dtype = as_index_dtype(index_dtype)
     self.chunk_size, self.mode, self.mesh = int(chunk_size), mode, mesh
@@ -139,6 +155,11 @@ class Decoder:
     self.graphdef, self.params = nnx.split(model)
     self._extend = jax.jit(
       self._extend_fn,
+      static_argnames=("view", "last_only"),
+      donate_argnums=(1,),
+    )
+    self._extend_cp = jax.jit(
+      self._extend_cp_fn,
       static_argnames=("view", "last_only"),
       donate_argnums=(1,),
     )
@@ -169,6 +190,26 @@ class Decoder:
       view=view,
       logits_at=num_valid - 1 if last_only else None,
     )
+    layers, lengths = self._constrain(cache.layers, cache.lengths)
+    return logits, layers, lengths
+
+  def _extend_cp_fn(
+    self, params, layers, lengths, tokens, num_valid, *, view, last_only
+  ):
+    cp = self.context_parallel
+    model = nnx.merge(self.graphdef, params)
+    tokens = jax.lax.with_sharding_constraint(tokens, cp.sequence_sharding())
+    logits, _, cache = model(
+      tokens,
+      mode=self.mode,
+      cache=Cache(layers, lengths),
+      num_valid=num_valid,
+      view=view,
+      logits_at=num_valid - 1 if last_only else None,
+      context_parallel=cp,
+    )
+    if not last_only:
+      logits = cp.to_natural(logits)
     layers, lengths = self._constrain(cache.layers, cache.lengths)
     return logits, layers, lengths
 
@@ -219,7 +260,8 @@ class Decoder:
 
     tokens int[B, T]; num_valid int[B] (default T): the first num_valid[b]
     tokens of row b are real (the rest is padding, written past the row's
-    end and never attended). logits f32[B, V] at each row's last real token
+    end and never attended). With context_parallel, T > 1 must split into
+    its layout (T = 1 runs unsharded). logits f32[B, V] at each row's last real token
     (last_only) or f32[B, T, V]. Raises ValueError, before launching, if any
     row could overflow the cache.
     """
@@ -236,7 +278,17 @@ class Decoder:
     num_valid = jnp.asarray(num_valid, jnp.int32)
     if view is None:
       view = self.view_for(cache, cache.max_length + num_new)
-    logits, layers, lengths = self._extend(
+    extend = self._extend
+    if self.context_parallel is not None and num_new > 1:
+      self.context_parallel.check_length(
+        f"tokens of shape {tokens.shape} (a context-parallel chunk)", num_new
+      )
+      # Natural order in, layout order to the model (rows are positions).
+      tokens = context_layout.to_layout(
+        tokens, self.context_parallel.size, self.context_parallel.layout
+      )
+      extend = self._extend_cp
+    logits, layers, lengths = extend(
       self.params,
       cache.layers,
       cache.lengths,
@@ -251,6 +303,21 @@ class Decoder:
     """One decode step: tokens int[B] -> (logits f32[B, V], cache)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return self.extend(cache, tokens[:, None], view=view)
+
+  def _pad_chunk(self, chunk: np.ndarray, start: int, capacity: int):
+    """A context-parallel chunk right-padded to split into the layout."""
+    cp = self.context_parallel
+    multiple = cp.size * context_layout.chunks_per_shard(cp.layout)
+    width = -(-chunk.shape[1] // multiple) * multiple
+    if start + width > capacity:
+      raise ValueError(
+        f"KV cache overflow: the last prefill chunk, padded to {width} "
+        f"tokens (a multiple of {multiple} for context_parallel), would end "
+        f"at {start + width}, past S_max={capacity}; allocate a larger cache "
+        f"(max_len) or pick chunk_size dividing the prompt."
+      )
+    pad = np.zeros((chunk.shape[0], width - chunk.shape[1]), chunk.dtype)
+    return np.concatenate([chunk, pad], axis=1)
 
   def prefill(
     self, cache: Cache, tokens, prompt_lengths=None, *, return_all: bool = False
@@ -295,7 +362,12 @@ class Decoder:
     for start in range(0, plen, self.chunk_size):
       chunk = tokens[:, start : start + self.chunk_size]
       valid = np.clip(lens - start, 0, chunk.shape[1]).astype(np.int32)
+      width = chunk.shape[1]
+      if self.context_parallel is not None:
+        chunk = self._pad_chunk(chunk, start, cache.capacity)
       logits, cache = self.extend(cache, chunk, valid, last_only=not return_all)
+      if return_all:
+        logits = logits[:, :width]
       # extend's bound assumed every row grew by T; the real bound is tighter.
       cache = dataclasses.replace(
         cache, max_length=int(np.minimum(lens, start + chunk.shape[1]).max())

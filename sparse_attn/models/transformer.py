@@ -115,6 +115,7 @@ class Block(nnx.Module):
         mode=mode,
         cache=cache,
         view=view,
+        context_parallel=context_parallel,
       )
     x = x + y.astype(x.dtype)
     x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
@@ -253,7 +254,10 @@ class Transformer(nnx.Module):
     context_parallel (`sparse_attn.nn.context_parallel.ContextParallel`):
     tokens are in its layout order, sharded over its mesh axis
     (`ContextParallel.layout_batch`); positions default to that layout's
-    and logits come back in the same order. No cache or kv_lengths.
+    and logits come back in the same order. Without a cache, no
+    kv_lengths. With a cache, a prefill chunk (T splits into the layout):
+    the cache is written in natural order, num_valid and logits_at count
+    natural positions within the chunk.
     """
     check_mode(mode)
     if tokens.ndim != 2:
@@ -278,15 +282,19 @@ class Transformer(nnx.Module):
         )
       if num_valid is None:
         num_valid = jnp.full((batch,), length, jnp.int32)
-      positions = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
+      within = jnp.arange(length, dtype=jnp.int32)
+      if context_parallel is not None:
+        context_parallel.check_length(f"tokens of shape {tokens.shape}", length)
+        within = context_parallel.layout_positions(1, length)[0]
+      positions = cache.lengths[:, None] + within
       kv_lengths = cache.lengths + num_valid
     elif num_valid is not None or view is not None:
       raise ValueError("num_valid and view apply only with a cache.")
-    if context_parallel is not None:
-      if cache is not None or kv_lengths is not None:
+    if context_parallel is not None and cache is None:
+      if kv_lengths is not None:
         raise ValueError(
-          "context_parallel runs full sequences without padding: cache and "
-          "kv_lengths must be None."
+          "context_parallel runs full sequences without padding: "
+          "kv_lengths must be None without a cache."
         )
       if positions is None:
         positions = context_parallel.layout_positions(batch, length)
@@ -314,11 +322,14 @@ class Transformer(nnx.Module):
           mode=mode,
           cache=cache.layers[i],
           view=view,
+          context_parallel=context_parallel,
         )
         new_layers.append(lc)
       totals = aux if totals is None else jax.tree.map(jnp.add, totals, aux)
     if logits_at is not None:
       at = jnp.clip(jnp.asarray(logits_at, jnp.int32), 0, length - 1)
+      if context_parallel is not None:
+        at = context_parallel.layout_rows(at, length)
       x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
     logits = self.logits(x)
     assert totals is not None

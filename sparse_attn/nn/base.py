@@ -412,9 +412,13 @@ class AttentionLayer(nnx.Module):
   ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
     """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc).
 
-    context_parallel: a `ContextParallel` when x [B, S, E] is in its layout
+    context_parallel: a `ContextParallel` when x [B, T, E] is in its layout
     order and sharded over its axis (positions then required: the natural
-    position of each row); training and full-sequence scoring only.
+    position of each row). Without a cache, a full sequence (no
+    kv_lengths); with one, a prefill chunk of T tokens (T splits into the
+    layout; padding past kv_lengths allowed): its K/V rows are written in
+    natural order and its queries attend the cache view, read whole on
+    every shard. Single-token decode steps run without it.
     """
     check_mode(mode)
     if x.ndim != 3 or x.shape[-1] != self.embed_dim:
@@ -452,14 +456,26 @@ class AttentionLayer(nnx.Module):
     view = capacity if view is None else int(view)
     if not 1 <= view <= capacity:
       raise ValueError(f"view must be in [1, S_max={capacity}], got {view}.")
-    cache = self.write_cache(cache, q, k, v, start)
+    if context_parallel is None:
+      cache = self.write_cache(cache, q, k, v, start)
+    else:
+      # The chunk is in layout order; the cache holds natural order.
+      k_rows, v_rows = context_parallel.to_natural((k, v))
+      cache = self.write_cache(cache, q, k_rows, v_rows, start)
     # The barrier keeps XLA from fusing the in-place row write into the
     # attention that reads the cache: fused, it copies the whole cache
     # (several times per step on CPU) instead of updating the donated buffer.
     cache = jax.lax.optimization_barrier(cache)
     k_view, v_view = self.read_cache(cache, view)
     ctx = Context(
-      x, positions, kv_lengths, mode, q_offset=start, cache=cache, view=view
+      x,
+      positions,
+      kv_lengths,
+      mode,
+      q_offset=start,
+      cache=cache,
+      view=view,
+      context_parallel=context_parallel,
     )
     o, aux, new_cache = self.attend(q, k_view, v_view, ctx)
     self._check_attend(x, o, aux)
@@ -477,15 +493,16 @@ class AttentionLayer(nnx.Module):
         f"context_parallel: {name} does not support a sharded sequence "
         f"(supported: dense, dsa, mla, mla_dsa)."
       )
-    if cache is not None or kv_lengths is not None:
+    if cache is None and kv_lengths is not None:
       raise ValueError(
-        "context_parallel runs full sequences without padding: cache and "
-        "kv_lengths must be None."
+        "context_parallel runs full sequences without padding: kv_lengths "
+        "must be None without a cache (mask padded tokens in the loss)."
       )
     if positions is None:
       raise ValueError(
         "context_parallel needs positions int32[B, S] (the natural position "
-        "of each row of the layout, ContextParallel.layout_positions)."
+        "of each row of the layout, ContextParallel.layout_positions, plus "
+        "the chunk's start with a cache)."
       )
     cp.check_length(f"x of shape {x.shape}", x.shape[1])
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -95,21 +96,46 @@ class ContextParallel:
     )
     return out
 
+  def to_natural(self, tree: Any) -> Any:
+    """Every [B, T, ...] leaf from layout order to natural order (the rows a
+    cache stores). Inside jit: XLA moves the rows between shards."""
+    return jax.tree.map(
+      lambda x: context_layout.from_layout(x, self.size, self.layout), tree
+    )
+
+  def layout_rows(self, natural: jax.Array, length: int) -> jax.Array:
+    """The layout row holding each natural position in [0, length)."""
+    order = context_layout.layout_order(length, self.size, self.layout)
+    inverse = jnp.asarray(np.argsort(order), jnp.int32)
+    return inverse[natural]
+
   # -- attention ----------------------------------------------------------------
 
-  def _map(self, fn, num_inputs: int, out_specs):
+  def _map(self, fn, num_inputs: int, out_specs, num_replicated: int = 0):
+    """jit(shard_map) manual over the context axis: the first num_inputs
+    arguments are sequence-sharded, the next num_replicated the same on
+    every context shard (a cache view, offsets)."""
     seq = P(None, self.axis_name)
     # jit: eager shard_map with automatic axes left is not supported.
     return jax.jit(
       jax.shard_map(
         fn,
         mesh=self.mesh,
-        in_specs=(seq,) * num_inputs,
+        in_specs=(seq,) * num_inputs + (P(),) * num_replicated,
         out_specs=out_specs,
         axis_names={self.axis_name},
         check_vma=False,
       )
     )
+
+  def _cached(self, q, q_offset, kv_lengths):
+    """Checks of a cached call; (q_offset, kv_lengths) as int32[B]."""
+    self.check_length(f"q of shape {q.shape}", q.shape[1])
+    b = q.shape[0]
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (b,))
+    if kv_lengths is None:
+      kv_lengths = q_offset + q.shape[1]
+    return q_offset, jnp.asarray(kv_lengths, jnp.int32)
 
   def dense_attention(
     self,
@@ -118,9 +144,32 @@ class ContextParallel:
     v: jax.Array,
     *,
     scale: float | None = None,
+    q_offset: Any = None,
+    kv_lengths: jax.Array | None = None,
   ) -> jax.Array:
     """Causal dense attention of sequence-sharded q [B, S, H, D], k
-    [B, S, G, D], v [B, S, G, Dv] -> [B, S, H, Dv] (layout order)."""
+    [B, S, G, D], v [B, S, G, Dv] -> [B, S, H, Dv] (layout order).
+
+    With q_offset (int32[B], a prefill chunk into a cache): q [B, T, H, D]
+    is the chunk in layout order, sharded; k [B, V, G, D] and v the cache
+    view in natural order (the chunk's rows written), read whole on every
+    shard; kv_lengths int32[B] (default q_offset + T).
+    """
+    if q_offset is not None:
+      q_offset, kv_lengths = self._cached(q, q_offset, kv_lengths)
+      cached = lambda q, k, v, off, kvl: cp_ops.context_cached_dense_attention(
+        q,
+        k,
+        v,
+        off,
+        kvl,
+        axis_name=self.axis_name,
+        layout=self.layout,
+        scale=scale,
+      )
+      return self._map(cached, 1, P(None, self.axis_name), num_replicated=4)(
+        q, k, v, q_offset, kv_lengths
+      )
     self.check_length(f"q of shape {q.shape}", q.shape[1])
     fn = lambda q, k, v: cp_ops.context_dense_attention(
       q,
@@ -148,6 +197,8 @@ class ContextParallel:
     implementation: str | None = None,
     topk_block_sizes: Any = None,
     attention_block_sizes: Any = None,
+    q_offset: Any = None,
+    kv_lengths: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """DSA's stage `mode` with the sequence sharded: (o, indices, kl).
 
@@ -155,9 +206,45 @@ class ContextParallel:
     int32[B, S, K], natural key positions); "warmup": dense attention + the
     dense KL (indices None); "dense": dense attention (indices and kl None).
     Shapes as `sparse_attn.nn.dsa.indexed_attention`, all in layout order.
+
+    With q_offset (a prefill chunk into a cache, see `dense_attention`):
+    k, v and k_idx are the cache views (natural order, read whole on every
+    shard), no loss (kl None, as when decoding without context
+    parallelism); "warmup" and "dense" attend densely.
     """
-    self.check_length(f"q of shape {q.shape}", q.shape[1])
     seq = P(None, self.axis_name)
+    if q_offset is not None:
+      if mode != "sparse":
+        o = self.dense_attention(
+          q, k, v, scale=scale, q_offset=q_offset, kv_lengths=kv_lengths
+        )
+        return o, None, None
+      q_offset, kv_lengths = self._cached(q, q_offset, kv_lengths)
+
+      def cached(q, qi, w, k, v, ki, off, kvl):
+        return cp_ops.context_cached_dsa_attention(
+          q,
+          k,
+          v,
+          qi,
+          ki,
+          w,
+          off,
+          kvl,
+          top_k=top_k,
+          axis_name=self.axis_name,
+          layout=self.layout,
+          scale=scale,
+          implementation=implementation,
+          topk_block_sizes=topk_block_sizes,
+          attention_block_sizes=attention_block_sizes,
+        )
+
+      o, idx = self._map(cached, 3, (seq, seq), num_replicated=5)(
+        q, q_idx, weights, k, v, k_idx, q_offset, kv_lengths
+      )
+      return o, idx, None
+    self.check_length(f"q of shape {q.shape}", q.shape[1])
     kw: dict[str, Any] = dict(
       axis_name=self.axis_name, layout=self.layout, scale=scale
     )

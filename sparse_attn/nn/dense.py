@@ -25,7 +25,9 @@ class DenseAttention(AttentionLayer):
 
   def attend(self, q, k, v, ctx: Context):
     if ctx.context_parallel is not None:
-      o = ctx.context_parallel.dense_attention(q, k, v)
+      o = ctx.context_parallel.dense_attention(
+        q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths
+      )
     else:
       o = dense_attention(
         q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths

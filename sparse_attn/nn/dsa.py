@@ -132,6 +132,9 @@ def step_indexer_inputs(layer: Any, ctx: Context):
   else:
     q_idx, k_idx, w = layer.index(ctx.x, ctx.positions)
   assert ctx.q_offset is not None and ctx.view is not None
+  if ctx.context_parallel is not None:
+    # A context-parallel chunk is in layout order; the cache is natural.
+    k_idx, codes = ctx.context_parallel.to_natural((k_idx, codes))
   cache, k_idx = cached_index_keys(
     ctx.cache, layer.indexer, k_idx, ctx.q_offset, ctx.view, q_idx.dtype, codes
   )
@@ -223,6 +226,8 @@ def indexed_attention(
       implementation=implementation,
       topk_block_sizes=topk_block_sizes,
       attention_block_sizes=attention_block_sizes,
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
     )
     attended = None if idx is None else idx >= 0
   elif ctx.mode == "sparse":

@@ -314,7 +314,14 @@ class MLAAttention(AttentionLayer):
     del v  # the values are the latent k's first R dims
     f = self.forms(q, k, self.resolve_form(ctx))
     if ctx.context_parallel is not None:
-      o = ctx.context_parallel.dense_attention(f.q, f.k, f.v, scale=self.scale)
+      o = ctx.context_parallel.dense_attention(
+        f.q,
+        f.k,
+        f.v,
+        scale=self.scale,
+        q_offset=ctx.q_offset,
+        kv_lengths=ctx.kv_lengths,
+      )
     else:
       o = dense_attention(
         f.q,

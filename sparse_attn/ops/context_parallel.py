@@ -50,7 +50,9 @@ from sparse_attn.ops import chunking, context_layout, losses
 from sparse_attn.ops.attention import (
   ATTN_BUDGET,
   default_scale,
+  dense_attention,
   dense_block,
+  dsa_attention,
   gather_rows,
   gathered_attention,
   group_heads,
@@ -489,6 +491,105 @@ def context_dense_attention(
   q_pos = _ring_geometry(q, axis_name, layout)[3]
   k_pos = jnp.arange(k_full.shape[1], dtype=jnp.int32)
   return _block_attention(q, k_full, v_full, q_pos, k_pos, scale)[0]
+
+
+def _over_local_chunks(fn, q_rows: int, q_offset, axis_name, layout):
+  """concat over this shard's chunks of fn(rows, natural offset of row 0)."""
+  num_shards = jax.lax.axis_size(axis_name)
+  offset = jnp.asarray(q_offset, jnp.int32)
+  parts = [
+    fn(rows, offset + off)
+    for rows, off in _local_chunks(
+      q_rows * num_shards, num_shards, layout, axis_name
+    )
+  ]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+
+
+def context_cached_dense_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_offset: Any,
+  kv_lengths: jax.Array | None = None,
+  *,
+  axis_name: str,
+  layout: str = "zigzag",
+  scale: float | None = None,
+) -> jax.Array:
+  """Dense attention of a prefill chunk's sharded queries over a cache.
+
+  The chunk's T tokens are sharded in layout order: q [B, Tc, H, D] this
+  shard's rows, at natural positions q_offset (int or int32[B], where the
+  chunk starts) + the layout's. k [B, V, G, D], v [B, V, G, Dv]: the cache
+  view in natural order, the chunk's own rows already written, the same on
+  every shard; kv_lengths int32[B] (keys at or past it are padding).
+  Returns [B, Tc, H, Dv], each row equal to the unsharded cached call.
+  """
+  return _over_local_chunks(
+    lambda rows, offset: dense_attention(
+      q[:, rows],
+      k,
+      v,
+      q_offset=offset,
+      kv_lengths=kv_lengths,
+      scale=scale,
+    ),
+    q.shape[1],
+    q_offset,
+    axis_name,
+    layout,
+  )
+
+
+def context_cached_dsa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  q_offset: Any,
+  kv_lengths: jax.Array | None = None,
+  *,
+  top_k: int,
+  axis_name: str,
+  layout: str = "zigzag",
+  scale: float | None = None,
+  implementation: str | None = None,
+  topk_block_sizes: Any = None,
+  attention_block_sizes: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`dsa_attention` of a prefill chunk's sharded queries over a cache:
+  (o [B, Tc, H, Dv], indices int32[B, Tc, K]).
+
+  As `context_cached_dense_attention`; q_idx [B, Tc, HI, DI] and weights
+  [B, Tc, HI] are this shard's rows, k_idx [B, V, DI] the indexer key cache
+  view. Each chunk of rows runs the unsharded op (kernels included) at its
+  own offset, so the selection equals the unsharded one.
+  """
+  return _over_local_chunks(
+    lambda rows, offset: dsa_attention(
+      q[:, rows],
+      k,
+      v,
+      q_idx[:, rows],
+      k_idx,
+      weights[:, rows],
+      top_k=top_k,
+      q_offset=offset,
+      kv_lengths=kv_lengths,
+      scale=scale,
+      implementation=implementation,
+      return_indices=True,
+      topk_block_sizes=topk_block_sizes,
+      attention_block_sizes=attention_block_sizes,
+    ),
+    q.shape[1],
+    q_offset,
+    axis_name,
+    layout,
+  )
 
 
 def context_dense_indexer_kl(
