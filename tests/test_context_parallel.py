@@ -94,10 +94,8 @@ def test_context_parallel_ops_on_8_devices_match_one_device():
   assert "OK context parallel" in proc.stdout
 
 
-def test_context_parallel_training_on_8_devices_matches_one_device():
-  """Train steps (warm-up + sparse) with the sequence sharded over the
-  context axis: losses, KLs and every parameter equal one device's
-  (tests/_train_worker.py context_equiv; the runs are its CONTEXT_RUNS)."""
+def _train_worker_runs(cmd: str) -> list[dict]:
+  """The RESULT list of `tests/_train_worker.py cmd` on 8 CPU devices."""
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -105,7 +103,7 @@ def test_context_parallel_training_on_8_devices_matches_one_device():
   )
   worker = os.path.join(os.path.dirname(__file__), "_train_worker.py")
   proc = subprocess.run(
-    [sys.executable, worker, "context_equiv"],
+    [sys.executable, worker, cmd],
     env=env,
     capture_output=True,
     text=True,
@@ -115,7 +113,14 @@ def test_context_parallel_training_on_8_devices_matches_one_device():
   assert proc.returncode == 0 and lines, (
     proc.stdout[-3000:] + proc.stderr[-5000:]
   )
-  runs = json.loads(lines[-1][len("RESULT ") :])
+  return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_context_parallel_training_on_8_devices_matches_one_device():
+  """Train steps (warm-up + sparse) with the sequence sharded over the
+  context axis: losses, KLs and every parameter equal one device's
+  (tests/_train_worker.py context_equiv; the runs are its CONTEXT_RUNS)."""
+  runs = _train_worker_runs("context_equiv")
   assert len(runs) == 6
   for r in runs:
     assert r["same_keys"], r["run"]
@@ -134,24 +139,7 @@ def test_context_parallel_prefill_on_8_devices_matches_one_device():
   rows and the decode logits equal the one-device Decoder's
   (tests/_train_worker.py context_prefill: DSA on three meshes incl. a bf16
   index cache, dense, DSA on MLA with the Pallas kernels and fp8 keys)."""
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    JAX_PLATFORMS="cpu",
-  )
-  worker = os.path.join(os.path.dirname(__file__), "_train_worker.py")
-  proc = subprocess.run(
-    [sys.executable, worker, "context_prefill"],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1200,
-  )
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, (
-    proc.stdout[-3000:] + proc.stderr[-5000:]
-  )
-  runs = json.loads(lines[-1][len("RESULT ") :])
+  runs = _train_worker_runs("context_prefill")
   assert len(runs) == 5
   for r in runs:
     assert r["same_leaves"], r["run"]

@@ -155,12 +155,7 @@ class Decoder:
     self.graphdef, self.params = nnx.split(model)
     self._extend = jax.jit(
       self._extend_fn,
-      static_argnames=("view", "last_only"),
-      donate_argnums=(1,),
-    )
-    self._extend_cp = jax.jit(
-      self._extend_cp_fn,
-      static_argnames=("view", "last_only"),
+      static_argnames=("view", "last_only", "split"),
       donate_argnums=(1,),
     )
     self._decode_sample = jax.jit(
@@ -179,26 +174,24 @@ class Decoder:
     return layers, jax.lax.with_sharding_constraint(lengths, sh.lengths)
 
   def _extend_fn(
-    self, params, layers, lengths, tokens, num_valid, *, view, last_only
+    self,
+    params,
+    layers,
+    lengths,
+    tokens,
+    num_valid,
+    *,
+    view,
+    last_only,
+    split=False,
   ):
+    # split: the chunk runs over the context axis, in its layout order;
+    # tokens in and logits out stay in natural order.
+    cp = self.context_parallel if split else None
+    if cp is not None:
+      tokens = context_layout.to_layout(tokens, cp.size, cp.layout)
+      tokens = jax.lax.with_sharding_constraint(tokens, cp.sequence_sharding())
     model = nnx.merge(self.graphdef, params)
-    logits, _, cache = model(
-      tokens,
-      mode=self.mode,
-      cache=Cache(layers, lengths),
-      num_valid=num_valid,
-      view=view,
-      logits_at=num_valid - 1 if last_only else None,
-    )
-    layers, lengths = self._constrain(cache.layers, cache.lengths)
-    return logits, layers, lengths
-
-  def _extend_cp_fn(
-    self, params, layers, lengths, tokens, num_valid, *, view, last_only
-  ):
-    cp = self.context_parallel
-    model = nnx.merge(self.graphdef, params)
-    tokens = jax.lax.with_sharding_constraint(tokens, cp.sequence_sharding())
     logits, _, cache = model(
       tokens,
       mode=self.mode,
@@ -208,7 +201,7 @@ class Decoder:
       logits_at=num_valid - 1 if last_only else None,
       context_parallel=cp,
     )
-    if not last_only:
+    if cp is not None and not last_only:
       logits = cp.to_natural(logits)
     layers, lengths = self._constrain(cache.layers, cache.lengths)
     return logits, layers, lengths
@@ -278,17 +271,13 @@ class Decoder:
     num_valid = jnp.asarray(num_valid, jnp.int32)
     if view is None:
       view = self.view_for(cache, cache.max_length + num_new)
-    extend = self._extend
-    if self.context_parallel is not None and num_new > 1:
-      self.context_parallel.check_length(
+    cp = self.context_parallel
+    split = cp is not None and num_new > 1
+    if cp is not None and split:
+      cp.check_length(
         f"tokens of shape {tokens.shape} (a context-parallel chunk)", num_new
       )
-      # Natural order in, layout order to the model (rows are positions).
-      tokens = context_layout.to_layout(
-        tokens, self.context_parallel.size, self.context_parallel.layout
-      )
-      extend = self._extend_cp
-    logits, layers, lengths = extend(
+    logits, layers, lengths = self._extend(
       self.params,
       cache.layers,
       cache.lengths,
@@ -296,6 +285,7 @@ class Decoder:
       num_valid,
       view=view,
       last_only=last_only,
+      split=split,
     )
     return logits, Cache(layers, lengths, cache.max_length + num_new)
 

@@ -76,6 +76,25 @@ def _ring(axis_name: str, num_shards: int):
   )
 
 
+def _ring_pass(axis_name: str, blocks, carry, visit):
+  """Shows every shard's `blocks` (a pytree) to this shard once.
+
+  carry = visit(j, blocks_of_shard_j, carry) for each j in ring order,
+  starting with this shard's own; the blocks move one hop between visits
+  (C - 1 ppermutes). Returns the final carry.
+  """
+  num_shards = jax.lax.axis_size(axis_name)
+  me = jax.lax.axis_index(axis_name)
+  send = _ring(axis_name, num_shards)
+
+  def step(s, state):
+    b, c = state
+    return send(b), visit((me - s) % num_shards, b, c)
+
+  b, carry = jax.lax.fori_loop(0, num_shards - 1, step, (blocks, carry))
+  return visit((me - num_shards + 1) % num_shards, b, carry)
+
+
 def _local_chunks(seq_len: int, num_shards: int, layout: str, axis_name: str):
   """[(row slice, natural offset)] of this shard's chunks."""
   length = context_layout.chunk_length(seq_len, num_shards, layout)
@@ -159,23 +178,15 @@ def _fetch_fwd(x, indices, axis_name, layout):
   num_shards = jax.lax.axis_size(axis_name)
   seq_len = x.shape[1] * num_shards
   valid, owner, row = _fetch_plan(indices, seq_len, num_shards, layout)
-  me = jax.lax.axis_index(axis_name)
-  send = _ring(axis_name, num_shards)
   trailing = (None,) * (x.ndim - 2)
 
-  def visit(s, block, out):
-    take = valid & (owner == (me - s) % num_shards)
+  def visit(j, block, out):
+    take = valid & (owner == j)
     rows = gather_rows(block, jnp.where(take, row, 0))
     return jnp.where(take[(...,) + trailing], rows, out)
 
-  def step(s, carry):
-    block, out = carry
-    return send(block), visit(s, block, out)
-
   out = jnp.zeros(indices.shape + x.shape[2:], x.dtype)
-  block, out = jax.lax.fori_loop(0, num_shards - 1, step, (x, out))
-  out = visit(num_shards - 1, block, out)
-  return out, (indices, x.shape)
+  return _ring_pass(axis_name, x, out, visit), (indices, x.shape)
 
 
 def _fetch_bwd(axis_name, layout, res, g):
@@ -383,26 +394,13 @@ def _block_attention(q, kb, vb, q_pos, k_pos, scale):
 def _ring_fwd(q, k, v, axis_name, block):
   """One ring pass of the K/V blocks; block(j, kb, vb) -> (out, lse) of the
   local queries over shard j's block; merged by online softmax."""
-  num_shards = jax.lax.axis_size(axis_name)
-  me = jax.lax.axis_index(axis_name)
-  send = _ring(axis_name, num_shards)
 
-  def visit(s, kb, vb, acc, lse):
-    out_b, lse_b = block((me - s) % num_shards, kb, vb)
-    return _merge(acc, lse, out_b, lse_b)
-
-  def step(s, carry):
-    kb, vb, acc, lse = carry
-    acc, lse = visit(s, kb, vb, acc, lse)
-    kb, vb = send((kb, vb))
-    return kb, vb, acc, lse
+  def visit(j, kv, carry):
+    return _merge(*carry, *block(j, *kv))
 
   acc = jnp.zeros(q.shape[:3] + v.shape[3:], jnp.float32)
   lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
-  kb, vb, acc, lse = jax.lax.fori_loop(
-    0, num_shards - 1, step, (k, v, acc, lse)
-  )
-  acc, lse = visit(num_shards - 1, kb, vb, acc, lse)
+  acc, lse = _ring_pass(axis_name, (k, v), (acc, lse), visit)
   return acc.astype(q.dtype), lse
 
 
@@ -635,8 +633,6 @@ def _slot_logits(q, k, indices, axis_name, layout, scale):
   from one ring pass of the (stop-gradient) key blocks; invalid slots 0."""
   num_shards = jax.lax.axis_size(axis_name)
   seq_len = k.shape[1] * num_shards
-  me = jax.lax.axis_index(axis_name)
-  send = _ring(axis_name, num_shards)
   valid, owner, row = _fetch_plan(indices, seq_len, num_shards, layout)
   num_kv, k_sel = k.shape[2], indices.shape[2]
   scale = default_scale(scale, q.shape[-1])
@@ -644,8 +640,8 @@ def _slot_logits(q, k, indices, axis_name, layout, scale):
     q.shape[1], k_sel * (num_kv * k.shape[3] + q.shape[2]), ATTN_BUDGET
   )
 
-  def visit(s, kb, out):
-    take = valid & (owner == (me - s) % num_shards)
+  def visit(j, kb, out):
+    take = valid & (owner == j)
 
     def one(start, qb, rb, tb, ob):
       del start
@@ -661,14 +657,9 @@ def _slot_logits(q, k, indices, axis_name, layout, scale):
       one, chunk, q, jnp.where(take, row, 0), take, out
     )
 
-  def step(s, carry):
-    kb, out = carry
-    return send(kb), visit(s, kb, out)
-
   group = q.shape[2] // num_kv
   out = jnp.zeros(q.shape[:2] + (num_kv, group, k_sel), jnp.float32)
-  kb, out = jax.lax.fori_loop(0, num_shards - 1, step, (k, out))
-  return visit(num_shards - 1, kb, out)
+  return _ring_pass(axis_name, k, out, visit)
 
 
 def context_sparse_indexer_kl(
