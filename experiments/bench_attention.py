@@ -17,7 +17,11 @@ and `ratio` = time / min(dense_xla, dense_sa).
 
 DSA = sa.lightning_topk + sa.gathered_attention with the indexer inputs
 (q_idx, k_idx, weights) given as tensors; the rows dsa:topk and dsa:attn time
-the two halves separately (breakdown). Every other registered kind runs its
+the two halves separately (breakdown). HISA (DSA with the hierarchical
+top-k, `sa.hisa_topk`) runs at DSA's top_k with blocks of
+--hisa-block-size, --hisa-blocks kept (the paper's 128 / 64 at K=2048 keep
+4K candidates; the defaults 32 / 16 keep the same 4 x K at K=128);
+hisa:topk times its top-k alone, beside dsa:topk. Every other registered kind runs its
 pure form (`registry.get(kind).attention`) with the kind parameter matched
 to DSA's key budget at each L (mean keys per query; see docs/baselines.md);
 the `budget` column gives what was reached.
@@ -62,7 +66,7 @@ MODES = ("fwd", "fwdbwd", "decode")
 # compared with on one GQA layer (read from the registry: a new kind is
 # benchmarked too; the MLA kinds' latent projections: experiments/bench_mla.py).
 BASELINE_KINDS = tuple(
-  k for k in registry.comparable_names() if k not in ("dense", "dsa")
+  k for k in registry.comparable_names() if k not in ("dense", "dsa", "hisa")
 )
 KINDS = (
   "dense_xla",
@@ -70,7 +74,10 @@ KINDS = (
   "dsa",
   "dsa:topk",
   "dsa:attn",
+  "hisa",
+  "hisa:topk",
 ) + BASELINE_KINDS
+TOPK_KINDS = ("dsa:topk", "hisa:topk")  # integer selections: no backward
 QUADRATIC = ("dense_xla", "dense_sa", "strided", "fixed")  # O(T*S) XLA paths
 COLUMNS = (
   "L",
@@ -103,6 +110,8 @@ def parse_args(argv=None):
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--kinds", default=",".join(KINDS))
   C.add_layer_shape_args(p)
+  p.add_argument("--hisa-block-size", type=int, default=32)
+  p.add_argument("--hisa-blocks", type=int, default=16)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--decode-reps", type=int, default=20)
@@ -172,6 +181,12 @@ def make_inputs(a, length, num_q):
 def kind_params(a, kind, length):
   if kind.startswith("dsa"):
     return {"top_k": a.top_k}
+  if kind.startswith("hisa"):
+    return {
+      "top_k": a.top_k,
+      "hisa_block_size": a.hisa_block_size,
+      "hisa_blocks": a.hisa_blocks,
+    }
   if kind in BASELINE_KINDS:
     target = budgets.key_budget("dsa", length, top_k=a.top_k)
     return budgets.match_budget(kind, length, target)
@@ -203,13 +218,20 @@ def cost_model(a, kind, mode, length, params):
   attn = 2.0 * b * h * (2 * d) * counts.sum()
   index = 2.0 * b * hi * (di + 1) * dense_counts.sum()
   base = kind.split(":")[0]
+  if base == "hisa":  # block representatives + the kept blocks' keys
+    bs, m = params["hisa_block_size"], params["hisa_blocks"]
+    seen = np.arange(length) // bs + 1
+    scored = seen + np.minimum(m, seen) * bs
+    if mode == "decode":
+      scored = scored[-1:]
+    index = 2.0 * b * hi * (di + 1) * scored.sum()
   if mode == "fwdbwd":
     attn *= 3.0  # backward ~ 2x forward (dQ, dK, dV, dP matmuls)
-  if kind == "dsa:topk":
+  if kind in TOPK_KINDS:
     flops = index
   elif kind == "dsa:attn":
     flops = attn
-  elif base == "dsa":
+  elif base in ("dsa", "hisa"):
     flops = attn + index
   else:
     flops = attn
@@ -221,6 +243,10 @@ def cost_model(a, kind, mode, length, params):
     nbytes = (
       0 if kind == "dsa:topk" else nbytes
     ) + b * dense_counts.sum() * di * item
+  if base == "hisa":
+    nbytes = (
+      0 if kind == "hisa:topk" else nbytes
+    ) + b * scored.sum() * di * item
   return float(flops), float(nbytes)
 
 
@@ -258,6 +284,16 @@ def attention_fn(a, kind, params, decode: bool):
       q_offset=off(x),
       implementation="xla",
     )
+  if kind == "hisa:topk":
+    return lambda x: sa.hisa_topk(
+      x["q_idx"],
+      x["k_idx"],
+      x["w"],
+      params["top_k"],
+      block_size=params["hisa_block_size"],
+      num_blocks=params["hisa_blocks"],
+      q_offset=off(x),
+    )
   if kind == "dsa:attn":
     return lambda x: sa.gathered_attention(
       x["q"], x["k"], x["v"], x["idx"], implementation="xla"
@@ -291,7 +327,7 @@ def timed_fn(a, kind, mode, params):
   fn = attention_fn(a, kind, params, decode=(mode == "decode"))
   if fn is None:
     return None
-  if mode != "fwdbwd" or kind == "dsa:topk":
+  if mode != "fwdbwd" or kind in TOPK_KINDS:
     return fn  # the top-k has no backward
 
   def loss(q, k, v, x):
@@ -580,7 +616,7 @@ def plot(rows, path):
         if r["mode"] == mode and r["kind"] == kind and r.get("time_s")
       )
       if pts:
-        style = "-" if not kind.startswith("dsa:") else ":"
+        style = "-" if ":" not in kind else ":"
         lw = 2.5 if kind == "dsa" else 1.2
         ax.loglog(*zip(*pts), style, marker="o", ms=3, lw=lw, label=kind)
     ax.set_title(f"{mode}: time per call")

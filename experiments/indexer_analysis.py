@@ -13,7 +13,12 @@ layer on held-out batches:
              of the dense attention the selected set would capture);
   oracle     the same mass for S_dense (the best any K-subset can do);
   kl         KL(p || softmax(index scores)) over all visible keys (the
-             warm-up loss, `sparse_attn.dense_indexer_kl`).
+             warm-up loss, `sparse_attn.dense_indexer_kl`);
+  hisa_overlap  |S_hisa(t) & S_index(t)| / K, where S_hisa is HISA's
+             hierarchical top-k (`sparse_attn.hisa_topk`, blocks of
+             --hisa-block-size keys, --hisa-blocks kept) on the same indexer:
+             how much of DSA's selection the block filter keeps;
+  hisa_mass  the dense attention mass over S_hisa.
 Averages are over queries with more than K visible keys (earlier queries
 select every key, trivially). The trunk is run in the mode of the stage
 being analysed ("warmup": dense attention, "sparse": top-k), so in the
@@ -62,6 +67,8 @@ COLUMNS = (
   "mass",
   "oracle_mass",
   "kl",
+  "hisa_overlap",
+  "hisa_mass",
   "num_queries",
   "top_k",
 )
@@ -83,6 +90,14 @@ def parse_args(argv=None):
   p.add_argument("--eval-every", type=int, default=10)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--eval-examples", type=int, default=16)
+  p.add_argument("--hisa-block-size", type=int, default=16)
+  p.add_argument(
+    "--hisa-blocks",
+    type=int,
+    default=4,
+    help="HISA's kept blocks (the defaults keep 4 x K candidates at K=16, "
+    "the paper's 8192 for K=2048)",
+  )
   p.add_argument("--run-dir", help="analyse this experiments/train.py run")
   p.add_argument("--out-dir", default="results/indexer")
   p.add_argument("--smoke", action="store_true")
@@ -122,8 +137,9 @@ def model_dims(a):
 # per-layer measurement
 
 
-def layer_stats(layer: DSAAttention, h, positions, top_k):
-  """Recall / mass / oracle / KL of one DSA layer on normalised input h."""
+def layer_stats(layer: DSAAttention, h, positions, top_k, hisa):
+  """Recall / mass / oracle / KL / HISA overlap of one DSA layer on
+  normalised input h (hisa: HISA's block_size and num_blocks)."""
   q, k, _ = layer.project(h, positions)
   q_idx, k_idx, w = layer.index(h, positions)
   b, t, nh, d = q.shape
@@ -140,7 +156,8 @@ def layer_stats(layer: DSAAttention, h, positions, top_k):
     hot = jax.nn.one_hot(jnp.where(ix >= 0, ix, t), t + 1, dtype=jnp.float32)
     return jnp.minimum(jnp.sum(hot, axis=2)[..., :t], 1.0)  # [B, T, S]
 
-  sel, ref = as_mask(idx), as_mask(dense_idx)
+  hisa_idx = sa.hisa_topk(q_idx, k_idx, w, top_k, **hisa)
+  sel, ref, hsel = as_mask(idx), as_mask(dense_idx), as_mask(hisa_idx)
   recall = jnp.sum(sel * ref, -1) / top_k
   mass = jnp.sum(sel * p, -1)
   oracle = jnp.sum(ref * p, -1)
@@ -163,13 +180,17 @@ def layer_stats(layer: DSAAttention, h, positions, top_k):
       "mass": mean(mass),
       "oracle_mass": mean(oracle),
       "kl": mean(kl),
+      "hisa_overlap": mean(jnp.sum(hsel * sel, -1) / top_k),
+      "hisa_mass": mean(jnp.sum(hsel * p, -1)),
       "num_queries": jnp.sum(use).astype(jnp.float32),
     },
     {"sel": sel[0], "ref": ref[0]},
   )
 
 
-def make_analyse_fn(s, top_k):
+def make_analyse_fn(s, top_k, a):
+  hisa = dict(block_size=a.hisa_block_size, num_blocks=a.hisa_blocks)
+
   def fn(params, tokens, mode):
     model = nnx.merge(s.graphdef, params["indexer"], params["main"])
     bsz, length = tokens.shape
@@ -181,7 +202,9 @@ def make_analyse_fn(s, top_k):
     )
     stats, maps = [], []
     for block in model.blocks:
-      st, mp = layer_stats(block.attn, block.attn_norm(x), positions, top_k)
+      st, mp = layer_stats(
+        block.attn, block.attn_norm(x), positions, top_k, hisa
+      )
       stats.append(st)
       maps.append(mp)
       x, _ = block(x, positions=positions, kv_lengths=None, mode=mode)
@@ -273,7 +296,7 @@ def train_and_analyse(a, log):
   s = T.setup(cfg)
   state = T.init_state(s)
   state, _ = T.init_from(state, pre["params"]["main"])
-  fn = make_analyse_fn(s, a.top_k)
+  fn = make_analyse_fn(s, a.top_k, a)
   batches = eval_tokens(a, cfg)
   # The DSA steps continue the dense run's data stream.
   runner = T.StageRunner(s, ds, first_step=a.pretrain_steps)
@@ -299,7 +322,8 @@ def train_and_analyse(a, log):
       f"  step {ck:4d} ({stage}): "
       + "  ".join(
         f"L{r['layer']} recall {r['recall']:.3f} mass {r['mass']:.3f}/"
-        f"{r['oracle_mass']:.3f} kl {r['kl']:.3f}"
+        f"{r['oracle_mass']:.3f} kl {r['kl']:.3f} hisa overlap "
+        f"{r['hisa_overlap']:.3f}"
         for r in stats
       )
     )
@@ -323,7 +347,7 @@ def analyse_run_dir(a, log):
   rows, maps = [], {}
   for ck in sorted(ckpts):
     s, state = T.load_checkpoint(a.run_dir, ck)
-    fn = make_analyse_fn(s, a.top_k)
+    fn = make_analyse_fn(s, a.top_k, a)
     stage = "warmup" if ck <= cfg.train.warmup_stage_steps else "sparse"
     stats, mp = analyse(
       s,

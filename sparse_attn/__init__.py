@@ -44,6 +44,7 @@ from sparse_attn.ops.attention import (
   gathered_attention,
   gathered_attention_reference,
 )
+from sparse_attn.ops.hisa import hisa_attention, hisa_topk
 from sparse_attn.ops.indexer import indexer_scores, lightning_topk, select_topk
 from sparse_attn.ops.losses import dense_indexer_kl, lm_loss, sparse_indexer_kl
 from sparse_attn.ops.rope import apply_rope
@@ -86,6 +87,8 @@ __all__ = [
   "gathered_attention",
   "gathered_attention_reference",
   "hf",
+  "hisa_attention",
+  "hisa_topk",
   "indexer_scores",
   "indexer_sparse_kl",
   "indexer_warmup_kl",

@@ -428,6 +428,13 @@ def _context_errors(cfg: Config, context: int) -> list[str]:
           f"mla, mla_dsa"
         )
         break
+      if m.attention_kwargs.get("hisa_block_size") is not None:
+        errors.append(
+          f"model.attention_params hisa_block_size (HISA's hierarchical "
+          f"top-k) does not run with context parallelism (mesh context="
+          f"{context}): leave it unset or use context=1"
+        )
+        break
   return errors
 
 

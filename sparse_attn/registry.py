@@ -24,6 +24,7 @@ from flax import nnx
 from sparse_attn.nn import (
   dense,
   dsa,
+  hisa,
   lsh,
   mla,
   mla_dsa,
@@ -134,6 +135,7 @@ for _builtin in (
   moba.KIND,
   mla.KIND,
   mla_dsa.KIND,
+  hisa.KIND,
 ):
   register(_builtin)
 
@@ -168,11 +170,13 @@ class KindView(Mapping):
 ATTENTION_KINDS: Mapping[str, Callable[..., nnx.Module]] = KindView(
   lambda k: k.build
 )
-#: name -> layer class of the kinds DSA is compared with (GQA projections).
+#: name -> layer class of the older families DSA is compared with (GQA
+#: projections, no indexer: DSA's own variants such as HISA are left out).
 BASELINE_LAYERS: Mapping[str, type] = KindView(
   lambda k: k.layer,
   lambda k: (
     k.name not in ("dense", "dsa")
+    and not k.has_indexer
     and k.layer is not None
     and k.projections == "gqa"
   ),

@@ -1,6 +1,6 @@
 """Subprocess worker for tests that need their own JAX process.
 
-  python tests/_train_worker.py mesh_equiv [deepseek_v32]   (XLA_FLAGS: 8 host devices)
+  python tests/_train_worker.py mesh_equiv [deepseek_v32|hisa]   (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py context_equiv                (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py context_prefill              (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py multihost OUT PROCESS_ID NUM_PROCESSES PORT [RUN_DIR]
@@ -88,6 +88,13 @@ def deepseek_config(*extra):
   )
 
 
+# HISA's hierarchical top-k at the small config's length (8 blocks, 3 kept).
+HISA = (
+  'model.attention="hisa"',
+  'model.attention_params={"hisa_block_size": 4, "hisa_blocks": 3}',
+)
+
+
 def _flat(tree):
   import jax
   import numpy as np
@@ -114,7 +121,8 @@ def mesh_equiv(family="transformer"):
     ("eight", jax.devices(), [2, 2, 2]),
   ):
     make = deepseek_config if family == "deepseek_v32" else small_config
-    cfg = make(f"train.mesh_shape={json.dumps(mesh)}")
+    extra = () if family != "hisa" else HISA
+    cfg = make(f"train.mesh_shape={json.dumps(mesh)}", *extra)
     s = T.setup(cfg, devices)
     state = T.init_state(s)
     ds, _ = T.make_datasets(s.cfg)

@@ -163,6 +163,15 @@ def test_context_parallel_rejects_what_it_cannot_run():
   )
   with pytest.raises(ValueError, match="does not support context parallel"):
     validate(cfg, num_devices=2)
+  for kind, params in (("hisa", {}), ("dsa", {"hisa_block_size": 8})):
+    cfg = override(
+      tiny(),
+      "train.mesh_shape=[1, 1, 1, 2]",
+      f'model.attention="{kind}"',
+      **{"model.attention_params": params},
+    )
+    with pytest.raises(ValueError, match="context parallel|hisa_block_size"):
+      validate(cfg, num_devices=2)
   cfg = override(
     tiny(), "train.mesh_shape=[1, 1, 1, 2]", 'train.context_layout="ring"'
   )

@@ -77,7 +77,7 @@ def _model(
     **(model_fields or {}),
   )
   model = build_model(cfg, seed=1)
-  if few_ties and kind in ("dsa", "mla_dsa"):
+  if few_ties and kind in ("dsa", "mla_dsa", "hisa"):
     # non-negative head weights: few ties at the k-th score
     for blk in model.blocks:
       w = blk.attn.indexer.w_weights
@@ -190,6 +190,21 @@ def test_random_init_dsa_decode_with_ties_matches_forward(kind, weights):
     for blk in model.blocks:
       w = blk.attn.indexer.w_weights
       w[...] = -jnp.abs(w[...])
+  _check_against_forward(model, prompt_lens=[37, 20], chunk=8, new_tokens=6)
+
+
+HISA_PARAMS = {"hisa_block_size": 4, "hisa_blocks": 3}
+
+
+@pytest.mark.parametrize("kind", ["hisa", "mla_dsa"])
+@pytest.mark.parametrize("few_ties", [True, False])
+def test_hisa_decode_matches_forward(kind, few_ties):
+  """HISA's hierarchical top-k (the kind, and the option on DSA on MLA):
+  its block representatives come from the cached indexer keys; a query's
+  own, partly written block is forced in and never scored, so prefill
+  chunks and decode steps select what the full forward selects (ties
+  included with the as-initialised weights)."""
+  model = _model(kind, num_layers=2, few_ties=few_ties, **HISA_PARAMS)
   _check_against_forward(model, prompt_lens=[37, 20], chunk=8, new_tokens=6)
 
 

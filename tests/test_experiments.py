@@ -116,13 +116,30 @@ def test_indexer_analysis_smoke(tmp_path):
       range(a.num_layers)
     )
   for r in rows:
-    _finite(r, ("recall", "mass", "oracle_mass", "kl"))
+    _finite(r, ("recall", "mass", "oracle_mass", "kl", "hisa_overlap"))
     assert 0.0 <= float(r["recall"]) <= 1.0 + 1e-6
+    assert 0.0 <= float(r["hisa_overlap"]) <= 1.0 + 1e-6
     assert float(r["mass"]) <= float(r["oracle_mass"]) + 1e-5
   with open(tmp_path / "indexer_analysis.json", encoding="utf-8") as f:
     assert len(json.load(f)["rows"]) == len(rows)
   assert (tmp_path / "indexer_curves.png").exists()
   assert (tmp_path / "indexer_heatmaps.png").exists()
+
+
+def test_bench_hisa_smoke(tmp_path):
+  run_script("bench_hisa", "--smoke", "--out-dir", tmp_path)
+  mod = _module("bench_hisa")
+  rows = _rows(tmp_path / "bench_hisa.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  a = mod.parse_args(["--smoke"])
+  want = sorted(
+    (int(L), kind) for L in a.lengths.split(",") for kind in a.inputs.split(",")
+  )
+  assert sorted((int(r["L"]), r["input"]) for r in rows) == want
+  for r in rows:
+    _finite(r, ("flat_ms", "hisa_ms", "speedup", "overlap_mean", "same_set"))
+    assert 0.0 <= float(r["overlap_p5"]) <= float(r["overlap_mean"]) <= 1.0
+  assert (tmp_path / "bench_hisa.md").exists()
 
 
 def test_bench_mla_smoke(tmp_path):

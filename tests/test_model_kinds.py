@@ -21,6 +21,7 @@ KINDS = [
   "moba",
   "mla",
   "mla_dsa",
+  "hisa",
 ]
 _MLA = {
   "q_lora_rank": 16,
@@ -37,6 +38,7 @@ SMALL = {
   "fixed": {"stride": 8},
   "lsh": {"n_buckets": 4, "chunk_size": 8},
   "moba": {"block_size": 8, "top_k": 2},
+  "hisa": {"hisa_block_size": 4, "hisa_blocks": 3},
   "nsa": {
     "cmp_block": 8,
     "cmp_stride": 4,

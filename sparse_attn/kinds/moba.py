@@ -27,24 +27,7 @@ import numpy as np
 from sparse_attn.kinds.patterns import block_sparse_attention, topk_blocks
 from sparse_attn.ops import checks, chunking, masking
 from sparse_attn.ops.attention import ATTN_BUDGET, check_qkv, group_heads
-
-
-def mean_pool_blocks(
-  x: jax.Array, block_size: int, kv_lengths: jax.Array | None = None
-) -> jax.Array:
-  """x [B, S, G, D] -> [B, ceil(S/bs), G, D]: mean of each block's valid keys."""
-  batch, num_keys = x.shape[:2]
-  m = -(-num_keys // block_size)
-  pos = jnp.arange(m * block_size, dtype=jnp.int32)
-  ok = jnp.broadcast_to(pos < num_keys, (batch, m * block_size))
-  if kv_lengths is not None:
-    ok = ok & (pos[None] < jnp.asarray(kv_lengths, jnp.int32)[:, None])
-  xp = jnp.pad(x, [(0, 0), (0, m * block_size - num_keys), (0, 0), (0, 0)])
-  w = ok.astype(jnp.float32).reshape(batch, m, block_size, 1, 1)
-  xb = xp.astype(jnp.float32).reshape(batch, m, block_size, *x.shape[2:])
-  total = jnp.sum(w * xb, axis=2)
-  n = jnp.sum(w, axis=2)
-  return (total / jnp.maximum(n, 1.0)).astype(x.dtype)
+from sparse_attn.ops.pooling import mean_pool_blocks
 
 
 def moba_select(

@@ -20,6 +20,7 @@ from sparse_attn.nn.base import (
 )
 from sparse_attn.nn.dense import DenseAttention, DenseParams
 from sparse_attn.nn.dsa import DSAAttention, DSACache, DSAParams
+from sparse_attn.nn.hisa import HISAAttention, HISAParams
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.lsh import LSHAttention, LSHCache, LSHParams
@@ -54,6 +55,8 @@ __all__ = [
   "DenseParams",
   "FixedAttention",
   "FixedParams",
+  "HISAAttention",
+  "HISAParams",
   "KVCache",
   "LSHAttention",
   "LSHCache",

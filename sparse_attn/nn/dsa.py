@@ -14,6 +14,8 @@ indexer key cache is written and read by `cached_index_keys`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -31,8 +33,12 @@ from sparse_attn.nn.base import (
 )
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind
-from sparse_attn.ops import checks, quantize
-from sparse_attn.ops.attention import dense_attention, dsa_attention
+from sparse_attn.ops import checks, hisa, quantize
+from sparse_attn.ops.attention import (
+  dense_attention,
+  dsa_attention,
+  gathered_attention,
+)
 from sparse_attn.ops.losses import dense_indexer_kl, sparse_indexer_kl
 
 
@@ -49,6 +55,12 @@ class DSAParams:
   None or "ue8m0" (power-of-two FP8 scales). indexer_rope_interleaved: the
   indexer rotates interleaved pairs (DeepSeek's first inference demo; the
   default rotate-half is transformers' DeepseekV32Indexer).
+  hisa_block_size: None (DSA's flat top-k over every visible key) or the
+  block size of HISA's hierarchical top-k (`sparse_attn.ops.hisa`, a
+  training-free drop-in: blocks of this many indexer keys are scored by
+  their mean key, the best `hisa_blocks` kept, then the top-k of their
+  keys); hisa_blocks: HISA's kept blocks per query (m >= 2; the paper's
+  64 with block size 128).
   """
 
   top_k: int = 64
@@ -59,6 +71,8 @@ class DSAParams:
   indexer_precision: str = "float32"
   indexer_scale_fmt: str | None = None
   indexer_rope_interleaved: bool = False
+  hisa_block_size: int | None = None
+  hisa_blocks: int = hisa.PAPER_NUM_BLOCKS
 
   def __post_init__(self):
     check_indexer_params(self)
@@ -75,11 +89,24 @@ def check_indexer_params(p: Any) -> None:
       f"{p.indexer_dim}], got {rope}."
     )
   quantize.check_indexer_precision(p.indexer_precision, p.indexer_scale_fmt)
+  if p.hisa_block_size is not None:
+    hisa.check_hisa_sizes(p.hisa_block_size, p.hisa_blocks)
   if p.indexer_precision == "fp8" and p.indexer_dim & (p.indexer_dim - 1):
     raise ValueError(
       f"indexer_precision='fp8' rotates by a Hadamard matrix: indexer_dim "
       f"must be a power of two, got {p.indexer_dim}."
     )
+
+
+def index_selector(p: Any) -> Callable[..., jax.Array] | None:
+  """The top-k stage of DSA parameters `p`: None for DSA's flat
+  `lightning_topk`, else HISA's `hisa_topk` at p's block sizes, as
+  fn(q_idx, k_idx, weights, k, *, q_offset, kv_lengths) -> int32[B, T, K]."""
+  if p.hisa_block_size is None:
+    return None
+  return functools.partial(
+    hisa.hisa_topk, block_size=p.hisa_block_size, num_blocks=p.hisa_blocks
+  )
 
 
 def build_indexer(
@@ -199,6 +226,7 @@ def indexed_attention(
   implementation: str | None = None,
   topk_block_sizes: Any = None,
   attention_block_sizes: Any = None,
+  select: Callable[..., jax.Array] | None = None,
 ) -> tuple[jax.Array, Aux]:
   """DSA's attention for the stage `ctx.mode`: (o [B, T, H, Dv], aux).
 
@@ -209,9 +237,16 @@ def indexed_attention(
   form), indexer inputs over the same T and S; `scale` the logit scale
   (None: D**-0.5; MLA passes its own). With `ctx.context_parallel` every
   array is sequence-sharded in its layout order and the same stages run
-  through `ContextParallel.indexed_attention`.
+  through `ContextParallel.indexed_attention`. `select` replaces the
+  sparse stage's flat top-k (`index_selector`: HISA's hierarchical one).
   """
   kl = None
+  if ctx.context_parallel is not None and select is not None:
+    raise ValueError(
+      "context_parallel: HISA's hierarchical top-k (hisa_block_size) does "
+      "not run on a sharded sequence; use the flat top-k (hisa_block_size="
+      "None) or context=1."
+    )
   if ctx.context_parallel is not None:
     o, idx, kl = ctx.context_parallel.indexed_attention(
       q,
@@ -230,6 +265,27 @@ def indexed_attention(
       kv_lengths=ctx.kv_lengths,
     )
     attended = None if idx is None else idx >= 0
+  elif ctx.mode == "sparse" and select is not None:
+    idx = select(
+      q_idx,
+      k_idx,
+      weights,
+      top_k,
+      q_offset=ctx.q_offset,
+      kv_lengths=ctx.kv_lengths,
+    )
+    o = gathered_attention(
+      q,
+      k,
+      v,
+      idx,
+      scale=scale,
+      implementation=implementation,
+      block_sizes=attention_block_sizes,
+    )
+    if not ctx.decoding:
+      kl = sparse_indexer_kl(q, k, q_idx, k_idx, weights, idx, scale=scale)
+    attended = idx >= 0
   elif ctx.mode == "sparse":
     o, idx = dsa_attention(
       q,
@@ -307,6 +363,8 @@ class DSAAttention(AttentionLayer):
     indexer_precision: str = DSAParams.indexer_precision,
     indexer_scale_fmt: str | None = DSAParams.indexer_scale_fmt,
     indexer_rope_interleaved: bool = DSAParams.indexer_rope_interleaved,
+    hisa_block_size: int | None = DSAParams.hisa_block_size,
+    hisa_blocks: int = DSAParams.hisa_blocks,
     rope_base: float = 10000.0,
     rope_scaling: Any = None,
     dtype: Any = jnp.float32,
@@ -335,6 +393,8 @@ class DSAAttention(AttentionLayer):
       indexer_precision=indexer_precision,
       indexer_scale_fmt=indexer_scale_fmt,
       indexer_rope_interleaved=indexer_rope_interleaved,
+      hisa_block_size=hisa_block_size,
+      hisa_blocks=hisa_blocks,
     )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
@@ -386,11 +446,19 @@ class DSAAttention(AttentionLayer):
       implementation=self.implementation,
       topk_block_sizes=self.topk_block_sizes,
       attention_block_sizes=self.attention_block_sizes,
+      select=index_selector(self.dsa),
     )
     return o, aux, cache
 
 
 def keys_per_query(seq_len: int, params: DSAParams, **_: Any) -> np.ndarray:
+  if params.hisa_block_size is not None:
+    return hisa.hisa_keys_per_query(
+      seq_len,
+      top_k=params.top_k,
+      block_size=params.hisa_block_size,
+      num_blocks=params.hisa_blocks,
+    )
   i = np.arange(seq_len, dtype=np.float64)
   return np.minimum(params.top_k, i + 1)
 
@@ -411,7 +479,24 @@ def attention(
   **_: Any,
 ) -> jax.Array:
   """DSA's pure form: `dsa_attention` at params.top_k (DSAParams, or any
-  params with a top_k: DSA on MLA's); scale None is D**-0.5."""
+  params with a top_k: DSA on MLA's; with a hisa_block_size set,
+  `hisa_attention`); scale None is D**-0.5."""
+  if getattr(params, "hisa_block_size", None) is not None:
+    return hisa.hisa_attention(
+      q,
+      k,
+      v,
+      q_idx,
+      k_idx,
+      weights,
+      top_k=params.top_k,
+      block_size=params.hisa_block_size,
+      num_blocks=params.hisa_blocks,
+      q_offset=q_offset,
+      kv_lengths=kv_lengths,
+      scale=scale,
+      implementation=implementation,
+    )
   return dsa_attention(
     q,
     k,

@@ -35,6 +35,7 @@ from sparse_attn.nn.dsa import (
   build_indexer,
   check_indexer_params,
   index_key_cache,
+  index_selector,
   indexed_attention,
   step_indexer_inputs,
 )
@@ -98,6 +99,8 @@ class MLADSAAttention(MLAAttention):
     indexer_precision: str = DSAParams.indexer_precision,
     indexer_scale_fmt: str | None = DSAParams.indexer_scale_fmt,
     indexer_rope_interleaved: bool = DSAParams.indexer_rope_interleaved,
+    hisa_block_size: int | None = DSAParams.hisa_block_size,
+    hisa_blocks: int = DSAParams.hisa_blocks,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
     **kw: Any,
@@ -122,6 +125,8 @@ class MLADSAAttention(MLAAttention):
       indexer_precision=indexer_precision,
       indexer_scale_fmt=indexer_scale_fmt,
       indexer_rope_interleaved=indexer_rope_interleaved,
+      hisa_block_size=hisa_block_size,
+      hisa_blocks=hisa_blocks,
     )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
@@ -183,6 +188,7 @@ class MLADSAAttention(MLAAttention):
       implementation=self.implementation,
       topk_block_sizes=self.topk_block_sizes,
       attention_block_sizes=self.attention_block_sizes,
+      select=index_selector(self.dsa),
     )
     return f.finish(o), aux, cache
 

@@ -148,6 +148,21 @@ def two_stage_topk(
   return jnp.where(picked >= 0, num_keys - 1 - picked, -1)
 
 
+def topk_of_columns(values: jax.Array, columns: jax.Array, k: int) -> jax.Array:
+  """int32[..., K]: the `columns` of the K largest finite `values`, by `TIE_RULE`.
+
+  For selections over candidates that are not a whole row of keys
+  (HISA's blocks and the keys inside them): values [..., N] are the scores
+  of candidates whose key (or block) indices `columns` [..., N] (any
+  broadcastable shape) increase along the row, -inf where a candidate is
+  not visible. Among equal scores the larger column wins; the result lists
+  columns by descending score, -1 past the visible ones.
+  """
+  values = jnp.where(values == 0, 0.0, values).astype(values.dtype)
+  columns = jnp.broadcast_to(columns, values.shape)
+  return _select(values[..., ::-1], columns[..., ::-1], k)
+
+
 def _select(values: jax.Array, columns: jax.Array, k: int) -> jax.Array:
   """columns of the K largest finite values (one top_k), -1 padded."""
   kk = min(k, values.shape[-1])
