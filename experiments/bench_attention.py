@@ -65,8 +65,12 @@ MODES = ("fwd", "fwdbwd", "decode")
 # The two dense references and DSA's two halves, then every kind DSA is
 # compared with on one GQA layer (read from the registry: a new kind is
 # benchmarked too; the MLA kinds' latent projections: experiments/bench_mla.py).
+# IndexCache (cross-layer top-k reuse) is DSA on any one layer: its saving
+# is model-level (experiments/index_share.py measures it).
 BASELINE_KINDS = tuple(
-  k for k in registry.comparable_names() if k not in ("dense", "dsa", "hisa")
+  k
+  for k in registry.comparable_names()
+  if k not in ("dense", "dsa", "hisa", "indexcache")
 )
 KINDS = (
   "dense_xla",

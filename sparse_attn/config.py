@@ -428,6 +428,16 @@ def _context_errors(cfg: Config, context: int) -> list[str]:
           f"mla, mla_dsa"
         )
         break
+      kw = m.attention_kwargs
+      if (
+        kw.get("indexer_layers") is not None or kw.get("indexer_every", 1) != 1
+      ):
+        errors.append(
+          f"top-k reuse across layers (attention={kind!r}, indexer_layers / "
+          f"indexer_every) does not run with context parallelism (mesh "
+          f"context={context}): use context=1"
+        )
+        break
       if m.attention_kwargs.get("hisa_block_size") is not None:
         errors.append(
           f"model.attention_params hisa_block_size (HISA's hierarchical "

@@ -25,6 +25,7 @@ from sparse_attn.nn import (
   dense,
   dsa,
   hisa,
+  indexcache,
   lsh,
   mla,
   mla_dsa,
@@ -136,6 +137,7 @@ for _builtin in (
   mla.KIND,
   mla_dsa.KIND,
   hisa.KIND,
+  indexcache.KIND,
 ):
   register(_builtin)
 

@@ -142,6 +142,20 @@ def test_bench_hisa_smoke(tmp_path):
   assert (tmp_path / "bench_hisa.md").exists()
 
 
+def test_index_share_smoke(tmp_path):
+  run_script("index_share", "--smoke", "--out-dir", tmp_path)
+  mod = _module("index_share")
+  rows = _rows(tmp_path / "index_share.csv")
+  assert set(mod.COLUMNS) <= set(rows[0])
+  variants = [r["variant"] for r in rows]
+  assert variants[0] == "DSA, every layer" and len(variants) == 6
+  for r in rows:
+    _finite(r, ("calib_loss", "eval_loss", "indexer_params"))
+  full = int(rows[0]["indexer_params"])
+  assert int(rows[1]["indexer_params"]) < full  # the shared layer has none
+  assert (tmp_path / "index_share.md").exists()
+
+
 def test_bench_mla_smoke(tmp_path):
   run_script("bench_mla", "--smoke", "--out-dir", tmp_path)
   mod = _module("bench_mla")

@@ -22,6 +22,7 @@ KINDS = [
   "mla",
   "mla_dsa",
   "hisa",
+  "indexcache",
 ]
 _MLA = {
   "q_lora_rank": 16,

@@ -212,6 +212,13 @@ def config_to_hf(
       f"{MODEL_TYPE} rotates the indexer's RoPE dims rotate-half; this model "
       f"has indexer_rope_interleaved=True."
     )
+  if params.indexer_layers is not None or params.indexer_every != 1:
+    raise ValueError(
+      f"{MODEL_TYPE} has an indexer in every layer; this model reuses top-k "
+      f"across layers (indexer_layers={params.indexer_layers}, "
+      f"indexer_every={params.indexer_every}): save the model before "
+      f"sharing, or every layer's indexer."
+    )
   out = {
     k: v
     for k, v in dict(base or {}).items()

@@ -255,6 +255,11 @@ class Family:
       )
     if cfg.attention == "dsa":
       params = registry.get("dsa").params_from_config(cfg)
+      if params.indexer_layers is not None or params.indexer_every != 1:
+        problems.append(
+          "top-k reuse across layers (indexer_layers / indexer_every: the "
+          "format has an indexer in every DSA layer)"
+        )
       if params.indexer_precision != "float32":
         problems.append(
           f"indexer_precision={params.indexer_precision!r} (an inference "

@@ -33,6 +33,7 @@ from sparse_attn import registry
 from sparse_attn.config import ModelConfig
 from sparse_attn.models.cache import Cache
 from sparse_attn.nn.base import MODES, Aux, check_mode
+from sparse_attn.nn.index_share import group_sizes
 from sparse_attn.nn.mlp import SwiGLU
 from sparse_attn.nn.moe import MoE
 from sparse_attn.nn.norm import RMSNorm
@@ -71,6 +72,7 @@ class Block(nnx.Module):
     cache: None = None,
     view: int | None = None,
     context_parallel: Any = None,
+    shared: Any = None,
   ) -> tuple[jax.Array, Aux]: ...
 
   @overload
@@ -84,6 +86,7 @@ class Block(nnx.Module):
     cache: Any,
     view: int | None = None,
     context_parallel: Any = None,
+    shared: Any = None,
   ) -> tuple[jax.Array, Aux, Any]: ...
 
   def __call__(
@@ -96,8 +99,10 @@ class Block(nnx.Module):
     cache: Any = None,
     view: int | None = None,
     context_parallel: Any = None,
+    shared: Any = None,
   ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
-    """(x, aux) without a cache; (x, aux, cache) with one."""
+    """(x, aux) without a cache; (x, aux, cache) with one (shared: see
+    `AttentionLayer.__call__`)."""
     h = self.attn_norm(x)
     if cache is None:
       y, aux = self.attn(
@@ -106,6 +111,7 @@ class Block(nnx.Module):
         kv_lengths=kv_lengths,
         mode=mode,
         context_parallel=context_parallel,
+        shared=shared,
       )
     else:
       y, aux, cache = self.attn(
@@ -116,6 +122,7 @@ class Block(nnx.Module):
         cache=cache,
         view=view,
         context_parallel=context_parallel,
+        shared=shared,
       )
     x = x + y.astype(x.dtype)
     x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
@@ -145,6 +152,12 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List(
       [Block(cfg, layer_index=i, rngs=rngs) for i in range(cfg.num_layers)]
     )
+    # IndexCache: each DSA layer's sharing group (its full layer + the
+    # layers reusing that layer's top-k), for the distillation loss's mean.
+    roles = [getattr(b.attn, "index_role", None) for b in self.blocks]
+    for block, size in zip(self.blocks, group_sizes(roles)):
+      if size:
+        block.attn.index_group_size = size  # pyright: ignore[reportAttributeAccessIssue]
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pd)
     if not cfg.tie_embeddings:
       self.unembed = param(
@@ -305,6 +318,7 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens)
     totals: Aux | None = None
     new_layers = []
+    shared = None  # the last full DSA layer's selection (IndexCache)
     for i, block in enumerate(self.blocks):
       if cache is None:
         x, aux = block(
@@ -313,6 +327,7 @@ class Transformer(nnx.Module):
           kv_lengths=kv_lengths,
           mode=mode,
           context_parallel=context_parallel,
+          shared=shared,
         )
       else:
         x, aux, lc = block(
@@ -323,8 +338,13 @@ class Transformer(nnx.Module):
           cache=cache.layers[i],
           view=view,
           context_parallel=context_parallel,
+          shared=shared,
         )
         new_layers.append(lc)
+      aux = dict(aux)
+      exported = aux.pop("index_share", None)
+      if exported is not None:
+        shared = exported
       totals = aux if totals is None else jax.tree.map(jnp.add, totals, aux)
     if logits_at is not None:
       at = jnp.clip(jnp.asarray(logits_at, jnp.int32), 0, length - 1)

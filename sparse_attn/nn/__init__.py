@@ -21,6 +21,8 @@ from sparse_attn.nn.base import (
 from sparse_attn.nn.dense import DenseAttention, DenseParams
 from sparse_attn.nn.dsa import DSAAttention, DSACache, DSAParams
 from sparse_attn.nn.hisa import HISAAttention, HISAParams
+from sparse_attn.nn.index_share import SharedIndex
+from sparse_attn.nn.indexcache import IndexCacheAttention, IndexCacheParams
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind, pure_form
 from sparse_attn.nn.lsh import LSHAttention, LSHCache, LSHParams
@@ -57,6 +59,8 @@ __all__ = [
   "FixedParams",
   "HISAAttention",
   "HISAParams",
+  "IndexCacheAttention",
+  "IndexCacheParams",
   "KVCache",
   "LSHAttention",
   "LSHCache",
@@ -76,6 +80,7 @@ __all__ = [
   "NSAParams",
   "RMSNorm",
   "SlidingWindowAttention",
+  "SharedIndex",
   "SlidingWindowParams",
   "StridedAttention",
   "StridedParams",

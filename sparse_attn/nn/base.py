@@ -145,6 +145,9 @@ class Context:
   # The sequence sharded over a mesh axis (`sparse_attn.nn.context_parallel`
   # .ContextParallel); None: every device holds the whole sequence.
   context_parallel: Any = None
+  # The selection of the nearest preceding full DSA layer, for a layer that
+  # reuses it (`sparse_attn.nn.index_share.SharedIndex`, IndexCache).
+  shared: Any = None
 
   @property
   def decoding(self) -> bool:
@@ -384,6 +387,7 @@ class AttentionLayer(nnx.Module):
     cache: None = None,
     view: int | None = None,
     context_parallel: Any = None,
+    shared: Any = None,
   ) -> tuple[jax.Array, Aux]: ...
 
   @overload
@@ -397,6 +401,7 @@ class AttentionLayer(nnx.Module):
     cache: Any,
     view: int | None = None,
     context_parallel: Any = None,
+    shared: Any = None,
   ) -> tuple[jax.Array, Aux, Any]: ...
 
   def __call__(
@@ -409,6 +414,7 @@ class AttentionLayer(nnx.Module):
     cache: Any = None,
     view: int | None = None,
     context_parallel: Any = None,
+    shared: Any = None,
   ) -> tuple[jax.Array, Aux] | tuple[jax.Array, Aux, Any]:
     """(y, aux) without a cache; (y, aux, new_cache) with one (see module doc).
 
@@ -419,6 +425,11 @@ class AttentionLayer(nnx.Module):
     layout; padding past kv_lengths allowed): its K/V rows are written in
     natural order and its queries attend the cache view, read whole on
     every shard. Single-token decode steps run without it.
+
+    shared: the `SharedIndex` of the nearest preceding full DSA layer of
+    the same call (IndexCache), for a DSA layer without an indexer of its
+    own; every other layer ignores it. A full layer returns its own in
+    aux["index_share"] (the Transformer passes it on).
     """
     check_mode(mode)
     if x.ndim != 3 or x.shape[-1] != self.embed_dim:
@@ -444,7 +455,12 @@ class AttentionLayer(nnx.Module):
     q, k, v = self.project(x, positions)
     if cache is None:
       ctx = Context(
-        x, positions, kv_lengths, mode, context_parallel=context_parallel
+        x,
+        positions,
+        kv_lengths,
+        mode,
+        context_parallel=context_parallel,
+        shared=shared,
       )
       o, aux, _ = self.attend(q, k, v, ctx)
       self._check_attend(x, o, aux)
@@ -476,6 +492,7 @@ class AttentionLayer(nnx.Module):
       cache=cache,
       view=view,
       context_parallel=context_parallel,
+      shared=shared,
     )
     o, aux, new_cache = self.attend(q, k_view, v_view, ctx)
     self._check_attend(x, o, aux)

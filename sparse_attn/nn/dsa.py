@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from sparse_attn.nn import index_share
 from sparse_attn.nn.base import (
   AttentionLayer,
   Aux,
@@ -31,6 +32,7 @@ from sparse_attn.nn.base import (
   counts_aux,
   write_rows,
 )
+from sparse_attn.nn.index_share import SharedIndex
 from sparse_attn.nn.indexer import LightningIndexer
 from sparse_attn.nn.kind import AttentionKind
 from sparse_attn.ops import checks, hisa, quantize
@@ -61,6 +63,14 @@ class DSAParams:
   their mean key, the best `hisa_blocks` kept, then the top-k of their
   keys); hisa_blocks: HISA's kept blocks per query (m >= 2; the paper's
   64 with block size 128).
+  indexer_layers / indexer_every: top-k reuse across layers (IndexCache,
+  `sparse_attn.nn.index_share`): the layers whose index is in
+  indexer_layers (None: every indexer_every-th layer from 0; the default 1
+  is every layer) own an indexer; the others reuse the selection of the
+  nearest preceding one. index_share_distill: a reusing layer adds its KL
+  against that indexer (the multi-layer distillation loss; each KL of a
+  group is divided by the group's size); False: only full layers train
+  their indexers, on their own attention.
   """
 
   top_k: int = 64
@@ -73,6 +83,9 @@ class DSAParams:
   indexer_rope_interleaved: bool = False
   hisa_block_size: int | None = None
   hisa_blocks: int = hisa.PAPER_NUM_BLOCKS
+  indexer_layers: tuple[int, ...] | None = None
+  indexer_every: int = 1
+  index_share_distill: bool = True
 
   def __post_init__(self):
     check_indexer_params(self)
@@ -91,6 +104,9 @@ def check_indexer_params(p: Any) -> None:
   quantize.check_indexer_precision(p.indexer_precision, p.indexer_scale_fmt)
   if p.hisa_block_size is not None:
     hisa.check_hisa_sizes(p.hisa_block_size, p.hisa_blocks)
+  if isinstance(p.indexer_layers, list):  # from JSON
+    object.__setattr__(p, "indexer_layers", tuple(p.indexer_layers))
+  index_share.check_index_share_params(p)
   if p.indexer_precision == "fp8" and p.indexer_dim & (p.indexer_dim - 1):
     raise ValueError(
       f"indexer_precision='fp8' rotates by a Hadamard matrix: indexer_dim "
@@ -107,6 +123,39 @@ def index_selector(p: Any) -> Callable[..., jax.Array] | None:
   return functools.partial(
     hisa.hisa_topk, block_size=p.hisa_block_size, num_blocks=p.hisa_blocks
   )
+
+
+def index_role(p: Any, layer_index: int) -> str:
+  """ "full" (owns an indexer) or "shared" (reuses the top-k of the nearest
+  preceding full layer) for the DSA layer at layer_index (IndexCache)."""
+  return "full" if index_share.owns_indexer(p, layer_index) else "shared"
+
+
+def sharing(p: Any) -> bool:
+  """Whether some DSA layer under params p reuses another's top-k."""
+  return p.indexer_layers is not None or p.indexer_every > 1
+
+
+def share_options(layer: Any) -> dict[str, Any]:
+  """distill / kl_weight / layer name of a DSA layer's IndexCache losses:
+  with distillation each KL of a group is divided by the group's size (the
+  mean over the layers a full layer serves)."""
+  distill = layer.dsa.index_share_distill
+  weight = 1.0 / layer.index_group_size if distill else 1.0
+  return {
+    "distill": distill,
+    "kl_weight": weight,
+    "layer": f"{type(layer).__name__} (layer {layer.layer_index})",
+  }
+
+
+def check_has_indexer(layer: Any) -> None:
+  if layer.indexer is None:
+    raise ValueError(
+      f"{type(layer).__name__} at layer {layer.layer_index} has no indexer: "
+      f"it reuses the top-k of an earlier layer (indexer_layers="
+      f"{layer.dsa.indexer_layers}, indexer_every={layer.dsa.indexer_every})."
+    )
 
 
 def build_indexer(
@@ -227,6 +276,8 @@ def indexed_attention(
   topk_block_sizes: Any = None,
   attention_block_sizes: Any = None,
   select: Callable[..., jax.Array] | None = None,
+  export: bool = False,
+  kl_weight: float = 1.0,
 ) -> tuple[jax.Array, Aux]:
   """DSA's attention for the stage `ctx.mode`: (o [B, T, H, Dv], aux).
 
@@ -239,13 +290,20 @@ def indexed_attention(
   array is sequence-sharded in its layout order and the same stages run
   through `ContextParallel.indexed_attention`. `select` replaces the
   sparse stage's flat top-k (`index_selector`: HISA's hierarchical one).
+  export: also return aux["index_share"], the `SharedIndex` the layers
+  reusing this selection need (IndexCache); kl_weight scales the KL.
   """
-  kl = None
+  kl, idx = None, None
   if ctx.context_parallel is not None and select is not None:
     raise ValueError(
       "context_parallel: HISA's hierarchical top-k (hisa_block_size) does "
       "not run on a sharded sequence; use the flat top-k (hisa_block_size="
       "None) or context=1."
+    )
+  if ctx.context_parallel is not None and export:
+    raise ValueError(
+      "context_parallel: top-k reuse across layers (indexer_layers / "
+      "indexer_every) does not run on a sharded sequence."
     )
   if ctx.context_parallel is not None:
     o, idx, kl = ctx.context_parallel.indexed_attention(
@@ -315,6 +373,88 @@ def indexed_attention(
         q, k, q_idx, k_idx, weights, kv_lengths=ctx.kv_lengths, scale=scale
       )
     attended = None  # dense: every visible pair
+  if kl is not None and kl_weight != 1.0:
+    kl = kl * kl_weight
+  aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
+  if export:
+    sparse = ctx.mode == "sparse"
+    cast(dict, aux)["index_share"] = SharedIndex(
+      q_idx, k_idx, weights, idx if sparse else None
+    )
+  return o, aux
+
+
+def shared_indexed_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  ctx: Context,
+  *,
+  scale: float | None = None,
+  implementation: str | None = None,
+  attention_block_sizes: Any = None,
+  distill: bool = True,
+  kl_weight: float = 1.0,
+  layer: str = "this layer",
+) -> tuple[jax.Array, Aux]:
+  """A reusing layer's attention (IndexCache): (o [B, T, H, Dv], aux).
+
+  "sparse": gathered attention over the keys `ctx.shared` (the nearest
+  preceding full layer's `SharedIndex`) selected, and with `distill` this
+  layer's sparse KL against that layer's indexer; "warmup": dense attention
+  and the dense KL against it; "dense": dense attention. The KL (times
+  kl_weight) trains the full layer's indexer only.
+  """
+  s = ctx.shared
+  if s is None:
+    raise ValueError(
+      f"{layer} reuses the top-k of an earlier full DSA layer (IndexCache) "
+      "and needs its SharedIndex (shared=): run it inside the Transformer, "
+      "or pass the full layer's aux['index_share']."
+    )
+  if ctx.context_parallel is not None:
+    raise ValueError(
+      "context_parallel: top-k reuse across layers (indexer_layers / "
+      "indexer_every) does not run on a sharded sequence."
+    )
+  kl = None
+  if ctx.mode == "sparse":
+    if s.indices is None:
+      raise ValueError(
+        f"{layer} runs the sparse stage but the full layer it reuses "
+        "exported no selection (it ran in another mode)."
+      )
+    o = gathered_attention(
+      q,
+      k,
+      v,
+      s.indices,
+      scale=scale,
+      implementation=implementation,
+      block_sizes=attention_block_sizes,
+    )
+    if distill and not ctx.decoding:
+      kl = sparse_indexer_kl(
+        q, k, s.q_idx, s.k_idx, s.weights, s.indices, scale=scale
+      )
+    attended = s.indices >= 0
+  else:
+    o = dense_attention(
+      q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths, scale=scale
+    )
+    if ctx.mode == "warmup" and distill and not ctx.decoding:
+      kl = dense_indexer_kl(
+        q,
+        k,
+        s.q_idx,
+        s.k_idx,
+        s.weights,
+        kv_lengths=ctx.kv_lengths,
+        scale=scale,
+      )
+    attended = None
+  if kl is not None and kl_weight != 1.0:
+    kl = kl * kl_weight
   aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
   return o, aux
 
@@ -365,6 +505,9 @@ class DSAAttention(AttentionLayer):
     indexer_rope_interleaved: bool = DSAParams.indexer_rope_interleaved,
     hisa_block_size: int | None = DSAParams.hisa_block_size,
     hisa_blocks: int = DSAParams.hisa_blocks,
+    indexer_layers: tuple[int, ...] | None = DSAParams.indexer_layers,
+    indexer_every: int = DSAParams.indexer_every,
+    index_share_distill: bool = DSAParams.index_share_distill,
     rope_base: float = 10000.0,
     rope_scaling: Any = None,
     dtype: Any = jnp.float32,
@@ -395,25 +538,39 @@ class DSAAttention(AttentionLayer):
       indexer_rope_interleaved=indexer_rope_interleaved,
       hisa_block_size=hisa_block_size,
       hisa_blocks=hisa_blocks,
+      indexer_layers=indexer_layers,
+      indexer_every=indexer_every,
+      index_share_distill=index_share_distill,
     )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
-    self.indexer = build_indexer(
-      embed_dim,
-      self.dsa,
-      rope_dim=indexer_rope_dim,
-      rope_base=rope_base,
-      rope_scaling=self.rope_scaling,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=rngs,
+    self.index_role = index_role(self.dsa, self.layer_index)
+    # None for a layer that reuses an earlier one's top-k (IndexCache).
+    self.indexer = nnx.data(
+      build_indexer(
+        embed_dim,
+        self.dsa,
+        rope_dim=indexer_rope_dim,
+        rope_base=rope_base,
+        rope_scaling=self.rope_scaling,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+      if self.index_role == "full"
+      else None
     )
+
+  #: The size of this layer's IndexCache group (set by the Transformer).
+  index_group_size: int = 1
 
   def index(
     self, x: jax.Array, positions: jax.Array, *, return_key_codes: bool = False
   ) -> Any:
     """Indexer inputs (q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI])
     (+ the FP8 key codes, see `LightningIndexer`)."""
+    check_has_indexer(self)
+    assert self.indexer is not None
     if self.detach_indexer_input:
       x = jax.lax.stop_gradient(x)
     return self.indexer(x, positions, return_key_codes=return_key_codes)
@@ -425,14 +582,27 @@ class DSAAttention(AttentionLayer):
     *,
     dtype: Any = None,
     index_dtype: Any = "float32",
-  ) -> DSACache:
+  ) -> DSACache | KVCache:
     kv = super().init_cache(batch_size, max_len, dtype=dtype)
+    if self.indexer is None:  # IndexCache: no indexer, no indexer cache
+      return kv
     k_idx, scale = index_key_cache(
       batch_size, max_len, self.indexer.head_dim, index_dtype
     )
     return DSACache(k=kv.k, v=kv.v, k_idx=k_idx, k_idx_scale=scale)
 
   def attend(self, q, k, v, ctx: Context):
+    if self.index_role == "shared":
+      o, aux = shared_indexed_attention(
+        q,
+        k,
+        v,
+        ctx,
+        implementation=self.implementation,
+        attention_block_sizes=self.attention_block_sizes,
+        **share_options(self),
+      )
+      return o, aux, ctx.cache
     q_idx, k_idx, w, cache = step_indexer_inputs(self, ctx)
     o, aux = indexed_attention(
       q,
@@ -447,6 +617,8 @@ class DSAAttention(AttentionLayer):
       topk_block_sizes=self.topk_block_sizes,
       attention_block_sizes=self.attention_block_sizes,
       select=index_selector(self.dsa),
+      export=sharing(self.dsa),
+      kl_weight=share_options(self)["kl_weight"],
     )
     return o, aux, cache
 

@@ -33,10 +33,15 @@ from sparse_attn.nn.dsa import (
   INDEXER_CONFIG_FIELDS,
   DSAParams,
   build_indexer,
+  check_has_indexer,
   check_indexer_params,
   index_key_cache,
+  index_role,
   index_selector,
   indexed_attention,
+  share_options,
+  shared_indexed_attention,
+  sharing,
   step_indexer_inputs,
 )
 from sparse_attn.nn.kind import AttentionKind
@@ -101,6 +106,9 @@ class MLADSAAttention(MLAAttention):
     indexer_rope_interleaved: bool = DSAParams.indexer_rope_interleaved,
     hisa_block_size: int | None = DSAParams.hisa_block_size,
     hisa_blocks: int = DSAParams.hisa_blocks,
+    indexer_layers: tuple[int, ...] | None = DSAParams.indexer_layers,
+    indexer_every: int = DSAParams.indexer_every,
+    index_share_distill: bool = DSAParams.index_share_distill,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
     **kw: Any,
@@ -127,27 +135,41 @@ class MLADSAAttention(MLAAttention):
       indexer_rope_interleaved=indexer_rope_interleaved,
       hisa_block_size=hisa_block_size,
       hisa_blocks=hisa_blocks,
+      indexer_layers=indexer_layers,
+      indexer_every=indexer_every,
+      index_share_distill=index_share_distill,
     )
     self.top_k = top_k
     self.detach_indexer_input = detach_indexer_input
-    self.indexer = build_indexer(
-      embed_dim,
-      self.dsa,
-      rope_dim=m.qk_rope_head_dim
-      if indexer_rope_dim is None
-      else indexer_rope_dim,
-      query_input_dim=m.q_lora_rank,
-      rope_base=self.rope_base,
-      rope_scaling=self.rope_scaling,
-      dtype=self.dtype,
-      param_dtype=param_dtype,
-      rngs=rngs,
+    self.index_role = index_role(self.dsa, self.layer_index)
+    # None for a layer that reuses an earlier one's top-k (IndexCache).
+    self.indexer = nnx.data(
+      build_indexer(
+        embed_dim,
+        self.dsa,
+        rope_dim=m.qk_rope_head_dim
+        if indexer_rope_dim is None
+        else indexer_rope_dim,
+        query_input_dim=m.q_lora_rank,
+        rope_base=self.rope_base,
+        rope_scaling=self.rope_scaling,
+        dtype=self.dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+      if self.index_role == "full"
+      else None
     )
+
+  #: The size of this layer's IndexCache group (set by the Transformer).
+  index_group_size: int = 1
 
   def index(
     self, x: jax.Array, positions: jax.Array, *, return_key_codes: bool = False
   ) -> Any:
     """Indexer inputs from x and MLA's query latent (both detached)."""
+    check_has_indexer(self)
+    assert self.indexer is not None
     if self.detach_indexer_input:
       x = jax.lax.stop_gradient(x)
     c_q = self.query_latent(x)
@@ -164,8 +186,10 @@ class MLADSAAttention(MLAAttention):
     *,
     dtype: Any = None,
     index_dtype: Any = "float32",
-  ) -> MLADSACache:
+  ) -> MLADSACache | MLACache:
     latent = super().init_cache(batch_size, max_len, dtype=dtype)
+    if self.indexer is None:  # IndexCache: no indexer, no indexer cache
+      return latent
     k_idx, scale = index_key_cache(
       batch_size, max_len, self.indexer.head_dim, index_dtype
     )
@@ -173,8 +197,20 @@ class MLADSAAttention(MLAAttention):
 
   def attend(self, q, k, v, ctx: Context):
     del v  # the values are the latent k's first R dims
-    q_idx, k_idx, w, cache = step_indexer_inputs(self, ctx)
     f = self.forms(q, k, self.resolve_form(ctx))
+    if self.index_role == "shared":
+      o, aux = shared_indexed_attention(
+        f.q,
+        f.k,
+        f.v,
+        ctx,
+        scale=self.scale,
+        implementation=self.implementation,
+        attention_block_sizes=self.attention_block_sizes,
+        **share_options(self),
+      )
+      return f.finish(o), aux, ctx.cache
+    q_idx, k_idx, w, cache = step_indexer_inputs(self, ctx)
     o, aux = indexed_attention(
       f.q,
       f.k,
@@ -189,6 +225,8 @@ class MLADSAAttention(MLAAttention):
       topk_block_sizes=self.topk_block_sizes,
       attention_block_sizes=self.attention_block_sizes,
       select=index_selector(self.dsa),
+      export=sharing(self.dsa),
+      kl_weight=share_options(self)["kl_weight"],
     )
     return f.finish(o), aux, cache
 
