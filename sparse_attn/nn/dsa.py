@@ -41,6 +41,7 @@ from sparse_attn.ops.attention import (
   dsa_attention,
   gathered_attention,
 )
+from sparse_attn.ops.indexer import lightning_topk
 from sparse_attn.ops.losses import dense_indexer_kl, sparse_indexer_kl
 
 
@@ -293,7 +294,6 @@ def indexed_attention(
   export: also return aux["index_share"], the `SharedIndex` the layers
   reusing this selection need (IndexCache); kl_weight scales the KL.
   """
-  kl, idx = None, None
   if ctx.context_parallel is not None and select is not None:
     raise ValueError(
       "context_parallel: HISA's hierarchical top-k (hisa_block_size) does "
@@ -323,7 +323,18 @@ def indexed_attention(
       kv_lengths=ctx.kv_lengths,
     )
     attended = None if idx is None else idx >= 0
-  elif ctx.mode == "sparse" and select is not None:
+    # kl_weight is 1 here: sharing across layers is refused above.
+    return o, counts_aux(
+      attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl
+    )
+  idx = None
+  if ctx.mode == "sparse":
+    if select is None:
+      select = functools.partial(
+        lightning_topk,
+        implementation=implementation,
+        block_sizes=topk_block_sizes,
+      )
     idx = select(
       q_idx,
       k_idx,
@@ -332,56 +343,75 @@ def indexed_attention(
       q_offset=ctx.q_offset,
       kv_lengths=ctx.kv_lengths,
     )
+  o, aux = stage_attention(
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    weights,
+    idx,
+    ctx,
+    scale=scale,
+    implementation=implementation,
+    attention_block_sizes=attention_block_sizes,
+    kl_weight=kl_weight,
+  )
+  if export:
+    cast(dict, aux)["index_share"] = SharedIndex(q_idx, k_idx, weights, idx)
+  return o, aux
+
+
+def stage_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_idx: jax.Array,
+  k_idx: jax.Array,
+  weights: jax.Array,
+  indices: jax.Array | None,
+  ctx: Context,
+  *,
+  scale: float | None = None,
+  implementation: str | None = None,
+  attention_block_sizes: Any = None,
+  with_kl: bool = True,
+  kl_weight: float = 1.0,
+) -> tuple[jax.Array, Aux]:
+  """The attention and indexer KL of one DSA stage, given the selection.
+
+  indices int32[B, T, K] (the sparse stage): gathered attention over them
+  and the sparse KL; None: dense attention, and in "warmup" the dense KL.
+  No KL while decoding or without `with_kl`; it is scaled by kl_weight.
+  The indexer inputs may be another layer's (IndexCache's shared layers).
+  """
+  kl = None
+  train = with_kl and not ctx.decoding
+  if indices is not None:
     o = gathered_attention(
       q,
       k,
       v,
-      idx,
+      indices,
       scale=scale,
       implementation=implementation,
       block_sizes=attention_block_sizes,
     )
-    if not ctx.decoding:
-      kl = sparse_indexer_kl(q, k, q_idx, k_idx, weights, idx, scale=scale)
-    attended = idx >= 0
-  elif ctx.mode == "sparse":
-    o, idx = dsa_attention(
-      q,
-      k,
-      v,
-      q_idx,
-      k_idx,
-      weights,
-      top_k=top_k,
-      q_offset=ctx.q_offset,
-      kv_lengths=ctx.kv_lengths,
-      scale=scale,
-      implementation=implementation,
-      return_indices=True,
-      topk_block_sizes=topk_block_sizes,
-      attention_block_sizes=attention_block_sizes,
-    )
-    if not ctx.decoding:
-      kl = sparse_indexer_kl(q, k, q_idx, k_idx, weights, idx, scale=scale)
-    attended = idx >= 0
+    if train:
+      kl = sparse_indexer_kl(q, k, q_idx, k_idx, weights, indices, scale=scale)
+    attended = indices >= 0
   else:
     o = dense_attention(
       q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths, scale=scale
     )
-    if ctx.mode == "warmup" and not ctx.decoding:
+    if ctx.mode == "warmup" and train:
       kl = dense_indexer_kl(
         q, k, q_idx, k_idx, weights, kv_lengths=ctx.kv_lengths, scale=scale
       )
     attended = None  # dense: every visible pair
   if kl is not None and kl_weight != 1.0:
     kl = kl * kl_weight
-  aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
-  if export:
-    sparse = ctx.mode == "sparse"
-    cast(dict, aux)["index_share"] = SharedIndex(
-      q_idx, k_idx, weights, idx if sparse else None
-    )
-  return o, aux
+  return o, counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
 
 
 def shared_indexed_attention(
@@ -417,46 +447,26 @@ def shared_indexed_attention(
       "context_parallel: top-k reuse across layers (indexer_layers / "
       "indexer_every) does not run on a sharded sequence."
     )
-  kl = None
-  if ctx.mode == "sparse":
-    if s.indices is None:
-      raise ValueError(
-        f"{layer} runs the sparse stage but the full layer it reuses "
-        "exported no selection (it ran in another mode)."
-      )
-    o = gathered_attention(
-      q,
-      k,
-      v,
-      s.indices,
-      scale=scale,
-      implementation=implementation,
-      block_sizes=attention_block_sizes,
+  if ctx.mode == "sparse" and s.indices is None:
+    raise ValueError(
+      f"{layer} runs the sparse stage but the full layer it reuses "
+      "exported no selection (it ran in another mode)."
     )
-    if distill and not ctx.decoding:
-      kl = sparse_indexer_kl(
-        q, k, s.q_idx, s.k_idx, s.weights, s.indices, scale=scale
-      )
-    attended = s.indices >= 0
-  else:
-    o = dense_attention(
-      q, k, v, q_offset=ctx.q_offset, kv_lengths=ctx.kv_lengths, scale=scale
-    )
-    if ctx.mode == "warmup" and distill and not ctx.decoding:
-      kl = dense_indexer_kl(
-        q,
-        k,
-        s.q_idx,
-        s.k_idx,
-        s.weights,
-        kv_lengths=ctx.kv_lengths,
-        scale=scale,
-      )
-    attended = None
-  if kl is not None and kl_weight != 1.0:
-    kl = kl * kl_weight
-  aux = counts_aux(attended, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
-  return o, aux
+  return stage_attention(
+    q,
+    k,
+    v,
+    s.q_idx,
+    s.k_idx,
+    s.weights,
+    s.indices if ctx.mode == "sparse" else None,
+    ctx,
+    scale=scale,
+    implementation=implementation,
+    attention_block_sizes=attention_block_sizes,
+    with_kl=distill,
+    kl_weight=kl_weight,
+  )
 
 
 @struct.dataclass
@@ -692,14 +702,21 @@ INDEXER_CONFIG_FIELDS = (
   "indexer_rope_dim",
 )
 
-KIND = AttentionKind(
-  name="dsa",
-  layer=DSAAttention,
-  params=DSAParams,
-  keys_per_query=keys_per_query,
-  attention=attention,
-  budget_param="top_k",
-  has_indexer=True,
-  config_fields=INDEXER_CONFIG_FIELDS,
-  reference="DeepSeek-V3.2-Exp, 2025",
-)
+
+def dsa_kind(name: str, layer: type, params: type, reference: str):
+  """The spec of DSA or of a DSA variant with DSA's pure form and budget
+  (a `DSAAttention` subclass whose params extend `DSAParams`)."""
+  return AttentionKind(
+    name=name,
+    layer=layer,
+    params=params,
+    keys_per_query=keys_per_query,
+    attention=attention,
+    budget_param="top_k",
+    has_indexer=True,
+    config_fields=INDEXER_CONFIG_FIELDS,
+    reference=reference,
+  )
+
+
+KIND = dsa_kind("dsa", DSAAttention, DSAParams, "DeepSeek-V3.2-Exp, 2025")

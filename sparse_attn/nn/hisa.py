@@ -19,14 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sparse_attn.nn.dsa import (
-  INDEXER_CONFIG_FIELDS,
-  DSAAttention,
-  DSAParams,
-  attention,
-  keys_per_query,
-)
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.dsa import DSAAttention, DSAParams, dsa_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +68,6 @@ class HISAAttention(DSAAttention):
     )
 
 
-KIND = AttentionKind(
-  name="hisa",
-  layer=HISAAttention,
-  params=HISAParams,
-  keys_per_query=keys_per_query,
-  attention=attention,
-  budget_param="top_k",
-  has_indexer=True,
-  config_fields=INDEXER_CONFIG_FIELDS,
-  reference="Xu et al. 2026 (HISA), arXiv:2603.28458",
+KIND = dsa_kind(
+  "hisa", HISAAttention, HISAParams, "Xu et al. 2026 (HISA), arXiv:2603.28458"
 )

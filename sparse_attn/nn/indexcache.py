@@ -20,14 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sparse_attn.nn.dsa import (
-  INDEXER_CONFIG_FIELDS,
-  DSAAttention,
-  DSAParams,
-  attention,
-  keys_per_query,
-)
-from sparse_attn.nn.kind import AttentionKind
+from sparse_attn.nn.dsa import DSAAttention, DSAParams, dsa_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +56,9 @@ class IndexCacheAttention(DSAAttention):
     )
 
 
-KIND = AttentionKind(
-  name="indexcache",
-  layer=IndexCacheAttention,
-  params=IndexCacheParams,
-  keys_per_query=keys_per_query,
-  attention=attention,
-  budget_param="top_k",
-  has_indexer=True,
-  config_fields=INDEXER_CONFIG_FIELDS,
-  reference="Bai et al. 2026 (IndexCache), arXiv:2603.12201",
+KIND = dsa_kind(
+  "indexcache",
+  IndexCacheAttention,
+  IndexCacheParams,
+  "Bai et al. 2026 (IndexCache), arXiv:2603.12201",
 )

@@ -45,6 +45,19 @@ def check_qkv(q, k, v, q_offset=None, kv_lengths=None):
   return qs, ks, vs
 
 
+def check_indexed_qkv(q, k, v, q_idx, k_idx, q_offset=None, kv_lengths=None):
+  """check_qkv, and indexer inputs q_idx [B, T, HI, DI], k_idx [B, S, DI]
+  over the same tokens (DSA and its variants)."""
+  qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
+  iq = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
+  ik = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
+  if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
+    raise ValueError(
+      f"indexer inputs must cover the same tokens as the attention: q_idx "
+      f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S])."
+    )
+
+
 def default_scale(scale: float | None, head_dim: int) -> float:
   return head_dim**-0.5 if scale is None else scale
 
@@ -458,14 +471,7 @@ def dsa_attention(
   attention_block_sizes = dispatch.block_sizes(
     "gathered_attention", attention_block_sizes, "attention_block_sizes"
   )
-  qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
-  iq = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
-  ik = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
-  if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
-    raise ValueError(
-      f"indexer inputs must cover the same tokens as the attention: q_idx "
-      f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S])."
-    )
+  check_indexed_qkv(q, k, v, q_idx, k_idx, q_offset, kv_lengths)
   indices = lightning_topk(
     q_idx,
     k_idx,

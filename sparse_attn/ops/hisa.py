@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn.ops import checks, chunking, masking
-from sparse_attn.ops.attention import check_qkv, gathered_attention
+from sparse_attn.ops.attention import check_indexed_qkv, gathered_attention
 from sparse_attn.ops.indexer import (
   check_indexer_inputs,
   relu_scores,
@@ -200,14 +200,7 @@ def hisa_attention(
   included, `attention_block_sizes` its tiling); the top-k is XLA.
   return_indices: also return the int32[B, T, K] selection.
   """
-  qs, ks, _ = check_qkv(q, k, v, q_offset, kv_lengths)
-  iq = checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
-  ik = checks.check_rank("k_idx", k_idx, 3, "[B, S, DI]")
-  if iq[:2] != qs[:2] or ik[:2] != ks[:2]:
-    raise ValueError(
-      f"indexer inputs must cover the same tokens as the attention: q_idx "
-      f"{iq} vs q {qs} ([B, T]), k_idx {ik} vs k {ks} ([B, S])."
-    )
+  check_indexed_qkv(q, k, v, q_idx, k_idx, q_offset, kv_lengths)
   indices = hisa_topk(
     q_idx,
     k_idx,
