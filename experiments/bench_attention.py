@@ -229,13 +229,19 @@ def cost_model(a, kind, mode, length, params):
     if mode == "decode":
       scored = scored[-1:]
     index = 2.0 * b * hi * (di + 1) * scored.sum()
+  if base == "csa":  # the indexer scores every visible entry
+    ratio = registry.get("csa").make_params(**params).ratio
+    scored = np.arange(1, length + 1) // ratio
+    if mode == "decode":
+      scored = scored[-1:]
+    index = 2.0 * b * hi * (di + 1) * scored.sum()
   if mode == "fwdbwd":
     attn *= 3.0  # backward ~ 2x forward (dQ, dK, dV, dP matmuls)
   if kind in TOPK_KINDS:
     flops = index
   elif kind == "dsa:attn":
     flops = attn
-  elif base in ("dsa", "hisa"):
+  elif base in ("dsa", "hisa", "csa"):
     flops = attn + index
   else:
     flops = attn

@@ -22,6 +22,7 @@ from typing import Any
 from flax import nnx
 
 from sparse_attn.nn import (
+  compressed,
   dense,
   dsa,
   hisa,
@@ -138,6 +139,8 @@ for _builtin in (
   mla_dsa.KIND,
   hisa.KIND,
   indexcache.KIND,
+  compressed.CSA_KIND,
+  compressed.HCA_KIND,
 ):
   register(_builtin)
 

@@ -1,6 +1,6 @@
 """Subprocess worker for tests that need their own JAX process.
 
-  python tests/_train_worker.py mesh_equiv [deepseek_v32|hisa]   (XLA_FLAGS: 8 host devices)
+  python tests/_train_worker.py mesh_equiv [deepseek_v32|hisa|csa]   (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py context_equiv                (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py context_prefill              (XLA_FLAGS: 8 host devices)
   python tests/_train_worker.py multihost OUT PROCESS_ID NUM_PROCESSES PORT [RUN_DIR]
@@ -95,6 +95,14 @@ HISA = (
 )
 
 
+# DeepSeek-V4's CSA: groups of 4 pooled, a window of 4, top-k entries.
+CSA = (
+  'model.attention="csa"',
+  'model.attention_params={"ratio": 4, "window": 4}',
+)
+FAMILY_OVERRIDES = {"hisa": HISA, "csa": CSA}
+
+
 def _flat(tree):
   import jax
   import numpy as np
@@ -121,7 +129,7 @@ def mesh_equiv(family="transformer"):
     ("eight", jax.devices(), [2, 2, 2]),
   ):
     make = deepseek_config if family == "deepseek_v32" else small_config
-    extra = () if family != "hisa" else HISA
+    extra = FAMILY_OVERRIDES.get(family, ())
     cfg = make(f"train.mesh_shape={json.dumps(mesh)}", *extra)
     s = T.setup(cfg, devices)
     state = T.init_state(s)

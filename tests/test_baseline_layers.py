@@ -67,6 +67,7 @@ def test_registry():
     "lsh",
     "nsa",
     "moba",
+    "hca",
   }
   for cls in registry.BASELINE_LAYERS.values():
     assert issubclass(cls, AttentionLayer)

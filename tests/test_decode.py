@@ -45,6 +45,8 @@ BASELINE_PARAMS = {
     "window": 8,
   },
   "lsh": {"chunk_size": 8, "n_buckets": 4},
+  "csa": {"ratio": 4, "window": 4, "top_k": 3},
+  "hca": {"ratio": 4, "window": 4},
 }
 
 

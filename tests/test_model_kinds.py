@@ -23,6 +23,8 @@ KINDS = [
   "mla_dsa",
   "hisa",
   "indexcache",
+  "csa",
+  "hca",
 ]
 _MLA = {
   "q_lora_rank": 16,
@@ -40,6 +42,8 @@ SMALL = {
   "lsh": {"n_buckets": 4, "chunk_size": 8},
   "moba": {"block_size": 8, "top_k": 2},
   "hisa": {"hisa_block_size": 4, "hisa_blocks": 3},
+  "csa": {"ratio": 4, "window": 4},
+  "hca": {"ratio": 4, "window": 4},
   "nsa": {
     "cmp_block": 8,
     "cmp_stride": 4,

@@ -79,13 +79,16 @@ def test_tree_shardings_follow_param_metadata():
   assert len(leaves) == len(jax.tree.leaves(s.abstract_state))
 
 
-@pytest.mark.parametrize("family", ["transformer", "deepseek_v32", "hisa"])
+@pytest.mark.parametrize(
+  "family", ["transformer", "deepseek_v32", "hisa", "csa"]
+)
 def test_train_step_8_devices_matches_1_device(family):
   """Mesh (2,2,2) on 8 virtual CPU devices == 1 device (loss and params).
 
   deepseek_v32: MLA + DSA with the kernels in the absorbed shape (interpret
   mode) and MoE experts split over "tensor". hisa: the transformer with
-  HISA's hierarchical top-k (8 key blocks, 3 kept).
+  HISA's hierarchical top-k (8 key blocks, 3 kept); csa: with
+  DeepSeek-V4's compressed sparse attention (groups of 4, window 4).
   """
   env = dict(
     os.environ,

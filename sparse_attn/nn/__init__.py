@@ -18,6 +18,13 @@ from sparse_attn.nn.base import (
   dense_key_counts,
   write_rows,
 )
+from sparse_attn.nn.compressed import (
+  CompressedCache,
+  CSAAttention,
+  CSAParams,
+  HCAAttention,
+  HCAParams,
+)
 from sparse_attn.nn.dense import DenseAttention, DenseParams
 from sparse_attn.nn.dsa import DSAAttention, DSACache, DSAParams
 from sparse_attn.nn.hisa import HISAAttention, HISAParams
@@ -49,8 +56,13 @@ __all__ = [
   "MODES",
   "AttentionKind",
   "AttentionLayer",
+  "CSAAttention",
+  "CSAParams",
+  "CompressedCache",
   "Context",
   "DSAAttention",
+  "HCAAttention",
+  "HCAParams",
   "DSACache",
   "DSAParams",
   "DenseAttention",

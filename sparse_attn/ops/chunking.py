@@ -25,7 +25,7 @@ def auto_chunk(
 
 
 def map_query_chunks(
-  fn: Callable[..., Any], chunk: int, *arrays: jnp.ndarray
+  fn: Callable[..., Any], chunk: int, *arrays: jnp.ndarray | None
 ) -> Any:
   """Applies fn(start, *blocks) to query blocks; arrays carry T on axis 1.
 
