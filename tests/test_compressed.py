@@ -286,3 +286,16 @@ def test_errors():
       jnp.ones((3, G, 2, D)),
       4,
     )
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_shorter_than_one_group_is_the_window(kind):
+  """No complete group: no entry, the layer attends its window (+ sink)."""
+  layer = _layer(kind, ratio=8, window=2)
+  x = jax.random.normal(jax.random.key(7), (1, 5, E))
+  for mode in ("sparse", "warmup"):
+    y, aux = _fwd(layer, x, mode)
+    assert np.all(np.isfinite(y)) and float(aux["indexer_kl"]) == 0.0
+    assert float(aux["attended_keys"]) == 1 + 2 * 4
+  g = jax.grad(lambda x: jnp.sum(layer(x, mode="sparse")[0]))(x)
+  assert np.all(np.isfinite(g))

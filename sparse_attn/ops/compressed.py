@@ -96,6 +96,8 @@ def pool_groups(
     )
   b, s = ks[:2]
   n = s // ratio
+  if n == 0:  # shorter than one group: no entry yet
+    return jnp.zeros((b, 0, ks[2], ks[4]), kv.dtype)
   grouped = (b, n, ratio, *ks[2:])
   c = kv[:, : n * ratio].reshape(grouped)
   z = gate[:, : n * ratio].reshape(grouped).astype(jnp.float32)
@@ -171,8 +173,20 @@ def compressed_topk(
   checks.check_rank("q_idx", q_idx, 4, "[B, T, HI, DI]")
   checks.check_rank("k_idx", k_idx, 3, "[B, N, DI]")
   k = checks.check_k(k)
-  scores = compressed_scores(q_idx, k_idx, weights, q_pos, ratio, kv_lengths)
-  return two_stage_topk(scores, k)
+  if k_idx.shape[1] == 0:  # no complete group yet
+    return jnp.full((*q_idx.shape[:2], k), -1, jnp.int32)
+  # Query blocks bound the [chunk, N, HI] intermediates, as DSA's top-k.
+  chunk = chunking.auto_chunk(
+    q_idx.shape[1], k_idx.shape[1] * q_idx.shape[2], _BUDGET
+  )
+
+  def block(start, qb, wb, pb):
+    del start
+    return two_stage_topk(
+      compressed_scores(qb, k_idx, wb, pb, ratio, kv_lengths), k
+    )
+
+  return chunking.map_query_chunks(block, chunk, q_idx, weights, q_pos)
 
 
 def _check_entries(ck, cv, ks, vs):
@@ -234,6 +248,11 @@ def compressed_attention(
   scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
   acc = checks.acc_dtype(q)
+  empty = num_entries == 0
+  if empty:  # no complete group yet: one placeholder entry, never visible
+    ck = jnp.zeros((batch, 1, num_kv, head_dim), ck.dtype)
+    cv = jnp.zeros((batch, 1, num_kv, vs[3]), cv.dtype)
+    num_entries = 1
   width = min(window, num_keys)
   slots = width + (num_entries if indices is None else indices.shape[2])
   if query_chunk is None:
@@ -273,6 +292,8 @@ def compressed_attention(
         preferred_element_type=acc,
       )
       cv_b = gather_rows(cv, c_safe)
+    if empty:
+      c_ok = jnp.zeros_like(c_ok)
     parts = [logits_w * scale, logits_c * scale]
     valid = [
       jnp.broadcast_to(w_ok[:, :, None, None, :], logits_w.shape),
@@ -345,6 +366,8 @@ def compressed_indexer_kl(
     )
   batch, num_q = qs[:2]
   num_entries, num_kv = cks[1], cks[2]
+  if num_entries == 0:  # no entry yet: an empty support everywhere
+    return jnp.zeros((), jnp.float32)
   scale = default_scale(scale, qs[3])
   offset = masking.resolve_q_offset(
     q_offset, batch, num_q, num_q if num_tokens is None else num_tokens
