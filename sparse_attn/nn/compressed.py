@@ -25,8 +25,9 @@ compressor inputs (contents and gate logits, and the indexer's), and the
 entries over the view are pooled again at every call, so decoding attends
 exactly what the forward does.
 
-The defaults are CPU-sized (CSA: ratio 4, window 8, top-k 8 entries;
-HCA: ratio 16, window 8); the paper's are `ops.compressed.PAPER_*`
+The defaults are CPU-sized (CSA: ratio 4, window 4, top-k 8 entries;
+HCA: ratio 16, window 4: the window is a quarter of CSA's entries, as in
+the paper, so a matched key budget is mostly entries); the paper's are `ops.compressed.PAPER_*`
 (ratios 4 and 128, window 128, 512 entries).
 """
 
@@ -62,7 +63,7 @@ class HCAParams:
   (the query included); sinks: a learned sink logit per head."""
 
   ratio: int = 16
-  window: int = 8
+  window: int = 4
   sinks: bool = True
 
   def __post_init__(self):
@@ -79,7 +80,7 @@ class CSAParams:
 
   top_k: int = 8
   ratio: int = 4
-  window: int = 8
+  window: int = 4
   sinks: bool = True
   indexer_heads: int = 4
   indexer_dim: int = 32
