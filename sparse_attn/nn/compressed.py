@@ -518,37 +518,12 @@ def mean_entries(x: jax.Array, ratio: int) -> jax.Array:
 
 
 def hca_attention(
-  q,
-  k,
-  v,
-  params: HCAParams,
-  *,
-  ck=None,
-  cv=None,
-  sinks=None,
-  q_offset=None,
-  kv_lengths=None,
-  scale=None,
-  **_: Any,
+  q, k, v, params: HCAParams, *, ck=None, cv=None, **kw: Any
 ) -> jax.Array:
   """HCA's pure form: `compressed_attention` over every visible entry of
   ck / cv [B, N, G, D] (the layer's compressor output; None: the groups of
   k / v mean-pooled, for benchmarks and pure-function use)."""
-  if ck is None or cv is None:
-    ck, cv = mean_entries(k, params.ratio), mean_entries(v, params.ratio)
-  return comp.compressed_attention(
-    q,
-    k,
-    v,
-    ck,
-    cv,
-    ratio=params.ratio,
-    window=params.window,
-    sinks=sinks,
-    q_offset=q_offset,
-    kv_lengths=kv_lengths,
-    scale=scale,
-  )
+  return _pure_form(q, k, v, params, ck, cv, None, **kw)
 
 
 def csa_attention(
@@ -562,11 +537,9 @@ def csa_attention(
   weights,
   ck=None,
   cv=None,
-  sinks=None,
   q_offset=None,
   kv_lengths=None,
-  scale=None,
-  **_: Any,
+  **kw: Any,
 ) -> jax.Array:
   """CSA's pure form: the top params.top_k entries by index score (q_idx
   [B, T, HI, DI], entry keys k_idx [B, N, DI], weights [B, T, HI]), then
@@ -574,19 +547,48 @@ def csa_attention(
   entries are k / v's groups mean-pooled and k_idx is per token
   ([B, S, DI], pooled the same way)."""
   if ck is None or cv is None:
-    ck, cv = mean_entries(k, params.ratio), mean_entries(v, params.ratio)
     k_idx = mean_entries(k_idx, params.ratio)
   batch, num_q = q.shape[:2]
-  q_pos = masking.query_positions(batch, num_q, k.shape[1], q_offset)
   indices = comp.compressed_topk(
     q_idx,
     k_idx,
     weights,
     params.top_k,
     ratio=params.ratio,
-    q_pos=q_pos,
+    q_pos=masking.query_positions(batch, num_q, k.shape[1], q_offset),
     kv_lengths=kv_lengths,
   )
+  return _pure_form(
+    q,
+    k,
+    v,
+    params,
+    ck,
+    cv,
+    indices,
+    q_offset=q_offset,
+    kv_lengths=kv_lengths,
+    **kw,
+  )
+
+
+def _pure_form(
+  q,
+  k,
+  v,
+  params,
+  ck,
+  cv,
+  indices,
+  *,
+  sinks=None,
+  q_offset=None,
+  kv_lengths=None,
+  scale=None,
+  **_: Any,
+) -> jax.Array:
+  if ck is None or cv is None:
+    ck, cv = mean_entries(k, params.ratio), mean_entries(v, params.ratio)
   return comp.compressed_attention(
     q,
     k,

@@ -140,6 +140,22 @@ def entry_visible(
   return mask
 
 
+def selected_visible(
+  indices: jax.Array,
+  num_entries: int,
+  ratio: int,
+  q_pos: jax.Array,
+  kv_lengths: Any = None,
+) -> jax.Array:
+  """bool[B, T, K]: the slots of indices int32[B, T, K] naming an entry
+  that `entry_visible` allows (-1 slots and incomplete entries are not)."""
+  last = (indices + 1) * ratio - 1
+  ok = (indices >= 0) & (indices < num_entries) & (last <= q_pos[:, :, None])
+  if kv_lengths is not None:
+    ok = ok & (last < jnp.asarray(kv_lengths, jnp.int32)[:, None, None])
+  return ok
+
+
 def compressed_scores(
   q_idx: jax.Array,
   k_idx: jax.Array,
@@ -280,10 +296,7 @@ def compressed_attention(
       )
       cv_b = None
     else:
-      last = (ib + 1) * ratio - 1
-      c_ok = (ib >= 0) & (ib < num_entries) & (last <= q_pos[:, :, None])
-      if kv_lengths is not None:
-        c_ok = c_ok & (last < jnp.asarray(kv_lengths, jnp.int32)[:, None, None])
+      c_ok = selected_visible(ib, num_entries, ratio, q_pos, kv_lengths)
       c_safe = jnp.where(c_ok, ib, 0)
       logits_c = jnp.einsum(
         "btgrd,btkgd->btgrk",
@@ -387,8 +400,7 @@ def compressed_indexer_kl(
       )
       index_logits = relu_scores(qib, k_idx, wb)
     else:
-      last = (ib + 1) * ratio - 1
-      valid = (ib >= 0) & (ib < num_entries) & (last <= q_pos[:, :, None])
+      valid = selected_visible(ib, num_entries, ratio, q_pos, kv_lengths)
       safe = jnp.where(valid, ib, 0)
       logits = jnp.einsum(
         "btgrd,btkgd->btgrk",
