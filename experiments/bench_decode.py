@@ -8,6 +8,10 @@ into the cache at per-row offsets, attend. Dense and DSA steps are timed
 alternately (side by side, same process, same moment), median of --reps.
 Memory: cache bytes and XLA's compiled temp bytes of the step.
 
+--kinds adds other registered kinds (e.g. csa,hca) to the same interleaved
+timing, each at its default parameters with its budget parameter matched
+to DSA's top-k at the decode position (`match_budget(..., at="last")`).
+
 Prefill: a chunked prefill of a --prefill-context prompt through a
 one-layer DSA Transformer (`sparse_attn.inference.Decoder.prefill`), run in a
 subprocess to measure its peak RSS; dense prefill too with --prefill-dense.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import resource
@@ -38,14 +43,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse_attn import budgets, registry
 from sparse_attn import inference as D
 from sparse_attn.nn import DenseAttention, DSAAttention
+from sparse_attn.nn.kind import as_kwargs
 
 
-def make_layer(kind: str, a) -> nnx.Module:
+def kind_params(kind: str, a, context: int) -> dict:
+  """A non-DSA kind's parameters at DSA's decode budget (top_k keys)."""
+  target = min(a.top_k, context + 1)
+  return budgets.match_budget(kind, context + 1, target, at="last")
+
+
+def make_layer(kind: str, a, context: int = 0) -> nnx.Module:
   e = a.heads * a.head_dim
   if kind == "dense":
     return DenseAttention(e, a.heads, a.kv_heads, a.head_dim, rngs=nnx.Rngs(0))
+  if kind != "dsa":
+    spec = registry.get(kind)
+    p = spec.make_params(**kind_params(kind, a, context))
+    assert spec.layer is not None, kind
+    return spec.layer(
+      e,
+      a.heads,
+      a.kv_heads,
+      a.head_dim,
+      **as_kwargs(p),
+      implementation="xla",
+      rngs=nnx.Rngs(0),
+    )
   return DSAAttention(
     e,
     a.heads,
@@ -67,10 +93,16 @@ def random_cache(layer, batch: int, context: int, index_dtype):
     cache = layer.init_cache(
       batch, context + 1, dtype=jnp.float32, index_dtype=index_dtype
     )
-    keys = iter(jax.random.split(jax.random.key(0), 4))
+    leaves = {
+      f.name: getattr(cache, f.name)
+      for f in dataclasses.fields(cache)
+      if isinstance(getattr(cache, f.name), jax.Array)
+      and jnp.issubdtype(getattr(cache, f.name).dtype, jnp.floating)
+      and not f.name.endswith("_scale")
+    }
+    keys = iter(jax.random.split(jax.random.key(0), len(leaves)))
     out = {}
-    for name in ("k", "v", "k_idx"):
-      s = getattr(cache, name, None)
+    for name, s in leaves.items():
       if s is not None:
         x = jax.random.normal(next(keys), s.shape, jnp.float32)
         if name == "k_idx":
@@ -105,6 +137,7 @@ def make_step(layer, view: int):
 def bench_decode(a):
   rows = []
   batch = a.batch
+  kinds = ["dense", "dsa"] + [k for k in a.kinds if k not in ("dense", "dsa")]
   e = a.heads * a.head_dim
   x = jax.random.normal(jax.random.key(1), (batch, 1, e), jnp.float32)
   eta = C.Eta([float(c) for c in a.contexts])  # a decode step reads all ctx
@@ -114,16 +147,16 @@ def bench_decode(a):
     )
     lengths = jnp.full((batch,), ctx, jnp.int32)
     runs = {}
-    for kind in ("dense", "dsa"):
-      layer = make_layer(kind, a)
+    for kind in kinds:
+      layer = make_layer(kind, a, ctx)
       lc = random_cache(layer, batch, ctx, a.index_dtype)
       params, step = make_step(layer, ctx + 1)
       compiled = step.lower(params, lc, x, lengths).compile()
       mem = compiled.memory_analysis()
       temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
       cache_bytes = sum(l.nbytes for l in jax.tree.leaves(lc))
-      for _ in range(2):  # warm-up
-        y, lc = step(params, lc, x, lengths)
+      y, lc = step(params, lc, x, lengths)  # warm-up
+      y, lc = step(params, lc, x, lengths)
       y.block_until_ready()
       runs[kind] = dict(
         step=step,
@@ -134,29 +167,29 @@ def bench_decode(a):
         temp_mb=temp / 2**20,
       )
     for _ in range(a.reps):  # interleaved
-      for kind in ("dense", "dsa"):
+      for kind in kinds:
         r = runs[kind]
         t0 = time.perf_counter()
         y, r["lc"] = r["step"](r["params"], r["lc"], x, lengths)
         y.block_until_ready()
         r["times"].append(time.perf_counter() - t0)
-    d_ms = 1e3 * float(np.median(runs["dense"]["times"]))
-    s_ms = 1e3 * float(np.median(runs["dsa"]["times"]))
-    rows.append(
-      dict(
-        context=ctx,
-        dense_ms=d_ms,
-        dsa_ms=s_ms,
-        ratio=s_ms / d_ms,
-        dense_cache_mb=runs["dense"]["cache_mb"],
-        dsa_cache_mb=runs["dsa"]["cache_mb"],
-        dense_temp_mb=runs["dense"]["temp_mb"],
-        dsa_temp_mb=runs["dsa"]["temp_mb"],
-      )
-    )
+    ms = {k: 1e3 * float(np.median(r["times"])) for k, r in runs.items()}
+    row: dict = dict(context=ctx, dense_ms=ms["dense"], dsa_ms=ms["dsa"])
+    row["ratio"] = ms["dsa"] / ms["dense"]
+    for kind in kinds:
+      row[f"{kind}_cache_mb"] = runs[kind]["cache_mb"]
+      row[f"{kind}_temp_mb"] = runs[kind]["temp_mb"]
+    for kind in kinds[2:]:
+      row[f"{kind}_ms"] = ms[kind]
+      row[f"{kind}_ratio"] = ms[kind] / ms["dense"]
+      row[f"{kind}_params"] = json.dumps(kind_params(kind, a, ctx))
+    rows.append(row)
     print(
-      f"  context {ctx:>7}: dense {d_ms:8.3f} ms  dsa {s_ms:8.3f} ms  "
-      f"ratio {s_ms / d_ms:.3f}",
+      f"  context {ctx:>7}: dense {ms['dense']:8.3f} ms  "
+      + "  ".join(
+        f"{k} {ms[k]:8.3f} ms (ratio {ms[k] / ms['dense']:.3f})"
+        for k in kinds[1:]
+      ),
       flush=True,
     )
     del runs
@@ -263,6 +296,12 @@ def parse(argv=None):
   p.add_argument("--index-dtype", default="float32", choices=D.INDEX_DTYPES)
   p.add_argument("--reps", type=int, default=20)
   p.add_argument(
+    "--kinds",
+    default="",
+    help="other kinds to time beside dense and DSA (comma-separated, e.g. "
+    "csa,hca)",
+  )
+  p.add_argument(
     "--prefill-context",
     type=int,
     default=65536,
@@ -282,6 +321,9 @@ def parse(argv=None):
     a.contexts, a.reps, a.top_k = "256", 2, 16
     a.prefill_context, a.chunk_size = 200, 128
   a.contexts = [int(c) for c in str(a.contexts).split(",") if c]
+  a.kinds = [k for k in str(a.kinds).split(",") if k]
+  for k in a.kinds:
+    registry.get(k)  # ValueError naming the known kinds
   return a
 
 
@@ -321,6 +363,19 @@ def main(argv=None):
       f"{r['dsa_cache_mb']:.1f} | {r['dense_temp_mb']:.1f} | "
       f"{r['dsa_temp_mb']:.1f} |"
     )
+  for kind in a.kinds:
+    if kind in ("dense", "dsa"):
+      continue
+    print()
+    print(
+      f"| context | {kind} ms/token | {kind}/dense | {kind} cache MB | params |"
+    )
+    print("|---:|---:|---:|---:|---|")
+    for r in rows:
+      print(
+        f"| {r['context']} | {r[kind + '_ms']:.3f} | {r[kind + '_ratio']:.3f} "
+        f"| {r[kind + '_cache_mb']:.1f} | {r[kind + '_params']} |"
+      )
   for p in prefill:
     print(
       f"prefill {p['kind']} {p['context']} tokens (chunk {a.chunk_size}): "

@@ -66,6 +66,7 @@ def match_budget(
   target: float,
   *,
   free: str | None = None,
+  at: str = "mean",
   **params: Any,
 ) -> dict[str, Any]:
   """Kind parameters whose key budget is closest to `target` keys per query.
@@ -74,10 +75,15 @@ def match_budget(
   every value in `candidates(seq_len)` (all of 1..seq_len up to 1024) with
   the other parameters fixed (`params`, else the defaults), skipping values
   the kind rejects (e.g. fixed: summary > stride); ties go to the smaller
-  value. Returns every parameter of the kind (a dict for its params
+  value. at="mean" matches the mean over the seq_len query positions (a
+  training or prefill step); at="last" the keys of the query at position
+  seq_len - 1 (a decode step with seq_len - 1 tokens cached). Returns every
+  parameter of the kind (a dict for its params
   dataclass or `ModelConfig.with_attention`). Kinds without a budget
   parameter (dense) return their parameters unchanged.
   """
+  if at not in ("mean", "last"):
+    raise ValueError(f"at must be 'mean' or 'last', got {at!r}.")
   spec = registry.get(kind)
   free = free or spec.budget_param
   base, structural = _split(spec, params)
@@ -100,7 +106,8 @@ def match_budget(
     except ValueError:
       continue
     counts = spec.keys_per_query(int(seq_len), p, **structural)
-    err = abs(float(np.mean(counts)) - target)
+    got = np.mean(counts) if at == "mean" else np.asarray(counts)[-1]
+    err = abs(float(got) - target)
     if err < best_err - 1e-9:
       best, best_err = value, err
   if best is None:

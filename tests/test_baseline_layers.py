@@ -244,6 +244,19 @@ def test_match_budget_long_sequences_use_a_grid():
     assert abs(got - target) / target < 0.15, (kind, params, got)
 
 
+def test_match_budget_at_the_decode_position():
+  """at="last" matches the keys of the last query (a decode step): HCA's
+  grow with the position, so its ratio doubles against the mean match."""
+  n = 4096
+  mean = budgets.match_budget("hca", n, 128.0)
+  last = budgets.match_budget("hca", n, 128.0, at="last")
+  counts = budgets.keys_per_query("hca", n, **last)
+  assert abs(counts[-1] - 128.0) <= 4, (last, counts[-1])
+  assert last["ratio"] > 1.8 * mean["ratio"], (mean, last)
+  with pytest.raises(ValueError, match="at must be"):
+    budgets.match_budget("hca", n, 128.0, at="first")
+
+
 def test_kind_params_are_validated():
   with pytest.raises(ValueError, match="window"):
     registry.get("sliding_window").make_params(window=0)

@@ -71,6 +71,27 @@ def test_pool_matches_equations(series, s, ratio):
   np.testing.assert_allclose(got, np_pool(kv, gate, bias, ratio), atol=1e-5)
 
 
+@pytest.mark.parametrize("series", [1, 2])
+@pytest.mark.parametrize("count", [1, 3])
+def test_pool_group_range_is_a_slice_of_pool_groups(series, count):
+  rng = np.random.default_rng(count)
+  s, ratio = 14, 3  # 4 complete groups and a partial one
+  kv, gate = (
+    jnp.asarray(rng.normal(size=(3, s, G, series, D)), jnp.float32)
+    for _ in range(2)
+  )
+  bias = jnp.asarray(rng.normal(size=(ratio, G, series, D)), jnp.float32)
+  full = comp.pool_groups(kv, gate, bias, ratio)
+  first = jnp.asarray([0, 1, 4 - count], jnp.int32)  # group 0 has no group -1
+  got = comp.pool_group_range(kv, gate, bias, ratio, first, count)
+  assert got.shape == (3, count, G, D)
+  for b, f in enumerate(np.asarray(first)):
+    np.testing.assert_allclose(got[b], full[b, f : f + count], atol=1e-6)
+  # A group past S (the decode cache's partial group) stays finite.
+  past = comp.pool_group_range(kv, gate, bias, ratio, first + count, 2)
+  assert np.isfinite(past).all()
+
+
 @pytest.mark.parametrize("use_indices", [False, True])
 @pytest.mark.parametrize("with_sinks", [False, True])
 def test_attention_matches_reference(use_indices, with_sinks):
@@ -168,18 +189,24 @@ def test_no_future_leakage(kind, mode):
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_decode_equals_forward(kind):
   layer = _layer(kind)
-  t, prompt = 22, 7
+  t, prompt, chunk = 32, 7, 6
   x = jax.random.normal(jax.random.key(3), (2, t, E))
   y_full, _ = _fwd(layer, x, "sparse")
-  cache = layer.init_cache(2, 32)
+  cache = layer.init_cache(2, t)  # filled to the last slot
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
-  # A chunked prefill reading a view shorter than the cache, then steps.
+  # A prefill reading a view shorter than the cache, a chunk that ends
+  # inside a group and completes two, then steps.
   y0, _, cache = _step(layer, x[:, :prompt], pos[:, :prompt], cache, view=16)
-  outs = [y0]
-  for i in range(prompt, t):
+  mid = prompt + chunk
+  y1, _, cache = _step(layer, x[:, prompt:mid], pos[:, prompt:mid], cache)
+  outs = [y0, y1]
+  for i in range(mid, t):
     yi, _, cache = _step(layer, x[:, i : i + 1], pos[:, i : i + 1], cache)
     outs.append(yi)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), y_full, atol=2e-5)
+  # The entry cache holds what pooling the whole sequence gives.
+  full = layer.compressor.entries(*layer.compressor.project(x))
+  np.testing.assert_allclose(cache.c_entries[:, : t // 4], full, atol=1e-5)
 
 
 def test_csa_stages_and_gradients():
@@ -285,6 +312,15 @@ def test_errors():
       jnp.ones((1, 8, G, 2, D)),
       jnp.ones((3, G, 2, D)),
       4,
+    )
+  span = jnp.ones((1, 6, G, 2, D))
+  with pytest.raises(ValueError, match="span must be"):
+    comp.pool_span(
+      span, span, jnp.ones((1, 6), bool), jnp.ones((4, G, 2, D)), 4
+    )
+  with pytest.raises(ValueError, match="first shape"):
+    comp.pool_group_range(
+      span, span, jnp.ones((4, G, 2, D)), 4, jnp.zeros((2,), jnp.int32), 1
     )
 
 

@@ -391,7 +391,8 @@ from sparse_attn.config import ModelConfig
 from sparse_attn.models import build_model
 mla = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
        "qk_rope_head_dim": 4, "v_head_dim": 8}
-for kind, params in (("dsa", {}), ("mla_dsa", mla)):
+csa = {"ratio": 4, "window": 4}
+for kind, params in (("dsa", {}), ("mla_dsa", mla), ("csa", csa)):
   cfg = ModelConfig(embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
                     head_dim=8, mlp_dim=64, top_k=8, indexer_heads=2,
                     indexer_dim=8, attention=kind, attention_params=params)
@@ -407,6 +408,13 @@ for kind, params in (("dsa", {}), ("mla_dsa", mla)):
     if mesh is not None:
       sh = D.cache_shardings(cache, mesh)
       lc, ls = cache.layers[0], sh.layers[0]
+      if kind == "csa":  # entries and ring like K/V: batch, kv heads
+        for name in ("k", "c_entries", "c_kv"):
+          spec = tuple(getattr(ls, name).spec)
+          assert spec[:3] == ("data", None, "tensor"), (name, spec)
+          assert getattr(lc, name).sharding.is_equivalent_to(
+            getattr(ls, name), getattr(lc, name).ndim)
+        continue
       if kind == "dsa":
         assert tuple(ls.k.spec) == ("data", None, "tensor", None), ls.k.spec
         assert lc.k.sharding.is_equivalent_to(ls.k, 4)
@@ -421,8 +429,8 @@ print("OK")
 
 
 def test_sharded_cache():
-  """Batch over data, kv heads over tensor (DSA; MLA's latent cache: batch
-  only); same logits as one device."""
+  """Batch over data, kv heads over tensor (DSA, CSA's entries and ring;
+  MLA's latent cache: batch only); same logits as one device."""
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",

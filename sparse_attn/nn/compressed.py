@@ -20,10 +20,13 @@ in one MQA head, de-rotates the output and groups its output projection:
 those are projection choices, left out here (docs/dsa_variants.md).
 
 Without a cache, x holds whole sequences from position 0 (the groups align
-to absolute positions). The decode cache keeps each token's K/V and its
-compressor inputs (contents and gate logits, and the indexer's), and the
-entries over the view are pooled again at every call, so decoding attends
-exactly what the forward does.
+to absolute positions). The decode cache (`CompressedCache`) keeps each
+token's K/V (the window), the pooled entries, and a ring of the compressor
+inputs of the last few tokens (those of the groups still filling): a call
+pools only the groups its tokens fall in (one group per decode step, from
+its 2 * ratio tokens with overlap) and reads the other entries back, so
+decoding attends exactly what the forward does without pooling the
+context again.
 
 The defaults are CPU-sized (CSA: ratio 4, window 4, top-k 8 entries;
 HCA: ratio 16, window 4: the window is a quarter of CSA's entries, as in
@@ -139,6 +142,15 @@ class Compressor(nnx.Module):
     pooled = comp.pool_groups(kv, gate, self.bias[...], self.ratio)
     return self.norm(pooled)
 
+  def span_entries(
+    self, kv: jax.Array, gate: jax.Array, valid: jax.Array
+  ) -> jax.Array:
+    """The entries [B, count, G, D] of a `comp.group_span` of tokens
+    (those `entries` would give for the same groups)."""
+    return self.norm(
+      comp.pool_span(kv, gate, valid, self.bias[...], self.ratio)
+    )
+
 
 class CompressedIndexer(nnx.Module):
   """CSA's lightning indexer: queries and head weights from x, keys from
@@ -202,34 +214,53 @@ class CompressedIndexer(nnx.Module):
     scale = (self.num_heads**-0.5) * (self.head_dim**-0.5)
     return self.rope(q, positions), w * scale
 
-  def keys(self, kv: jax.Array, gate: jax.Array) -> jax.Array:
-    """Entry keys k_idx [B, N, DI] (RoPE at each group's first position)."""
-    e = self.compressor.entries(kv, gate)  # [B, N, 1, DI]
-    pos = jnp.broadcast_to(
-      comp.entry_positions(e.shape[1], self.compressor.ratio), e.shape[:2]
-    )
-    return self.rope(e, pos)[:, :, 0]
+  def keys(self, entries: jax.Array) -> jax.Array:
+    """Entry keys k_idx [B, N, DI] of the compressor's entries [B, N, 1,
+    DI] (RoPE at each group's first position)."""
+    return self.rope(entries, entry_rope_positions(entries, self.compressor))[
+      :, :, 0
+    ]
+
+
+def entry_rope_positions(entries: jax.Array, compressor: Compressor):
+  """int32[B, N]: each entry's RoPE position (its group's first token)."""
+  return jnp.broadcast_to(
+    comp.entry_positions(entries.shape[1], compressor.ratio), entries.shape[:2]
+  )
 
 
 @struct.dataclass
 class CompressedCache:
-  """K/V rows [B, S_max, G, D] (the window) and each token's compressor
-  inputs c_kv / c_gate [B, S_max, G, P, D] (+ the indexer's i_kv / i_gate
-  [B, S_max, 1, 2, DI] for CSA)."""
+  """K/V rows [B, S_max, G, D] (the window); the pooled, normalised entries
+  c_entries [B, S_max // ratio + 1, G, D]; and a ring of the compressor
+  inputs of the last R = P * ratio tokens, c_kv / c_gate [B, R, G, P, D]
+  (position p in slot p % R), the tokens a group still filling and the
+  group before it need (+ the indexer's i_entries [B, S_max // ratio + 1,
+  1, DI] and ring i_kv / i_gate [B, 2 * ratio, 1, 2, DI] for CSA).
+
+  A call pools only the groups its tokens fall in (a group still filling
+  is pooled from what it has and again once complete; the extra entry row
+  takes a partial last group), so a decode step pools one group and
+  reads the other entries back. Only the tokens inside kv_lengths enter
+  the ring (padding never overwrites a token a later group needs)."""
 
   k: jax.Array
   v: jax.Array
   c_kv: jax.Array
   c_gate: jax.Array
+  c_entries: jax.Array
   i_kv: jax.Array | None = None
   i_gate: jax.Array | None = None
+  i_entries: jax.Array | None = None
 
   axes: ClassVar[dict[str, tuple[str, ...]]] = {
     **KVCache.axes,
-    "c_kv": ("batch", "length", "kv_heads", "series", "head_dim"),
-    "c_gate": ("batch", "length", "kv_heads", "series", "head_dim"),
-    "i_kv": ("batch", "length", "indexer_kv", "series", "indexer_dim"),
-    "i_gate": ("batch", "length", "indexer_kv", "series", "indexer_dim"),
+    "c_kv": ("batch", "ring", "kv_heads", "series", "head_dim"),
+    "c_gate": ("batch", "ring", "kv_heads", "series", "head_dim"),
+    "c_entries": ("batch", "entries", "kv_heads", "head_dim"),
+    "i_kv": ("batch", "ring", "indexer_kv", "series", "indexer_dim"),
+    "i_gate": ("batch", "ring", "indexer_kv", "series", "indexer_dim"),
+    "i_entries": ("batch", "entries", "indexer_kv", "indexer_dim"),
   }
 
 
@@ -273,44 +304,76 @@ class CompressedAttention(AttentionLayer):
     del index_dtype
     kv = super().init_cache(batch_size, max_len, dtype=dtype)
     dt = self.dtype if dtype is None else dtype
-    shape = (batch_size, max_len, self.num_kv_heads, self.series, self.head_dim)
+    ratio = self.params.ratio
+    slots = max_len // ratio + 1
+    ring = self.series * ratio
+    shape = (batch_size, ring, self.num_kv_heads, self.series, self.head_dim)
     extra = {}
     indexer = getattr(self, "indexer", None)
     if indexer is not None:
-      ishape = (batch_size, max_len, 1, 2, indexer.head_dim)
-      extra = {"i_kv": jnp.zeros(ishape, dt), "i_gate": jnp.zeros(ishape, dt)}
+      ishape = (batch_size, 2 * ratio, 1, 2, indexer.head_dim)
+      extra = {
+        "i_kv": jnp.zeros(ishape, dt),
+        "i_gate": jnp.zeros(ishape, dt),
+        "i_entries": jnp.zeros((batch_size, slots, 1, indexer.head_dim), dt),
+      }
     return CompressedCache(
       k=kv.k,
       v=kv.v,
       c_kv=jnp.zeros(shape, dt),
       c_gate=jnp.zeros(shape, dt),
+      c_entries=jnp.zeros(
+        (batch_size, slots, self.num_kv_heads, self.head_dim), dt
+      ),
       **extra,
     )
 
-  def compressor_inputs(
+  def compressed_entries(
     self, compressor: Compressor, x: jax.Array, ctx: Context, name: str
-  ) -> tuple[tuple[jax.Array, jax.Array], Any]:
-    """(contents, gates) of every token attention reads, and the cache:
-    x's own without a cache; else x's rows written at q_offset and the
-    cache view read back."""
+  ) -> tuple[jax.Array, Any]:
+    """(entries [B, N, G, D] of every complete group attention reads, the
+    cache): x's own without a cache. With one, the groups this call's
+    tokens fall in are pooled from x's compressor inputs and the ring's
+    earlier tokens into the entry cache, and the view's N = view // ratio
+    entries are read back: a step pools O(T + ratio) tokens, not O(view)."""
     kv, gate = compressor.project(x)
     if not ctx.decoding:
-      return (kv, gate), None
+      return compressor.entries(kv, gate), None
     cache = ctx.cache
     assert ctx.q_offset is not None and ctx.view is not None
-    kv_all = write_rows(getattr(cache, f"{name}_kv"), kv, ctx.q_offset)
-    gate_all = write_rows(getattr(cache, f"{name}_gate"), gate, ctx.q_offset)
-    cache = cache.replace(**{f"{name}_kv": kv_all, f"{name}_gate": gate_all})
-    return (kv_all[:, : ctx.view], gate_all[:, : ctx.view]), cache
+    ring_kv, ring_gate = (
+      getattr(cache, f"{name}_kv"),
+      getattr(cache, f"{name}_gate"),
+    )
+    num_new, ratio = x.shape[1], compressor.ratio
+    start = jnp.asarray(ctx.q_offset, jnp.int32)
+    # The first group a new token falls in, and every group the call can
+    # complete: at most T // ratio + 1 (first + count <= S_max // ratio + 1,
+    # the entry cache's rows).
+    first = start // ratio
+    t = comp.group_span(first, num_new // ratio + 1, ratio, kv.shape[3])
+    new = compressor.span_entries(
+      ring_rows(ring_kv, kv, start, t),
+      ring_rows(ring_gate, gate, start, t),
+      t >= 0,
+    )
+    entries = write_rows(getattr(cache, f"{name}_entries"), new, first)
+    end = start + num_new
+    if ctx.kv_lengths is not None:
+      end = jnp.clip(jnp.asarray(ctx.kv_lengths, jnp.int32), start, end)
+    cache = cache.replace(
+      **{
+        f"{name}_kv": ring_write(ring_kv, kv, start, end),
+        f"{name}_gate": ring_write(ring_gate, gate, start, end),
+        f"{name}_entries": entries,
+      }
+    )
+    return entries[:, : ctx.view // ratio].astype(new.dtype), cache
 
   def main_entries(self, ctx: Context) -> tuple[jax.Array, jax.Array, Any]:
     """(ck, cv [B, N, G, D], the cache with this call's compressor rows)."""
-    (kv, gate), cache = self.compressor_inputs(self.compressor, ctx.x, ctx, "c")
-    entries = self.compressor.entries(kv, gate)
-    pos = jnp.broadcast_to(
-      comp.entry_positions(entries.shape[1], self.params.ratio),
-      entries.shape[:2],
-    )
+    entries, cache = self.compressed_entries(self.compressor, ctx.x, ctx, "c")
+    pos = entry_rope_positions(entries, self.compressor)
     return self.rope(entries, pos), entries, cache
 
   def sink_logits(self) -> jax.Array | None:
@@ -436,13 +499,13 @@ class CSAAttention(CompressedAttention):
     if self.params.detach_indexer_input:
       x = jax.lax.stop_gradient(x)
     q_idx, w = self.indexer.query(x, ctx.positions)
-    (kv, gate), written = self.compressor_inputs(
+    entries, written = self.compressed_entries(
       self.indexer.compressor,
       x,
       ctx if cache is None else _with(ctx, cache),
       "i",
     )
-    return q_idx, self.indexer.keys(kv, gate), w, written
+    return q_idx, self.indexer.keys(entries), w, written
 
   def attend(self, q, k, v, ctx: Context):
     self.check_sequence(ctx)
@@ -493,6 +556,45 @@ class CSAAttention(CompressedAttention):
       )
     aux = counts_aux(counts, ctx.positions, k.shape[1], ctx.kv_lengths, kl)
     return o, aux, ctx.cache if cache is None else cache
+
+
+def ring_rows(
+  ring: jax.Array, new: jax.Array, start: jax.Array, positions: jax.Array
+) -> jax.Array:
+  """The rows [B, L, ...] at positions int32[B, L]: from new [B, T, ...]
+  (positions start[b] .. start[b] + T - 1), else from the ring [B, R, ...]
+  (position p in slot p % R; the caller reads only the R positions before
+  start, or rows it masks)."""
+  num_new, size = new.shape[1], ring.shape[1]
+  tail = (1,) * (new.ndim - 2)
+  rel = positions - start[:, None]
+  from_new = ((rel >= 0) & (rel < num_new)).reshape(rel.shape + tail)
+  got_new = jnp.take_along_axis(
+    new, jnp.clip(rel, 0, num_new - 1).reshape(rel.shape + tail), axis=1
+  )
+  got_ring = jnp.take_along_axis(
+    ring, jnp.mod(positions, size).reshape(rel.shape + tail), axis=1
+  )
+  return jnp.where(from_new, got_new.astype(ring.dtype), got_ring)
+
+
+def ring_write(
+  ring: jax.Array, new: jax.Array, start: jax.Array, end: jax.Array
+) -> jax.Array:
+  """The ring [B, R, ...] after the tokens start[b] .. end[b] - 1 of new
+  [B, T, ...] (at positions start[b] + i): each slot takes the last of
+  them that maps to it, or keeps its row (a gather, no colliding writes)."""
+  num_new, size = new.shape[1], ring.shape[1]
+  tail = (1,) * (new.ndim - 2)
+  slot = jnp.arange(size, dtype=jnp.int32)
+  # The last position below end in each slot.
+  last = end[:, None] - 1 - jnp.mod(end[:, None] - 1 - slot, size)
+  take = (last >= start[:, None]).reshape(last.shape + tail)
+  rows = jnp.clip(last - start[:, None], 0, num_new - 1).reshape(
+    last.shape + tail
+  )
+  got = jnp.take_along_axis(new, rows, axis=1).astype(ring.dtype)
+  return jnp.where(take, got, ring)
 
 
 def _with(ctx: Context, cache: Any) -> Context:

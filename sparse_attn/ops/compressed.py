@@ -122,6 +122,82 @@ def pool_groups(
   return out.astype(kv.dtype)
 
 
+def group_span(
+  first: jax.Array, count: int, ratio: int, series: int
+) -> jax.Array:
+  """int32[B, (count + series - 1) * ratio]: the positions of the tokens
+  the entries of groups first[b] .. first[b] + count - 1 pool (with
+  overlap, series = 2, also the group before the first). Positions below 0
+  name no token."""
+  lead = series - 1
+  first = jnp.asarray(first, jnp.int32)
+  span = (count + lead) * ratio
+  return (first[:, None] - lead) * ratio + jnp.arange(span, dtype=jnp.int32)
+
+
+def pool_span(
+  kv: jax.Array,
+  gate: jax.Array,
+  valid: jax.Array,
+  bias: jax.Array,
+  ratio: int,
+) -> jax.Array:
+  """Entries [B, count, G, D] from the tokens at `group_span`'s positions.
+
+  kv, gate: [B, span, G, P, D] those tokens' contents and gate logits;
+  valid: bool[B, span], False where no token exists (before position 0).
+  A missing token weighs nothing (as `pool_groups`' empty group -1); its
+  logit is finite, so a group with no token at all stays finite.
+  """
+  ks = checks.check_rank("kv", kv, 5, "[B, span, G, P, D]")
+  if tuple(gate.shape) != ks:
+    raise ValueError(f"gate shape {gate.shape} must equal kv shape {ks}.")
+  if tuple(valid.shape) != ks[:2]:
+    raise ValueError(f"valid shape {valid.shape} must be [B, span] = {ks[:2]}.")
+  lead = ks[3] - 1
+  if ks[1] % ratio or ks[1] // ratio <= lead:
+    raise ValueError(
+      f"kv shape {ks}: span must be (count + {lead}) * ratio={ratio} tokens."
+    )
+  ok = valid[:, :, None, None, None]
+  c = jnp.where(ok, kv, 0)
+  z = jnp.where(ok, gate, jnp.asarray(-1e30, gate.dtype))
+  return pool_groups(c, z, bias, ratio)[:, lead:]
+
+
+def pool_group_range(
+  kv: jax.Array,
+  gate: jax.Array,
+  bias: jax.Array,
+  ratio: int,
+  first: jax.Array,
+  count: int,
+) -> jax.Array:
+  """Entries [B, count, G, D] of groups first[b] .. first[b] + count - 1.
+
+  The same entries as `pool_groups(kv, gate, bias, ratio)[b, first[b]:
+  first[b] + count]` at the cost of those groups alone: their tokens are
+  gathered from kv / gate [B, S, G, P, D] (`group_span`) and pooled
+  (`pool_span`). first: int32[B]. A group reaching past S is pooled from
+  the rows that exist (finite, for the caller to mask).
+  """
+  ks = checks.check_rank("kv", kv, 5, "[B, S, G, P, D]")
+  ratio = checks.check_positive_int("ratio", ratio)
+  count = checks.check_positive_int("count", count)
+  first = jnp.asarray(first, jnp.int32)
+  if first.shape != (ks[0],):
+    raise ValueError(f"first shape {first.shape} must be [B] = ({ks[0]},).")
+  t = group_span(first, count, ratio, ks[3])
+  rows = jnp.clip(t, 0, ks[1] - 1)[:, :, None, None, None]
+  return pool_span(
+    jnp.take_along_axis(kv, rows, axis=1),
+    jnp.take_along_axis(gate, rows, axis=1),
+    (t >= 0) & (t < ks[1]),
+    bias,
+    ratio,
+  )
+
+
 def entry_positions(num_entries: int, ratio: int) -> jax.Array:
   """int32[N]: the position of each entry's first token (its RoPE position)."""
   return jnp.arange(num_entries, dtype=jnp.int32) * ratio
