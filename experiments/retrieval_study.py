@@ -27,6 +27,7 @@ seeds) trains only what is missing, so the study can be run in pieces:
 
   python experiments/retrieval_study.py                    # everything (CPU hours)
   python experiments/retrieval_study.py --parts main --tasks mqar --lens 512
+  python experiments/retrieval_study.py --parts main --kinds csa,hca --seeds 1
   python experiments/retrieval_study.py --report-only      # tables + plots so far
   python experiments/retrieval_study.py --list             # what it would train
   python experiments/retrieval_study.py --smoke --out-dir /tmp/s   # CI
@@ -252,9 +253,12 @@ def study_runs(pr: R.Preset) -> list[tuple]:
   return out
 
 
-def models(st: Study, parts, tasks=None, lens=None, seeds=None) -> list[Model]:
+def models(
+  st: Study, parts, tasks=None, lens=None, seeds=None, kinds=None
+) -> list[Model]:
   """The study's models in the order they are trained (seed-major within a
-  part, so an interrupted study has whole seeds)."""
+  part, so an interrupted study has whole seeds). kinds: keep the runs of
+  these kinds or labels (e.g. "csa", "dsa_k8"); None: all."""
   keep = lambda x, sel: sel is None or x in sel
   out: list[Model] = []
   for part in parts:
@@ -278,9 +282,12 @@ def models(st: Study, parts, tasks=None, lens=None, seeds=None) -> list[Model]:
           k = pr.budget_top_k
           for w in st.warmup_sweep:
             run = (f"dsa_k{k}", "dsa", k, {"top_k": k})
-            out.append(Model(part, task, L, protocol, seed, run, w))
+            if kinds is None or {run[0], run[1]} & set(kinds):
+              out.append(Model(part, task, L, protocol, seed, run, w))
         else:
           for run in study_runs(pr):
+            if kinds is not None and not {run[0], run[1]} & set(kinds):
+              continue
             out.append(
               Model(part, task, L, protocol, seed, run, st.warmup_steps)
             )
@@ -665,6 +672,9 @@ def parse_args(argv=None):
   p.add_argument("--tasks", help="comma list (default: every task)")
   p.add_argument("--lens", help="comma list of training lengths")
   p.add_argument("--seeds", help="comma list (default 0,1,2)")
+  p.add_argument(
+    "--kinds", help="comma list of kinds or run labels (default: every run)"
+  )
   p.add_argument("--out-dir", default="results/retrieval_study")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--list", action="store_true", help="print the models")
@@ -682,6 +692,7 @@ def parse_args(argv=None):
       raise ValueError(f"--parts: unknown part {part!r}; known: {PARTS}")
   a.tasks = tuple(a.tasks.split(",")) if a.tasks else None
   a.lens, a.seeds = ints(a.lens), ints(a.seeds)
+  a.kinds = tuple(a.kinds.split(",")) if a.kinds else None
   return a
 
 
@@ -697,7 +708,7 @@ def iter_lines(todo, st) -> Iterator[str]:
 def main(argv=None):
   a = parse_args(argv)
   st = SMOKE if a.smoke else CPU
-  todo = models(st, a.parts, a.tasks, a.lens, a.seeds)
+  todo = models(st, a.parts, a.tasks, a.lens, a.seeds, a.kinds)
   if a.list:
     for line in iter_lines(todo, st):
       print(line)

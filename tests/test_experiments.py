@@ -314,6 +314,10 @@ def test_retrieval_study_grid():
   assert seeds == {0, 1, 2}
   assert {m.protocol for m in todo} == {"convert", "scratch"}
   assert {m.seq_len for m in todo} == {512, 1024}
+  # --kinds keeps a kind's runs or a label's, in every part.
+  picked = mod.models(st, mod.PARTS, kinds=("csa", "dsa_k8"))
+  assert {m.run[0] for m in picked} == {"csa", "dsa_k8"}
+  assert len(picked) == sum(m.run[0] in ("csa", "dsa_k8") for m in todo)
   from sparse_attn.budgets import key_budget
 
   for L in st.lens:
