@@ -23,6 +23,7 @@ from flax import nnx
 
 from sparse_attn.nn import (
   compressed,
+  compressed_hybrid,
   dense,
   dsa,
   hisa,
@@ -141,6 +142,7 @@ for _builtin in (
   indexcache.KIND,
   compressed.CSA_KIND,
   compressed.HCA_KIND,
+  compressed_hybrid.KIND,
 ):
   register(_builtin)
 
@@ -190,8 +192,14 @@ BASELINE_LAYERS: Mapping[str, type] = KindView(
 
 def comparable_names() -> tuple[str, ...]:
   """The kinds compared at equal key budgets on one GQA layer (dense, DSA
-  and the families DSA is compared with; not the MLA kinds)."""
-  return tuple(n for n, k in _KINDS.items() if k.projections == "gqa")
+  and the families DSA is compared with; not the MLA kinds, nor the kinds
+  built by a factory, whose layer depends on its index: csa_hca's is CSA's
+  or HCA's)."""
+  return tuple(
+    n
+    for n, k in _KINDS.items()
+    if k.projections == "gqa" and k.layer is not None
+  )
 
 
 def register_attention(

@@ -88,8 +88,11 @@ def test_pool_group_range_is_a_slice_of_pool_groups(series, count):
   for b, f in enumerate(np.asarray(first)):
     np.testing.assert_allclose(got[b], full[b, f : f + count], atol=1e-6)
   # A group past S (the decode cache's partial group) stays finite.
-  past = comp.pool_group_range(kv, gate, bias, ratio, first + count, 2)
-  assert np.isfinite(past).all()
+  for dt in (jnp.float32, jnp.float16, jnp.bfloat16):
+    past = comp.pool_group_range(
+      kv.astype(dt), gate.astype(dt), bias, ratio, first + count, 2
+    )
+    assert np.isfinite(np.asarray(past, np.float32)).all(), dt
 
 
 @pytest.mark.parametrize("use_indices", [False, True])
@@ -335,3 +338,70 @@ def test_shorter_than_one_group_is_the_window(kind):
     assert float(aux["attended_keys"]) == 1 + 2 * 4
   g = jax.grad(lambda x: jnp.sum(layer(x, mode="sparse")[0]))(x)
   assert np.all(np.isfinite(g))
+
+
+# ---------------------------------------------------------------------------
+# csa_hca: DeepSeek-V4's schedule of CSA and HCA layers
+
+
+def test_csa_hca_schedule_is_v4s():
+  from sparse_attn.nn.compressed_hybrid import CSAHCAParams
+
+  p = CSAHCAParams()
+  # transformers' DeepseekV4Config default: 2 HCA, then HCA / CSA in turn.
+  want = ["hca"] * 2 + ["hca" if i % 2 == 0 else "csa" for i in range(6)]
+  assert [p.layer_type(i) for i in range(8)] == want
+  q = CSAHCAParams(layer_types=["csa", "csa", "hca"])
+  assert [q.layer_type(i) for i in range(6)] == ["csa", "csa", "hca"] * 2
+  assert p.layer_params(3) == p.csa and p.layer_params(2) == p.hca
+  for bad in (dict(layer_types=[]), dict(layer_types=["csa", "dsa"])):
+    with pytest.raises(ValueError, match="layer_types"):
+      CSAHCAParams(**bad)
+  with pytest.raises(ValueError, match="hca_first"):
+    CSAHCAParams(hca_first=-1)
+  with pytest.raises(ValueError, match="ratio"):
+    CSAHCAParams(hca_ratio=0)
+  with pytest.raises(ValueError, match="layer_index"):
+    p.layer_type(-1)
+
+
+def test_csa_hca_model_builds_each_layer_and_trains_csas_indexers():
+  from sparse_attn.config import ModelConfig
+  from sparse_attn.models import build_model
+
+  cfg = ModelConfig(
+    embed_dim=32,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    attention="csa_hca",
+    top_k=3,
+    indexer_heads=2,
+    indexer_dim=8,
+    attention_params={"hca_ratio": 8, "window": 4, "hca_first": 1},
+  )
+  model = build_model(cfg)
+  layers = [b.attn for b in model.blocks]
+  assert [type(a).__name__ for a in layers] == [
+    "HCAAttention",
+    "HCAAttention",
+    "CSAAttention",
+    "HCAAttention",
+  ]
+  assert layers[0].params.ratio == 8 and layers[2].params.ratio == 4
+  assert layers[2].params.top_k == 3 and layers[2].indexer.num_heads == 2
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 256)
+  _, aux = model(tokens, mode="warmup")
+  assert float(aux["indexer_kl"]) > 0  # the CSA layer's warm-up KL
+  # One CSA layer's budget and one HCA layer's, by layer_index; their mean
+  # without one.
+  spec = registry.get("csa_hca")
+  p = spec.params_from_config(cfg)
+  csa = budgets.keys_per_query("csa", 64, ratio=4, window=4, top_k=3)
+  hca = budgets.keys_per_query("hca", 64, ratio=8, window=4)
+  np.testing.assert_array_equal(spec.keys_per_query(64, p, layer_index=2), csa)
+  np.testing.assert_array_equal(spec.keys_per_query(64, p, layer_index=0), hca)
+  np.testing.assert_allclose(spec.keys_per_query(64, p), (csa + hca) / 2)
+  assert "csa_hca" not in registry.comparable_names()

@@ -47,6 +47,14 @@ BASELINE_PARAMS = {
   "lsh": {"chunk_size": 8, "n_buckets": 4},
   "csa": {"ratio": 4, "window": 4, "top_k": 3},
   "hca": {"ratio": 4, "window": 4},
+  # layers [hca, csa]
+  "csa_hca": {
+    "num_layers": 2,
+    "csa_ratio": 4,
+    "hca_ratio": 4,
+    "window": 4,
+    "hca_first": 0,
+  },
 }
 
 

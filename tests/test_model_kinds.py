@@ -25,6 +25,7 @@ KINDS = [
   "indexcache",
   "csa",
   "hca",
+  "csa_hca",
 ]
 _MLA = {
   "q_lora_rank": 16,
@@ -44,6 +45,7 @@ SMALL = {
   "hisa": {"hisa_block_size": 4, "hisa_blocks": 3},
   "csa": {"ratio": 4, "window": 4},
   "hca": {"ratio": 4, "window": 4},
+  "csa_hca": {"csa_ratio": 4, "hca_ratio": 8, "window": 4, "hca_first": 0},
   "nsa": {
     "cmp_block": 8,
     "cmp_stride": 4,

@@ -4,7 +4,8 @@
     logits, aux, cache = model(tokens, cache=cache, num_valid=num_valid)
 
 `Cache.layers[i]` is attention layer i's cache, whose layout is that layer's
-business (`AttentionLayer.init_cache`; every leaf is [B, S_max, ...]).
+business (`AttentionLayer.init_cache`; every leaf is [B, ...], the first
+[B, S_max, ...]).
 `Cache.lengths` int32[B] counts the tokens each row holds. `max_length` is a
 host-side (static) upper bound of the lengths that `sparse_attn.inference`
 keeps to refuse an overflowing write before it is launched; jitted code
@@ -32,7 +33,8 @@ class Cache:
 
   @property
   def capacity(self) -> int:
-    """S_max: tokens each sequence can hold."""
+    """S_max: tokens each sequence can hold (axis 1 of a layer cache's
+    first leaf)."""
     return int(jax.tree.leaves(self.layers[0])[0].shape[1])
 
   @property

@@ -17,10 +17,13 @@ loss), "warmup" (dense attention + the dense indexer KL) or "sparse" (top-k
 attention + the sparse KL); kinds without an indexer ignore it.
 
 The cache belongs to the layer (as in the Flax Gemma example). `init_cache`
-returns this kind's cache pytree (every leaf [B, S_max, ...]; the layout is
-the kind's business, e.g. DSA adds its indexer key cache). With `cache=`,
+returns this kind's cache pytree (its first leaf [B, S_max, ...], the
+others [B, ...]; the layout is the kind's business, e.g. DSA adds its
+indexer key cache, CSA / HCA their entries per group). With `cache=`,
 the T new tokens of row b sit at positions[b] = start[b] + arange(T), where
-start[b] tokens are already cached: the layer writes their rows at that
+start[b] tokens are already cached (a row continues where its last call
+ended, or restarts at 0: kinds may keep state of the latest tokens, as
+CSA / HCA do): the layer writes their rows at that
 offset, attends over the first `view` cache slots (a static int, default
 S_max; the caller keeps it >= every row's kv_length) with
 q_offset = start and `kv_lengths` (default start + T), and returns the
@@ -118,8 +121,9 @@ def write_rows(
 class KVCache:
   """Keys (RoPE applied) k [B, S_max, G, D] and values v [B, S_max, G, Dv].
 
-  `axes` names the logical axes of each field (for `sharding` rules); every
-  cache of every kind is [B, S_max, ...] in each leaf.
+  `axes` names the logical axes of each field (for `sharding` rules). Every
+  cache of every kind is [B, ...] in each leaf and [B, S_max, ...] in its
+  first (`Cache.capacity` reads S_max there).
   """
 
   k: jax.Array

@@ -239,10 +239,18 @@ class CompressedCache:
   1, DI] and ring i_kv / i_gate [B, 2 * ratio, 1, 2, DI] for CSA).
 
   A call pools only the groups its tokens fall in (a group still filling
-  is pooled from what it has and again once complete; the extra entry row
-  takes a partial last group), so a decode step pools one group and
-  reads the other entries back. Only the tokens inside kv_lengths enter
-  the ring (padding never overwrites a token a later group needs)."""
+  is pooled from the tokens it has, invisible until complete, and pooled
+  again when it is; the extra entry row takes a partial last group), so a
+  decode step pools one group and reads the other entries back. Only the
+  tokens inside kv_lengths enter the ring (padding never overwrites a
+  token a later group needs). The entries are stored in the cache dtype
+  (a bf16 cache rounds them once more, after the norm).
+
+  The ring holds the tokens just before where the row's last call ended,
+  so each call must continue there (or restart the row at 0): rewinding a
+  row to an earlier position (e.g. rejected speculative tokens) needs the
+  compressor inputs the later tokens overwrote, and gives wrong entries.
+  The Decoder always continues."""
 
   k: jax.Array
   v: jax.Array
@@ -351,16 +359,17 @@ class CompressedAttention(AttentionLayer):
     # complete: at most T // ratio + 1 (first + count <= S_max // ratio + 1,
     # the entry cache's rows).
     first = start // ratio
+    # The row's tokens end here (padding past kv_lengths is no token).
+    end = start + num_new
+    if ctx.kv_lengths is not None:
+      end = jnp.clip(jnp.asarray(ctx.kv_lengths, jnp.int32), start, end)
     t = comp.group_span(first, num_new // ratio + 1, ratio, kv.shape[3])
     new = compressor.span_entries(
       ring_rows(ring_kv, kv, start, t),
       ring_rows(ring_gate, gate, start, t),
-      t >= 0,
+      (t >= 0) & (t < end[:, None]),
     )
     entries = write_rows(getattr(cache, f"{name}_entries"), new, first)
-    end = start + num_new
-    if ctx.kv_lengths is not None:
-      end = jnp.clip(jnp.asarray(ctx.kv_lengths, jnp.int32), start, end)
     cache = cache.replace(
       **{
         f"{name}_kv": ring_write(ring_kv, kv, start, end),

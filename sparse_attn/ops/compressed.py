@@ -161,7 +161,8 @@ def pool_span(
     )
   ok = valid[:, :, None, None, None]
   c = jnp.where(ok, kv, 0)
-  z = jnp.where(ok, gate, jnp.asarray(-1e30, gate.dtype))
+  # In f32, where -1e30 is finite (pool_groups computes the gates in f32).
+  z = jnp.where(ok, gate.astype(jnp.float32), -1e30)
   return pool_groups(c, z, bias, ratio)[:, lead:]
 
 
