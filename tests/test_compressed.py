@@ -393,7 +393,7 @@ def test_csa_hca_model_builds_each_layer_and_trains_csas_indexers():
   assert layers[0].params.ratio == 8 and layers[2].params.ratio == 4
   assert layers[2].params.top_k == 3 and layers[2].indexer.num_heads == 2
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 256)
-  _, aux = model(tokens, mode="warmup")
+  _, aux = nnx.jit(lambda m, t: m(t, mode="warmup"))(model, tokens)
   assert float(aux["indexer_kl"]) > 0  # the CSA layer's warm-up KL
   # One CSA layer's budget and one HCA layer's, by layer_index; their mean
   # without one.

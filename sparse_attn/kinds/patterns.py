@@ -388,14 +388,8 @@ def sparse_transformer_attention(
   )
 
 
-def sliding_window_indices(q_pos, window: int, num_keys: int, kv_lengths=None):
-  """int32[B, T, min(w, S)]: keys q_pos, q_pos-1, ... of each query, -1 if invalid."""
-  w = min(window, num_keys)
-  idx = q_pos[:, :, None] - jnp.arange(w, dtype=jnp.int32)
-  ok = (idx >= 0) & (idx < num_keys)
-  if kv_lengths is not None:
-    ok = ok & (idx < jnp.asarray(kv_lengths, jnp.int32)[:, None, None])
-  return jnp.where(ok, idx, -1).astype(jnp.int32)
+# The window's keys (shared with CSA / HCA's window in ops.compressed).
+sliding_window_indices = masking.window_indices
 
 
 @overload

@@ -356,11 +356,8 @@ def compressed_attention(
   def block(start, qb, ib):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
     qg = group_heads(qb, num_kv)  # [B, C, G, R, D]
-    # The window: tokens q_pos, q_pos - 1, ..., -1 where not a key.
-    w_idx = q_pos[:, :, None] - jnp.arange(width, dtype=jnp.int32)
-    w_ok = (w_idx >= 0) & (w_idx < num_keys)
-    if kv_lengths is not None:
-      w_ok = w_ok & (w_idx < jnp.asarray(kv_lengths, jnp.int32)[:, None, None])
+    w_idx = masking.window_indices(q_pos, width, num_keys, kv_lengths)
+    w_ok = w_idx >= 0
     w_safe = jnp.where(w_ok, w_idx, 0)
     kw, vw = gather_rows(k, w_safe), gather_rows(v, w_safe)
     logits_w = jnp.einsum(

@@ -63,3 +63,17 @@ def num_visible(
     kv = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, num_keys)
     limit = jnp.minimum(limit, kv[:, None])
   return limit
+
+
+def window_indices(
+  q_pos: jnp.ndarray, window: int, num_keys: int, kv_lengths: Any = None
+) -> jnp.ndarray:
+  """int32[B, T, min(window, S)]: the keys q_pos, q_pos - 1, ... of each
+  query's sliding window (the query's own position first), -1 where that
+  is no key (before 0, at or past S, or past kv_lengths)."""
+  w = min(window, num_keys)
+  idx = q_pos[:, :, None] - jnp.arange(w, dtype=jnp.int32)
+  ok = (idx >= 0) & (idx < num_keys)
+  if kv_lengths is not None:
+    ok = ok & (idx < jnp.asarray(kv_lengths, jnp.int32)[:, None, None])
+  return jnp.where(ok, idx, -1).astype(jnp.int32)
