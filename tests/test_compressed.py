@@ -405,3 +405,43 @@ def test_csa_hca_model_builds_each_layer_and_trains_csas_indexers():
   np.testing.assert_array_equal(spec.keys_per_query(64, p, layer_index=0), hca)
   np.testing.assert_allclose(spec.keys_per_query(64, p), (csa + hca) / 2)
   assert "csa_hca" not in registry.comparable_names()
+
+
+@pytest.mark.parametrize("kind,ratio", [("csa", 3), ("hca", 3)])
+def test_ragged_chunked_decode_equals_forward(kind, ratio):
+  """Rows advance by random chunks (some longer than the ring, most not a
+  multiple of ratio), each row taking a random number of its tokens and
+  the rest random padding: every real token's output equals the forward."""
+  layer = _layer(kind, ratio=ratio)
+  rng = np.random.default_rng(ratio)
+  lens = np.array([26, 17, 23])
+  x = jax.random.normal(jax.random.key(5), (3, int(lens.max()), E))
+  want = np.asarray(_fwd(layer, x, "sparse")[0])  # causal: rows' prefixes
+  chunks = (1, 5, 4 * ratio + 1)
+
+  @nnx.jit
+  def step(layer, x, pos, kv_lengths, cache):
+    return layer(x, positions=pos, kv_lengths=kv_lengths, cache=cache)
+
+  cache = layer.init_cache(3, int(lens.max()) + max(chunks))
+  done = np.zeros(3, int)
+  while (done < lens).any():
+    t = int(rng.choice(chunks))
+    take = np.minimum(
+      np.where(rng.random(3) < 0.5, rng.integers(0, t + 1, 3), t), lens - done
+    )
+    xc = np.array(
+      jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (3, t, E))
+    )
+    for b in range(3):
+      xc[b, : take[b]] = np.asarray(x[b, done[b] : done[b] + take[b]])
+    pos = jnp.asarray(done[:, None] + np.arange(t), jnp.int32)
+    y, _, cache = step(
+      layer, jnp.asarray(xc), pos, jnp.asarray(done + take, jnp.int32), cache
+    )
+    for b in range(3):
+      got = np.asarray(y[b, : take[b]])
+      np.testing.assert_allclose(
+        got, want[b][done[b] : done[b] + take[b]], atol=2e-5
+      )
+    done = done + take
