@@ -210,6 +210,16 @@ def test_decode_equals_forward(kind):
   # The entry cache holds what pooling the whole sequence gives.
   full = layer.compressor.entries(*layer.compressor.project(x))
   np.testing.assert_allclose(cache.c_entries[:, : t // 4], full, atol=1e-5)
+  # Keys are stored with RoPE at each group's first position (applied once,
+  # when the entry is written).
+  groups = jnp.arange(t // 4, dtype=jnp.int32) * 4
+  full_keys = layer.rope(full, jnp.broadcast_to(groups, full.shape[:2]))
+  np.testing.assert_allclose(cache.c_keys[:, : t // 4], full_keys, atol=1e-5)
+  if kind == "csa":
+    idx = layer.indexer
+    ientries = idx.compressor.entries(*idx.compressor.project(x))
+    ikeys = idx.rope(ientries, jnp.broadcast_to(groups, ientries.shape[:2]))
+    np.testing.assert_allclose(cache.i_keys[:, : t // 4], ikeys, atol=1e-5)
 
 
 def test_csa_stages_and_gradients():

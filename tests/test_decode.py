@@ -417,7 +417,7 @@ for kind, params in (("dsa", {}), ("mla_dsa", mla), ("csa", csa)):
       sh = D.cache_shardings(cache, mesh)
       lc, ls = cache.layers[0], sh.layers[0]
       if kind == "csa":  # entries and ring like K/V: batch, kv heads
-        for name in ("k", "c_entries", "c_kv"):
+        for name in ("k", "c_entries", "c_keys", "c_kv"):
           spec = tuple(getattr(ls, name).spec)
           assert spec[:3] == ("data", None, "tensor"), (name, spec)
           assert getattr(lc, name).sharding.is_equivalent_to(

@@ -214,19 +214,16 @@ class CompressedIndexer(nnx.Module):
     scale = (self.num_heads**-0.5) * (self.head_dim**-0.5)
     return self.rope(q, positions), w * scale
 
-  def keys(self, entries: jax.Array) -> jax.Array:
-    """Entry keys k_idx [B, N, DI] of the compressor's entries [B, N, 1,
-    DI] (RoPE at each group's first position)."""
-    return self.rope(entries, entry_rope_positions(entries, self.compressor))[
-      :, :, 0
-    ]
 
-
-def entry_rope_positions(entries: jax.Array, compressor: Compressor):
-  """int32[B, N]: each entry's RoPE position (its group's first token)."""
-  return jnp.broadcast_to(
-    comp.entry_positions(entries.shape[1], compressor.ratio), entries.shape[:2]
+def entry_rope_positions(
+  entries: jax.Array, ratio: int, first: Any = 0
+) -> jax.Array:
+  """int32[B, N]: the RoPE position of entries [B, N, ...] for the groups
+  first[b] .. first[b] + N - 1 (each group's first token)."""
+  groups = jnp.asarray(first, jnp.int32).reshape(-1, 1) + jnp.arange(
+    entries.shape[1], dtype=jnp.int32
   )
+  return jnp.broadcast_to(groups * ratio, entries.shape[:2])
 
 
 @struct.dataclass
@@ -235,13 +232,17 @@ class CompressedCache:
   c_entries [B, S_max // ratio + 1, G, D]; and a ring of the compressor
   inputs of the last R = P * ratio tokens, c_kv / c_gate [B, R, G, P, D]
   (position p in slot p % R), the tokens a group still filling and the
-  group before it need (+ the indexer's i_entries [B, S_max // ratio + 1,
-  1, DI] and ring i_kv / i_gate [B, 2 * ratio, 1, 2, DI] for CSA).
+  group before it need; c_keys, the entries with RoPE (the keys; the
+  entries themselves are the values) (+ the indexer's i_keys [B, S_max //
+  ratio + 1, 1, DI], with RoPE, and ring i_kv / i_gate [B, 2 * ratio, 1,
+  2, DI] for CSA).
 
   A call pools only the groups its tokens fall in (a group still filling
   is pooled from the tokens it has, invisible until complete, and pooled
   again when it is; the extra entry row takes a partial last group), so a
-  decode step pools one group and reads the other entries back. Only the
+  decode step pools one group and reads the other entries back. RoPE is
+  applied once, when an entry is written, not to every entry at every
+  step. Only the
   tokens inside kv_lengths enter the ring (padding never overwrites a
   token a later group needs). The entries are stored in the cache dtype
   (a bf16 cache rounds them once more, after the norm).
@@ -257,18 +258,20 @@ class CompressedCache:
   c_kv: jax.Array
   c_gate: jax.Array
   c_entries: jax.Array
+  c_keys: jax.Array
   i_kv: jax.Array | None = None
   i_gate: jax.Array | None = None
-  i_entries: jax.Array | None = None
+  i_keys: jax.Array | None = None
 
   axes: ClassVar[dict[str, tuple[str, ...]]] = {
     **KVCache.axes,
     "c_kv": ("batch", "ring", "kv_heads", "series", "head_dim"),
     "c_gate": ("batch", "ring", "kv_heads", "series", "head_dim"),
     "c_entries": ("batch", "entries", "kv_heads", "head_dim"),
+    "c_keys": ("batch", "entries", "kv_heads", "head_dim"),
     "i_kv": ("batch", "ring", "indexer_kv", "series", "indexer_dim"),
     "i_gate": ("batch", "ring", "indexer_kv", "series", "indexer_dim"),
-    "i_entries": ("batch", "entries", "indexer_kv", "indexer_dim"),
+    "i_keys": ("batch", "entries", "indexer_kv", "indexer_dim"),
   }
 
 
@@ -323,37 +326,50 @@ class CompressedAttention(AttentionLayer):
       extra = {
         "i_kv": jnp.zeros(ishape, dt),
         "i_gate": jnp.zeros(ishape, dt),
-        "i_entries": jnp.zeros((batch_size, slots, 1, indexer.head_dim), dt),
+        "i_keys": jnp.zeros((batch_size, slots, 1, indexer.head_dim), dt),
       }
+    entries = (batch_size, slots, self.num_kv_heads, self.head_dim)
     return CompressedCache(
       k=kv.k,
       v=kv.v,
       c_kv=jnp.zeros(shape, dt),
       c_gate=jnp.zeros(shape, dt),
-      c_entries=jnp.zeros(
-        (batch_size, slots, self.num_kv_heads, self.head_dim), dt
-      ),
+      c_entries=jnp.zeros(entries, dt),
+      c_keys=jnp.zeros(entries, dt),
       **extra,
     )
 
   def compressed_entries(
-    self, compressor: Compressor, x: jax.Array, ctx: Context, name: str
-  ) -> tuple[jax.Array, Any]:
-    """(entries [B, N, G, D] of every complete group attention reads, the
-    cache): x's own without a cache. With one, the groups this call's
+    self,
+    compressor: Compressor,
+    x: jax.Array,
+    ctx: Context,
+    name: str,
+    rope: Any,
+    *,
+    values: bool = True,
+  ) -> tuple[jax.Array, jax.Array | None, Any]:
+    """(keys [B, N, G, D]: the entries of every complete group attention
+    reads with rope(entries, positions) at each group's first position;
+    the entries themselves (values), or None with values=False; the
+    cache). Without a cache, x's own. With one, the groups this call's
     tokens fall in are pooled from x's compressor inputs and the ring's
-    earlier tokens into the entry cache, and the view's N = view // ratio
-    entries are read back: a step pools O(T + ratio) tokens, not O(view)."""
+    earlier tokens, RoPE'd once and written into the entry cache, and the
+    view's N = view // ratio entries are read back: a step pools and
+    rotates O(T + ratio) tokens, not O(view)."""
     kv, gate = compressor.project(x)
+    ratio = compressor.ratio
     if not ctx.decoding:
-      return compressor.entries(kv, gate), None
+      entries = compressor.entries(kv, gate)
+      keys = rope(entries, entry_rope_positions(entries, ratio))
+      return keys, entries if values else None, None
     cache = ctx.cache
     assert ctx.q_offset is not None and ctx.view is not None
     ring_kv, ring_gate = (
       getattr(cache, f"{name}_kv"),
       getattr(cache, f"{name}_gate"),
     )
-    num_new, ratio = x.shape[1], compressor.ratio
+    num_new = x.shape[1]
     start = jnp.asarray(ctx.q_offset, jnp.int32)
     # The first group a new token falls in, and every group the call can
     # complete: at most T // ratio + 1 (first + count <= S_max // ratio + 1,
@@ -369,21 +385,33 @@ class CompressedAttention(AttentionLayer):
       ring_rows(ring_gate, gate, start, t),
       (t >= 0) & (t < end[:, None]),
     )
-    entries = write_rows(getattr(cache, f"{name}_entries"), new, first)
-    cache = cache.replace(
-      **{
-        f"{name}_kv": ring_write(ring_kv, kv, start, end),
-        f"{name}_gate": ring_write(ring_gate, gate, start, end),
-        f"{name}_entries": entries,
-      }
-    )
-    return entries[:, : ctx.view // ratio].astype(new.dtype), cache
+    n = ctx.view // ratio
+    written = {
+      f"{name}_kv": ring_write(ring_kv, kv, start, end),
+      f"{name}_gate": ring_write(ring_gate, gate, start, end),
+      f"{name}_keys": write_rows(
+        getattr(cache, f"{name}_keys"),
+        rope(new, entry_rope_positions(new, ratio, first)),
+        first,
+      ),
+    }
+    entries = None
+    if values:
+      written[f"{name}_entries"] = write_rows(
+        getattr(cache, f"{name}_entries"), new, first
+      )
+      entries = written[f"{name}_entries"][:, :n].astype(new.dtype)
+    keys = written[f"{name}_keys"][:, :n].astype(new.dtype)
+    return keys, entries, cache.replace(**written)
 
   def main_entries(self, ctx: Context) -> tuple[jax.Array, jax.Array, Any]:
-    """(ck, cv [B, N, G, D], the cache with this call's compressor rows)."""
-    entries, cache = self.compressed_entries(self.compressor, ctx.x, ctx, "c")
-    pos = entry_rope_positions(entries, self.compressor)
-    return self.rope(entries, pos), entries, cache
+    """(ck with RoPE, cv [B, N, G, D], the cache with this call's
+    compressor rows)."""
+    ck, cv, cache = self.compressed_entries(
+      self.compressor, ctx.x, ctx, "c", self.rope
+    )
+    assert cv is not None
+    return ck, cv, cache
 
   def sink_logits(self) -> jax.Array | None:
     return None if self.sinks is None else self.sinks[...]
@@ -508,13 +536,15 @@ class CSAAttention(CompressedAttention):
     if self.params.detach_indexer_input:
       x = jax.lax.stop_gradient(x)
     q_idx, w = self.indexer.query(x, ctx.positions)
-    entries, written = self.compressed_entries(
+    keys, _, written = self.compressed_entries(
       self.indexer.compressor,
       x,
       ctx if cache is None else _with(ctx, cache),
       "i",
+      self.indexer.rope,
+      values=False,
     )
-    return q_idx, self.indexer.keys(entries), w, written
+    return q_idx, keys[:, :, 0], w, written
 
   def attend(self, q, k, v, ctx: Context):
     self.check_sequence(ctx)
