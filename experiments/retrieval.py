@@ -97,6 +97,13 @@ class Preset:
   lr: float = 3e-3
   adapt_lr: float = 1e-3
   lr_warmup_steps: int = 20
+  # A first phase of the dense pretraining at a shorter length: (length,
+  # steps, peak lr), or None. Tasks whose answer hides in filler (passkey,
+  # variable tracking) are learned in a few hundred steps at a short length
+  # and carry over to the training length (RoPE is relative); at L=512
+  # directly, 650 steps at lr 1e-3 left a 2-layer dense model at chance on
+  # both (docs/experiments.md).
+  pretrain_short: tuple[int, int, float] | None = None
 
 
 # Every kind compared on one GQA layer (dense and dsa first; not the MLA
@@ -208,6 +215,12 @@ def parse_args(argv=None):
   p.add_argument("--seq-len", type=int)
   p.add_argument("--eval-lens", help="comma list of evaluation lengths")
   p.add_argument("--pretrain-steps", type=int)
+  p.add_argument(
+    "--pretrain-short",
+    metavar="LEN,STEPS,LR",
+    help="dense pretraining first trains STEPS steps at length LEN, peak "
+    "lr LR (passkey / vartrack at L >= 512 need it)",
+  )
   p.add_argument("--warmup-steps", type=int)
   p.add_argument("--adapt-steps", type=int)
   p.add_argument("--batch-size", type=int)
@@ -229,6 +242,13 @@ def parse_args(argv=None):
     pr.dsa_top_k = ints(a.dsa_top_k)
   if a.eval_lens:
     pr.eval_lens = ints(a.eval_lens)
+  if a.pretrain_short:
+    parts = a.pretrain_short.split(",")
+    if len(parts) != 3:
+      raise ValueError(
+        f"--pretrain-short: LEN,STEPS,LR expected, got {a.pretrain_short!r}"
+      )
+    pr.pretrain_short = (int(parts[0]), int(parts[1]), float(parts[2]))
   for f in (
     "budget_top_k",
     "seq_len",
@@ -293,6 +313,7 @@ def make_config(
     lr=lr,
     indexer_lr=lr,
     lr_warmup_steps=pr.lr_warmup_steps,
+    dataset_options=C.task_options(task),
     checkpoint_every=0,
     eval_every=0,
     log_every=10**9,
@@ -380,7 +401,21 @@ def evaluate(s, state, task, length, n_examples, eval_fn):
 
 
 def pretrain_dense(pr: Preset, task: str, seed: int, log):
-  """The convert protocol's shared dense model: (training state, seconds)."""
+  """The convert protocol's shared dense model: (training state, seconds).
+
+  With pr.pretrain_short, the model first trains that phase at its length
+  (a fresh optimiser and schedule), then pr.pretrain_steps at pr.seq_len
+  from those parameters; the seconds cover both phases.
+  """
+  t0 = time.perf_counter()
+  short_main = None
+  if pr.pretrain_short is not None:
+    length, steps, lr = pr.pretrain_short
+    short = dataclasses.replace(
+      pr, seq_len=length, pretrain_steps=steps, lr=lr, pretrain_short=None
+    )
+    short_state, _ = pretrain_dense(short, task, seed, log)
+    short_main = short_state["params"]["main"]
   cfg = make_config(
     pr,
     task,
@@ -393,10 +428,12 @@ def pretrain_dense(pr: Preset, task: str, seed: int, log):
     seed=seed,
   )
   s = T.setup(cfg)
-  t0 = time.perf_counter()
   state = T.init_state(s)
+  if short_main is not None:
+    state, _ = T.init_from(state, short_main)
   log(
     f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at L={pr.seq_len}"
+    + ("" if short_main is None else " (after the short phase)")
   )
   ds = dataset(task, pr.seq_len, "train", seed)
   state, _ = train_steps(s, state, ds, 0, log, "pretrain")

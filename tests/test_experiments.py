@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+import pytest
+
 from _testutil import run_script
 
 EXP = os.path.join(
@@ -261,6 +263,16 @@ def test_retrofit_demo_smoke(tmp_path):
     assert rerun[model] == report[model], model
 
 
+def test_retrieval_pretrain_short_flag():
+  mod = _module("retrieval")
+  _, pr = mod.parse_args(["--smoke", "--pretrain-short", "128,600,3e-3"])
+  assert pr.pretrain_short == (128, 600, 3e-3)
+  _, pr = mod.parse_args(["--smoke"])
+  assert pr.pretrain_short is None
+  with pytest.raises(ValueError, match="--pretrain-short"):
+    mod.parse_args(["--smoke", "--pretrain-short", "128,600"])
+
+
 def test_retrieval_study_smoke_and_resume(tmp_path):
   """Every part at one seed, then a rerun that trains nothing (the cache),
   then one more seed (only its models are trained)."""
@@ -318,6 +330,18 @@ def test_retrieval_study_grid():
   picked = mod.models(st, mod.PARTS, kinds=("csa", "dsa_k8"))
   assert {m.run[0] for m in picked} == {"csa", "dsa_k8"}
   assert len(picked) == sum(m.run[0] in ("csa", "dsa_k8") for m in todo)
+  # The committed results stay valid: every model of docs/results' cache is
+  # one of the study's (a changed key would retrain it), and the tasks with
+  # a short pretraining phase are keyed by it.
+  cached = mod.read_runs(
+    os.path.join(EXP, "..", "docs", "results", "retrieval_study", "runs.jsonl")
+  )
+  assert cached and set(cached) <= set(by_key)
+  for m in todo:
+    has_short = "pretrain_short" in json.loads(m.key(st))
+    assert has_short == (
+      m.protocol == "convert" and m.task in st.pretrain_short
+    ), m
   from sparse_attn.budgets import key_budget
 
   for L in st.lens:
