@@ -608,18 +608,22 @@ def plots(rows, out_dir) -> None:
         if (r["task"], r["train_len"], r["protocol"]) == (task, L, protocol)
       ]
       ax, bx = axes[0][col], axes[1][col]
-      for label, lr in group(rs, "label").items():
+      # 14+ kinds: the default 10-colour cycle would give two kinds one colour.
+      colors = plt.get_cmap("tab20").colors
+      for n, (label, lr) in enumerate(group(rs, "label").items()):
+        color = colors[n % len(colors)]
         pts = sorted(
           (e[0], np.mean([r["exact_match"] for r in er]))
           for e, er in group(lr, "eval_len").items()
         )
         lw = 2.5 if label[0].startswith(("dsa", "dense")) else 1.2
-        ax.plot(*zip(*pts), marker="o", lw=lw, label=label[0])
+        ax.plot(*zip(*pts), marker="o", lw=lw, label=label[0], color=color)
         at = [r for r in lr if r["eval_len"] == L]
         bx.scatter(
           np.mean([r["keys_per_query"] for r in at]),
           np.mean([r["exact_match"] for r in at]),
           label=label[0],
+          color=color,
         )
         bx.annotate(
           label[0],
