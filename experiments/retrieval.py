@@ -98,11 +98,10 @@ class Preset:
   adapt_lr: float = 1e-3
   lr_warmup_steps: int = 20
   # A first phase of the dense pretraining at a shorter length: (length,
-  # steps, peak lr), or None. Tasks whose answer hides in filler (passkey,
-  # variable tracking) are learned in a few hundred steps at a short length
-  # and carry over to the training length (RoPE is relative); at L=512
-  # directly, 650 steps at lr 1e-3 left a 2-layer dense model at chance on
-  # both (docs/experiments.md).
+  # steps, peak lr), or None. Passkey, whose answer hides in filler, is
+  # learned in a few hundred steps at L=128 and carries over to the training
+  # length (RoPE is relative); at L=512 directly, 650 steps at lr 1e-3 left
+  # a 2-layer dense model at chance (docs/experiments.md).
   pretrain_short: tuple[int, int, float] | None = None
 
 
@@ -219,7 +218,7 @@ def parse_args(argv=None):
     "--pretrain-short",
     metavar="LEN,STEPS,LR",
     help="dense pretraining first trains STEPS steps at length LEN, peak "
-    "lr LR (passkey / vartrack at L >= 512 need it)",
+    "lr LR (passkey at L >= 512 needs it)",
   )
   p.add_argument("--warmup-steps", type=int)
   p.add_argument("--adapt-steps", type=int)
