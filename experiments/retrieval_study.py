@@ -13,6 +13,7 @@ script runs the study whose figures docs/experiments.md and README report:
            L = 512 on MQAR
   warmup   DSA's accuracy against the number of dense warm-up steps
            (0 .. 300) at a fixed sparse stage, L = 512 and 1024 on MQAR
+           and passkey
 
 each over 3 seeds (the seed draws the training data and the initialisation;
 the evaluation examples are the same for every seed), reported as mean and
@@ -29,6 +30,7 @@ seeds) trains only what is missing, so the study can be run in pieces:
   python experiments/retrieval_study.py --parts main --tasks mqar --lens 512
   python experiments/retrieval_study.py --parts main --kinds csa,hca --seeds 1
   python experiments/retrieval_study.py --report-only      # tables + plots so far
+  python experiments/retrieval_study.py --merge results/a results/b  # pieces
   python experiments/retrieval_study.py --list             # what it would train
   python experiments/retrieval_study.py --smoke --out-dir /tmp/s   # CI
 
@@ -44,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -114,7 +117,9 @@ CPU = Study(
   warmup_sweep=(0, 10, 30, 100, 300),
   scratch_lens=(512,),
   scratch_tasks=("mqar",),
-  sweep_tasks=("mqar",),
+  # Passkey is where DSA loses at 100 warm-up steps; its sweep tests whether
+  # a longer warm-up closes the gap.
+  sweep_tasks=("mqar", "passkey"),
   batch_size={512: 32, 1024: 16},
   eval_examples=64,
   eval_multiples=(1, 2, 4),
@@ -478,6 +483,42 @@ def run_study(st, out_dir, todo, log) -> None:
   log(f"trained {len(missing)} models in {time.perf_counter() - t_start:.0f} s")
 
 
+def merge(st, out_dir, sources, log) -> None:
+  """Adds to <out_dir> the models that other out-dirs trained (the study run
+  in pieces, one process per core): their runs.jsonl lines and dense models
+  that out_dir lacks. Only the study's own models are taken; a model whose
+  settings left the grid (a stale key) is skipped."""
+  grid = models(st, PARTS)
+  keys = {m.key(st) for m in grid}
+  digests = {
+    os.path.basename(pretrained_path(st, out_dir, m.task, m.seq_len, m.seed))
+    for m in grid
+    if m.protocol == "convert"
+  }
+  runs_path = os.path.join(out_dir, "runs.jsonl")
+  have = read_runs(runs_path)
+  os.makedirs(os.path.join(out_dir, "pretrained"), exist_ok=True)
+  for src in sources:
+    added = stale = copied = 0
+    for key, rows in read_runs(os.path.join(src, "runs.jsonl")).items():
+      if key not in keys:
+        stale += 1
+      elif key not in have:
+        append_run(runs_path, key, rows)
+        have[key] = rows
+        added += 1
+    pre = os.path.join(src, "pretrained")
+    for name in sorted(os.listdir(pre)) if os.path.isdir(pre) else ():
+      dst = os.path.join(out_dir, "pretrained", name)
+      if name in digests and not os.path.exists(dst):
+        shutil.copyfile(os.path.join(pre, name), dst)
+        copied += 1
+    log(
+      f"merged {src}: {added} models added, {stale} not in the grid "
+      f"skipped, {copied} dense models copied"
+    )
+
+
 # ---------------------------------------------------------------------------
 # report
 
@@ -693,6 +734,12 @@ def parse_args(argv=None):
   )
   p.add_argument("--out-dir", default="results/retrieval_study")
   p.add_argument("--report-only", action="store_true")
+  p.add_argument(
+    "--merge",
+    nargs="+",
+    metavar="DIR",
+    help="add the models these out-dirs trained to --out-dir, then report",
+  )
   p.add_argument("--list", action="store_true", help="print the models")
   p.add_argument(
     "--no-compile-cache",
@@ -738,13 +785,18 @@ def main(argv=None):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   log = lambda s: print(s, flush=True)
   t0 = time.perf_counter()
-  if not a.report_only:
+  if a.merge:
+    merge(st, a.out_dir, a.merge, log)
+  elif not a.report_only:
     run_study(st, a.out_dir, todo, log)
   # The report covers every part and seed the cache holds, not just this
   # invocation's selection.
   rows = study_rows(st, a.out_dir, models(st, PARTS))
   md = report(
-    rows, st, a.out_dir, None if a.report_only else time.perf_counter() - t0
+    rows,
+    st,
+    a.out_dir,
+    None if a.report_only or a.merge else time.perf_counter() - t0,
   )
   log(md)
   return rows

@@ -306,6 +306,32 @@ def test_retrieval_study_smoke_and_resume(tmp_path):
     f.write('{"key": "torn')
   assert mod.read_runs(str(tmp_path / "runs.jsonl")) == runs
 
+  # Pieces trained in separate out-dirs merge into one: the models and dense
+  # models the destination lacks; a key that left the grid is skipped.
+  dst, stale = tmp_path / "merged", tmp_path / "stale"
+  dst.mkdir()
+  stale.mkdir()
+  half = sorted(runs)[: len(runs) // 2]
+  for k in half:
+    mod.append_run(str(dst / "runs.jsonl"), k, runs[k])
+  mod.append_run(str(stale / "runs.jsonl"), '{"old": 1}', [{"x": 1}])
+  merged = run_script(
+    "retrieval_study",
+    "--smoke",
+    "--out-dir",
+    dst,
+    "--merge",
+    tmp_path,
+    stale,
+  )
+  assert f"{len(runs) - len(half)} models added" in merged
+  assert "1 not in the grid skipped" in merged
+  assert mod.read_runs(str(dst / "runs.jsonl")) == runs
+  assert sorted(os.listdir(dst / "pretrained")) == sorted(
+    os.listdir(tmp_path / "pretrained")
+  )
+  assert (dst / "study.md").exists()
+
 
 def test_retrieval_study_grid():
   """The CPU study's grid: DSA at <= 3% of L, NSA at its closest budget,
