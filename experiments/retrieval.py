@@ -32,6 +32,8 @@ aux of the layers).
   python experiments/retrieval.py --full         # accelerator, L >= 8K
   python experiments/retrieval.py --smoke --out-dir /tmp/r   # CI (< 40 s)
   python experiments/retrieval.py --quick --tasks passkey --kinds dense,dsa,sliding_window
+  python experiments/retrieval.py --quick --tasks vartrack --kinds dense \
+      --model num_layers=4 --task-options num_hops=1   # other sizes / options
 
 Writes <out-dir>/retrieval.csv, retrieval.md, retrieval.png (and
 retrieval_config.json with the exact settings).
@@ -220,6 +222,18 @@ def parse_args(argv=None):
     help="dense pretraining first trains STEPS steps at length LEN, peak "
     "lr LR (passkey at L >= 512 needs it)",
   )
+  p.add_argument(
+    "--model",
+    metavar="KEY=VALUE,...",
+    help="override the preset's model sizes, e.g. num_layers=4 (vartrack "
+    "needs more than 2 layers)",
+  )
+  p.add_argument(
+    "--task-options",
+    metavar="KEY=VALUE,...",
+    help="override the generator options of every task run, e.g. "
+    "num_hops=1 for vartrack (default: _common.TASK_OPTIONS)",
+  )
   p.add_argument("--warmup-steps", type=int)
   p.add_argument("--adapt-steps", type=int)
   p.add_argument("--batch-size", type=int)
@@ -248,6 +262,19 @@ def parse_args(argv=None):
         f"--pretrain-short: LEN,STEPS,LR expected, got {a.pretrain_short!r}"
       )
     pr.pretrain_short = (int(parts[0]), int(parts[1]), float(parts[2]))
+  if a.model:
+    model = int_options("--model", a.model)
+    unknown = sorted(set(model) - set(pr.model))
+    if unknown:
+      raise ValueError(
+        f"--model: unknown keys {unknown}; known: {sorted(pr.model)}"
+      )
+    pr.model = dict(pr.model, **model)
+  if a.task_options:
+    opts = int_options("--task-options", a.task_options)
+    for task in pr.tasks:
+      # A script-level setting: dataset() and make_config read TASK_OPTIONS.
+      C.TASK_OPTIONS[task] = dict(C.TASK_OPTIONS.get(task, {}), **opts)
   for f in (
     "budget_top_k",
     "seq_len",
@@ -263,6 +290,22 @@ def parse_args(argv=None):
     if k not in ALL_KINDS:
       raise ValueError(f"unknown kind {k!r}; known: {ALL_KINDS}")
   return a, pr
+
+
+def int_options(flag: str, text: str) -> dict[str, int]:
+  """Parses `a=1,b=2` into {"a": 1, "b": 2}; ValueError naming the flag."""
+  out = {}
+  for item in text.split(","):
+    key, eq, value = item.partition("=")
+    try:
+      if not (key and eq):
+        raise ValueError
+      out[key.strip()] = int(value)
+    except ValueError:
+      raise ValueError(
+        f"{flag}: KEY=INT,... expected, got {text!r} (at {item!r})"
+      ) from None
+  return out
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ at tiny size; only the structure of the outputs is checked (columns, one
 row per kind and length, finite numbers), never a training result. The
 modules are imported only for their constants and argument parsing."""
 
+import copy
 import csv
 import importlib
 import json
@@ -273,6 +274,41 @@ def test_retrieval_pretrain_short_flag():
     mod.parse_args(["--smoke", "--pretrain-short", "128,600"])
 
 
+def test_retrieval_model_and_task_options_flags(monkeypatch):
+  mod = _module("retrieval")
+  C = _module("_common")
+  # --task-options writes the script-level TASK_OPTIONS: keep others' intact.
+  monkeypatch.setattr(C, "TASK_OPTIONS", copy.deepcopy(C.TASK_OPTIONS))
+  _, pr = mod.parse_args(
+    [
+      "--quick",
+      "--tasks",
+      "vartrack",
+      "--model",
+      "num_layers=4,mlp_dim=256",
+      "--task-options",
+      "num_hops=1",
+    ]
+  )
+  quick = mod.PRESETS["quick"].model
+  assert pr.model == dict(quick, num_layers=4, mlp_dim=256)
+  assert mod.PRESETS["quick"].model == quick  # the preset is not changed
+  assert C.task_options("vartrack")["vartrack"]["num_hops"] == 1
+  assert C.TASK_OPTIONS["mqar"] == {"key_vocab": 8, "value_vocab": 8}
+  cfg = mod.make_config(
+    pr, "vartrack", "dense", 8, {}, warmup=0, steps=1, lr=1e-3, seed=0
+  )
+  assert cfg.model.num_layers == 4
+  assert cfg.train.dataset_options_dict["vartrack"]["num_hops"] == 1
+  for flag, value in (
+    ("--model", "layers=4"),
+    ("--model", "num_layers"),
+    ("--task-options", "num_hops=x"),
+  ):
+    with pytest.raises(ValueError, match=flag):
+      mod.parse_args(["--smoke", flag, value])
+
+
 def test_retrieval_study_smoke_and_resume(tmp_path):
   """Every part at one seed, then a rerun that trains nothing (the cache),
   then one more seed (only its models are trained)."""
@@ -363,6 +399,12 @@ def test_retrieval_study_grid():
     os.path.join(EXP, "..", "docs", "results", "retrieval_study", "runs.jsonl")
   )
   assert cached and set(cached) <= set(by_key)
+  # A task's own model sizes change that task's keys and no other's.
+  for m in todo:
+    layers = json.loads(m.key(st))["model"]["num_layers"]
+    assert (
+      layers == dict(st.model, **st.task_model.get(m.task, {}))["num_layers"]
+    ), m
   for m in todo:
     has_short = "pretrain_short" in json.loads(m.key(st))
     assert has_short == (
