@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparse_attn import registry  # noqa: E402
@@ -105,6 +106,16 @@ class Preset:
   # length (RoPE is relative); at L=512 directly, 650 steps at lr 1e-3 left
   # a 2-layer dense model at chance (docs/experiments.md).
   pretrain_short: tuple[int, int, float] | None = None
+  # Per task: generator options over _common.TASK_OPTIONS' (--task-options;
+  # e.g. {"vartrack": {"num_hops": 1}}), so one run or study can change a
+  # task without changing it for the other scripts.
+  task_options: dict[str, dict[str, int]] = dataclasses.field(
+    default_factory=dict
+  )
+
+  def options(self, task: str) -> dict[str, int]:
+    """The task's generator options: TASK_OPTIONS, this preset's over them."""
+    return dict(C.TASK_OPTIONS.get(task, {}), **self.task_options.get(task, {}))
 
 
 # Every kind compared on one GQA layer (dense and dsa first; not the MLA
@@ -272,9 +283,9 @@ def parse_args(argv=None):
     pr.model = dict(pr.model, **model)
   if a.task_options:
     opts = int_options("--task-options", a.task_options)
-    for task in pr.tasks:
-      # A script-level setting: dataset() and make_config read TASK_OPTIONS.
-      C.TASK_OPTIONS[task] = dict(C.TASK_OPTIONS.get(task, {}), **opts)
+    pr.task_options = {
+      task: dict(pr.task_options.get(task, {}), **opts) for task in pr.tasks
+    }
   for f in (
     "budget_top_k",
     "seq_len",
@@ -345,6 +356,7 @@ def make_config(
     implementation="xla" if jax.default_backend() == "cpu" else None,
     **pr.model,
   ).with_attention(kind, **params)
+  opts = pr.options(task)
   train = TrainConfig(
     dataset=task,
     seq_len=pr.seq_len,
@@ -355,7 +367,7 @@ def make_config(
     lr=lr,
     indexer_lr=lr,
     lr_warmup_steps=pr.lr_warmup_steps,
-    dataset_options=C.task_options(task),
+    dataset_options={task: opts} if opts else {},
     checkpoint_every=0,
     eval_every=0,
     log_every=10**9,
@@ -363,25 +375,36 @@ def make_config(
   return Config(model=model, train=train, name=f"retrieval_{task}_{kind}")
 
 
-def dataset(task, length, split, seed=0):
-  return make_dataset(
-    task, seq_len=length, split=split, seed=seed, **C.TASK_OPTIONS.get(task, {})
-  )
+def dataset(task, length, split, seed=0, options=None):
+  """The task's dataset; options: its generator options (default: the
+  script's TASK_OPTIONS, as Preset.options gives them without overrides)."""
+  if options is None:
+    options = C.TASK_OPTIONS.get(task, {})
+  return make_dataset(task, seq_len=length, split=split, seed=seed, **options)
 
 
-def train_steps(s, state, ds, first_step: int, log, label: str):
+LOG_EVERY_S = 300.0
+
+
+def train_steps(
+  s, state, ds, first_step: int, log, label: str, *, start=0, on_step=None
+):
   """Runs both stages of s.cfg on ds batches first_step, first_step+1, ...
+  from training step `start`; on_step(result) after each step.
 
-  Logs four times per run; returns (state, the metrics last logged).
+  Logs four times per run, and at least every LOG_EVERY_S seconds (long
+  pretrainings); returns (state, the metrics last logged).
   """
   total = s.cfg.train.total_steps
   every = max(1, total // 4)
   last = None
   timed: list[tuple[int, float]] = []  # (step, time) of the logs so far
+  started = time.perf_counter()
 
   def log_step(r):
     nonlocal last
-    if r.step % every == 0 or r.step == total:
+    since = time.perf_counter() - (timed[-1][1] if timed else started)
+    if r.step % every == 0 or r.step == total or since >= LOG_EVERY_S:
       last = T.host_metrics(r.metrics)
       timed.append((r.step, time.perf_counter()))
       eta = ""
@@ -394,8 +417,12 @@ def train_steps(s, state, ds, first_step: int, log, label: str):
         f"{last['loss']:.4f} kl {last['indexer_kl']:.4f} attended "
         f"{last['attended_fraction']:.3f}{eta}"
       )
+    if on_step is not None:
+      on_step(r)
 
-  state = T.run_stages(s, state, ds, first_step=first_step, on_step=log_step)
+  state = T.run_stages(
+    s, state, ds, first_step=first_step, start=start, on_step=log_step
+  )
   return state, last
 
 
@@ -416,8 +443,8 @@ def make_eval_fn(s, mode):
   return jax.jit(fn)
 
 
-def evaluate(s, state, task, length, n_examples, eval_fn):
-  ds = dataset(task, length, "validation")
+def evaluate(s, state, task, length, n_examples, eval_fn, options=None):
+  ds = dataset(task, length, "validation", options=options)
   bsz = min(n_examples, 16)
   tot = {}
   n_batches = -(-n_examples // bsz)
@@ -442,47 +469,151 @@ def evaluate(s, state, task, length, n_examples, eval_fn):
   }
 
 
-def pretrain_dense(pr: Preset, task: str, seed: int, log):
+def pretrain_dense(
+  pr: Preset,
+  task: str,
+  seed: int,
+  log,
+  checkpoint: str | None = None,
+  save_every_s: float = 600.0,
+):
   """The convert protocol's shared dense model: (training state, seconds).
 
   With pr.pretrain_short, the model first trains that phase at its length
   (a fresh optimiser and schedule), then pr.pretrain_steps at pr.seq_len
   from those parameters; the seconds cover both phases.
+
+  checkpoint: a .npz path. The training state is saved there every
+  save_every_s seconds of training and at the end of each phase, and a
+  call with the same path resumes from it: same batches, same optimiser
+  state, so a killed pretraining ends with the model an uninterrupted one
+  gives. The caller keys the path by the settings and deletes the file
+  once it has the model.
   """
-  t0 = time.perf_counter()
-  short_main = None
+  clock = time.perf_counter
+  t0 = clock()
+  phases = [dataclasses.replace(pr, pretrain_short=None)]
   if pr.pretrain_short is not None:
     length, steps, lr = pr.pretrain_short
-    short = dataclasses.replace(
-      pr, seq_len=length, pretrain_steps=steps, lr=lr, pretrain_short=None
+    phases.insert(
+      0,
+      dataclasses.replace(
+        pr, seq_len=length, pretrain_steps=steps, lr=lr, pretrain_short=None
+      ),
     )
-    short_state, _ = pretrain_dense(short, task, seed, log)
-    short_main = short_state["params"]["main"]
-  cfg = make_config(
-    pr,
-    task,
-    "dense",
-    pr.budget_top_k,
-    {},
-    warmup=0,
-    steps=pr.pretrain_steps,
-    lr=pr.lr,
-    seed=seed,
+  saved = _read_pretrain_checkpoint(checkpoint, len(phases))
+  before = 0.0 if saved is None else saved["seconds"]
+  saver = _PretrainSaver(
+    checkpoint, save_every_s, lambda: before + clock() - t0
   )
-  s = T.setup(cfg)
-  state = T.init_state(s)
-  if short_main is not None:
-    state, _ = T.init_from(state, short_main)
-  log(
-    f"  [{task}] dense pretraining: {pr.pretrain_steps} steps at L={pr.seq_len}"
-    + ("" if short_main is None else " (after the short phase)")
-  )
-  ds = dataset(task, pr.seq_len, "train", seed)
-  state, _ = train_steps(s, state, ds, 0, log, "pretrain")
-  jax.block_until_ready(state)
-  pre_time = time.perf_counter() - t0
+  main = None
+  state = None
+  for n, ph in enumerate(phases):
+    if saved is not None and n < saved["phase"]:
+      continue
+    cfg = make_config(
+      ph,
+      task,
+      "dense",
+      ph.budget_top_k,
+      {},
+      warmup=0,
+      steps=ph.pretrain_steps,
+      lr=ph.lr,
+      seed=seed,
+    )
+    s = T.setup(cfg)
+    state = T.init_state(s)
+    start = 0
+    if saved is not None and n == saved["phase"]:
+      state = _restore_leaves(saved["state"], state, s.state_shardings)
+      start = saved["step"]
+      log(
+        f"  [{task}] dense pretraining resumed at step {start}/"
+        f"{ph.pretrain_steps} of L={ph.seq_len} from {checkpoint}"
+      )
+    elif main is not None:
+      state, _ = T.init_from(state, main)
+    if start == 0:
+      log(
+        f"  [{task}] dense pretraining: {ph.pretrain_steps} steps at "
+        f"L={ph.seq_len}" + (" (after the short phase)" if n > 0 else "")
+      )
+    ds = dataset(task, ph.seq_len, "train", seed, ph.options(task))
+    saver.phase = n
+    state, _ = train_steps(
+      s, state, ds, 0, log, "pretrain", start=start, on_step=saver.on_step
+    )
+    jax.block_until_ready(state)
+    if n < len(phases) - 1:
+      saver.save(ph.pretrain_steps, state)
+    main = state["params"]["main"]
+  pre_time = before + clock() - t0
   log(f"  [{task}] pretraining took {pre_time:.0f} s")
   return state, pre_time
+
+
+class _PretrainSaver:
+  """Writes pretrain_dense's checkpoint: at most every `every` seconds from
+  on_step, and when asked (a phase's end). seconds(): the pretraining's
+  seconds so far, earlier runs of it included."""
+
+  def __init__(self, path: str | None, every: float, seconds):
+    self.path, self.every, self.seconds = path, every, seconds
+    self.phase = 0
+    self.last = time.perf_counter()
+
+  def save(self, step: int, state) -> None:
+    if self.path is not None:
+      _write_pretrain_checkpoint(
+        self.path, self.phase, step, self.seconds(), state
+      )
+    self.last = time.perf_counter()
+
+  def on_step(self, r) -> None:
+    # Before the next step: it donates r.state's buffers.
+    if self.path is not None and time.perf_counter() - self.last >= self.every:
+      self.save(r.step, r.state)
+
+
+def _write_pretrain_checkpoint(path, phase, step, seconds, state) -> None:
+  flat = {
+    "state" + jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+    for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"  # a kill while writing keeps the previous one
+  np.savez(tmp, __phase__=phase, __step__=step, __seconds__=seconds, **flat)
+  os.replace(tmp, path)
+
+
+def _read_pretrain_checkpoint(path, num_phases):
+  if path is None or not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    d = dict(z)
+  phase = int(d.pop("__phase__"))
+  if not 0 <= phase < num_phases:
+    raise ValueError(f"{path}: phase {phase} of {num_phases}; delete it")
+  return {
+    "phase": phase,
+    "step": int(d.pop("__step__")),
+    "seconds": float(d.pop("__seconds__")),
+    "state": {k[len("state") :]: v for k, v in d.items()},
+  }
+
+
+def _restore_leaves(leaves, template, shardings):
+  def one(p, x, sh):
+    k = jax.tree_util.keystr(p)
+    if k not in leaves or leaves[k].shape != x.shape:
+      raise ValueError(
+        f"pretraining checkpoint: {k} missing or of another shape; "
+        "it was saved for other settings"
+      )
+    return jax.device_put(jnp.asarray(leaves[k], x.dtype), sh)
+
+  return jax.tree_util.tree_map_with_path(one, template, shardings)
 
 
 def train_and_evaluate(
@@ -504,7 +635,7 @@ def train_and_evaluate(
   per evaluation length.
   """
   label, kind, top_k, params = run
-  ds = dataset(task, pr.seq_len, "train", seed)
+  ds = dataset(task, pr.seq_len, "train", seed, pr.options(task))
   convert = protocol == "convert"
   if convert and pre_main is None:
     raise ValueError("pre_main: the convert protocol needs the dense model")
@@ -539,7 +670,9 @@ def train_and_evaluate(
   eval_fn = make_eval_fn(s, "sparse")
   rows = []
   for length in pr.eval_lens:
-    ev = evaluate(s, state, task, length, pr.eval_examples, eval_fn)
+    ev = evaluate(
+      s, state, task, length, pr.eval_examples, eval_fn, pr.options(task)
+    )
     rows.append(
       {
         "task": task,
@@ -692,7 +825,7 @@ def main(argv=None):
         "preset": a.preset,
         "protocol": a.protocol,
         "seed": a.seed,
-        "task_kwargs": C.TASK_OPTIONS,
+        "task_kwargs": {t: pr.options(t) for t in pr.tasks},
         **dataclasses.asdict(pr),
       },
       f,

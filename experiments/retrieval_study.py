@@ -24,7 +24,11 @@ training API); the models share their task's dense pretraining per seed.
 Resumable: every finished model is one line of <out-dir>/runs.jsonl and
 every dense pretraining one file under <out-dir>/pretrained/, keyed by all of
 the settings that define it; a rerun (after a kill, or with more parts or
-seeds) trains only what is missing, so the study can be run in pieces:
+seeds) trains only what is missing, so the study can be run in pieces. A
+dense pretraining in progress saves its state every 10 minutes
+(pretrained/<key>.partial.npz) and a rerun continues it from there, to the
+model an uninterrupted run gives.
+
 
   python experiments/retrieval_study.py                    # everything (CPU hours)
   python experiments/retrieval_study.py --parts main --tasks mqar --lens 512
@@ -99,6 +103,13 @@ class Study:
   # Per task: model sizes that replace `model`'s (only that task's keys
   # change).
   task_model: dict[str, dict]
+  # Per task: generator options over _common.TASK_OPTIONS' (only that
+  # task's keys change).
+  task_options: dict[str, dict[str, int]]
+  # Per task and training length: (steps, peak lr) replacing
+  # pretrain_steps[L] and lr, i.e. the convert protocol's dense pretraining
+  # at L and the scratch protocol's training (only that task's keys change).
+  task_pretrain: dict[str, dict[int, tuple[int, float]]]
   lr: float
   adapt_lr: float
   lr_warmup_steps: int
@@ -114,7 +125,12 @@ CPU = Study(
   # 400 steps at L alone leave the dense model at chance on passkey (0.02
   # exact at L=512 after 400 + 250 steps at lr 1e-3); at L=128 and lr 3e-3
   # it is learned in 300-450 steps (docs/experiments.md).
-  pretrain_short={"passkey": (128, 600, 3e-3)},
+  # Vartrack: 1500 steps at L=128 reach 0.34 exact there and do not carry
+  # over to L=512 (0.03), nor do 400 more at L=512 and lr 1e-3 learn it
+  # there (0.22); its recipe trains twice as long at L=128 and five times
+  # as long at L=512, at a higher lr (task_pretrain; a candidate that its
+  # seed 0 tests, docs/experiments.md).
+  pretrain_short={"passkey": (128, 600, 3e-3), "vartrack": (128, 3000, 3e-3)},
   warmup_steps=100,
   adapt_steps=150,
   warmup_sweep=(0, 10, 30, 100, 300),
@@ -131,6 +147,8 @@ CPU = Study(
   # Two layers do not learn vartrack even without hops (0.00 exact at L=256
   # after 600 steps); four start to learn two hops (docs/experiments.md).
   task_model={"vartrack": {"num_layers": 4}},
+  task_options={},
+  task_pretrain={"vartrack": {512: (2000, 2e-3), 1024: (2000, 2e-3)}},
   lr=1e-3,
   adapt_lr=1e-3,
   lr_warmup_steps=20,
@@ -155,6 +173,8 @@ SMOKE = Study(
   eval_multiples=(1, 2),
   model=dict(R.PRESETS["smoke"].model),
   task_model={"mqar": {"num_layers": 2}},  # the path, not a need
+  task_options={},
+  task_pretrain={"mqar": {32: (3, 1e-3)}},  # the path, not a need
   lr=1e-3,
   adapt_lr=1e-3,
   lr_warmup_steps=1,
@@ -205,6 +225,9 @@ class Model:
 
   def preset(self, st: Study) -> R.Preset:
     L = self.seq_len
+    steps, lr = st.task_pretrain.get(self.task, {}).get(
+      L, (st.pretrain_steps[L], st.lr)
+    )
     return R.Preset(
       tasks=(self.task,),
       seq_len=L,
@@ -212,23 +235,24 @@ class Model:
       dsa_top_k=st.dsa_top_k[L],
       budget_top_k=st.dsa_top_k[L][len(st.dsa_top_k[L]) // 2],
       kinds=st.kinds,
-      pretrain_steps=st.pretrain_steps[L],
+      pretrain_steps=steps,
       warmup_steps=self.warmup_steps,
       adapt_steps=st.adapt_steps,
       batch_size=st.batch_size[L],
       eval_examples=st.eval_examples,
       model=dict(st.model, **st.task_model.get(self.task, {})),
-      lr=st.lr,
+      lr=lr,
       adapt_lr=st.adapt_lr,
       lr_warmup_steps=st.lr_warmup_steps,
       pretrain_short=st.pretrain_short.get(self.task),
+      task_options={self.task: st.task_options.get(self.task, {})},
     )
 
   def key(self, st: Study) -> str:
     """Every setting that defines the model's result (not its part)."""
     pr = self.preset(st)
     d = dataclasses.asdict(pr)
-    for f in ("tasks", "kinds", "dsa_top_k", "budget_top_k"):
+    for f in ("tasks", "kinds", "dsa_top_k", "budget_top_k", "task_options"):
       d.pop(f)
     if d["pretrain_short"] is None:  # keys from before the field stay valid
       d.pop("pretrain_short")
@@ -240,7 +264,7 @@ class Model:
       kind=kind,
       top_k=top_k,
       params=params,
-      task_options=C.TASK_OPTIONS.get(self.task, {}),
+      task_options=pr.options(self.task),
     )
     if self.protocol == "scratch":  # no dense model: neither applies
       d.pop("adapt_lr")
@@ -252,7 +276,7 @@ class Model:
   def steps(self, st: Study) -> int:
     if self.protocol == "convert":
       return self.warmup_steps + st.adapt_steps
-    return st.pretrain_steps[self.seq_len] + st.adapt_steps
+    return self.preset(st).pretrain_steps + st.adapt_steps
 
 
 def pretrain_key(st: Study, task: str, L: int, seed: int) -> str:
@@ -384,7 +408,10 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
     )
     log(f"  [{task} L={L} seed {seed}] dense model from {path}")
     return main, pre_time
-  state, pre_time = R.pretrain_dense(pr, task, seed, log)
+  # A long pretraining (vartrack, L=1024) saves its state as it goes: a
+  # killed study resumes it where it was.
+  partial = path[: -len(".npz")] + ".partial.npz"
+  state, pre_time = R.pretrain_dense(pr, task, seed, log, checkpoint=partial)
   main = state["params"]["main"]
   flat: dict[str, Any] = {
     jax.tree_util.keystr(p): np.asarray(x)
@@ -394,6 +421,8 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
   tmp = path + ".tmp.npz"
   np.savez(tmp, __pretrain_time_s__=pre_time, __key__=np.array(key), **flat)
   os.replace(tmp, path)
+  if os.path.exists(partial):
+    os.remove(partial)
   return main, pre_time
 
 
@@ -454,7 +483,13 @@ def run_study(st, out_dir, todo, log) -> None:
     if m.protocol == "convert" and cell not in pending:
       pending.add(cell)
       if not os.path.exists(pretrained_path(st, out_dir, *cell)):
-        steps += st.pretrain_steps[m.seq_len]
+        pr = m.preset(st)
+        steps += pr.pretrain_steps
+        if pr.pretrain_short is not None:
+          # Steps at L as Progress counts them: a step at length l costs
+          # about (l / L)^1.5 of one (its scaling between lengths).
+          short_len, short_steps, _ = pr.pretrain_short
+          steps += round(short_steps * (short_len / m.seq_len) ** 1.5)
     items.append((m.seq_len, steps))
   prog = Progress(items)
   dense: dict[tuple, tuple] = {}
@@ -657,9 +692,9 @@ def plots(rows, out_dir) -> None:
       ]
       ax, bx = axes[0][col], axes[1][col]
       # 14+ kinds: the default 10-colour cycle would give two kinds one colour.
-      colors = plt.get_cmap("tab20").colors
+      cmap = plt.get_cmap("tab20")
       for n, (label, lr) in enumerate(group(rs, "label").items()):
-        color = colors[n % len(colors)]
+        color = cmap(n % cmap.N)  # an int picks the n-th of the 20 colours
         pts = sorted(
           (e[0], np.mean([r["exact_match"] for r in er]))
           for e, er in group(lr, "eval_len").items()

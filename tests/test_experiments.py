@@ -274,11 +274,66 @@ def test_retrieval_pretrain_short_flag():
     mod.parse_args(["--smoke", "--pretrain-short", "128,600"])
 
 
-def test_retrieval_model_and_task_options_flags(monkeypatch):
+class _Killed(Exception):
+  pass
+
+
+def test_retrieval_pretraining_resumes_exactly(tmp_path):
+  """A dense pretraining killed in its short phase and again in its main
+  phase, each time resumed from its checkpoint, ends with the model of an
+  uninterrupted run, bit for bit."""
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  mod = _module("retrieval")
+  pr = dataclasses.replace(
+    mod.PRESETS["smoke"], pretrain_steps=5, pretrain_short=(32, 5, 3e-3)
+  )
+  whole, _ = mod.pretrain_dense(pr, "mqar", 0, lambda m: None)
+
+  def killer(after):
+    lines = []
+
+    def log(msg):
+      lines.append(msg)
+      if "] step " in msg and len([m for m in lines if "] step " in m]) > after:
+        raise _Killed(msg)
+
+    return log, lines
+
+  ckpt = str(tmp_path / "pre.partial.npz")
+  # Every step logs (total // 4 == 1) and saves (save_every_s=0); a kill
+  # at a step's log loses that step. Kills: step 4 of the short phase
+  # (saved: its step 3); after its last 2 steps, step 1 of the main phase
+  # (saved: the short phase's end); step 3 of the main phase (saved: 2).
+  for after, where, resumed_at in (
+    (3, "step 4/5", None),
+    (2, "step 1/5", "3/5 of L=32"),
+    (2, "step 3/5", "5/5 of L=32"),
+  ):
+    log, lines = killer(after)
+    with pytest.raises(_Killed, match=where):
+      mod.pretrain_dense(pr, "mqar", 0, log, checkpoint=ckpt, save_every_s=0)
+    if resumed_at:
+      assert any(f"resumed at step {resumed_at}" in m for m in lines), lines
+  log, lines = killer(10**9)
+  resumed, seconds = mod.pretrain_dense(
+    pr, "mqar", 0, log, checkpoint=ckpt, save_every_s=0
+  )
+  assert any("resumed at step 2/5 of L=64" in m for m in lines), lines
+  assert seconds > 0
+  for a, b in zip(
+    jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_retrieval_model_and_task_options_flags():
   mod = _module("retrieval")
   C = _module("_common")
-  # --task-options writes the script-level TASK_OPTIONS: keep others' intact.
-  monkeypatch.setattr(C, "TASK_OPTIONS", copy.deepcopy(C.TASK_OPTIONS))
+  before = copy.deepcopy(C.TASK_OPTIONS)
   _, pr = mod.parse_args(
     [
       "--quick",
@@ -293,13 +348,22 @@ def test_retrieval_model_and_task_options_flags(monkeypatch):
   quick = mod.PRESETS["quick"].model
   assert pr.model == dict(quick, num_layers=4, mlp_dim=256)
   assert mod.PRESETS["quick"].model == quick  # the preset is not changed
-  assert C.task_options("vartrack")["vartrack"]["num_hops"] == 1
-  assert C.TASK_OPTIONS["mqar"] == {"key_vocab": 8, "value_vocab": 8}
+  # The options are the preset's: the script-level defaults stay as they are
+  # (other scripts of the same process read them).
+  assert C.TASK_OPTIONS == before
+  assert pr.options("vartrack") == dict(before["vartrack"], num_hops=1)
+  assert pr.options("mqar") == before["mqar"]
   cfg = mod.make_config(
     pr, "vartrack", "dense", 8, {}, warmup=0, steps=1, lr=1e-3, seed=0
   )
   assert cfg.model.num_layers == 4
   assert cfg.train.dataset_options_dict["vartrack"]["num_hops"] == 1
+  # Training, evaluation and the config all see the same generator.
+  ds = mod.dataset(
+    "vartrack", 128, "validation", options=pr.options("vartrack")
+  )
+  assert ds.task.num_hops == 1
+  assert mod.dataset("vartrack", 128, "validation").task.num_hops == 2
   for flag, value in (
     ("--model", "layers=4"),
     ("--model", "num_layers"),
@@ -330,6 +394,10 @@ def test_retrieval_study_smoke_and_resume(tmp_path):
     _finite(r, ("exact_match", "token_acc", "keys_per_query"))
   for name in ("study.md", "study_length.png", "study_warmup.png"):
     assert (tmp_path / name).exists(), name
+  # The dense models are saved; their in-progress checkpoints are gone.
+  saved = sorted(os.listdir(tmp_path / "pretrained"))
+  assert saved and all(n.endswith(".npz") for n in saved), saved
+  assert not [n for n in saved if ".partial" in n or ".tmp" in n], saved
 
   again = run_script(
     "retrieval_study", "--smoke", "--seeds", "0", "--out-dir", tmp_path
@@ -399,11 +467,21 @@ def test_retrieval_study_grid():
     os.path.join(EXP, "..", "docs", "results", "retrieval_study", "runs.jsonl")
   )
   assert cached and set(cached) <= set(by_key)
-  # A task's own model sizes change that task's keys and no other's.
+  # A task's own model sizes, generator options and pretraining change that
+  # task's keys and no other's.
+  C = _module("_common")
   for m in todo:
-    layers = json.loads(m.key(st))["model"]["num_layers"]
+    key = json.loads(m.key(st))
+    layers = key["model"]["num_layers"]
     assert (
       layers == dict(st.model, **st.task_model.get(m.task, {}))["num_layers"]
+    ), m
+    assert key["task_options"] == dict(
+      C.TASK_OPTIONS[m.task], **st.task_options.get(m.task, {})
+    ), m
+    pre = st.task_pretrain.get(m.task, {}).get(m.seq_len)
+    assert (key["pretrain_steps"], key["lr"]) == (
+      pre or (st.pretrain_steps[m.seq_len], st.lr)
     ), m
   for m in todo:
     has_short = "pretrain_short" in json.loads(m.key(st))
