@@ -47,6 +47,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -501,15 +502,15 @@ def pretrain_dense(
         pr, seq_len=length, pretrain_steps=steps, lr=lr, pretrain_short=None
       ),
     )
-  saved = _read_pretrain_checkpoint(checkpoint, len(phases))
-  before = 0.0 if saved is None else saved["seconds"]
+  saved = _pretrain_checkpoint(checkpoint, len(phases))
+  before = 0.0 if saved is None else saved[2]
   saver = _PretrainSaver(
     checkpoint, save_every_s, lambda: before + clock() - t0
   )
   main = None
-  state = None
+  state: Any = None  # the last phase always runs: set by the loop
   for n, ph in enumerate(phases):
-    if saved is not None and n < saved["phase"]:
+    if saved is not None and n < saved[0]:
       continue
     cfg = make_config(
       ph,
@@ -525,9 +526,9 @@ def pretrain_dense(
     s = T.setup(cfg)
     state = T.init_state(s)
     start = 0
-    if saved is not None and n == saved["phase"]:
-      state = _restore_leaves(saved["state"], state, s.state_shardings)
-      start = saved["step"]
+    if saved is not None and checkpoint is not None and n == saved[0]:
+      state = load_tree(checkpoint, state, s.state_shardings)
+      start = saved[1]
       log(
         f"  [{task}] dense pretraining resumed at step {start}/"
         f"{ph.pretrain_steps} of L={ph.seq_len} from {checkpoint}"
@@ -565,8 +566,8 @@ class _PretrainSaver:
 
   def save(self, step: int, state) -> None:
     if self.path is not None:
-      _write_pretrain_checkpoint(
-        self.path, self.phase, step, self.seconds(), state
+      save_tree(
+        self.path, state, phase=self.phase, step=step, seconds=self.seconds()
       )
     self.last = time.perf_counter()
 
@@ -576,44 +577,56 @@ class _PretrainSaver:
       self.save(r.step, r.state)
 
 
-def _write_pretrain_checkpoint(path, phase, step, seconds, state) -> None:
-  flat = {
-    "state" + jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
-    for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
-  }
+def save_tree(path: str, tree, **meta) -> None:
+  """Writes `tree`'s leaves, named by their key paths, and `meta` (numbers,
+  strings) as `__name__` entries to the .npz `path`, atomically (a kill
+  while writing keeps the previous file)."""
+  entries: dict[str, Any] = {f"__{k}__": v for k, v in meta.items()}
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    entries[jax.tree_util.keystr(p)] = np.asarray(jax.device_get(x))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"  # a kill while writing keeps the previous one
-  np.savez(tmp, __phase__=phase, __step__=step, __seconds__=seconds, **flat)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **entries)
   os.replace(tmp, path)
 
 
-def _read_pretrain_checkpoint(path, num_phases):
+def load_tree(path: str, template, shardings=None) -> Any:
+  """The tree save_tree wrote, in `template`'s structure and dtypes (placed
+  on `shardings`, a matching tree, if given). ValueError naming the leaf if
+  one is missing or of another shape (saved for other settings)."""
+  with np.load(path) as z:
+
+    def one(p, x, sh=None):
+      k = jax.tree_util.keystr(p)
+      if k not in z.files or z[k].shape != x.shape:
+        raise ValueError(
+          f"{path}: {k} missing or of another shape than {x.shape}; it was "
+          "saved for other settings"
+        )
+      a = jnp.asarray(z[k], x.dtype)
+      return a if sh is None else jax.device_put(a, sh)
+
+    rest = () if shardings is None else (shardings,)
+    return jax.tree_util.tree_map_with_path(one, template, *rest)
+
+
+def tree_meta(path: str) -> dict[str, np.ndarray]:
+  """The meta save_tree wrote with a tree (0-d arrays by name)."""
+  with np.load(path) as z:
+    return {
+      k[2:-2]: z[k] for k in z.files if k.startswith("__") and k.endswith("__")
+    }
+
+
+def _pretrain_checkpoint(path, num_phases):
+  """(phase, step, seconds) of pretrain_dense's checkpoint, or None."""
   if path is None or not os.path.exists(path):
     return None
-  with np.load(path) as z:
-    d = dict(z)
-  phase = int(d.pop("__phase__"))
+  meta = tree_meta(path)
+  phase = int(meta["phase"])
   if not 0 <= phase < num_phases:
     raise ValueError(f"{path}: phase {phase} of {num_phases}; delete it")
-  return {
-    "phase": phase,
-    "step": int(d.pop("__step__")),
-    "seconds": float(d.pop("__seconds__")),
-    "state": {k[len("state") :]: v for k, v in d.items()},
-  }
-
-
-def _restore_leaves(leaves, template, shardings):
-  def one(p, x, sh):
-    k = jax.tree_util.keystr(p)
-    if k not in leaves or leaves[k].shape != x.shape:
-      raise ValueError(
-        f"pretraining checkpoint: {k} missing or of another shape; "
-        "it was saved for other settings"
-      )
-    return jax.device_put(jnp.asarray(leaves[k], x.dtype), sh)
-
-  return jax.tree_util.tree_map_with_path(one, template, shardings)
+  return phase, int(meta["step"]), float(meta["seconds"])
 
 
 def train_and_evaluate(

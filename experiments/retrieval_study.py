@@ -54,7 +54,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -396,16 +395,12 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
       lr=pr.lr,
       seed=seed,
     )
-    template = T.init_state(T.setup(cfg))["params"]["main"]
-    with np.load(path) as z:
-      saved = dict(z)
-    pre_time = float(saved.pop("__pretrain_time_s__"))
-    if saved.pop("__key__").item() != key:
+    meta = R.tree_meta(path)
+    if meta["key"].item() != key:
       raise ValueError(f"{path}: saved for other settings; delete it")
-    main = jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.numpy.asarray(saved[jax.tree_util.keystr(p)], x.dtype),
-      template,
-    )
+    template = T.init_state(T.setup(cfg))["params"]["main"]
+    main = R.load_tree(path, template)
+    pre_time = float(meta["pretrain_time_s"])
     log(f"  [{task} L={L} seed {seed}] dense model from {path}")
     return main, pre_time
   # A long pretraining (vartrack, L=1024) saves its state as it goes: a
@@ -413,14 +408,7 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
   partial = path[: -len(".npz")] + ".partial.npz"
   state, pre_time = R.pretrain_dense(pr, task, seed, log, checkpoint=partial)
   main = state["params"]["main"]
-  flat: dict[str, Any] = {
-    jax.tree_util.keystr(p): np.asarray(x)
-    for p, x in jax.tree_util.tree_flatten_with_path(main)[0]
-  }
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, __pretrain_time_s__=pre_time, __key__=np.array(key), **flat)
-  os.replace(tmp, path)
+  R.save_tree(path, main, pretrain_time_s=pre_time, key=np.array(key))
   if os.path.exists(partial):
     os.remove(partial)
   return main, pre_time
