@@ -54,6 +54,7 @@ import _common as C  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparse_attn import registry  # noqa: E402
@@ -484,12 +485,14 @@ def pretrain_dense(
   (a fresh optimiser and schedule), then pr.pretrain_steps at pr.seq_len
   from those parameters; the seconds cover both phases.
 
-  checkpoint: a .npz path. The training state is saved there every
-  save_every_s seconds of training and at the end of each phase, and a
-  call with the same path resumes from it: same batches, same optimiser
-  state, so a killed pretraining ends with the model an uninterrupted one
-  gives. The caller keys the path by the settings and deletes the file
-  once it has the model.
+  checkpoint: a directory. The whole training state is saved there with the
+  library's orbax checkpoints (`training.checkpoint_manager`; phase n in
+  `<checkpoint>/phase<n>/checkpoints/<step>/`, the seconds so far as the
+  step's custom metadata) every save_every_s seconds of training and at the
+  end of each phase. A call with the same directory resumes from the latest
+  step of the latest phase: same batches, same optimiser state, so a killed
+  pretraining ends with the model an uninterrupted one gives. The caller
+  keys the directory by the settings and deletes it once it has the model.
   """
   clock = time.perf_counter
   t0 = clock()
@@ -502,17 +505,8 @@ def pretrain_dense(
         pr, seq_len=length, pretrain_steps=steps, lr=lr, pretrain_short=None
       ),
     )
-  saved = _pretrain_checkpoint(checkpoint, len(phases))
-  before = 0.0 if saved is None else saved[2]
-  saver = _PretrainSaver(
-    checkpoint, save_every_s, lambda: before + clock() - t0
-  )
-  main = None
-  state: Any = None  # the last phase always runs: set by the loop
-  for n, ph in enumerate(phases):
-    if saved is not None and n < saved[0]:
-      continue
-    cfg = make_config(
+  cfgs = [
+    make_config(
       ph,
       task,
       "dense",
@@ -523,57 +517,107 @@ def pretrain_dense(
       lr=ph.lr,
       seed=seed,
     )
+    for ph in phases
+  ]
+  saved = _pretrain_checkpoint(checkpoint, cfgs)
+  before = 0.0 if saved is None else saved[2]
+
+  def seconds():
+    return before + clock() - t0
+
+  main = None
+  state: Any = None  # the last phase always runs: set by the loop
+  for n, (ph, cfg) in enumerate(zip(phases, cfgs, strict=True)):
+    if saved is not None and n < saved[0]:
+      continue
     s = T.setup(cfg)
     state = T.init_state(s)
     start = 0
-    if saved is not None and checkpoint is not None and n == saved[0]:
-      state = load_tree(checkpoint, state, s.state_shardings)
-      start = saved[1]
-      log(
-        f"  [{task}] dense pretraining resumed at step {start}/"
-        f"{ph.pretrain_steps} of L={ph.seq_len} from {checkpoint}"
+    mngr = None
+    if checkpoint is not None:
+      mngr = T.checkpoint_manager(_phase_dir(checkpoint, n), cfg)
+    try:
+      if mngr is not None and saved is not None and n == saved[0]:
+        start = saved[1]
+        state = T.restore_state(mngr, s, start)
+        log(
+          f"  [{task}] dense pretraining resumed at step {start}/"
+          f"{ph.pretrain_steps} of L={ph.seq_len} from {checkpoint}"
+        )
+      elif main is not None:
+        state, _ = T.init_from(state, main)
+      if start == 0:
+        log(
+          f"  [{task}] dense pretraining: {ph.pretrain_steps} steps at "
+          f"L={ph.seq_len}" + (" (after the short phase)" if n > 0 else "")
+        )
+      ds = dataset(task, ph.seq_len, "train", seed, ph.options(task))
+      saver = _PretrainSaver(mngr, save_every_s, seconds)
+      state, _ = train_steps(
+        s, state, ds, 0, log, "pretrain", start=start, on_step=saver.on_step
       )
-    elif main is not None:
-      state, _ = T.init_from(state, main)
-    if start == 0:
-      log(
-        f"  [{task}] dense pretraining: {ph.pretrain_steps} steps at "
-        f"L={ph.seq_len}" + (" (after the short phase)" if n > 0 else "")
-      )
-    ds = dataset(task, ph.seq_len, "train", seed, ph.options(task))
-    saver.phase = n
-    state, _ = train_steps(
-      s, state, ds, 0, log, "pretrain", start=start, on_step=saver.on_step
-    )
-    jax.block_until_ready(state)
-    if n < len(phases) - 1:
-      saver.save(ph.pretrain_steps, state)
+      jax.block_until_ready(state)
+      if n < len(phases) - 1:
+        saver.save(ph.pretrain_steps, state)
+    finally:
+      if mngr is not None:
+        mngr.wait_until_finished()
+        mngr.close()
     main = state["params"]["main"]
-  pre_time = before + clock() - t0
+  pre_time = seconds()
   log(f"  [{task}] pretraining took {pre_time:.0f} s")
   return state, pre_time
 
 
-class _PretrainSaver:
-  """Writes pretrain_dense's checkpoint: at most every `every` seconds from
-  on_step, and when asked (a phase's end). seconds(): the pretraining's
-  seconds so far, earlier runs of it included."""
+def _phase_dir(checkpoint: str, phase: int) -> str:
+  return os.path.join(checkpoint, f"phase{phase}")
 
-  def __init__(self, path: str | None, every: float, seconds):
-    self.path, self.every, self.seconds = path, every, seconds
-    self.phase = 0
+
+def _pretrain_checkpoint(checkpoint, cfgs):
+  """(phase, step, seconds) of pretrain_dense's latest checkpoint, or None."""
+  if checkpoint is None:
+    return None
+  for n in reversed(range(len(cfgs))):
+    if not os.path.isdir(
+      os.path.join(_phase_dir(checkpoint, n), "checkpoints")
+    ):
+      continue
+    mngr = T.checkpoint_manager(_phase_dir(checkpoint, n), cfgs[n])
+    try:
+      step = mngr.latest_step()
+      if step is not None:
+        meta = mngr.metadata(step).custom_metadata or {}
+        return n, step, float(meta.get("seconds", 0.0))
+    finally:
+      mngr.close()
+  return None
+
+
+class _PretrainSaver:
+  """Saves a phase of pretrain_dense through its orbax manager: at most
+  every `every` seconds from on_step, and when asked (the phase's end).
+  seconds(): the pretraining's seconds so far, earlier runs of it included."""
+
+  def __init__(self, mngr, every: float, seconds):
+    self.mngr, self.every, self.seconds = mngr, every, seconds
     self.last = time.perf_counter()
+    self.saved_step = None if mngr is None else mngr.latest_step()
 
   def save(self, step: int, state) -> None:
-    if self.path is not None:
-      save_tree(
-        self.path, state, phase=self.phase, step=step, seconds=self.seconds()
+    if self.mngr is not None and step != self.saved_step:
+      self.saved_step = step
+      self.mngr.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        custom_metadata={"seconds": self.seconds()},
+        force=True,
       )
     self.last = time.perf_counter()
 
   def on_step(self, r) -> None:
-    # Before the next step: it donates r.state's buffers.
-    if self.path is not None and time.perf_counter() - self.last >= self.every:
+    # Before the next step: it donates r.state's buffers (orbax copies them
+    # to the host before save returns, even when it writes asynchronously).
+    if self.mngr is not None and time.perf_counter() - self.last >= self.every:
       self.save(r.step, r.state)
 
 
@@ -616,17 +660,6 @@ def tree_meta(path: str) -> dict[str, np.ndarray]:
     return {
       k[2:-2]: z[k] for k in z.files if k.startswith("__") and k.endswith("__")
     }
-
-
-def _pretrain_checkpoint(path, num_phases):
-  """(phase, step, seconds) of pretrain_dense's checkpoint, or None."""
-  if path is None or not os.path.exists(path):
-    return None
-  meta = tree_meta(path)
-  phase = int(meta["phase"])
-  if not 0 <= phase < num_phases:
-    raise ValueError(f"{path}: phase {phase} of {num_phases}; delete it")
-  return phase, int(meta["step"]), float(meta["seconds"])
 
 
 def train_and_evaluate(

@@ -25,9 +25,9 @@ Resumable: every finished model is one line of <out-dir>/runs.jsonl and
 every dense pretraining one file under <out-dir>/pretrained/, keyed by all of
 the settings that define it; a rerun (after a kill, or with more parts or
 seeds) trains only what is missing, so the study can be run in pieces. A
-dense pretraining in progress saves its state every 10 minutes
-(pretrained/<key>.partial.npz) and a rerun continues it from there, to the
-model an uninterrupted run gives.
+dense pretraining in progress saves its state every 10 minutes (orbax
+checkpoints under pretrained/<key>.partial/) and a rerun continues it from
+there, to the model an uninterrupted run gives.
 
 
   python experiments/retrieval_study.py                    # everything (CPU hours)
@@ -76,6 +76,26 @@ COLUMNS = R.COLUMNS + ("part", "seed", "warmup_steps", "adapt_steps")
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskRecipe:
+  """What one task changes of the study's defaults; only that task's keys
+  change (a field left at its default keeps them as they were)."""
+
+  # Model sizes replacing Study.model's.
+  model: dict = dataclasses.field(default_factory=dict)
+  # Generator options over _common.TASK_OPTIONS'.
+  options: dict[str, int] = dataclasses.field(default_factory=dict)
+  # The dense pretraining's first phase at a short length, (length, steps,
+  # peak lr) (retrieval.Preset.pretrain_short).
+  pretrain_short: tuple[int, int, float] | None = None
+  # Per training length: (steps, peak lr) replacing Study.pretrain_steps[L]
+  # and Study.lr, i.e. the convert protocol's dense pretraining at L and the
+  # scratch protocol's training.
+  pretrain: dict[int, tuple[int, float]] = dataclasses.field(
+    default_factory=dict
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
   """The study's grid. Steps and sizes are per training length."""
 
@@ -86,9 +106,6 @@ class Study:
   # DSA top_k per training length; the middle one sets the baselines' budget.
   dsa_top_k: dict[int, tuple[int, ...]]
   pretrain_steps: dict[int, int]
-  # Per task: the dense pretraining's first phase at a short length,
-  # (length, steps, peak lr) (retrieval.Preset.pretrain_short).
-  pretrain_short: dict[str, tuple[int, int, float]]
   warmup_steps: int
   adapt_steps: int
   warmup_sweep: tuple[int, ...]
@@ -99,19 +116,14 @@ class Study:
   eval_examples: int
   eval_multiples: tuple[int, ...]
   model: dict
-  # Per task: model sizes that replace `model`'s (only that task's keys
-  # change).
-  task_model: dict[str, dict]
-  # Per task: generator options over _common.TASK_OPTIONS' (only that
-  # task's keys change).
-  task_options: dict[str, dict[str, int]]
-  # Per task and training length: (steps, peak lr) replacing
-  # pretrain_steps[L] and lr, i.e. the convert protocol's dense pretraining
-  # at L and the scratch protocol's training (only that task's keys change).
-  task_pretrain: dict[str, dict[int, tuple[int, float]]]
   lr: float
   adapt_lr: float
   lr_warmup_steps: int
+  # Per task: what it changes of the defaults above.
+  recipes: dict[str, TaskRecipe] = dataclasses.field(default_factory=dict)
+
+  def recipe(self, task: str) -> TaskRecipe:
+    return self.recipes.get(task, TaskRecipe())
 
 
 CPU = Study(
@@ -121,15 +133,6 @@ CPU = Study(
   kinds=R.ALL_KINDS,
   dsa_top_k={512: (4, 8, 15), 1024: (8, 16, 30)},
   pretrain_steps={512: 400, 1024: 400},
-  # 400 steps at L alone leave the dense model at chance on passkey (0.02
-  # exact at L=512 after 400 + 250 steps at lr 1e-3); at L=128 and lr 3e-3
-  # it is learned in 300-450 steps (docs/experiments.md).
-  # Vartrack: 1500 steps at L=128 reach 0.34 exact there and do not carry
-  # over to L=512 (0.03), nor do 400 more at L=512 and lr 1e-3 learn it
-  # there (0.22); its recipe trains twice as long at L=128 and five times
-  # as long at L=512, at a higher lr (task_pretrain; a candidate that its
-  # seed 0 tests, docs/experiments.md).
-  pretrain_short={"passkey": (128, 600, 3e-3), "vartrack": (128, 3000, 3e-3)},
   warmup_steps=100,
   adapt_steps=150,
   warmup_sweep=(0, 10, 30, 100, 300),
@@ -143,14 +146,27 @@ CPU = Study(
   eval_multiples=(1, 2, 4),
   # The --quick preset's model: the size the L=64 table was measured at.
   model=dict(R.PRESETS["quick"].model),
-  # Two layers do not learn vartrack even without hops (0.00 exact at L=256
-  # after 600 steps); four start to learn two hops (docs/experiments.md).
-  task_model={"vartrack": {"num_layers": 4}},
-  task_options={},
-  task_pretrain={"vartrack": {512: (2000, 2e-3), 1024: (2000, 2e-3)}},
   lr=1e-3,
   adapt_lr=1e-3,
   lr_warmup_steps=20,
+  recipes={
+    # 400 steps at L alone leave the dense model at chance on passkey (0.02
+    # exact at L=512 after 400 + 250 steps at lr 1e-3); at L=128 and lr
+    # 3e-3 it is learned in 300-450 steps (docs/experiments.md).
+    "passkey": TaskRecipe(pretrain_short=(128, 600, 3e-3)),
+    # Two layers do not learn vartrack even without hops (0.00 exact at
+    # L=256 after 600 steps); four start to learn two hops. 1500 steps at
+    # L=128 reach 0.34 exact there and do not carry over to L=512 (0.03),
+    # nor do 400 more at L=512 and lr 1e-3 learn it there (0.22); its
+    # recipe trains twice as long at L=128 and five times as long at L=512,
+    # at a higher lr (a candidate that its seed 0 tests,
+    # docs/experiments.md).
+    "vartrack": TaskRecipe(
+      model={"num_layers": 4},
+      pretrain_short=(128, 3000, 3e-3),
+      pretrain={512: (2000, 2e-3), 1024: (2000, 2e-3)},
+    ),
+  },
 )
 
 SMOKE = Study(
@@ -160,7 +176,6 @@ SMOKE = Study(
   kinds=("dense", "dsa"),
   dsa_top_k={32: (4,)},
   pretrain_steps={32: 2},
-  pretrain_short={"mqar": (16, 1, 3e-3)},  # the path, not a need
   warmup_steps=1,
   adapt_steps=1,
   warmup_sweep=(0, 1),
@@ -171,12 +186,18 @@ SMOKE = Study(
   eval_examples=2,
   eval_multiples=(1, 2),
   model=dict(R.PRESETS["smoke"].model),
-  task_model={"mqar": {"num_layers": 2}},  # the path, not a need
-  task_options={},
-  task_pretrain={"mqar": {32: (3, 1e-3)}},  # the path, not a need
   lr=1e-3,
   adapt_lr=1e-3,
   lr_warmup_steps=1,
+  # Every field set: the path, not a need.
+  recipes={
+    "mqar": TaskRecipe(
+      model={"num_layers": 2},
+      options={"value_vocab": 8},
+      pretrain_short=(16, 1, 3e-3),
+      pretrain={32: (3, 1e-3)},
+    )
+  },
 )
 
 
@@ -224,9 +245,8 @@ class Model:
 
   def preset(self, st: Study) -> R.Preset:
     L = self.seq_len
-    steps, lr = st.task_pretrain.get(self.task, {}).get(
-      L, (st.pretrain_steps[L], st.lr)
-    )
+    r = st.recipe(self.task)
+    steps, lr = r.pretrain.get(L, (st.pretrain_steps[L], st.lr))
     return R.Preset(
       tasks=(self.task,),
       seq_len=L,
@@ -239,12 +259,12 @@ class Model:
       adapt_steps=st.adapt_steps,
       batch_size=st.batch_size[L],
       eval_examples=st.eval_examples,
-      model=dict(st.model, **st.task_model.get(self.task, {})),
+      model=dict(st.model, **r.model),
       lr=lr,
       adapt_lr=st.adapt_lr,
       lr_warmup_steps=st.lr_warmup_steps,
-      pretrain_short=st.pretrain_short.get(self.task),
-      task_options={self.task: st.task_options.get(self.task, {})},
+      pretrain_short=r.pretrain_short,
+      task_options={self.task: r.options},
     )
 
   def key(self, st: Study) -> str:
@@ -405,12 +425,11 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
     return main, pre_time
   # A long pretraining (vartrack, L=1024) saves its state as it goes: a
   # killed study resumes it where it was.
-  partial = path[: -len(".npz")] + ".partial.npz"
+  partial = path[: -len(".npz")] + ".partial"
   state, pre_time = R.pretrain_dense(pr, task, seed, log, checkpoint=partial)
   main = state["params"]["main"]
   R.save_tree(path, main, pretrain_time_s=pre_time, key=np.array(key))
-  if os.path.exists(partial):
-    os.remove(partial)
+  shutil.rmtree(partial, ignore_errors=True)
   return main, pre_time
 
 

@@ -303,7 +303,7 @@ def test_retrieval_pretraining_resumes_exactly(tmp_path):
 
     return log, lines
 
-  ckpt = str(tmp_path / "pre.partial.npz")
+  ckpt = str(tmp_path / "pre.partial")
   # Every step logs (total // 4 == 1) and saves (save_every_s=0); a kill
   # at a step's log loses that step. Kills: step 4 of the short phase
   # (saved: its step 3); after its last 2 steps, step 1 of the main phase
@@ -324,6 +324,8 @@ def test_retrieval_pretraining_resumes_exactly(tmp_path):
   )
   assert any("resumed at step 2/5 of L=64" in m for m in lines), lines
   assert seconds > 0
+  # The library's orbax checkpoints, a folder of steps per phase.
+  assert sorted(os.listdir(tmp_path / "pre.partial")) == ["phase0", "phase1"]
   for a, b in zip(
     jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True
   ):
@@ -472,21 +474,17 @@ def test_retrieval_study_grid():
   C = _module("_common")
   for m in todo:
     key = json.loads(m.key(st))
+    r = st.recipe(m.task)
     layers = key["model"]["num_layers"]
-    assert (
-      layers == dict(st.model, **st.task_model.get(m.task, {}))["num_layers"]
-    ), m
-    assert key["task_options"] == dict(
-      C.TASK_OPTIONS[m.task], **st.task_options.get(m.task, {})
-    ), m
-    pre = st.task_pretrain.get(m.task, {}).get(m.seq_len)
+    assert layers == dict(st.model, **r.model)["num_layers"], m
+    assert key["task_options"] == dict(C.TASK_OPTIONS[m.task], **r.options), m
+    pre = r.pretrain.get(m.seq_len)
     assert (key["pretrain_steps"], key["lr"]) == (
       pre or (st.pretrain_steps[m.seq_len], st.lr)
     ), m
-  for m in todo:
-    has_short = "pretrain_short" in json.loads(m.key(st))
+    has_short = "pretrain_short" in key
     assert has_short == (
-      m.protocol == "convert" and m.task in st.pretrain_short
+      m.protocol == "convert" and r.pretrain_short is not None
     ), m
   from sparse_attn.budgets import key_budget
 
