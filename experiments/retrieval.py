@@ -42,6 +42,7 @@ retrieval_config.json with the exact settings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,7 +55,6 @@ import _common as C  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparse_attn import registry  # noqa: E402
@@ -486,11 +486,11 @@ def pretrain_dense(
   from those parameters; the seconds cover both phases.
 
   checkpoint: a directory. The whole training state is saved there with the
-  library's orbax checkpoints (`training.checkpoint_manager`; phase n in
-  `<checkpoint>/phase<n>/checkpoints/<step>/`, the seconds so far as the
-  step's custom metadata) every save_every_s seconds of training and at the
-  end of each phase. A call with the same directory resumes from the latest
-  step of the latest phase: same batches, same optimiser state, so a killed
+  library's orbax checkpoints (`training.checkpoint_manager`, one run
+  directory per phase: `<checkpoint>/phase<n>/`, the seconds so far kept
+  with each step) every save_every_s seconds of training and at the end of
+  each phase. A call with the same directory resumes from the latest step
+  of the latest phase: same batches, same optimiser state, so a killed
   pretraining ends with the model an uninterrupted one gives. The caller
   keys the directory by the settings and deletes it once it has the model.
   """
@@ -519,34 +519,42 @@ def pretrain_dense(
     )
     for ph in phases
   ]
-  saved = _pretrain_checkpoint(checkpoint, cfgs)
-  before = 0.0 if saved is None else saved[2]
-
-  def seconds():
-    return before + clock() - t0
-
-  main = None
-  state: Any = None  # the last phase always runs: set by the loop
-  for n, (ph, cfg) in enumerate(zip(phases, cfgs, strict=True)):
-    if saved is not None and n < saved[0]:
-      continue
-    s = T.setup(cfg)
-    state = T.init_state(s)
-    start = 0
-    mngr = None
+  with contextlib.ExitStack() as stack:
+    # One manager per phase for the whole call: a manager cleans up the
+    # leftovers of a killed save in the background, and two on one folder
+    # could both try.
+    mngrs: list[Any] = [None] * len(phases)
     if checkpoint is not None:
-      mngr = T.checkpoint_manager(_phase_dir(checkpoint, n), cfg)
-    try:
-      if mngr is not None and saved is not None and n == saved[0]:
-        start = saved[1]
-        state = T.restore_state(mngr, s, start)
+      mngrs = [
+        stack.enter_context(
+          _managed(T.checkpoint_manager(_phase_dir(checkpoint, n), c))
+        )
+        for n, c in enumerate(cfgs)
+      ]
+    resume = _latest_step(mngrs, checkpoint)  # (phase, step, seconds)
+    before = 0.0 if resume is None else resume[2]
+
+    def seconds():
+      return before + clock() - t0
+
+    main = None
+    state: Any = None  # the last phase always runs: set by the loop
+    for n, (ph, cfg, mngr) in enumerate(zip(phases, cfgs, mngrs, strict=True)):
+      if resume is not None and n < resume[0]:
+        continue
+      s = T.setup(cfg)
+      start = 0
+      if resume is not None and n == resume[0]:
+        start = resume[1]
+        state = _restore(mngr, s, start, checkpoint)
         log(
           f"  [{task}] dense pretraining resumed at step {start}/"
           f"{ph.pretrain_steps} of L={ph.seq_len} from {checkpoint}"
         )
-      elif main is not None:
-        state, _ = T.init_from(state, main)
-      if start == 0:
+      else:
+        state = T.init_state(s)
+        if main is not None:
+          state, _ = T.init_from(state, main)
         log(
           f"  [{task}] dense pretraining: {ph.pretrain_steps} steps at "
           f"L={ph.seq_len}" + (" (after the short phase)" if n > 0 else "")
@@ -559,11 +567,7 @@ def pretrain_dense(
       jax.block_until_ready(state)
       if n < len(phases) - 1:
         saver.save(ph.pretrain_steps, state)
-    finally:
-      if mngr is not None:
-        mngr.wait_until_finished()
-        mngr.close()
-    main = state["params"]["main"]
+      main = state["params"]["main"]
   pre_time = seconds()
   log(f"  [{task}] pretraining took {pre_time:.0f} s")
   return state, pre_time
@@ -573,24 +577,41 @@ def _phase_dir(checkpoint: str, phase: int) -> str:
   return os.path.join(checkpoint, f"phase{phase}")
 
 
-def _pretrain_checkpoint(checkpoint, cfgs):
-  """(phase, step, seconds) of pretrain_dense's latest checkpoint, or None."""
-  if checkpoint is None:
-    return None
-  for n in reversed(range(len(cfgs))):
-    if not os.path.isdir(
-      os.path.join(_phase_dir(checkpoint, n), "checkpoints")
-    ):
+@contextlib.contextmanager
+def _managed(mngr):
+  """mngr, its pending saves finished and closed on exit (a kill included)."""
+  try:
+    yield mngr
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def _latest_step(mngrs, checkpoint):
+  """(phase, step, seconds so far) of the latest checkpoint, or None."""
+  for n in reversed(range(len(mngrs))):
+    step = None if mngrs[n] is None else mngrs[n].latest_step()
+    if step is None:
       continue
-    mngr = T.checkpoint_manager(_phase_dir(checkpoint, n), cfgs[n])
-    try:
-      step = mngr.latest_step()
-      if step is not None:
-        meta = mngr.metadata(step).custom_metadata or {}
-        return n, step, float(meta.get("seconds", 0.0))
-    finally:
-      mngr.close()
+    meta = T.saved_metadata(mngrs[n], step)
+    if "seconds" not in meta:
+      raise ValueError(
+        f"{_phase_dir(checkpoint, n)}: step {step} was not saved by "
+        "pretrain_dense (no seconds); delete the directory"
+      )
+    return n, step, float(meta["seconds"])
   return None
+
+
+def _restore(mngr, s, step: int, checkpoint: str | None):
+  try:
+    return T.restore_state(mngr, s, step)
+  except Exception as e:  # orbax's errors name neither the cause nor a fix
+    raise ValueError(
+      f"{checkpoint}: step {step} does not restore into this model's state "
+      f"({type(e).__name__}: {e}); it was saved by other code or settings, "
+      "delete the directory"
+    ) from e
 
 
 class _PretrainSaver:
@@ -601,22 +622,20 @@ class _PretrainSaver:
   def __init__(self, mngr, every: float, seconds):
     self.mngr, self.every, self.seconds = mngr, every, seconds
     self.last = time.perf_counter()
+    # orbax refuses to save a step twice, and the phase-end save can repeat
+    # one: the timed save of the last step, or the step a run resumed at.
     self.saved_step = None if mngr is None else mngr.latest_step()
 
   def save(self, step: int, state) -> None:
     if self.mngr is not None and step != self.saved_step:
       self.saved_step = step
-      self.mngr.save(
-        step,
-        args=ocp.args.StandardSave(state),
-        custom_metadata={"seconds": self.seconds()},
-        force=True,
-      )
+      T.save_state(self.mngr, step, state, metadata={"seconds": self.seconds()})
     self.last = time.perf_counter()
 
   def on_step(self, r) -> None:
-    # Before the next step: it donates r.state's buffers (orbax copies them
-    # to the host before save returns, even when it writes asynchronously).
+    # Here, before the next step donates r.state's buffers: save returns
+    # once the arrays are on the host (the writing may go on in the
+    # background).
     if self.mngr is not None and time.perf_counter() - self.last >= self.every:
       self.save(r.step, r.state)
 
@@ -634,24 +653,22 @@ def save_tree(path: str, tree, **meta) -> None:
   os.replace(tmp, path)
 
 
-def load_tree(path: str, template, shardings=None) -> Any:
-  """The tree save_tree wrote, in `template`'s structure and dtypes (placed
-  on `shardings`, a matching tree, if given). ValueError naming the leaf if
-  one is missing or of another shape (saved for other settings)."""
+def load_tree(path: str, template) -> Any:
+  """The tree save_tree wrote, in `template`'s structure and dtypes.
+  ValueError naming the leaf if one is missing or of another shape (saved
+  for other settings)."""
   with np.load(path) as z:
 
-    def one(p, x, sh=None):
+    def one(p, x):
       k = jax.tree_util.keystr(p)
       if k not in z.files or z[k].shape != x.shape:
         raise ValueError(
           f"{path}: {k} missing or of another shape than {x.shape}; it was "
           "saved for other settings"
         )
-      a = jnp.asarray(z[k], x.dtype)
-      return a if sh is None else jax.device_put(a, sh)
+      return jnp.asarray(z[k], x.dtype)
 
-    rest = () if shardings is None else (shardings,)
-    return jax.tree_util.tree_map_with_path(one, template, *rest)
+    return jax.tree_util.tree_map_with_path(one, template)
 
 
 def tree_meta(path: str) -> dict[str, np.ndarray]:

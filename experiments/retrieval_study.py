@@ -63,6 +63,7 @@ import retrieval as R  # noqa: E402
 
 from sparse_attn import training as T  # noqa: E402
 from sparse_attn.budgets import key_budget  # noqa: E402
+from sparse_attn.data import TASKS  # noqa: E402
 
 PARTS = ("main", "scratch", "warmup")
 
@@ -81,7 +82,7 @@ class TaskRecipe:
   change (a field left at its default keeps them as they were)."""
 
   # Model sizes replacing Study.model's.
-  model: dict = dataclasses.field(default_factory=dict)
+  model: dict[str, int] = dataclasses.field(default_factory=dict)
   # Generator options over _common.TASK_OPTIONS'.
   options: dict[str, int] = dataclasses.field(default_factory=dict)
   # The dense pretraining's first phase at a short length, (length, steps,
@@ -121,6 +122,13 @@ class Study:
   lr_warmup_steps: int
   # Per task: what it changes of the defaults above.
   recipes: dict[str, TaskRecipe] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    unknown = sorted(set(self.recipes) - set(TASKS))
+    if unknown:
+      raise ValueError(
+        f"Study.recipes: unknown tasks {unknown}; known: {sorted(TASKS)}"
+      )
 
   def recipe(self, task: str) -> TaskRecipe:
     return self.recipes.get(task, TaskRecipe())
@@ -193,7 +201,7 @@ SMOKE = Study(
   recipes={
     "mqar": TaskRecipe(
       model={"num_layers": 2},
-      options={"value_vocab": 8},
+      options={"value_vocab": 6},
       pretrain_short=(16, 1, 3e-3),
       pretrain={32: (3, 1e-3)},
     )
@@ -403,6 +411,7 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
   path = pretrained_path(st, out_dir, task, L, seed)
   probe = Model("main", task, L, "convert", seed, ("", "", 0, {}), 0)
   pr = probe.preset(st)
+  partial = path[: -len(".npz")] + ".partial"
   if os.path.exists(path):
     cfg = R.make_config(
       pr,
@@ -422,10 +431,11 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
     main = R.load_tree(path, template)
     pre_time = float(meta["pretrain_time_s"])
     log(f"  [{task} L={L} seed {seed}] dense model from {path}")
+    # A kill after the model was saved can leave its checkpoints behind.
+    shutil.rmtree(partial, ignore_errors=True)
     return main, pre_time
   # A long pretraining (vartrack, L=1024) saves its state as it goes: a
   # killed study resumes it where it was.
-  partial = path[: -len(".npz")] + ".partial"
   state, pre_time = R.pretrain_dense(pr, task, seed, log, checkpoint=partial)
   main = state["params"]["main"]
   R.save_tree(path, main, pretrain_time_s=pre_time, key=np.array(key))

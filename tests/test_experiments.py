@@ -332,6 +332,36 @@ def test_retrieval_pretraining_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_retrieval_pretraining_refuses_a_foreign_checkpoint(tmp_path):
+  """A checkpoint directory that pretrain_dense did not write (no seconds
+  kept with its step) is refused with a ValueError naming it."""
+  import dataclasses
+
+  from sparse_attn import training as T
+
+  mod = _module("retrieval")
+  pr = dataclasses.replace(mod.PRESETS["smoke"], pretrain_steps=2)
+  cfg = mod.make_config(
+    pr,
+    "mqar",
+    "dense",
+    pr.budget_top_k,
+    {},
+    warmup=0,
+    steps=2,
+    lr=pr.lr,
+    seed=0,
+  )
+  mngr = T.checkpoint_manager(str(tmp_path / "pre" / "phase0"), cfg)
+  T.save_state(mngr, 1, T.init_state(T.setup(cfg)))
+  mngr.wait_until_finished()
+  mngr.close()
+  with pytest.raises(ValueError, match="not saved by pretrain_dense"):
+    mod.pretrain_dense(
+      pr, "mqar", 0, lambda m: None, checkpoint=str(tmp_path / "pre")
+    )
+
+
 def test_retrieval_model_and_task_options_flags():
   mod = _module("retrieval")
   C = _module("_common")

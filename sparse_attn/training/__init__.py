@@ -15,7 +15,8 @@ Kinds without an indexer ("dense", ...) run stage 2 only (Config.resolved).
   transfer      transfer_params, init_from: a dense model's parameters into
                 a new kind's state
   evaluation    evaluate
-  checkpoints   checkpoint_manager, restore_state, load_checkpoint
+  checkpoints   checkpoint_manager, save_state, restore_state,
+                saved_metadata, load_checkpoint
   metrics       MetricsLogger (JSONL + TensorBoard), read_metrics
   loop          train, TrainResult: a whole run (logging, eval, checkpoints,
                 resumption)
@@ -28,6 +29,8 @@ from sparse_attn.training.checkpoints import (
   load_checkpoint,
   read_config,
   restore_state,
+  save_state,
+  saved_metadata,
 )
 from sparse_attn.training.distributed import init_distributed
 from sparse_attn.training.evaluation import evaluate
@@ -92,6 +95,8 @@ __all__ = [
   "read_config",
   "read_metrics",
   "restore_state",
+  "save_state",
+  "saved_metadata",
   "run_stages",
   "schedules",
   "setup",

@@ -29,6 +29,29 @@ def checkpoint_manager(run_dir: str, cfg: Config) -> ocp.CheckpointManager:
   )
 
 
+def save_state(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  *,
+  force: bool = False,
+  metadata: dict[str, Any] | None = None,
+) -> None:
+  """Saves the whole state as `step` (asynchronously if mngr is); metadata:
+  JSON-able values kept with the step (`saved_metadata` reads them)."""
+  mngr.save(
+    step,
+    args=ocp.args.StandardSave(state),
+    force=force,
+    custom_metadata=metadata,
+  )
+
+
+def saved_metadata(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The metadata save_state kept with `step` ({} if none)."""
+  return dict(mngr.metadata(step).custom_metadata or {})
+
+
 def restore_state(mngr: ocp.CheckpointManager, s: Setup, step: int) -> Any:
   """The state saved at `step`, restored straight into s's shardings."""
   return mngr.restore(step, args=ocp.args.StandardRestore(state_structs(s)))

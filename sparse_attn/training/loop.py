@@ -28,6 +28,7 @@ from sparse_attn.training.checkpoints import (
   check_saved_config,
   checkpoint_manager,
   restore_state,
+  save_state,
 )
 from sparse_attn.training.evaluation import evaluate
 from sparse_attn.training.loader import make_datasets
@@ -250,9 +251,9 @@ def train(
         and (done % t.checkpoint_every == 0)
         and done != total
       ):
-        mngr.save(done, args=ocp.args.StandardSave(state))
+        save_state(mngr, done, state)
     if mngr is not None and total > start:
-      mngr.save(total, args=ocp.args.StandardSave(state), force=True)
+      save_state(mngr, total, state, force=True)
     if final_eval:
       last_eval = run_eval(total, stage_of(cfg, total - 1))
   finally:
