@@ -54,7 +54,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparse_attn import registry  # noqa: E402
@@ -638,45 +637,6 @@ class _PretrainSaver:
     # background).
     if self.mngr is not None and time.perf_counter() - self.last >= self.every:
       self.save(r.step, r.state)
-
-
-def save_tree(path: str, tree, **meta) -> None:
-  """Writes `tree`'s leaves, named by their key paths, and `meta` (numbers,
-  strings) as `__name__` entries to the .npz `path`, atomically (a kill
-  while writing keeps the previous file)."""
-  entries: dict[str, Any] = {f"__{k}__": v for k, v in meta.items()}
-  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    entries[jax.tree_util.keystr(p)] = np.asarray(jax.device_get(x))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **entries)
-  os.replace(tmp, path)
-
-
-def load_tree(path: str, template) -> Any:
-  """The tree save_tree wrote, in `template`'s structure and dtypes.
-  ValueError naming the leaf if one is missing or of another shape (saved
-  for other settings)."""
-  with np.load(path) as z:
-
-    def one(p, x):
-      k = jax.tree_util.keystr(p)
-      if k not in z.files or z[k].shape != x.shape:
-        raise ValueError(
-          f"{path}: {k} missing or of another shape than {x.shape}; it was "
-          "saved for other settings"
-        )
-      return jnp.asarray(z[k], x.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, template)
-
-
-def tree_meta(path: str) -> dict[str, np.ndarray]:
-  """The meta save_tree wrote with a tree (0-d arrays by name)."""
-  with np.load(path) as z:
-    return {
-      k[2:-2]: z[k] for k in z.files if k.startswith("__") and k.endswith("__")
-    }
 
 
 def train_and_evaluate(

@@ -54,10 +54,12 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import retrieval as R  # noqa: E402
 
@@ -399,6 +401,45 @@ def _digest(key: str) -> str:
   return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def save_tree(path: str, tree, **meta) -> None:
+  """Writes `tree`'s leaves, named by their key paths, and `meta` (numbers,
+  strings) as `__name__` entries to the .npz `path`, atomically (a kill
+  while writing keeps the previous file)."""
+  entries: dict[str, Any] = {f"__{k}__": v for k, v in meta.items()}
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    entries[jax.tree_util.keystr(p)] = np.asarray(jax.device_get(x))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **entries)
+  os.replace(tmp, path)
+
+
+def load_tree(path: str, template) -> Any:
+  """The tree save_tree wrote, in `template`'s structure and dtypes.
+  ValueError naming the leaf if one is missing or of another shape (saved
+  for other settings)."""
+  with np.load(path) as z:
+
+    def one(p, x):
+      k = jax.tree_util.keystr(p)
+      if k not in z.files or z[k].shape != x.shape:
+        raise ValueError(
+          f"{path}: {k} missing or of another shape than {x.shape}; it was "
+          "saved for other settings"
+        )
+      return jnp.asarray(z[k], x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, template)
+
+
+def tree_meta(path: str) -> dict[str, np.ndarray]:
+  """The meta save_tree wrote with a tree (0-d arrays by name)."""
+  with np.load(path) as z:
+    return {
+      k[2:-2]: z[k] for k in z.files if k.startswith("__") and k.endswith("__")
+    }
+
+
 def pretrained_path(st, out_dir, task, L, seed) -> str:
   key = pretrain_key(st, task, L, seed)
   return os.path.join(out_dir, "pretrained", _digest(key) + ".npz")
@@ -424,11 +465,12 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
       lr=pr.lr,
       seed=seed,
     )
-    meta = R.tree_meta(path)
+    meta = tree_meta(path)
     if meta["key"].item() != key:
       raise ValueError(f"{path}: saved for other settings; delete it")
-    template = T.init_state(T.setup(cfg))["params"]["main"]
-    main = R.load_tree(path, template)
+    # Shapes and dtypes only: the saved arrays fill them.
+    template = T.state_structs(T.setup(cfg))["params"]["main"]
+    main = load_tree(path, template)
     pre_time = float(meta["pretrain_time_s"])
     log(f"  [{task} L={L} seed {seed}] dense model from {path}")
     # A kill after the model was saved can leave its checkpoints behind.
@@ -438,7 +480,7 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
   # killed study resumes it where it was.
   state, pre_time = R.pretrain_dense(pr, task, seed, log, checkpoint=partial)
   main = state["params"]["main"]
-  R.save_tree(path, main, pretrain_time_s=pre_time, key=np.array(key))
+  save_tree(path, main, pretrain_time_s=pre_time, key=np.array(key))
   shutil.rmtree(partial, ignore_errors=True)
   return main, pre_time
 

@@ -2,7 +2,8 @@
 (`python experiments/<script>.py --smoke --out-dir DIR`, a fresh process)
 at tiny size; only the structure of the outputs is checked (columns, one
 row per kind and length, finite numbers), never a training result. The
-modules are imported only for their constants and argument parsing."""
+modules are imported for their constants and argument parsing, and the
+study's for loading a dense model it saved."""
 
 import copy
 import csv
@@ -12,6 +13,8 @@ import math
 import os
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from _testutil import run_script
@@ -430,6 +433,20 @@ def test_retrieval_study_smoke_and_resume(tmp_path):
   saved = sorted(os.listdir(tmp_path / "pretrained"))
   assert saved and all(n.endswith(".npz") for n in saved), saved
   assert not [n for n in saved if ".partial" in n or ".tmp" in n], saved
+  # A saved dense model loads back, with the pretraining time its rows carry.
+  said = []
+  main, pre_s = mod.load_or_pretrain(
+    mod.SMOKE, str(tmp_path), "mqar", 32, 0, said.append
+  )
+  assert "dense model from" in said[0], said
+  times = {
+    float(r["pretrain_time_s"])
+    for r in rows
+    if r["task"] == "mqar" and r["protocol"] == "convert"
+  }
+  assert times and all(t == pytest.approx(pre_s) for t in times), (times, pre_s)
+  leaves = jax.tree.leaves(main)
+  assert leaves and all(np.isfinite(x).all() for x in leaves)
 
   again = run_script(
     "retrieval_study", "--smoke", "--seeds", "0", "--out-dir", tmp_path
