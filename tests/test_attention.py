@@ -37,6 +37,99 @@ def test_dense_attention_matches_numpy(
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+  "T,S,q_offset,kv_lengths",
+  [
+    (203, 203, None, None),  # training: T == S, odd length
+    (150, 217, None, [217, 90]),  # default offset S - T, padded row
+    (131, 160, 11, None),  # static offset: the last 18 keys are future
+    (140, 140, -3, None),  # the first queries see no key
+    (140, 140, -100, None),  # the whole first segment sees no key
+    (130, 140, 100, None),  # every segment sees all S keys
+  ],
+)
+def test_dense_attention_causal_segments(rng, T, S, q_offset, kv_lengths):
+  """The static-offset path (each query segment over the keys it can see)
+  equals the numpy reference and, values and gradients, the path a traced
+  offset takes (every block over all S keys)."""
+  from sparse_attn.ops import attention as A
+
+  assert len(A.causal_segments(T)) > 1
+  B, H, G, D = 2, 4, 2, 8
+  x = make_inputs(rng, B, T, S, H, G, D, 1, 1, Dv=D + 3)
+  q, k, v = (jnp.asarray(x[n]) for n in "qkv")
+  kvl = as_jnp_opt(kv_lengths)
+  off = S - T if q_offset is None else q_offset
+  want = ref.dense_attention(x["q"], x["k"], x["v"], q_offset, kv_lengths)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+
+  static = lambda q, k, v, c=None: sa.dense_attention(
+    q, k, v, q_offset=q_offset, kv_lengths=kvl, query_chunk=c
+  )
+  traced = lambda q, k, v: sa.dense_attention(
+    q, k, v, q_offset=jnp.full((B,), off, jnp.int32), kv_lengths=kvl
+  )
+  for chunk in (None, 7):
+    got = jax.jit(lambda q, k, v, c=chunk: static(q, k, v, c))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(traced(q, k, v), want, rtol=1e-4, atol=1e-5)
+  g_static = jax.grad(loss(static), argnums=(0, 1, 2))(q, k, v)
+  g_traced = jax.grad(loss(traced), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_static, g_traced):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_attention_causal_segments_cost_and_memory():
+  """The static path computes fewer logits (XLA's flop count: (n+1)/(2n) of
+  T*S at n segments) and, where T x S exceeds the budget, needs no more
+  memory for the gradient than the chunked path of a traced offset."""
+  from sparse_attn.ops import attention as A
+
+  def compiled(T, traced, grad):
+    B, H, G, D = 1, 4, 2, 32
+    q = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.float32)
+    off = jnp.zeros((B,), jnp.int32) if traced else None
+    f = lambda q, k, v: jnp.sum(sa.dense_attention(q, k, v, q_offset=off) ** 2)
+    if grad:
+      f = jax.grad(f, argnums=(0, 1, 2))
+    return jax.jit(f).lower(q, kv, kv).compile()
+
+  def flops(c):
+    ca = c.cost_analysis()
+    return (ca[0] if isinstance(ca, list) else ca)["flops"]
+
+  assert len(A.causal_segments(1024)) == A.CAUSAL_SEGMENTS
+  ratio = flops(compiled(1024, False, False)) / flops(
+    compiled(1024, True, False)
+  )
+  assert 0.5 < ratio < 0.65, ratio
+  T = 8192  # 4 x 8192 logits per query: past ATTN_BUDGET, so chunked
+  assert A.ATTN_BUDGET < T * T * 4
+  temp = lambda c: c.memory_analysis().temp_size_in_bytes
+  static, traced = temp(compiled(T, False, True)), temp(compiled(T, True, True))
+  assert static <= 1.25 * traced, (static, traced)
+
+
+def test_causal_segments_cover_the_queries():
+  from sparse_attn.ops import attention as A
+
+  assert A.causal_segments(0) == [(0, 0)]
+  q, k = jnp.zeros((1, 0, 2, 4)), jnp.zeros((1, 5, 1, 4))
+  assert sa.dense_attention(q, k, k).shape == (1, 0, 2, 4)
+  for T in (1, 63, 64, 129, 512, 1000, 4097):
+    seg = A.causal_segments(T)
+    assert seg[0][0] == 0 and seg[-1][1] == T
+    assert all(a < b == c for (a, b), (c, _) in zip(seg, seg[1:] + [(T, T)]))
+    assert len(seg) <= A.CAUSAL_SEGMENTS
+    assert (
+      len(seg) == 1 or min(b - a for a, b in seg) >= A.MIN_CAUSAL_SEGMENT // 2
+    )
+
+
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)
 def test_gathered_attention_matches_numpy_and_masked_dense(
   rng, B, T, S, H, G, D, HI, DI, K, q_offset, kv_lengths
