@@ -52,9 +52,9 @@ def test_dense_attention_causal_segments(rng, T, S, q_offset, kv_lengths):
   """The static-offset path (each query segment over the keys it can see)
   equals the numpy reference and, values and gradients, the path a traced
   offset takes (every block over all S keys)."""
-  from sparse_attn.ops import attention as A
+  from sparse_attn.ops import chunking as C
 
-  assert len(A.causal_segments(T)) > 1
+  assert len(C.causal_segments(T)) > 1
   B, H, G, D = 2, 4, 2, 8
   x = make_inputs(rng, B, T, S, H, G, D, 1, 1, Dv=D + 3)
   q, k, v = (jnp.asarray(x[n]) for n in "qkv")
@@ -87,6 +87,7 @@ def test_dense_attention_causal_segments_cost_and_memory():
   T*S at n segments) and, where T x S exceeds the budget, needs no more
   memory for the gradient than the chunked path of a traced offset."""
   from sparse_attn.ops import attention as A
+  from sparse_attn.ops import chunking
 
   def compiled(T, traced, grad):
     B, H, G, D = 1, 4, 2, 32
@@ -102,7 +103,7 @@ def test_dense_attention_causal_segments_cost_and_memory():
     ca = c.cost_analysis()
     return (ca[0] if isinstance(ca, list) else ca)["flops"]
 
-  assert len(A.causal_segments(1024)) == A.CAUSAL_SEGMENTS
+  assert len(chunking.causal_segments(1024)) == chunking.CAUSAL_SEGMENTS
   ratio = flops(compiled(1024, False, False)) / flops(
     compiled(1024, True, False)
   )
@@ -116,18 +117,73 @@ def test_dense_attention_causal_segments_cost_and_memory():
 
 def test_causal_segments_cover_the_queries():
   from sparse_attn.ops import attention as A
+  from sparse_attn.ops import chunking as C
 
-  assert A.causal_segments(0) == [(0, 0)]
+  # The names first defined in ops.attention keep working there.
+  assert A.causal_segments is C.causal_segments
+  assert A.static_q_offset is C.static_q_offset
+  assert (A.CAUSAL_SEGMENTS, A.MIN_CAUSAL_SEGMENT) == (
+    C.CAUSAL_SEGMENTS,
+    C.MIN_CAUSAL_SEGMENT,
+  )
+  assert C.causal_segments(0) == [(0, 0)]
   q, k = jnp.zeros((1, 0, 2, 4)), jnp.zeros((1, 5, 1, 4))
   assert sa.dense_attention(q, k, k).shape == (1, 0, 2, 4)
   for T in (1, 63, 64, 129, 512, 1000, 4097):
-    seg = A.causal_segments(T)
+    seg = C.causal_segments(T)
     assert seg[0][0] == 0 and seg[-1][1] == T
     assert all(a < b == c for (a, b), (c, _) in zip(seg, seg[1:] + [(T, T)]))
-    assert len(seg) <= A.CAUSAL_SEGMENTS
+    assert len(seg) <= C.CAUSAL_SEGMENTS
     assert (
-      len(seg) == 1 or min(b - a for a, b in seg) >= A.MIN_CAUSAL_SEGMENT // 2
+      len(seg) == 1 or min(b - a for a, b in seg) >= C.MIN_CAUSAL_SEGMENT // 2
     )
+
+
+@pytest.mark.parametrize(
+  "T,S,q_offset,chunk,segmented",
+  [
+    (300, 300, None, 512, True),
+    (150, 217, None, 150, True),  # default offset S - T = 67
+    (140, 140, -100, 1024, True),  # the first segment sees no key
+    (130, 140, 100, 1024, True),  # every segment sees all S keys
+    (300, 300, None, 299, False),  # T past one chunk: chunked over all S
+    (300, 300, "traced", 512, False),  # offset unknown when tracing
+    (40, 40, None, 64, True),  # one segment
+  ],
+)
+def test_map_causal_segments(T, S, q_offset, chunk, segmented):
+  """fn gets each block's queries and a key count `seen` past which none
+  of them sees a key; segments only where the mask is static and T fits
+  one chunk; None passes through; pytree results stitched on axis 1."""
+  from sparse_attn.ops import chunking as C
+
+  B = 2
+  off = S - T if q_offset in (None, "traced") else q_offset
+  offset = jnp.full((B,), off, jnp.int32) if q_offset == "traced" else q_offset
+  x = jnp.arange(B * T, dtype=jnp.float32).reshape(B, T)
+  calls = []
+
+  def fn(start, seen, xb, none):
+    assert none is None
+    calls.append(seen)
+    pos = off + start + jnp.arange(xb.shape[1], dtype=jnp.int32)
+    return {"x": xb, "pos": pos[None] + 0 * xb.astype(jnp.int32)}, jnp.full(
+      xb.shape, seen, jnp.int32
+    )
+
+  out, seen = C.map_causal_segments(fn, chunk, offset, S, x, None)
+  np.testing.assert_array_equal(out["x"], x)
+  pos = np.asarray(out["pos"][0])
+  np.testing.assert_array_equal(pos, off + np.arange(T))
+  seen = np.asarray(seen[0])
+  # Sound: no query sees a key at or past its block's `seen`.
+  assert np.all(np.minimum(pos + 1, S) <= seen)
+  if segmented:
+    assert len(calls) == len(C.causal_segments(T))
+    tight = [min(S, max(1, off + b)) for _, b in C.causal_segments(T)]
+    assert calls == tight
+  else:
+    assert set(calls) == {S}
 
 
 @pytest.mark.parametrize("B,T,S,H,G,D,HI,DI,K,q_offset,kv_lengths", CASES)

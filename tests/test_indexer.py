@@ -150,6 +150,25 @@ def test_two_stage_selection_with_ties(sub_block):
     np.testing.assert_array_equal(np.asarray(sel), ref.select_topk(scores, k))
 
 
+def test_lightning_topk_causal_segments_cost():
+  """XLA's flop count at T = S = 1024 in one chunk: a static offset scores
+  the queries in 8 causal segments, (n+1)/(2n) = 0.56 of the pairs a
+  traced offset scores (the selection is checked in test_topk_ties)."""
+  B, T, HI, DI = 1, 1024, 4, 16
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+
+  def flops(offset):
+    f = lambda qi, ki, w: sa.lightning_topk(
+      qi, ki, w, 16, q_offset=offset, implementation="xla"
+    )
+    lowered = jax.jit(f).lower(f32(B, T, HI, DI), f32(B, T, DI), f32(B, T, HI))
+    ca = lowered.compile().cost_analysis()
+    return (ca[0] if isinstance(ca, list) else ca)["flops"]
+
+  ratio = flops(None) / flops(jnp.zeros((B,), jnp.int32))
+  assert 0.5 < ratio < 0.65, ratio
+
+
 @pytest.mark.parametrize(
   "T,chunk,kv", [(64, 8, None), (61, 4, [61, 30]), (100, 16, [7, 100])]
 )

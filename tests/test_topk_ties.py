@@ -2,9 +2,9 @@
 
 Among equal index scores the more recent key (larger index) wins, and each
 row lists its keys by descending score, the more recent first among equals.
-Every path that selects (select_topk, the chunked and causal-paired XLA
-lightning_topk, both Pallas formulations, decode steps, chunked prefill,
-any batch composition) must return the same indices, order included, as a
+Every path that selects (select_topk, the chunked, causal-segment and
+causal-paired XLA lightning_topk, both Pallas formulations, decode steps,
+chunked prefill, any batch composition) must return the same indices, order included, as a
 plain sort (np_reference.select_topk). Inputs are integer-valued, so every
 path computes the scores exactly and ties are real ties: about half of the
 visible scores are 0.0 (every head's dot product <= 0) and the rest take a
@@ -53,6 +53,11 @@ CASES = [
   pytest.param(2, 37, 53, 9, 16, [53, 30], id="offset_padding"),
   pytest.param(3, 29, 29, 40, None, [29, 11, 1], id="k_gt_visible"),
   pytest.param(1, 130, 130, 17, None, None, id="causal_130"),
+  # One chunk over causal segments (each over the key prefix it sees),
+  # the first segment seeing fewer keys than K.
+  pytest.param(2, 300, 300, 17, None, [300, 150], id="causal_segments"),
+  # Segments of 67 queries see 27 / 94 / 160 keys.
+  pytest.param(1, 200, 260, 40, -40, None, id="segments_k_gt_prefix"),
 ]
 
 

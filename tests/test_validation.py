@@ -64,6 +64,7 @@ BAD = [
     r"kv_lengths must have shape",
   ),
   ("dense", dict(q_offset=jnp.zeros((3,), jnp.int32)), r"q_offset must be"),
+  ("dense", dict(q_offset=True), r"q_offset must be an integer array"),
   (
     "gathered",
     dict(indices=jnp.zeros((B, T + 1, 3), jnp.int32)),

@@ -23,10 +23,12 @@ int[S] and return bool[..., T, S] (pattern AND causal; padding is the
 caller's, see `masking.visible`). They are elementwise in (i, j), so a block
 layout for a block-sparse kernel is `block_layout(mask, bq, bk)`.
 
-Attention: `sparse_transformer_attention` is a memory-bounded XLA path that
-processes `query_chunk` queries at a time (`chunking.map_query_chunks`, so
-peak memory is O(chunk * S * H), rematerialised under autodiff) with the
-shared dense body `attention.dense_block`. `sliding_window_attention` gathers the w
+Attention: `sparse_transformer_attention` is a memory-bounded XLA path with
+the shared dense body `attention.dense_block`, over the queries as
+`chunking.map_causal_segments` splits them: in training (a static offset,
+T x S within the budget) causal segments over the key prefix each can see;
+otherwise `query_chunk` queries at a time over all S keys (peak memory
+O(chunk * S * H), rematerialised under autodiff). `sliding_window_attention` gathers the w
 keys of each query (`attention.gathered_attention`: O(T * w) memory, and the
 Pallas gathered kernel on accelerators).
 
@@ -243,10 +245,12 @@ def masked_pattern_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention under an arbitrary per-head mask, chunked over queries.
 
-  mask_fn(q_pos int32[B, C], key_pos int32[S]) -> bool[B, H or 1, C, S]; it is
-  ANDed with causal visibility and kv_lengths padding. Queries with no
-  visible key return zeros. With return_counts also returns f32[B, T]: keys
-  attended per query, averaged over heads.
+  mask_fn(q_pos int32[B, C], key_pos int32[S']) -> bool[B, H or 1, C, S']; it
+  is ANDed with causal visibility and kv_lengths padding. key_pos is
+  0 .. S'-1 with S' <= S: a block gets only the key prefix it can see
+  (`chunking.map_causal_segments`), so the mask must depend on positions,
+  not on S. Queries with no visible key return zeros. With return_counts
+  also returns f32[B, T]: keys attended per query, averaged over heads.
   """
   qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   batch, num_q, num_heads, head_dim = qs
@@ -257,22 +261,24 @@ def masked_pattern_attention(
     query_chunk = chunking.auto_chunk(
       num_q, num_keys * num_heads * 2, ATTN_BUDGET
     )
-  key_pos = jnp.arange(num_keys, dtype=jnp.int32)
 
-  def block(start, qb):
+  def block(start, seen, qb):
     c = qb.shape[1]
     q_pos = offset[:, None] + start + jnp.arange(c, dtype=jnp.int32)
-    pat = jnp.asarray(mask_fn(q_pos, key_pos))  # [B, H|1, C, S]
-    pat = jnp.broadcast_to(pat, (batch, pat.shape[1], c, num_keys))
-    pat = jnp.moveaxis(pat, 1, 2)  # [B, C, H|1, S]
-    vis = masking.visible(q_pos, num_keys, kv_lengths)[:, :, None, :]
-    valid = jnp.broadcast_to(pat & vis, (batch, c, num_heads, num_keys))
-    valid = valid.reshape(batch, c, num_kv, num_heads // num_kv, num_keys)
-    out, _ = dense_block(qb, k, v, valid, scale)
+    key_pos = jnp.arange(seen, dtype=jnp.int32)
+    pat = jnp.asarray(mask_fn(q_pos, key_pos))  # [B, H|1, C, seen]
+    pat = jnp.broadcast_to(pat, (batch, pat.shape[1], c, seen))
+    pat = jnp.moveaxis(pat, 1, 2)  # [B, C, H|1, seen]
+    vis = masking.visible(q_pos, seen, kv_lengths)[:, :, None, :]
+    valid = jnp.broadcast_to(pat & vis, (batch, c, num_heads, seen))
+    valid = valid.reshape(batch, c, num_kv, num_heads // num_kv, seen)
+    out, _ = dense_block(qb, k[:, :seen], v[:, :seen], valid, scale)
     counts = jnp.sum(valid, axis=(2, 3, 4)).astype(jnp.float32) / num_heads
     return out, counts
 
-  out, counts = chunking.map_query_chunks(block, query_chunk, q)
+  out, counts = chunking.map_causal_segments(
+    block, query_chunk, q_offset, num_keys, q
+  )
   return (out, counts) if return_counts else out
 
 

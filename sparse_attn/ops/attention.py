@@ -13,7 +13,6 @@ from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparse_attn import dispatch
 from sparse_attn.ops import checks, chunking, kernel_sharding, masking
@@ -22,13 +21,11 @@ from sparse_attn.ops.indexer import lightning_topk
 # Bound on the per-block intermediates (elements) of the chunked XLA paths.
 ATTN_BUDGET = 1 << 24
 
-# Causal dense attention with a static query offset splits its queries into
-# up to this many segments, each over only the keys it can see: the logits
-# computed fall from T*S to about (n+1)/(2n) of that (0.56 at 8), and each
-# segment is a separate static shape in the program.
-CAUSAL_SEGMENTS = 8
-# Shorter segments would add per-op overhead for a small saving.
-MIN_CAUSAL_SEGMENT = 64
+# Kept here too: they were first defined in this module.
+CAUSAL_SEGMENTS = chunking.CAUSAL_SEGMENTS
+MIN_CAUSAL_SEGMENT = chunking.MIN_CAUSAL_SEGMENT
+causal_segments = chunking.causal_segments
+static_q_offset = chunking.static_q_offset
 
 
 def check_qkv(q, k, v, q_offset=None, kv_lengths=None):
@@ -121,9 +118,10 @@ def dense_attention(
 
   With q_offset known when tracing (None or an integer, as in training)
   and all T x S logits within the memory budget, the queries are split
-  into `causal_segments`, each over only the keys it can see, which skips
-  most masked logits. With a traced or per-row offset (decoding, prefill
-  into a cache) or past the budget, every query block scans all S keys.
+  into `chunking.causal_segments`, each over only the keys it can see,
+  which skips most masked logits. With a traced or per-row offset
+  (decoding, prefill into a cache) or past the budget, every query block
+  scans all S keys.
   Both give the same result up to rounding (bf16 k/v gradients are summed
   over the segments).
   """
@@ -132,65 +130,16 @@ def dense_attention(
   num_keys = ks[1]
   scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
-  # Past the budget, queries go through lax.map in chunks that each scan
-  # all S keys: unrolled segments there would let XLA keep several blocks'
-  # intermediates live at once (3x the temp memory at T=S=8192).
-  bounded = (
-    query_chunk or chunking.auto_chunk(num_q, num_keys * num_heads, ATTN_BUDGET)
-  ) < num_q
-
-  def over_keys(q_seg, first, seen):
-    """q_seg's queries (from query `first`) over keys [0, seen)."""
-    k_seg, v_seg = k[:, :seen], v[:, :seen]
-    chunk = query_chunk or chunking.auto_chunk(
-      q_seg.shape[1], seen * num_heads, ATTN_BUDGET
-    )
-
-    def block(start, qb):
-      q_pos = (
-        offset[:, None]
-        + first
-        + start
-        + jnp.arange(qb.shape[1], dtype=jnp.int32)
-      )
-      valid = masking.visible(q_pos, seen, kv_lengths)[:, :, None, None, :]
-      return dense_block(qb, k_seg, v_seg, valid, scale)[0]
-
-    return chunking.map_query_chunks(block, chunk, q_seg)
-
-  static = static_q_offset(q_offset, num_q, num_keys)
-  if static is None or bounded:
-    return over_keys(q, 0, num_keys)
-  # The causal mask is known when tracing: each query segment attends only
-  # the keys up to its last query (the rest would be masked anyway).
-  return jnp.concatenate(
-    [
-      over_keys(q[:, a:b], a, min(num_keys, max(1, static + b)))
-      for a, b in causal_segments(num_q)
-    ],
-    axis=1,
+  chunk = query_chunk or chunking.auto_chunk(
+    num_q, num_keys * num_heads, ATTN_BUDGET
   )
 
+  def block(start, seen, qb):
+    q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
+    valid = masking.visible(q_pos, seen, kv_lengths)[:, :, None, None, :]
+    return dense_block(qb, k[:, :seen], v[:, :seen], valid, scale)[0]
 
-def static_q_offset(q_offset: Any, num_q: int, num_keys: int) -> int | None:
-  """q_offset as a Python int when it is known when tracing (None or an int:
-  the same for every row), else None (a traced or per-row offset)."""
-  if q_offset is None:
-    return num_keys - num_q
-  if isinstance(q_offset, (int, np.integer)):
-    return int(q_offset)
-  return None
-
-
-def causal_segments(num_q: int) -> list[tuple[int, int]]:
-  """[start, stop) of the query segments of a static causal mask: at most
-  CAUSAL_SEGMENTS of equal length (the last may be shorter), about
-  MIN_CAUSAL_SEGMENT queries or more each; one segment below that."""
-  if num_q == 0:
-    return [(0, 0)]
-  n = max(1, min(CAUSAL_SEGMENTS, num_q // MIN_CAUSAL_SEGMENT))
-  size = -(-num_q // n)
-  return [(a, min(num_q, a + size)) for a in range(0, num_q, size)]
+  return chunking.map_causal_segments(block, chunk, q_offset, num_keys, q)
 
 
 def dense_block(

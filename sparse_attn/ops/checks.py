@@ -77,7 +77,10 @@ def check_heads(num_heads: int, num_kv_heads: int, q_shape, k_shape) -> None:
 
 
 def check_q_offset(q_offset: Any, batch: int) -> None:
-  if q_offset is None or isinstance(q_offset, (int, np.integer)):
+  # bool is an int subclass; an offset of True is a mistake, not 1.
+  if q_offset is None or (
+    isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool)
+  ):
     return
   shape = shape_of(q_offset)
   if shape not in ((), (batch,)):

@@ -213,10 +213,13 @@ def lightning_topk(
   rounding apart may order differently). The XLA path scores `query_chunk`
   queries at a time (default: as many as fit a fixed budget of chunk*S*HI
   elements), so peak memory is
-  O(T*K + chunk*S*HI). For causal self-attention (T == S, q_offset None or
-  0) it also skips the invisible upper triangle: query chunk c is paired
-  with chunk n-1-c so that every step scores the same number of visible key
-  blocks (n+1), halving the work. The Pallas path fuses scoring and
+  O(T*K + chunk*S*HI). It also skips most of the invisible upper triangle
+  where the causal mask is known when tracing: with one chunk, the queries
+  go in causal segments over the key prefix each can see
+  (`chunking.map_causal_segments`); past one chunk in causal
+  self-attention (T == S, q_offset None or 0), query chunk c is paired
+  with chunk n-1-c so that every step scores the same number of visible
+  key blocks (n+1), halving the work. The Pallas path fuses scoring and
   selection in one kernel, tiled by `block_sizes`
   (`kernels_pallas.topk.BlockSizes` or a dict of its fields; None fields, or
   None, take the platform defaults; ignored by "xla").
@@ -251,8 +254,9 @@ def lightning_topk(
   num_keys = ks[1]
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _TOPK_BUDGET)
-  causal_self = num_q == num_keys and (
-    q_offset is None or (isinstance(q_offset, int) and q_offset == 0)
+  causal_self = (
+    num_q == num_keys
+    and chunking.static_q_offset(q_offset, num_q, num_keys) == 0
   )
   if causal_self and query_chunk < num_q:
     return _causal_self_topk(
@@ -260,12 +264,16 @@ def lightning_topk(
     )
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
 
-  def block(start, qb, wb):
+  def block(start, seen, qb, wb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
-    scores = masked_scores(qb, k_idx, wb, q_pos, kv_lengths)
+    scores = masked_scores(qb, k_idx[:, :seen], wb, q_pos, kv_lengths)
+    # Exact over the prefix: the keys past `seen` are invisible to the
+    # block, and indices are absolute, so the selection is unchanged.
     return two_stage_topk(scores, k)
 
-  return chunking.map_query_chunks(block, query_chunk, q_idx, weights)
+  return chunking.map_causal_segments(
+    block, query_chunk, q_offset, num_keys, q_idx, weights
+  )
 
 
 def _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths, chunk):

@@ -95,7 +95,11 @@ def dense_indexer_kl(
 
   Shapes: q [B, T, H, D], k [B, S, G, D], q_idx [B, T, HI, DI],
   k_idx [B, S, DI], weights [B, T, HI]. Returns a scalar f32. Memory is
-  O(chunk * S * (H + HI)) with queries processed in chunks.
+  O(chunk * S * (H + HI)) with queries processed in chunks; with q_offset
+  known when tracing and T x S within the budget, the queries go in
+  causal segments that skip most masked pairs, as in `dense_attention`
+  (the same value up to rounding: bf16 k_idx gradients are summed over
+  the segments).
   """
   qs, ks, _ = check_qkv(q, k, k, q_offset, kv_lengths)
   iq, ik = check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
@@ -110,26 +114,26 @@ def dense_indexer_kl(
       num_q, num_keys * (num_heads + iq[2]), _KL_BUDGET
     )
 
-  def block(start, qb, qib, wb):
+  def block(start, seen, qb, qib, wb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
-    valid = masking.visible(q_pos, num_keys, kv_lengths)
+    valid = masking.visible(q_pos, seen, kv_lengths)
     logits = (
       jnp.einsum(
         "btgrd,bsgd->btgrs",
         group_heads(qb, num_kv),
-        k,
+        k[:, :seen],
         preferred_element_type=checks.acc_dtype(qb),
       )
       * scale
     )
     probs, _ = masked_softmax(logits, valid[:, :, None, None, :])
     p = _head_summed_target(probs)
-    index_logits = masked_scores(qib, k_idx, wb, q_pos, kv_lengths)
+    index_logits = masked_scores(qib, k_idx[:, :seen], wb, q_pos, kv_lengths)
     kl = _kl_rows(p, index_logits, valid)
     return kl, jnp.any(valid, axis=-1)
 
-  kl, has_keys = chunking.map_query_chunks(
-    block, query_chunk, q, q_idx, weights
+  kl, has_keys = chunking.map_causal_segments(
+    block, query_chunk, q_offset, num_keys, q, q_idx, weights
   )
   return _masked_mean(kl, has_keys)
 
