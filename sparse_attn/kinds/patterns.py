@@ -28,9 +28,9 @@ the shared dense body `attention.dense_block`, over the queries as
 `chunking.map_causal_segments` splits them: in training (a static offset,
 T x S within the budget) causal segments over the key prefix each can see;
 otherwise `query_chunk` queries at a time over all S keys (peak memory
-O(chunk * S * H), rematerialised under autodiff). `sliding_window_attention` gathers the w
-keys of each query (`attention.gathered_attention`: O(T * w) memory, and the
-Pallas gathered kernel on accelerators).
+O(chunk * S * H), rematerialised under autodiff). `sliding_window_attention`
+gathers the w keys of each query (`attention.gathered_attention`: O(T * w)
+memory, and the Pallas gathered kernel on accelerators).
 
 Key budgets (keys per query, causal, no padding) are in `*_keys_per_query`.
 """
