@@ -49,6 +49,19 @@ def as_jnp_opt(x):
   return None if x is None else jnp.asarray(x, jnp.int32)
 
 
+def assert_same_grads(f, g, args, rtol=1e-4, atol=1e-5, nonzero=False):
+  """The gradients of scalar functions f and g w.r.t. every one of args
+  agree, and are finite (with nonzero: not all zero, so that a path that
+  cut the gradient cannot pass)."""
+  import jax
+
+  argnums = tuple(range(len(args)))
+  for a, b in zip(jax.grad(f, argnums)(*args), jax.grad(g, argnums)(*args)):
+    assert np.all(np.isfinite(a))
+    assert not nonzero or np.any(np.asarray(a) != 0)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
