@@ -88,8 +88,13 @@ class TaskRecipe:
   # Generator options over _common.TASK_OPTIONS'.
   options: dict[str, int] = dataclasses.field(default_factory=dict)
   # The dense pretraining's first phase at a short length, (length, steps,
-  # peak lr) (retrieval.Preset.pretrain_short).
+  # peak lr) (retrieval.Preset.pretrain_short), at every training length.
   pretrain_short: tuple[int, int, float] | None = None
+  # Per training length: a first phase replacing pretrain_short's there
+  # (other lengths keep theirs, and so their keys).
+  pretrain_short_at: dict[int, tuple[int, int, float]] = dataclasses.field(
+    default_factory=dict
+  )
   # Per training length: (steps, peak lr) replacing Study.pretrain_steps[L]
   # and Study.lr, i.e. the convert protocol's dense pretraining at L and the
   # scratch protocol's training.
@@ -124,6 +129,11 @@ class Study:
   lr_warmup_steps: int
   # Per task: what it changes of the defaults above.
   recipes: dict[str, TaskRecipe] = dataclasses.field(default_factory=dict)
+  # The convert protocol converts only a dense model that has learned the
+  # task: its exact match at L (the study's evaluation examples) must reach
+  # this, else the cell's conversions are refused (they would measure
+  # learning the task under sparse attention, not keeping it).
+  min_dense_exact: float = 0.0
 
   def __post_init__(self):
     unknown = sorted(set(self.recipes) - set(TASKS))
@@ -176,7 +186,16 @@ CPU = Study(
       pretrain_short=(128, 3000, 3e-3),
       pretrain={512: (2000, 2e-3), 1024: (2000, 2e-3)},
     ),
+    # 400 steps at L=1024 (batch 16) leave MQAR unlearned (loss 1.57, 0.00
+    # exact), and 700 as well (loss 0.90, 0.02 exact); at L=512, 400 steps
+    # of batch 32 learn it. So L=1024 first trains those examples at L=512
+    # (800 steps of the length's batch 16), then its 400 steps at L=1024.
+    "mqar": TaskRecipe(pretrain_short_at={1024: (512, 800, 1e-3)}),
   },
+  # The saved dense models of the L=512 cells reach 0.38 (vartrack) to 1.00
+  # exact at L, passkey's 0.47-0.88; the unlearned L=1024 MQAR models of 400
+  # and 700 steps 0.00-0.02 (chance is about 0 on every task).
+  min_dense_exact=0.25,
 )
 
 SMOKE = Study(
@@ -205,6 +224,7 @@ SMOKE = Study(
       model={"num_layers": 2},
       options={"value_vocab": 6},
       pretrain_short=(16, 1, 3e-3),
+      pretrain_short_at={32: (16, 2, 3e-3)},
       pretrain={32: (3, 1e-3)},
     )
   },
@@ -273,7 +293,7 @@ class Model:
       lr=lr,
       adapt_lr=st.adapt_lr,
       lr_warmup_steps=st.lr_warmup_steps,
-      pretrain_short=r.pretrain_short,
+      pretrain_short=r.pretrain_short_at.get(L, r.pretrain_short),
       task_options={self.task: r.options},
     )
 
@@ -445,26 +465,32 @@ def pretrained_path(st, out_dir, task, L, seed) -> str:
   return os.path.join(out_dir, "pretrained", _digest(key) + ".npz")
 
 
+def dense_config(st, task, L, seed):
+  """(preset, config) of the dense model of (task, L, seed): the settings
+  it loads and is evaluated with."""
+  pr = Model("main", task, L, "convert", seed, ("", "", 0, {}), 0).preset(st)
+  cfg = R.make_config(
+    pr,
+    task,
+    "dense",
+    pr.budget_top_k,
+    {},
+    warmup=0,
+    steps=1,
+    lr=pr.lr,
+    seed=seed,
+  )
+  return pr, cfg
+
+
 def load_or_pretrain(st, out_dir, task, L, seed, log):
   """The dense model of (task, L, seed): params["main"] and its train time,
   from <out_dir>/pretrained/ when a previous run saved it."""
   key = pretrain_key(st, task, L, seed)
   path = pretrained_path(st, out_dir, task, L, seed)
-  probe = Model("main", task, L, "convert", seed, ("", "", 0, {}), 0)
-  pr = probe.preset(st)
+  pr, cfg = dense_config(st, task, L, seed)
   partial = path[: -len(".npz")] + ".partial"
   if os.path.exists(path):
-    cfg = R.make_config(
-      pr,
-      task,
-      "dense",
-      pr.budget_top_k,
-      {},
-      warmup=0,
-      steps=1,
-      lr=pr.lr,
-      seed=seed,
-    )
     meta = tree_meta(path)
     if meta["key"].item() != key:
       raise ValueError(f"{path}: saved for other settings; delete it")
@@ -485,6 +511,80 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
   return main, pre_time
 
 
+def dense_exact(st, task, L, seed, main) -> float:
+  """The dense model's exact match at its training length L, on the
+  evaluation examples every model of the study is scored on."""
+  pr, cfg = dense_config(st, task, L, seed)
+  s = T.setup(cfg)
+  state, _ = T.init_from(T.init_state(s), main)
+  ev = R.evaluate(
+    s,
+    state,
+    task,
+    L,
+    pr.eval_examples,
+    R.make_eval_fn(s, "sparse"),
+    pr.options(task),
+  )
+  return ev["exact_match"]
+
+
+def read_scores(out_dir) -> dict[str, dict]:
+  """<out_dir>/dense.jsonl: {pretrain key: {"exact_match", ...}} of the
+  dense models scored so far (dense_score)."""
+  return {
+    k: rows[0]
+    for k, rows in read_runs(os.path.join(out_dir, "dense.jsonl")).items()
+  }
+
+
+def dense_score(st, out_dir, task, L, seed, main=None) -> float:
+  """dense_exact of the saved dense model of (task, L, seed), cached in
+  <out_dir>/dense.jsonl with its pretraining time; main: the model when
+  the caller holds it (else it is loaded)."""
+  key = pretrain_key(st, task, L, seed)
+  got = read_scores(out_dir).get(key)
+  if got is not None:
+    return got["exact_match"]
+  pre_time = float(
+    tree_meta(pretrained_path(st, out_dir, task, L, seed))["pretrain_time_s"]
+  )
+  if main is None:
+    main, _ = load_or_pretrain(st, out_dir, task, L, seed, lambda _: None)
+  exact = dense_exact(st, task, L, seed, main)
+  row = dict(
+    task=task,
+    train_len=L,
+    seed=seed,
+    exact_match=exact,
+    pretrain_time_s=pre_time,
+  )
+  append_run(os.path.join(out_dir, "dense.jsonl"), key, [row])
+  return exact
+
+
+def score_dense(st, out_dir, log) -> list[dict]:
+  """Scores every saved dense model of the grid not scored yet; returns the
+  scores of the grid's cells (dense.jsonl rows), for the report."""
+  cells = sorted(
+    {
+      (m.task, m.seq_len, m.seed)
+      for m in models(st, PARTS)
+      if m.protocol == "convert"
+    }
+  )
+  out = []
+  for cell in cells:
+    if not os.path.exists(pretrained_path(st, out_dir, *cell)):
+      continue
+    key = pretrain_key(st, *cell)
+    if key not in read_scores(out_dir):
+      log(f"  scoring the dense model of {cell}")
+      dense_score(st, out_dir, *cell)
+    out.append(read_scores(out_dir)[key])
+  return out
+
+
 # ---------------------------------------------------------------------------
 # running
 
@@ -501,9 +601,15 @@ class Progress:
     self.items = list(items)
     self.left = set(range(len(items)))
     self.spent: dict[int, list[float]] = {}  # L -> [seconds, steps]
+    self.done_models: set[int] = set()
+
+  def skip(self, i: int) -> None:
+    """Model i will not be trained: no longer in the ETA."""
+    self.left.discard(i)
 
   def done(self, i: int, seconds: float) -> None:
     self.left.discard(i)
+    self.done_models.add(i)
     L, steps = self.items[i]
     s = self.spent.setdefault(L, [0.0, 0.0])
     s[0] += seconds
@@ -552,6 +658,7 @@ def run_study(st, out_dir, todo, log) -> None:
     items.append((m.seq_len, steps))
   prog = Progress(items)
   dense: dict[tuple, tuple] = {}
+  refused: dict[tuple, float] = {}  # (task, L, seed) -> its exact match
   t_start = time.perf_counter()
   for i, m in enumerate(missing):
     label = m.run[0]
@@ -565,9 +672,25 @@ def run_study(st, out_dir, todo, log) -> None:
     pre_main, pre_time = None, 0.0
     if m.protocol == "convert":
       dk = (m.task, m.seq_len, m.seed)
+      if dk in refused:
+        log(f"  refused: the dense model of {dk} has not learned the task")
+        prog.skip(i)
+        continue
       if dk not in dense:
         dense.clear()  # one dense model in memory at a time
-        dense[dk] = load_or_pretrain(st, out_dir, *dk, log)
+        main, pre_time = load_or_pretrain(st, out_dir, *dk, log)
+        exact = dense_score(st, out_dir, *dk, main)
+        log(
+          f"  [{m.task} L={m.seq_len} seed {m.seed}] dense model: "
+          f"{exact:.2f} exact at L (the study converts from "
+          f">= {st.min_dense_exact:.2f})"
+        )
+        if exact < st.min_dense_exact:
+          refused[dk] = exact
+          log(f"  refused: the dense model of {dk} has not learned the task")
+          prog.skip(i)
+          continue
+        dense[dk] = main, pre_time
       pre_main, pre_time = dense[dk]
     rows = R.train_and_evaluate(
       m.preset(st),
@@ -581,7 +704,19 @@ def run_study(st, out_dir, todo, log) -> None:
     )
     append_run(runs_path, m.key(st), rows)
     prog.done(i, time.perf_counter() - t0)
-  log(f"trained {len(missing)} models in {time.perf_counter() - t_start:.0f} s")
+  n_refused = len(missing) - len(prog.done_models)
+  log(
+    f"trained {len(prog.done_models)} models in "
+    f"{time.perf_counter() - t_start:.0f} s"
+  )
+  for (task, L, seed), exact in refused.items():
+    log(
+      f"refused {task} L={L} seed {seed}: its dense model reaches {exact:.2f} "
+      f"exact at L, below the study's {st.min_dense_exact:.2f}; its "
+      "recipe (Study.recipes) needs a longer pretraining"
+    )
+  if n_refused:
+    log(f"{n_refused} models not trained (refused dense models)")
 
 
 def merge(st, out_dir, sources, log) -> None:
@@ -608,6 +743,10 @@ def merge(st, out_dir, sources, log) -> None:
         append_run(runs_path, key, rows)
         have[key] = rows
         added += 1
+    scores = read_scores(out_dir)
+    for key, row in read_scores(src).items():
+      if key not in scores:
+        append_run(os.path.join(out_dir, "dense.jsonl"), key, [row])
     pre = os.path.join(src, "pretrained")
     for name in sorted(os.listdir(pre)) if os.path.isdir(pre) else ():
       dst = os.path.join(out_dir, "pretrained", name)
@@ -712,7 +851,32 @@ def warmup_table(rows) -> str:
   return "\n\n".join(out)
 
 
-def report(rows, st, out_dir, seconds: float | None) -> str:
+def dense_table(scores, st) -> str:
+  """The dense models the convert protocol starts from: exact match at L
+  per seed, and their pretraining time."""
+  if not scores:
+    return ""
+  table = []
+  for (task, L), rs in group(scores, "task", "train_len").items():
+    by_seed = {r["seed"]: r for r in rs}
+    cells = [task, str(L)]
+    for seed in st.seeds:
+      r = by_seed.get(seed)
+      cells.append(
+        ""
+        if r is None
+        else f"{r['exact_match']:.2f} ({r['pretrain_time_s']:.0f} s)"
+      )
+    table.append(cells)
+  header = ["task", "L"] + [f"seed {s}" for s in st.seeds]
+  return (
+    "**Dense models before conversion** (exact match at L, pretraining "
+    "seconds; the study converts only those at >= "
+    f"{st.min_dense_exact:.2f})\n\n" + C.markdown_table(table, header)
+  )
+
+
+def report(rows, st, out_dir, seconds: float | None, scores=()) -> str:
   md = "\n\n".join(
     x
     for x in (
@@ -720,6 +884,7 @@ def report(rows, st, out_dir, seconds: float | None) -> str:
       "seeds (min-max); keys/query: mean keys attended per query at the "
       f"training length. {len(rows)} rows"
       + ("." if seconds is None else f"; trained now in {seconds:.0f} s."),
+      dense_table(list(scores), st),
       length_table(rows, "main"),
       length_table(rows, "scratch"),
       warmup_table(rows),
@@ -893,12 +1058,9 @@ def main(argv=None):
   # The report covers every part and seed the cache holds, not just this
   # invocation's selection.
   rows = study_rows(st, a.out_dir, models(st, PARTS))
-  md = report(
-    rows,
-    st,
-    a.out_dir,
-    None if a.report_only or a.merge else time.perf_counter() - t0,
-  )
+  seconds = None if a.report_only or a.merge else time.perf_counter() - t0
+  scores = score_dense(st, a.out_dir, log)
+  md = report(rows, st, a.out_dir, seconds, scores)
   log(md)
   return rows
 

@@ -7,6 +7,7 @@ study's for loading a dense model it saved."""
 
 import copy
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -429,6 +430,9 @@ def test_retrieval_study_smoke_and_resume(tmp_path):
     _finite(r, ("exact_match", "token_acc", "keys_per_query"))
   for name in ("study.md", "study_length.png", "study_warmup.png"):
     assert (tmp_path / name).exists(), name
+  # The dense model each convert cell starts from is scored and reported.
+  assert len(mod.read_scores(str(tmp_path))) == 1
+  assert "Dense models before conversion" in (tmp_path / "study.md").read_text()
   # The dense models are saved; their in-progress checkpoints are gone.
   saved = sorted(os.listdir(tmp_path / "pretrained"))
   assert saved and all(n.endswith(".npz") for n in saved), saved
@@ -484,6 +488,40 @@ def test_retrieval_study_smoke_and_resume(tmp_path):
     os.listdir(tmp_path / "pretrained")
   )
   assert (dst / "study.md").exists()
+  # The dense models' scores come along, so the report does not rescore them.
+  assert mod.read_scores(str(dst)) == mod.read_scores(str(tmp_path))
+  assert "scoring the dense model" not in merged
+
+
+def test_retrieval_study_refuses_unlearned_dense_models(tmp_path):
+  """A dense model below Study.min_dense_exact is scored, reported and not
+  converted; the scratch protocol, which needs none, still trains."""
+  mod = _module("retrieval_study")
+  st = dataclasses.replace(mod.SMOKE, min_dense_exact=1.01)
+  todo = mod.models(st, ("main", "scratch"), seeds=(0,))
+  said = []
+  mod.run_study(st, str(tmp_path), todo, said.append)
+  log = "\n".join(said)
+  scores = mod.read_scores(str(tmp_path))
+  assert len(scores) == 1, scores
+  (score,) = scores.values()
+  assert score["task"] == "mqar" and score["train_len"] == 32
+  assert 0.0 <= score["exact_match"] <= 1.0 and score["pretrain_time_s"] > 0
+  assert "refused mqar L=32 seed 0" in log, log
+  convert = [m for m in todo if m.protocol == "convert"]
+  assert f"{len(convert)} models not trained (refused dense models)" in log
+  runs = mod.read_runs(str(tmp_path / "runs.jsonl"))
+  assert set(runs) == {m.key(st) for m in todo if m.protocol == "scratch"}
+  # The report shows the score; a rerun finds it cached and refuses again.
+  md = mod.report(
+    [], st, str(tmp_path), None, mod.score_dense(st, str(tmp_path), said.append)
+  )
+  assert "Dense models before conversion" in md
+  assert f"{score['exact_match']:.2f} (" in md
+  said.clear()
+  mod.run_study(st, str(tmp_path), todo, said.append)
+  assert "refused mqar L=32 seed 0" in "\n".join(said)
+  assert mod.read_scores(str(tmp_path)) == scores
 
 
 def test_retrieval_study_grid():
@@ -529,10 +567,15 @@ def test_retrieval_study_grid():
     assert (key["pretrain_steps"], key["lr"]) == (
       pre or (st.pretrain_steps[m.seq_len], st.lr)
     ), m
-    has_short = "pretrain_short" in key
-    assert has_short == (
-      m.protocol == "convert" and r.pretrain_short is not None
-    ), m
+    short = r.pretrain_short_at.get(m.seq_len, r.pretrain_short)
+    if m.protocol == "convert":
+      assert key.get("pretrain_short") == (short and list(short)), m
+    else:
+      assert "pretrain_short" not in key, m
+  # MQAR's first phase at L=512 applies at L=1024 only.
+  mq = {m.seq_len: json.loads(m.key(st)) for m in todo if m.task == "mqar"}
+  assert "pretrain_short" not in mq[512]
+  assert mq[1024]["pretrain_short"] == [512, 800, 1e-3]
   from sparse_attn.budgets import key_budget
 
   for L in st.lens:
