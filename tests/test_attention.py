@@ -118,6 +118,14 @@ def test_causal_segments_cover_the_queries():
   # The names first defined in ops.attention keep working there.
   assert A.causal_segments is C.causal_segments
   assert A.static_q_offset is C.static_q_offset
+  # The offset's rules live in ops.masking; chunking re-exports them.
+  from sparse_attn.ops import masking as M
+
+  assert C.static_q_offset is M.static_q_offset
+  assert M.static_q_offset(None, 3, 10) == 7
+  assert M.static_q_offset(np.int64(2), 3, 10) == 2
+  assert M.static_q_offset(jnp.int32(2), 3, 10) is None
+  assert M.resolve_q_offset(None, 2, 3, 10).tolist() == [7, 7]
   assert (A.CAUSAL_SEGMENTS, A.MIN_CAUSAL_SEGMENT) == (
     C.CAUSAL_SEGMENTS,
     C.MIN_CAUSAL_SEGMENT,

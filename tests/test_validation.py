@@ -65,6 +65,10 @@ BAD = [
   ),
   ("dense", dict(q_offset=jnp.zeros((3,), jnp.int32)), r"q_offset must be"),
   ("dense", dict(q_offset=True), r"q_offset must be an integer array"),
+  ("dense", dict(query_chunk=0), r"query_chunk must be >= 1, got 0"),
+  ("dense", dict(query_chunk=2.0), r"query_chunk must be a positive int"),
+  ("dense_kl", dict(query_chunk=0), r"query_chunk must be >= 1, got 0"),
+  ("dense_kl", dict(query_chunk=True), r"query_chunk must be a positive int"),
   (
     "gathered",
     dict(indices=jnp.zeros((B, T + 1, 3), jnp.int32)),
@@ -123,8 +127,9 @@ def call(name, over):
   a.update(indices=idx(), top_k=3)
   base = {**a, **over}
   kw = {n: base[n] for n in ("q_offset", "kv_lengths") if n in base}
+  chunk = {n: base[n] for n in ("query_chunk",) if n in base}
   if name == "dense":
-    return sa.dense_attention(base["q"], base["k"], base["v"], **kw)
+    return sa.dense_attention(base["q"], base["k"], base["v"], **kw, **chunk)
   if name == "gathered":
     return sa.gathered_attention(
       base["q"],
@@ -156,7 +161,12 @@ def call(name, over):
     )
   if name == "dense_kl":
     return sa.dense_indexer_kl(
-      base["q"], base["k"], base["q_idx"], base["k_idx"], base["weights"]
+      base["q"],
+      base["k"],
+      base["q_idx"],
+      base["k_idx"],
+      base["weights"],
+      **chunk,
     )
   if name == "sparse_kl":
     return sa.sparse_indexer_kl(

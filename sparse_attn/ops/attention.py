@@ -130,16 +130,15 @@ def dense_attention(
   num_keys = ks[1]
   scale = default_scale(scale, head_dim)
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
-  chunk = query_chunk or chunking.auto_chunk(
-    num_q, num_keys * num_heads, ATTN_BUDGET
-  )
+  if query_chunk is None:
+    query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, ATTN_BUDGET)
 
   def block(start, seen, qb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
     valid = masking.visible(q_pos, seen, kv_lengths)[:, :, None, None, :]
     return dense_block(qb, k[:, :seen], v[:, :seen], valid, scale)[0]
 
-  return chunking.map_causal_segments(block, chunk, q_offset, num_keys, q)
+  return chunking.map_causal_segments(block, query_chunk, q_offset, num_keys, q)
 
 
 def dense_block(

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attn.ops import masking
+
 # A static causal mask splits the queries into up to this many segments,
 # each over only the keys it can see: the pairs computed fall from T*S to
 # about (n+1)/(2n) of that at T = S (0.56 at 8), and each segment is a
@@ -38,6 +40,14 @@ def auto_chunk(
   return max(1, min(chunk, num_queries))
 
 
+def check_chunk(chunk: Any) -> None:
+  """A query chunk must be a positive int (an op's `query_chunk`)."""
+  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)):
+    raise ValueError(f"query_chunk must be a positive int, got {chunk!r}")
+  if chunk < 1:
+    raise ValueError(f"query_chunk must be >= 1, got {chunk}")
+
+
 def map_query_chunks(
   fn: Callable[..., Any], chunk: int, *arrays: jnp.ndarray | None
 ) -> Any:
@@ -48,6 +58,7 @@ def map_query_chunks(
   the block's queries on axis 1. Results are stitched back to length T.
   Arrays may be None (passed through as None).
   """
+  check_chunk(chunk)
   present = [a for a in arrays if a is not None]
   num_queries = present[0].shape[1]
   if chunk >= num_queries:
@@ -77,14 +88,8 @@ def map_query_chunks(
   return jax.tree.map(stitch, out)
 
 
-def static_q_offset(q_offset: Any, num_q: int, num_keys: int) -> int | None:
-  """q_offset as a Python int when it is known when tracing (None or an int:
-  the same for every row), else None (a traced or per-row offset)."""
-  if q_offset is None:
-    return num_keys - num_q
-  if isinstance(q_offset, (int, np.integer)):
-    return int(q_offset)
-  return None
+# Defined beside the offset's other rules; re-exported for existing callers.
+static_q_offset = masking.static_q_offset
 
 
 def causal_segments(num_q: int) -> list[tuple[int, int]]:
@@ -120,6 +125,7 @@ def map_causal_segments(
   memory budget would let XLA keep several blocks' intermediates live at
   once (3x the temp memory of dense attention's gradient at T = S = 8192).
   """
+  check_chunk(chunk)
   present = [a for a in arrays if a is not None]
   num_q = present[0].shape[1]
   static = static_q_offset(q_offset, num_q, num_keys)

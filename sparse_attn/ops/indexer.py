@@ -256,7 +256,7 @@ def lightning_topk(
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _TOPK_BUDGET)
   causal_self = (
     num_q == num_keys
-    and chunking.static_q_offset(q_offset, num_q, num_keys) == 0
+    and masking.static_q_offset(q_offset, num_q, num_keys) == 0
   )
   if causal_self and query_chunk < num_q:
     return _causal_self_topk(

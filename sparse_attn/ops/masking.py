@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def query_positions(
@@ -33,12 +34,26 @@ def query_positions(
   return offset[:, None] + idx[None, :]
 
 
+def static_q_offset(
+  q_offset: Any, num_queries: int, num_keys: int
+) -> int | None:
+  """q_offset as a Python int when it is known when tracing (None, i.e. the
+  default S - T, or an int: the same for every row), else None (a traced or
+  per-row offset)."""
+  if q_offset is None:
+    return num_keys - num_queries
+  if isinstance(q_offset, (int, np.integer)):
+    return int(q_offset)
+  return None
+
+
 def resolve_q_offset(
   q_offset: Any, batch: int, num_queries: int, num_keys: int
 ) -> jnp.ndarray:
   """q_offset as int32[B] (default S - T)."""
-  if q_offset is None:
-    q_offset = num_keys - num_queries
+  static = static_q_offset(q_offset, num_queries, num_keys)
+  if static is not None:
+    q_offset = static
   return jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
 
 
