@@ -38,9 +38,12 @@ there, to the model an uninterrupted run gives.
   python experiments/retrieval_study.py --list             # what it would train
   python experiments/retrieval_study.py --smoke --out-dir /tmp/s   # CI
 
-Writes <out-dir>/study.md (the tables), study_length.png (exact match vs
-evaluation length per kind), study_budget.png (exact match vs keys per
-query), study_warmup.png (DSA vs warm-up steps) and study.csv (every row).
+Writes <out-dir>/study.md (the tables, the dense models' scores first),
+study_length.png (per cell: exact match vs evaluation length per kind
+above, exact match vs keys per query at L below), study_warmup.png (DSA vs
+warm-up steps) and study.csv (every row). A convert cell whose dense model
+scores below Study.min_dense_exact at L is not converted (logged; its
+score is in study.md).
 """
 
 from __future__ import annotations
