@@ -477,8 +477,13 @@ def pretrain_dense(
   log,
   checkpoint: str | None = None,
   save_every_s: float = 600.0,
+  init=None,
 ):
   """The convert protocol's shared dense model: (training state, seconds).
+
+  init: params["main"] of a dense model of the same architecture (e.g.
+  one pretrained at a shorter length) that the first phase starts from,
+  with a fresh optimiser; None starts from the initialisation.
 
   With pr.pretrain_short, the model first trains that phase at its length
   (a fresh optimiser and schedule), then pr.pretrain_steps at pr.seq_len
@@ -536,7 +541,7 @@ def pretrain_dense(
     def seconds():
       return before + clock() - t0
 
-    main = None
+    main = init
     state: Any = None  # the last phase always runs: set by the loop
     for n, (ph, cfg, mngr) in enumerate(zip(phases, cfgs, mngrs, strict=True)):
       if resume is not None and n < resume[0]:
@@ -556,7 +561,13 @@ def pretrain_dense(
           state, _ = T.init_from(state, main)
         log(
           f"  [{task}] dense pretraining: {ph.pretrain_steps} steps at "
-          f"L={ph.seq_len}" + (" (after the short phase)" if n > 0 else "")
+          f"L={ph.seq_len}"
+          + (" (after the short phase)" if n > 0 else "")
+          + (
+            " (from the given dense model)"
+            if n == 0 and init is not None
+            else ""
+          )
         )
       ds = dataset(task, ph.seq_len, "train", seed, ph.options(task))
       saver = _PretrainSaver(mngr, save_every_s, seconds)

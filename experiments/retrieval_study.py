@@ -98,6 +98,11 @@ class TaskRecipe:
   pretrain_short_at: dict[int, tuple[int, int, float]] = dataclasses.field(
     default_factory=dict
   )
+  # Per training length L: a shorter training length whose dense model (the
+  # same task and seed, saved by the study) the dense pretraining at L
+  # starts from, in place of a first phase (pretrain_short). Its pretraining
+  # seconds count in L's.
+  pretrain_from: dict[int, int] = dataclasses.field(default_factory=dict)
   # Per training length: (steps, peak lr) replacing Study.pretrain_steps[L]
   # and Study.lr, i.e. the convert protocol's dense pretraining at L and the
   # scratch protocol's training.
@@ -144,6 +149,20 @@ class Study:
       raise ValueError(
         f"Study.recipes: unknown tasks {unknown}; known: {sorted(TASKS)}"
       )
+    for task, r in self.recipes.items():
+      for L, base in r.pretrain_from.items():
+        # A base in the grid: its model is trained, saved and merged as one.
+        if not (base < L and base in self.lens):
+          raise ValueError(
+            f"Study.recipes[{task!r}].pretrain_from[{L}] = {base}: must be "
+            f"a training length of the study shorter than {L} "
+            f"(lens {self.lens})"
+          )
+        if L in r.pretrain_short_at:
+          raise ValueError(
+            f"Study.recipes[{task!r}]: L={L} has both pretrain_from and "
+            "pretrain_short_at; give one"
+          )
 
   def recipe(self, task: str) -> TaskRecipe:
     return self.recipes.get(task, TaskRecipe())
@@ -176,18 +195,24 @@ CPU = Study(
     # 400 steps at L alone leave the dense model at chance on passkey (0.02
     # exact at L=512 after 400 + 250 steps at lr 1e-3); at L=128 and lr
     # 3e-3 it is learned in 300-450 steps (docs/experiments.md).
-    "passkey": TaskRecipe(pretrain_short=(128, 600, 3e-3)),
+    # At L=1024 the model starts from its L=512 dense model (MQAR at L=1024
+    # was not learned from scratch; passkey at L=512 not without L=128).
+    "passkey": TaskRecipe(
+      pretrain_short=(128, 600, 3e-3), pretrain_from={1024: 512}
+    ),
     # Two layers do not learn vartrack even without hops (0.00 exact at
     # L=256 after 600 steps); four start to learn two hops. 1500 steps at
     # L=128 reach 0.34 exact there and do not carry over to L=512 (0.03),
     # nor do 400 more at L=512 and lr 1e-3 learn it there (0.22); its
     # recipe trains twice as long at L=128 and five times as long at L=512,
-    # at a higher lr (a candidate that its seed 0 tests,
-    # docs/experiments.md).
+    # at a higher lr (seed 0's model: 0.38 exact at L=512,
+    # docs/experiments.md). At L=1024 it starts from that model: 1000 steps
+    # at L=1024, at lr 1e-3 (a trained model, not a fresh one).
     "vartrack": TaskRecipe(
       model={"num_layers": 4},
       pretrain_short=(128, 3000, 3e-3),
-      pretrain={512: (2000, 2e-3), 1024: (2000, 2e-3)},
+      pretrain_from={1024: 512},
+      pretrain={512: (2000, 2e-3), 1024: (1000, 1e-3)},
     ),
     # 400 steps at L=1024 (batch 16) leave MQAR unlearned (loss 1.57, 0.00
     # exact), and 700 as well (loss 0.90, 0.02 exact); at L=512, 400 steps
@@ -296,7 +321,9 @@ class Model:
       lr=lr,
       adapt_lr=st.adapt_lr,
       lr_warmup_steps=st.lr_warmup_steps,
-      pretrain_short=r.pretrain_short_at.get(L, r.pretrain_short),
+      pretrain_short=None
+      if L in r.pretrain_from
+      else r.pretrain_short_at.get(L, r.pretrain_short),
       task_options={self.task: r.options},
     )
 
@@ -318,9 +345,14 @@ class Model:
       params=params,
       task_options=pr.options(self.task),
     )
-    if self.protocol == "scratch":  # no dense model: neither applies
+    base = st.recipe(self.task).pretrain_from.get(self.seq_len)
+    if self.protocol == "scratch":  # no dense model: none of these applies
       d.pop("adapt_lr")
       d.pop("pretrain_short", None)
+    elif base is not None:  # the settings of the model it starts from
+      d["pretrain_from"] = json.loads(
+        pretrain_key(st, self.task, base, self.seed)
+      )
     if STUDY_VERSION > 1:
       d["version"] = STUDY_VERSION
     return json.dumps(d, sort_keys=True)
@@ -505,9 +537,17 @@ def load_or_pretrain(st, out_dir, task, L, seed, log):
     # A kill after the model was saved can leave its checkpoints behind.
     shutil.rmtree(partial, ignore_errors=True)
     return main, pre_time
+  init, base_time = None, 0.0
+  base = st.recipe(task).pretrain_from.get(L)
+  if base is not None:
+    init, base_time = load_or_pretrain(st, out_dir, task, base, seed, log)
+    log(f"  [{task} L={L} seed {seed}] starts from the L={base} dense model")
   # A long pretraining (vartrack, L=1024) saves its state as it goes: a
   # killed study resumes it where it was.
-  state, pre_time = R.pretrain_dense(pr, task, seed, log, checkpoint=partial)
+  state, pre_time = R.pretrain_dense(
+    pr, task, seed, log, checkpoint=partial, init=init
+  )
+  pre_time += base_time
   main = state["params"]["main"]
   save_tree(path, main, pretrain_time_s=pre_time, key=np.array(key))
   shutil.rmtree(partial, ignore_errors=True)
@@ -592,6 +632,26 @@ def score_dense(st, out_dir, log) -> list[dict]:
 # running
 
 
+def pretrain_steps_left(st, out_dir, task, L, seed) -> float:
+  """The dense pretraining steps (task, L, seed) still needs, in steps at L
+  as Progress counts them (a step at length l costs about (l / L)^1.5 of
+  one): 0 once its model is saved, the model it starts from included."""
+  if os.path.exists(pretrained_path(st, out_dir, task, L, seed)):
+    return 0.0
+  pr = dense_config(st, task, L, seed)[0]
+  steps = float(pr.pretrain_steps)
+  phases = []
+  if pr.pretrain_short is not None:
+    phases.append(pr.pretrain_short[:2])
+  base = st.recipe(task).pretrain_from.get(L)
+  if base is not None:
+    b = pretrain_steps_left(st, out_dir, task, base, seed)
+    phases.append((base, b))
+  for length, n in phases:
+    steps += n * (length / L) ** 1.5
+  return steps
+
+
 class Progress:
   """ETA from the seconds per training step of the models trained so far at
   the same length (length^1.5 scaled from the nearest length done).
@@ -650,14 +710,7 @@ def run_study(st, out_dir, todo, log) -> None:
     cell = (m.task, m.seq_len, m.seed)
     if m.protocol == "convert" and cell not in pending:
       pending.add(cell)
-      if not os.path.exists(pretrained_path(st, out_dir, *cell)):
-        pr = m.preset(st)
-        steps += pr.pretrain_steps
-        if pr.pretrain_short is not None:
-          # Steps at L as Progress counts them: a step at length l costs
-          # about (l / L)^1.5 of one (its scaling between lengths).
-          short_len, short_steps, _ = pr.pretrain_short
-          steps += round(short_steps * (short_len / m.seq_len) ** 1.5)
+      steps += round(pretrain_steps_left(st, out_dir, *cell))
     items.append((m.seq_len, steps))
   prog = Progress(items)
   dense: dict[tuple, tuple] = {}

@@ -493,6 +493,46 @@ def test_retrieval_study_smoke_and_resume(tmp_path):
   assert "scoring the dense model" not in merged
 
 
+def test_retrieval_study_pretrains_from_a_shorter_length(tmp_path):
+  """pretrain_from: the dense model at L starts from the one at a shorter
+  length (trained first when missing); its time includes that one's, and
+  the ETA counts both pretrainings."""
+  mod = _module("retrieval_study")
+  mq = dataclasses.replace(
+    mod.SMOKE.recipes["mqar"], pretrain_short_at={}, pretrain_from={32: 16}
+  )
+  st = dataclasses.replace(
+    mod.SMOKE,
+    lens=(16, 32),
+    dsa_top_k={16: (2,), 32: (4,)},
+    pretrain_steps={16: 2, 32: 2},
+    batch_size={16: 2, 32: 2},
+    recipes={"mqar": mq},
+  )
+  out = str(tmp_path)
+  left = mod.pretrain_steps_left(st, out, "mqar", 32, 0)
+  own = mod.pretrain_steps_left(st, out, "mqar", 16, 0)
+  assert left == pytest.approx(3 + own * (16 / 32) ** 1.5)
+  said = []
+  todo = mod.models(st, ("main",), lens=(32,), seeds=(0,), kinds=("dense",))
+  mod.run_study(st, out, todo, said.append)
+  log = "\n".join(said)
+  assert "[mqar L=32 seed 0] starts from the L=16 dense model" in log, log
+  assert "from the given dense model" in log, log
+  assert mod.pretrain_steps_left(st, out, "mqar", 32, 0) == 0.0
+  short = mod.tree_meta(mod.pretrained_path(st, out, "mqar", 16, 0))
+  full = mod.tree_meta(mod.pretrained_path(st, out, "mqar", 32, 0))
+  assert float(full["pretrain_time_s"]) > float(short["pretrain_time_s"])
+  key = json.loads(full["key"].item())
+  assert key["pretrain_from"]["seq_len"] == 16 and "pretrain_short" not in key
+  # A base that is not a shorter length of the study is refused.
+  for bad in ({32: 32}, {32: 8}):
+    with pytest.raises(ValueError, match="pretrain_from"):
+      dataclasses.replace(
+        st, recipes={"mqar": dataclasses.replace(mq, pretrain_from=bad)}
+      )
+
+
 def test_retrieval_study_refuses_unlearned_dense_models(tmp_path):
   """A dense model below Study.min_dense_exact is scored, reported and not
   converted; the scratch protocol, which needs none, still trains."""
@@ -568,10 +608,16 @@ def test_retrieval_study_grid():
       pre or (st.pretrain_steps[m.seq_len], st.lr)
     ), m
     short = r.pretrain_short_at.get(m.seq_len, r.pretrain_short)
-    if m.protocol == "convert":
+    base = r.pretrain_from.get(m.seq_len)
+    if m.protocol == "convert" and base is not None:
+      assert "pretrain_short" not in key, m
+      assert key["pretrain_from"] == json.loads(
+        mod.pretrain_key(st, m.task, base, m.seed)
+      )
+    elif m.protocol == "convert":
       assert key.get("pretrain_short") == (short and list(short)), m
     else:
-      assert "pretrain_short" not in key, m
+      assert "pretrain_short" not in key and "pretrain_from" not in key, m
   # MQAR's first phase at L=512 applies at L=1024 only.
   mq = {m.seq_len: json.loads(m.key(st)) for m in todo if m.task == "mqar"}
   assert "pretrain_short" not in mq[512]
