@@ -69,6 +69,7 @@ BAD = [
   ("dense", dict(query_chunk=2.0), r"query_chunk must be a positive int"),
   ("dense_kl", dict(query_chunk=0), r"query_chunk must be >= 1, got 0"),
   ("dense_kl", dict(query_chunk=True), r"query_chunk must be a positive int"),
+  ("topk", dict(query_chunk=0), r"query_chunk must be >= 1, got 0"),
   (
     "gathered",
     dict(indices=jnp.zeros((B, T + 1, 3), jnp.int32)),
@@ -142,7 +143,7 @@ def call(name, over):
     return sa.indexer_scores(base["q_idx"], base["k_idx"], base["weights"])
   if name == "topk":
     return sa.lightning_topk(
-      base["q_idx"], base["k_idx"], base["weights"], over.get("k", 3)
+      base["q_idx"], base["k_idx"], base["weights"], over.get("k", 3), **chunk
     )
   if name == "select":
     return sa.select_topk(

@@ -254,6 +254,7 @@ def lightning_topk(
   num_keys = ks[1]
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _TOPK_BUDGET)
+  chunking.check_chunk(query_chunk)  # the pairing below divides by it
   causal_self = (
     num_q == num_keys
     and masking.static_q_offset(q_offset, num_q, num_keys) == 0
