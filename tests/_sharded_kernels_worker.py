@@ -13,6 +13,10 @@ The batch differs per layout so that the meshes cover every kind of split
 over an axis it only takes as a fallback, and replication (the gradient trap:
 shard_map's transpose with replicated operands).
 
+The XLA paths that pair query chunks in causal self-attention (dense
+attention, the dense KL, the top-k; `chunking.map_causal_pairs`) must give
+under each mesh what they give with no mesh, values and gradients.
+
 Prints one line per mesh and "OK sharded pallas == xla" at the end.
 """
 
@@ -143,6 +147,43 @@ def run_all(x, impl):
   return f
 
 
+def causal_pairs(x):
+  """The XLA paths that pair query chunks (T == S, q_offset None, T past
+  one chunk of 4 queries): dense attention, the dense KL and the top-k,
+  values and gradients."""
+  chunk = 4
+
+  def attention_loss(q, k, v):
+    out = sa.dense_attention(q, k, v, kv_lengths=x["kv"], query_chunk=chunk)
+    return jnp.sum(out * x["cot"]), out
+
+  def kl(qi, ki, w, q, k):
+    return sa.dense_indexer_kl(
+      q, k, qi, ki, w, kv_lengths=x["kv"], query_chunk=chunk
+    )
+
+  def f(q, k, v, qi, ki, w):
+    grads, out = jax.grad(attention_loss, (0, 1, 2), has_aux=True)(q, k, v)
+    loss, kl_grads = jax.value_and_grad(kl, (0, 1, 2))(qi, ki, w, q, k)
+    sel = sa.lightning_topk(
+      x["qi_t"], x["ki_t"], x["w_t"], K, kv_lengths=x["kv"], query_chunk=chunk
+    )
+    return dict(out=out, grads=grads, kl=loss, kl_grads=kl_grads, sel_ties=sel)
+
+  return f
+
+
+def check_pairs(name, got, want):
+  np.testing.assert_array_equal(
+    np.asarray(got["sel_ties"]), np.asarray(want["sel_ties"]), err_msg=name
+  )
+  for n in ("out", "grads", "kl", "kl_grads"):
+    for a, b in zip(jax.tree.leaves(got[n]), jax.tree.leaves(want[n])):
+      np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name} pairs {n}"
+      )
+
+
 def check(name, got, want):
   np.testing.assert_array_equal(
     np.sort(np.asarray(got["sel"]), -1),
@@ -176,6 +217,15 @@ def main():
   }
   want = {
     n: jax.jit(run_all(x, "xla"))(x["q"], x["k"], x["v"])
+    for n, x in inputs.items()
+  }
+  pair_args = lambda x, put_heads, put_batch: (
+    *(put_heads(x[a]) for a in "qkv"),
+    *(put_batch(x[a]) for a in ("qi", "ki", "w")),
+  )
+  same = lambda a: a
+  want_pairs = {
+    n: jax.jit(causal_pairs(x))(*pair_args(x, same, same))
     for n, x in inputs.items()
   }
   for mesh_shape in MESHES:
@@ -229,8 +279,12 @@ def main():
           for n, x in inputs.items()
         }
       )
+      pairs = jax.jit(
+        lambda xs: {n: causal_pairs(x)(*xs[n]) for n, x in inputs.items()}
+      )({n: pair_args(x, place, by_batch) for n, x in inputs.items()})
     for n in LAYOUTS:
       check(f"mesh {mesh_shape} {n}", got[n], want[n])
+      check_pairs(f"mesh {mesh_shape} {n}", pairs[n], want_pairs[n])
       np.testing.assert_array_equal(
         np.asarray(ties[n]),
         np.asarray(want[n]["sel_ties"]),

@@ -9,6 +9,7 @@ no key returns zeros (never NaN) with zero gradients.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, overload
 
 import jax
@@ -119,11 +120,15 @@ def dense_attention(
   With q_offset known when tracing (None or an integer, as in training)
   and all T x S logits within the memory budget, the queries are split
   into `chunking.causal_segments`, each over only the keys it can see,
-  which skips most masked logits. With a traced or per-row offset
-  (decoding, prefill into a cache) or past the budget, every query block
-  scans all S keys.
-  Both give the same result up to rounding (bf16 k/v gradients are summed
-  over the segments).
+  which skips most masked logits. Past the budget in causal
+  self-attention (T == S, offset 0), each step takes two chunks of
+  query_chunk/2 queries, c and n-1-c, over the n+1 key blocks they see
+  (`chunking.map_causal_pairs`): one dense block per key block, merged
+  per chunk by `merge_partials`. With a traced or per-row offset
+  (decoding, prefill into a cache), or another offset past the budget,
+  every query block scans all S keys.
+  All give the same result up to rounding (bf16 k/v gradients are summed
+  over the segments or blocks).
   """
   qs, ks, vs = check_qkv(q, k, v, q_offset, kv_lengths)
   batch, num_q, num_heads, head_dim = qs
@@ -133,12 +138,57 @@ def dense_attention(
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, ATTN_BUDGET)
 
+  if chunking.use_causal_pairs(q_offset, num_q, num_keys, query_chunk):
+
+    def pair_attention(pair, queries, keys):
+      (qb,), (kb, vb) = queries, keys
+      # Each slot is one dense block over its C keys; the owners' softmax
+      # over all their slots is the merge of the slots' partial results.
+      slot = functools.partial(dense_block, scale=scale, out_dtype=jnp.float32)
+      valid = pair.visible(batch, kv_lengths)[:, :, :, None, None]
+      out, lse = jax.vmap(slot, in_axes=(1, 1, 1, 2), out_axes=1)(
+        qb, kb, vb, valid
+      )
+      return merge_partials(out, lse, pair.owners())[0].astype(q.dtype)
+
+    return chunking.map_causal_pairs(
+      pair_attention, max(1, query_chunk // 2), (q,), (k, v)
+    )
+
   def block(start, seen, qb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
     valid = masking.visible(q_pos, seen, kv_lengths)[:, :, None, None, :]
     return dense_block(qb, k[:, :seen], v[:, :seen], valid, scale)[0]
 
   return chunking.map_causal_segments(block, query_chunk, q_offset, num_keys, q)
+
+
+def merge_partials(
+  out: jax.Array, lse: jax.Array, owners: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Merges softmax attention over disjoint key sets into one per group.
+
+  out f32[B, J, ..., Dv] and lse f32[B, J, ...] are J partial results, each
+  normalised over its own keys (lse -inf, out 0 where it has none);
+  owners [J, O] is the one-hot group of each. Returns (out f32[B, O, ...,
+  Dv], lse f32[B, O, ...]): attention over the union of each group's keys,
+  zero and -inf for a row whose group has no key, with no NaN in the
+  gradient.
+  """
+  member = owners.T.astype(bool).reshape(
+    1, *owners.T.shape, *(1,) * (lse.ndim - 2)
+  )
+  top = jnp.max(jnp.where(member, lse[:, None], -jnp.inf), axis=2)
+  # The shift cancels in the merge; it only keeps the exponentials finite.
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  finite = jnp.isfinite(lse)
+  shift = jnp.einsum("bo...,jo->bj...", top, owners)
+  weight = jnp.where(finite, jnp.exp(jnp.where(finite, lse, 0.0) - shift), 0.0)
+  total = jnp.einsum("bj...,jo->bo...", weight, owners)
+  merged = jnp.einsum("bj...v,bj...,jo->bo...v", out, weight, owners)
+  safe = jnp.where(total > 0, total, 1.0)
+  lse_out = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)
+  return merged / safe[..., None], lse_out
 
 
 def dense_block(
@@ -148,13 +198,15 @@ def dense_block(
   valid: jax.Array,
   scale: float,
   bias: jax.Array | None = None,
+  out_dtype: Any = None,
 ):
   """Softmax attention of a query block over all S keys under a mask.
 
   The one dense body shared by dense_attention, the counted gathered form
   and the pattern kinds. qb [B, C, H, D], k [B, S, G, D], v [B, S, G, Dv];
   valid bool broadcastable to [B, C, G, H/G, S]; bias (same broadcast) is
-  added to the logits. Returns (out [B, C, H, Dv] in q's dtype,
+  added to the logits. Returns (out [B, C, H, Dv] in `out_dtype`, default
+  q's dtype,
   lse f32[B, C, H], -inf for rows with no valid key).
   """
   num_kv = k.shape[2]
@@ -174,7 +226,7 @@ def dense_block(
   out = jnp.einsum(
     "btgrs,bsgv->btgrv", probs.astype(v.dtype), v, preferred_element_type=acc
   )
-  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(qb.dtype)
+  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(out_dtype or qb.dtype)
   return out, lse.reshape(qb.shape[:3])
 
 

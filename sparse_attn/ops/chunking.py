@@ -9,11 +9,17 @@ only the block inputs, not the [chunk, S] intermediates of every block.
 when tracing and one block would hold every query, it splits the queries
 into `causal_segments` that each see only a prefix of the keys, so the
 masked upper triangle is mostly never computed.
+
+`map_causal_pairs` does the same past one block in causal self-attention
+(T == S, offset 0): query chunk c sees key blocks 0..c, so chunk c and
+chunk n-1-c together see n+1 key blocks, a static shape, and each step of
+the map computes one such pair, about half of the T x S pairs in all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -144,3 +150,137 @@ def map_causal_segments(
   if len(outs) == 1:
     return outs[0]
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
+
+
+def use_causal_pairs(
+  q_offset: Any, num_q: int, num_keys: int, chunk: int
+) -> bool:
+  """Whether `map_causal_pairs` applies: causal self-attention (T == S, the
+  offset 0 known when tracing) with T past one step of `chunk` queries."""
+  check_chunk(chunk)
+  return (
+    num_q == num_keys
+    and static_q_offset(q_offset, num_q, num_keys) == 0
+    and chunk < num_q
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalPair:
+  """One step of `map_causal_pairs`: query chunks c and n-1-c as J = n+1 slots.
+
+  Slot j holds query block `query_block[j]` against key block
+  `key_block[j]`, C queries and C keys. The slots with first[j] belong to
+  chunk c (key blocks 0..c), the others to chunk n-1-c (key blocks
+  0..n-1-c): together every key block either chunk can see, once. An op
+  either lays per-slot values [B, C, ..., J, C] (the slot's queries on
+  axis 1, its keys last) out as one row per (owner, query) with `rows`
+  and reduces each row as it would a row of S keys (the top-k, the KL),
+  or reduces each slot and merges the slots per owner with `owners`
+  (dense attention's partial softmax results). It returns per-owner
+  results [B, 2, C, ...].
+  """
+
+  first: jax.Array  # bool[J]: the slot belongs to chunk c (owner 0)
+  query_block: jax.Array  # int32[J]
+  key_block: jax.Array  # int32[J]
+  chunk: int  # C
+  num_keys: int  # S: the padded keys at S and past it are never visible
+
+  @property
+  def q_pos(self) -> jax.Array:
+    """int32[J, C]: positions of each slot's queries."""
+    return self.query_block[:, None] * self.chunk + jnp.arange(self.chunk)
+
+  @property
+  def k_pos(self) -> jax.Array:
+    """int32[J, C]: positions of each slot's keys."""
+    return self.key_block[:, None] * self.chunk + jnp.arange(self.chunk)
+
+  def visible(self, batch: int, kv_lengths: Any = None) -> jax.Array:
+    """bool[B, C, J, C]: key s of slot j visible to the slot's query t."""
+    k_pos = self.k_pos[None]  # [1, J, Cs]
+    mask = k_pos <= self.q_pos.T[:, :, None]  # [Ct, J, Cs]
+    limit = jnp.full((batch,), self.num_keys, jnp.int32)
+    if kv_lengths is not None:
+      limit = jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), limit)
+    return mask[None] & (k_pos[None] < limit[:, None, None, None])
+
+  def rows(self, x: jax.Array, fill: Any) -> jax.Array:
+    """[B, C, ..., J, Cs] per-slot values -> [B, 2, C, ..., J*Cs]: row o of
+    a query holds its owner's slots and `fill` in the other owner's."""
+    first = self.first[:, None]
+    out = jnp.stack(
+      [jnp.where(first, x, fill), jnp.where(first, fill, x)], axis=1
+    )
+    return out.reshape(*out.shape[:-2], -1)
+
+  def owners(self, dtype: Any = jnp.float32) -> jax.Array:
+    """[J, 2] one-hot owner of each slot (for einsums over the slots)."""
+    return jnp.stack([self.first, ~self.first], axis=-1).astype(dtype)
+
+  def key_index(self, cols: jax.Array) -> jax.Array:
+    """Row columns (j * C + s, or -1) -> absolute key positions (or -1)."""
+    keys = jnp.take(self.key_block, cols // self.chunk) * self.chunk
+    return jnp.where(cols >= 0, keys + cols % self.chunk, -1)
+
+
+def map_causal_pairs(
+  fn: Callable[..., Any],
+  chunk: int,
+  queries: Sequence[jnp.ndarray | None],
+  keys: Sequence[jnp.ndarray | None],
+) -> Any:
+  """Applies fn(pair, q_slots, k_slots) to the query chunk pairs of a
+  causal self-attention (T == S, offset 0; see `use_causal_pairs`).
+
+  `queries` carry T on axis 1 and `keys` S on axis 1 (None passes
+  through). The T queries go in n chunks of `chunk` (n even, padded); step
+  c of a `lax.map` pairs chunks c and n-1-c: fn gets the `CausalPair` and
+  the arrays' blocks per slot, [B, J, C, ...] (queries by
+  `pair.query_block`, keys by `pair.key_block`), and returns a pytree of
+  per-owner results [B, 2, C, ...], stitched back to [B, T, ...]. Each step
+  sees (n+1) C^2 pairs, so the map computes (n+1)/(2n) of T x S; it is
+  rematerialised under autodiff like `map_query_chunks`.
+  """
+  check_chunk(chunk)
+  present = [a for a in queries if a is not None]
+  batch, num_q = present[0].shape[:2]
+  n = -(-num_q // chunk)
+  n += n % 2
+  padded = n * chunk
+
+  def blocks(a):
+    if a is None:
+      return None
+    a = jnp.pad(a, [(0, 0), (0, padded - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    return a.reshape(a.shape[0], n, chunk, *a.shape[2:])
+
+  q_blocks = [blocks(a) for a in queries]
+  k_blocks = [blocks(a) for a in keys]
+  slots = jnp.arange(n + 1, dtype=jnp.int32)
+
+  def take(arrays, index):
+    return [None if a is None else jnp.take(a, index, axis=1) for a in arrays]
+
+  def step(c):
+    first = slots <= c
+    pair = CausalPair(
+      first=first,
+      query_block=jnp.where(first, c, n - 1 - c),
+      key_block=jnp.where(first, slots, slots - c - 1),
+      chunk=chunk,
+      num_keys=num_q,
+    )
+    return fn(
+      pair, take(q_blocks, pair.query_block), take(k_blocks, pair.key_block)
+    )
+
+  out = jax.lax.map(jax.checkpoint(step), jnp.arange(n // 2, dtype=jnp.int32))
+
+  def stitch(o):  # [n/2, B, 2, C, ...]: chunk c, then chunk n-1-c
+    chunks = jnp.concatenate([o[:, :, 0], o[::-1, :, 1]], axis=0)
+    chunks = jnp.moveaxis(chunks, 0, 1)  # [B, n, C, ...]
+    return chunks.reshape(batch, padded, *chunks.shape[3:])[:, :num_q]
+
+  return jax.tree.map(stitch, out)

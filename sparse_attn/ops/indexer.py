@@ -70,6 +70,14 @@ def masked_scores(q_idx, k_idx, weights, q_pos, kv_lengths):
   return jnp.where(mask, scores, -jnp.inf)
 
 
+def pair_scores(pair, q_idx, weights, k_idx, kv_lengths):
+  """f32[B, C, J, C] index scores of a `chunking.CausalPair`'s slots, -inf
+  where not visible: q_idx [B, J, C, HI, DI], weights [B, J, C, HI] and
+  k_idx [B, J, C, DI] per slot."""
+  scores = jax.vmap(relu_scores, in_axes=1, out_axes=2)(q_idx, k_idx, weights)
+  return jnp.where(pair.visible(q_idx.shape[0], kv_lengths), scores, -jnp.inf)
+
+
 def indexer_scores(
   q_idx: jax.Array,
   k_idx: jax.Array,
@@ -217,9 +225,9 @@ def lightning_topk(
   where the causal mask is known when tracing: with one chunk, the queries
   go in causal segments over the key prefix each can see
   (`chunking.map_causal_segments`); past one chunk in causal
-  self-attention (T == S, q_offset None or 0), query chunk c is paired
-  with chunk n-1-c so that every step scores the same number of visible
-  key blocks (n+1), halving the work. The Pallas path fuses scoring and
+  self-attention (T == S, q_offset None or 0), each step takes two chunks
+  of query_chunk/2 queries, c and n-1-c, which together see n+1 key blocks
+  (`chunking.map_causal_pairs`), halving the work. The Pallas path fuses scoring and
   selection in one kernel, tiled by `block_sizes`
   (`kernels_pallas.topk.BlockSizes` or a dict of its fields; None fields, or
   None, take the platform defaults; ignored by "xla").
@@ -254,14 +262,17 @@ def lightning_topk(
   num_keys = ks[1]
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _TOPK_BUDGET)
-  chunking.check_chunk(query_chunk)  # the pairing below divides by it
-  causal_self = (
-    num_q == num_keys
-    and masking.static_q_offset(q_offset, num_q, num_keys) == 0
-  )
-  if causal_self and query_chunk < num_q:
-    return _causal_self_topk(
-      q_idx, k_idx, weights, k, kv_lengths, _pow2_floor(query_chunk)
+  if chunking.use_causal_pairs(q_offset, num_q, num_keys, query_chunk):
+
+    def pair_topk(pair, queries, keys):
+      (qb, wb), (kb,) = queries, keys
+      scores = pair_scores(pair, qb, wb, kb, kv_lengths)
+      return pair.key_index(two_stage_topk(pair.rows(scores, -jnp.inf), k))
+
+    # A row's columns increase with the key's position (its owner's key
+    # blocks in order), so the tie rule on columns is the rule on keys.
+    return chunking.map_causal_pairs(
+      pair_topk, max(1, query_chunk // 2), (q_idx, weights), (k_idx,)
     )
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
 
@@ -275,60 +286,3 @@ def lightning_topk(
   return chunking.map_causal_segments(
     block, query_chunk, q_offset, num_keys, q_idx, weights
   )
-
-
-def _causal_self_topk(q_idx, k_idx, weights, k, kv_lengths, chunk):
-  """Causal (T == S) lightning top-k that scores only visible key blocks.
-
-  With n query chunks of size C, chunk c sees key blocks 0..c. Pairing
-  chunk c with chunk n-1-c gives (c+1) + (n-c) = n+1 key blocks per pair,
-  a static shape, so `lax.map` over n/2 pairs scores ~T*S/2 pairs instead
-  of T*S. Each pair lays its n+1 blocks side by side ([C, (n+1)*C] per
-  query slot); ownership masks split them back into the two chunks' rows.
-  """
-  batch, num_q, num_heads, dim = q_idx.shape
-  n = -(-num_q // chunk)
-  n += n % 2
-  padded = n * chunk
-  pad = lambda a: jnp.pad(
-    a, [(0, 0), (0, padded - num_q)] + [(0, 0)] * (a.ndim - 2)
-  )
-  q_blocks = pad(q_idx).reshape(batch, n, chunk, num_heads, dim)
-  w_blocks = pad(weights).reshape(batch, n, chunk, num_heads)
-  k_blocks = pad(k_idx).reshape(batch, n, chunk, dim)
-  limit = jnp.full((batch,), num_q, jnp.int32)
-  if kv_lengths is not None:
-    limit = jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), limit)
-  slots = jnp.arange(n + 1, dtype=jnp.int32)
-  local = jnp.arange(chunk, dtype=jnp.int32)
-  acc = checks.acc_dtype(q_idx, k_idx, weights)
-
-  def pair(c):
-    first = slots <= c  # slot belongs to chunk c
-    key_block = jnp.where(first, slots, slots - c - 1)
-    query_block = jnp.where(first, c, n - 1 - c)
-    kb = jnp.take(k_blocks, key_block, axis=1)  # [B, n+1, C, DI]
-    qb = jnp.take(q_blocks, query_block, axis=1)  # [B, n+1, C, HI, DI]
-    wb = jnp.take(w_blocks, query_block, axis=1).astype(acc)
-    dots = jnp.einsum("bjqhd,bjsd->bjqhs", qb, kb, preferred_element_type=acc)
-    scores = jnp.einsum("bjqhs,bjqh->bqjs", jax.nn.relu(dots), wb)
-    key_pos = key_block[:, None] * chunk + local  # [n+1, C]
-    q_pos = query_block[None, :] * chunk + local[:, None]  # [C, n+1]
-    visible = (key_pos[None] <= q_pos[:, :, None]) & (
-      key_pos[None, None] < limit[:, None, None, None]
-    )
-    scores = jnp.where(visible, scores, -jnp.inf)  # [B, C, n+1, C]
-    rows = jnp.stack(
-      [
-        jnp.where(first[:, None], scores, -jnp.inf),
-        jnp.where(first[:, None], -jnp.inf, scores),
-      ],
-      axis=1,
-    )
-    cols = two_stage_topk(rows.reshape(batch, 2, chunk, (n + 1) * chunk), k)
-    keys = jnp.take(key_block, cols // chunk) * chunk + cols % chunk
-    return jnp.where(cols >= 0, keys, -1)  # [B, 2, C, K]
-
-  out = jax.lax.map(pair, jnp.arange(n // 2, dtype=jnp.int32))
-  chunks = jnp.concatenate([out[:, :, 0], out[::-1, :, 1]], axis=0)
-  return jnp.moveaxis(chunks, 0, 1).reshape(batch, padded, k)[:, :num_q]

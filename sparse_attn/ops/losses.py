@@ -36,6 +36,7 @@ from sparse_attn.ops.attention import (
 from sparse_attn.ops.indexer import (
   check_indexer_inputs,
   masked_scores,
+  pair_scores,
   relu_scores,
 )
 
@@ -63,10 +64,34 @@ def _log_softmax_masked(logits, valid):
 
 
 def _head_summed_target(probs: jax.Array) -> jax.Array:
-  """probs [B, C, G, R, N] per-head distributions -> p [B, C, N], L1-normalised."""
-  summed = jnp.sum(probs, axis=(2, 3))
+  """probs [..., G, R, N] per-head distributions -> p [..., N], L1-normalised."""
+  summed = jnp.sum(probs, axis=(-3, -2))
   total = jnp.sum(summed, axis=-1, keepdims=True)
   return summed / jnp.where(total > 0, total, 1.0)
+
+
+def _pair_probs(pair, qb, kb, kv_lengths, scale):
+  """Per-head attention of a `chunking.CausalPair`'s rows over visible keys.
+
+  qb [B, J, C, H, D] and kb [B, J, C, G, D] per slot. Returns (probs
+  f32[B, 2, C, G, H/G, J*C], zero outside the row's owner and where not
+  visible; valid bool[B, 2, C, J*C]): what `masked_softmax` gives for rows
+  of S keys, in the rows `_kl_rows` reduces.
+  """
+  logits = (
+    jnp.einsum(
+      "bjtgrd,bjsgd->btgrjs",
+      qb.reshape(*qb.shape[:3], kb.shape[3], -1, qb.shape[4]),
+      kb,
+      preferred_element_type=checks.acc_dtype(qb),
+    )
+    * scale
+  )
+  valid = pair.rows(pair.visible(qb.shape[0], kv_lengths), False)
+  probs, _ = masked_softmax(
+    pair.rows(logits, 0.0), valid[:, :, :, None, None, :]
+  )
+  return probs, valid
 
 
 def _masked_mean(values, mask):
@@ -97,9 +122,11 @@ def dense_indexer_kl(
   k_idx [B, S, DI], weights [B, T, HI]. Returns a scalar f32. Memory is
   O(chunk * S * (H + HI)) with queries processed in chunks; with q_offset
   known when tracing and T x S within the budget, the queries go in
-  causal segments that skip most masked pairs, as in `dense_attention`
-  (the same value up to rounding: bf16 k_idx gradients are summed over
-  the segments).
+  causal segments that skip most masked pairs, and past the budget in
+  causal self-attention (T == S, offset 0) query chunks c and n-1-c go
+  in pairs over the key blocks they see, as in `dense_attention` (the
+  same value up to rounding: bf16 k_idx gradients are summed over the
+  segments or blocks).
   """
   qs, ks, _ = check_qkv(q, k, k, q_offset, kv_lengths)
   iq, ik = check_indexer_inputs(q_idx, k_idx, weights, q_offset, kv_lengths)
@@ -113,6 +140,22 @@ def dense_indexer_kl(
     query_chunk = chunking.auto_chunk(
       num_q, num_keys * (num_heads + iq[2]), _KL_BUDGET
     )
+
+  if chunking.use_causal_pairs(q_offset, num_q, num_keys, query_chunk):
+
+    def pair_kl(pair, queries, keys):
+      (qb, qib, wb), (kb, kib) = queries, keys
+      probs, valid = _pair_probs(pair, qb, kb, kv_lengths, scale)
+      index_logits = pair.rows(
+        pair_scores(pair, qib, wb, kib, kv_lengths), -jnp.inf
+      )
+      kl = _kl_rows(_head_summed_target(probs), index_logits, valid)
+      return kl, jnp.any(valid, axis=-1)
+
+    kl, has_keys = chunking.map_causal_pairs(
+      pair_kl, max(1, query_chunk // 2), (q, q_idx, weights), (k, k_idx)
+    )
+    return _masked_mean(kl, has_keys)
 
   def block(start, seen, qb, qib, wb):
     q_pos = offset[:, None] + start + jnp.arange(qb.shape[1], dtype=jnp.int32)
