@@ -617,14 +617,16 @@ def score_dense(st, out_dir, log) -> list[dict]:
     }
   )
   out = []
+  scores = read_scores(out_dir)
   for cell in cells:
     if not os.path.exists(pretrained_path(st, out_dir, *cell)):
       continue
     key = pretrain_key(st, *cell)
-    if key not in read_scores(out_dir):
+    if key not in scores:
       log(f"  scoring the dense model of {cell}")
       dense_score(st, out_dir, *cell)
-    out.append(read_scores(out_dir)[key])
+      scores = read_scores(out_dir)
+    out.append(scores[key])
   return out
 
 
@@ -728,11 +730,7 @@ def run_study(st, out_dir, todo, log) -> None:
     pre_main, pre_time = None, 0.0
     if m.protocol == "convert":
       dk = (m.task, m.seq_len, m.seed)
-      if dk in refused:
-        log(f"  refused: the dense model of {dk} has not learned the task")
-        prog.skip(i)
-        continue
-      if dk not in dense:
+      if dk not in dense and dk not in refused:
         dense.clear()  # one dense model in memory at a time
         main, pre_time = load_or_pretrain(st, out_dir, *dk, log)
         exact = dense_score(st, out_dir, *dk, main)
@@ -743,10 +741,12 @@ def run_study(st, out_dir, todo, log) -> None:
         )
         if exact < st.min_dense_exact:
           refused[dk] = exact
-          log(f"  refused: the dense model of {dk} has not learned the task")
-          prog.skip(i)
-          continue
-        dense[dk] = main, pre_time
+        else:
+          dense[dk] = main, pre_time
+      if dk in refused:
+        log(f"  refused: the dense model of {dk} has not learned the task")
+        prog.skip(i)
+        continue
       pre_main, pre_time = dense[dk]
     rows = R.train_and_evaluate(
       m.preset(st),
