@@ -114,13 +114,37 @@ def test_dense_attention_causal_segments_cost_and_memory():
   assert temp(static) <= 0.75 * temp(traced), (temp(static), temp(traced))
 
 
+def test_dense_attention_wide_heads_do_not_pair():
+  """Each paired step copies the query side once per slot (~S rows of
+  (H + G) * (D + Dv) elements); past the budget, as at MLA's absorbed
+  width, the static path scans all S keys like a traced offset and needs
+  no more memory for the gradient."""
+  from sparse_attn.ops import attention as A
+  from sparse_attn.ops import chunking
+
+  B, T, H, G, D = 1, 2048, 32, 1, 256
+  assert not chunking.use_causal_pairs(
+    None, T, T, 256, (H + G) * 2 * D, A.ATTN_BUDGET
+  )
+
+  def temp(off):
+    q = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.float32)
+    f = lambda q, k, v: jnp.sum(sa.dense_attention(q, k, v, q_offset=off) ** 2)
+    c = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+    return c.memory_analysis().temp_size_in_bytes
+
+  static, traced = temp(None), temp(jnp.zeros((B,), jnp.int32))
+  assert static <= 1.05 * traced, (static, traced)
+
+
 @pytest.mark.parametrize(
   "T,chunk,kv_lengths",
   [
     (64, 16, None),  # 8 chunks of 8: 4 pairs
     (61, 7, [61, 0]),  # odd chunks, padded; a row with no key at all
     (45, 1, [3, 45]),  # one query per chunk; most keys padding
-    (40, 39, None),  # one pair of 19-query chunks (3 slots), padded
+    (40, 39, None),  # 4 chunks of 19 (the last two padding): 2 steps
   ],
 )
 def test_dense_attention_causal_pairs(rng, T, chunk, kv_lengths):
@@ -129,8 +153,8 @@ def test_dense_attention_causal_pairs(rng, T, chunk, kv_lengths):
   and gradients, to the path a traced offset takes (all S keys)."""
   from sparse_attn.ops import chunking
 
-  assert chunking.use_causal_pairs(None, T, T, chunk)
   B, H, G, D = 2, 4, 2, 8
+  assert chunking.use_causal_pairs(None, T, T, chunk, (H + G) * 19, 1 << 24)
   x = make_inputs(rng, B, T, T, H, G, D, 1, 1, Dv=D + 3)
   q, k, v = (jnp.asarray(x[n]) for n in "qkv")
   kvl = as_jnp_opt(kv_lengths)
@@ -150,6 +174,14 @@ def test_dense_attention_causal_pairs(rng, T, chunk, kv_lengths):
   got_bf = paired(*bf)
   assert got_bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(got_bf.astype(jnp.float32), want, atol=0.05)
+  # and the traced path's bf16 result to within about one bf16 rounding
+  # of the values summed (|v| ~ 1; the paths round probs differently)
+  np.testing.assert_allclose(
+    got_bf.astype(jnp.float32),
+    traced(*bf).astype(jnp.float32),
+    rtol=2**-7,
+    atol=2**-6,
+  )
 
 
 def test_merge_partials_is_softmax_over_the_union(rng):

@@ -124,8 +124,10 @@ def dense_attention(
   self-attention (T == S, offset 0), each step takes two chunks of
   query_chunk/2 queries, c and n-1-c, over the n+1 key blocks they see
   (`chunking.map_causal_pairs`): one dense block per key block, merged
-  per chunk by `merge_partials`. With a traced or per-row offset
-  (decoding, prefill into a cache), or another offset past the budget,
+  per chunk by `merge_partials` (when each step's per-slot copies of
+  q, k, v and the partial outputs, ~S * (H + G) * (D + Dv) elements, fit
+  the budget; not at MLA's absorbed width). Otherwise past the budget,
+  and with a traced or per-row offset (decoding, prefill into a cache),
   every query block scans all S keys.
   All give the same result up to rounding (bf16 k/v gradients are summed
   over the segments or blocks).
@@ -138,13 +140,20 @@ def dense_attention(
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, ATTN_BUDGET)
 
-  if chunking.use_causal_pairs(q_offset, num_q, num_keys, query_chunk):
+  value_dim = vs[3]
+  # Per slot row: q, k, v and the partial outputs.
+  slot_elems = (num_heads + ks[2]) * (head_dim + value_dim)
+  if chunking.use_causal_pairs(
+    q_offset, num_q, num_keys, query_chunk, slot_elems, ATTN_BUDGET
+  ):
 
     def pair_attention(pair, queries, keys):
       (qb,), (kb, vb) = queries, keys
       # Each slot is one dense block over its C keys; the owners' softmax
       # over all their slots is the merge of the slots' partial results.
-      slot = functools.partial(dense_block, scale=scale, out_dtype=jnp.float32)
+      slot = functools.partial(
+        dense_block, scale=scale, out_dtype=checks.acc_dtype(qb)
+      )
       valid = pair.visible(batch, kv_lengths)[:, :, :, None, None]
       out, lse = jax.vmap(slot, in_axes=(1, 1, 1, 2), out_axes=1)(
         qb, kb, vb, valid
@@ -152,7 +161,7 @@ def dense_attention(
       return merge_partials(out, lse, pair.owners())[0].astype(q.dtype)
 
     return chunking.map_causal_pairs(
-      pair_attention, max(1, query_chunk // 2), (q,), (k, v)
+      pair_attention, chunking.pair_chunk(query_chunk), (q,), (k, v)
     )
 
   def block(start, seen, qb):
@@ -182,10 +191,13 @@ def merge_partials(
   # The shift cancels in the merge; it only keeps the exponentials finite.
   top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
   finite = jnp.isfinite(lse)
-  shift = jnp.einsum("bo...,jo->bj...", top, owners)
+  # One-hot sums as einsums at full precision: the default on TPU (one
+  # bf16 pass) or GPU (TF32) would round the f32 softmax statistics.
+  onehot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+  shift = onehot("bo...,jo->bj...", top, owners)
   weight = jnp.where(finite, jnp.exp(jnp.where(finite, lse, 0.0) - shift), 0.0)
-  total = jnp.einsum("bj...,jo->bo...", weight, owners)
-  merged = jnp.einsum("bj...v,bj...,jo->bo...v", out, weight, owners)
+  total = onehot("bj...,jo->bo...", weight, owners)
+  merged = onehot("bj...v,jo->bo...v", out * weight[..., None], owners)
   safe = jnp.where(total > 0, total, 1.0)
   lse_out = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)
   return merged / safe[..., None], lse_out

@@ -153,16 +153,34 @@ def map_causal_segments(
 
 
 def use_causal_pairs(
-  q_offset: Any, num_q: int, num_keys: int, chunk: int
+  q_offset: Any,
+  num_q: int,
+  num_keys: int,
+  chunk: int,
+  slot_elems: int,
+  budget: int,
 ) -> bool:
   """Whether `map_causal_pairs` applies: causal self-attention (T == S, the
-  offset 0 known when tracing) with T past one step of `chunk` queries."""
+  offset 0 known when tracing) with T past one step of `chunk` queries,
+  and the step's per-slot copies within `budget` elements.
+
+  Each step holds the query side once per slot, J * C ~ S rows of
+  `slot_elems` elements each (e.g. the queries' H * D and the partial
+  outputs' H * Dv), whatever the chunk; past the budget (wide heads such
+  as MLA's absorbed H = 128, D = 576) the op scans all S keys instead.
+  """
   check_chunk(chunk)
   return (
     num_q == num_keys
     and static_q_offset(q_offset, num_q, num_keys) == 0
     and chunk < num_q
+    and num_keys * slot_elems <= budget
   )
+
+
+def pair_chunk(chunk: int) -> int:
+  """Queries per chunk of `map_causal_pairs` for `chunk` queries per step."""
+  return max(1, chunk // 2)
 
 
 @dataclasses.dataclass(frozen=True)

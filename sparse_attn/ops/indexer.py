@@ -262,7 +262,11 @@ def lightning_topk(
   num_keys = ks[1]
   if query_chunk is None:
     query_chunk = chunking.auto_chunk(num_q, num_keys * num_heads, _TOPK_BUDGET)
-  if chunking.use_causal_pairs(q_offset, num_q, num_keys, query_chunk):
+  # Per slot row: q_idx, the head weights and k_idx.
+  slot_elems = num_heads * (qs[3] + 1) + qs[3]
+  if chunking.use_causal_pairs(
+    q_offset, num_q, num_keys, query_chunk, slot_elems, _TOPK_BUDGET
+  ):
 
     def pair_topk(pair, queries, keys):
       (qb, wb), (kb,) = queries, keys
@@ -272,7 +276,7 @@ def lightning_topk(
     # A row's columns increase with the key's position (its owner's key
     # blocks in order), so the tie rule on columns is the rule on keys.
     return chunking.map_causal_pairs(
-      pair_topk, max(1, query_chunk // 2), (q_idx, weights), (k_idx,)
+      pair_topk, chunking.pair_chunk(query_chunk), (q_idx, weights), (k_idx,)
     )
   offset = masking.resolve_q_offset(q_offset, batch, num_q, num_keys)
 

@@ -141,7 +141,11 @@ def dense_indexer_kl(
       num_q, num_keys * (num_heads + iq[2]), _KL_BUDGET
     )
 
-  if chunking.use_causal_pairs(q_offset, num_q, num_keys, query_chunk):
+  # Per slot row: q, k, q_idx, the head weights and k_idx.
+  slot_elems = (num_heads + num_kv) * head_dim + iq[2] * (iq[3] + 1) + iq[3]
+  if chunking.use_causal_pairs(
+    q_offset, num_q, num_keys, query_chunk, slot_elems, _KL_BUDGET
+  ):
 
     def pair_kl(pair, queries, keys):
       (qb, qib, wb), (kb, kib) = queries, keys
@@ -153,7 +157,7 @@ def dense_indexer_kl(
       return kl, jnp.any(valid, axis=-1)
 
     kl, has_keys = chunking.map_causal_pairs(
-      pair_kl, max(1, query_chunk // 2), (q, q_idx, weights), (k, k_idx)
+      pair_kl, chunking.pair_chunk(query_chunk), (q, q_idx, weights), (k, k_idx)
     )
     return _masked_mean(kl, has_keys)
 
