@@ -238,7 +238,8 @@ def dense_block(
   out = jnp.einsum(
     "btgrs,bsgv->btgrv", probs.astype(v.dtype), v, preferred_element_type=acc
   )
-  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(out_dtype or qb.dtype)
+  out_dtype = qb.dtype if out_dtype is None else out_dtype
+  out = out.reshape(*qb.shape[:3], v.shape[3]).astype(out_dtype)
   return out, lse.reshape(qb.shape[:3])
 
 
