@@ -227,8 +227,8 @@ def lightning_topk(
   (`chunking.map_causal_segments`); past one chunk in causal
   self-attention (T == S, q_offset None or 0), each step takes two chunks
   of query_chunk/2 queries, c and n-1-c, which together see n+1 key blocks
-  (`chunking.map_causal_pairs`), halving the work. The Pallas path fuses scoring and
-  selection in one kernel, tiled by `block_sizes`
+  (`chunking.map_causal_pairs`), halving the work. The Pallas path fuses
+  scoring and selection in one kernel, tiled by `block_sizes`
   (`kernels_pallas.topk.BlockSizes` or a dict of its fields; None fields, or
   None, take the platform defaults; ignored by "xla").
   """
