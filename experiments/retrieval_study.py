@@ -909,7 +909,8 @@ def warmup_table(rows) -> str:
 
 def dense_table(scores, st) -> str:
   """The dense models the convert protocol starts from: exact match at L
-  per seed, and their pretraining time."""
+  per seed, their pretraining time, and "refused" where the score is under
+  `min_dense_exact` (that cell's convert models are not trained)."""
   if not scores:
     return ""
   table = []
@@ -918,11 +919,13 @@ def dense_table(scores, st) -> str:
     cells = [task, str(L)]
     for seed in st.seeds:
       r = by_seed.get(seed)
-      cells.append(
-        ""
-        if r is None
-        else f"{r['exact_match']:.2f} ({r['pretrain_time_s']:.0f} s)"
-      )
+      if r is None:
+        cells.append("")
+        continue
+      cell = f"{r['exact_match']:.2f} ({r['pretrain_time_s']:.0f} s)"
+      if r["exact_match"] < st.min_dense_exact:
+        cell += ", refused"
+      cells.append(cell)
     table.append(cells)
   header = ["task", "L"] + [f"seed {s}" for s in st.seeds]
   return (

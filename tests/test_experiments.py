@@ -557,7 +557,7 @@ def test_retrieval_study_refuses_unlearned_dense_models(tmp_path):
     [], st, str(tmp_path), None, mod.score_dense(st, str(tmp_path), said.append)
   )
   assert "Dense models before conversion" in md
-  assert f"{score['exact_match']:.2f} (" in md
+  assert f"{score['exact_match']:.2f} (" in md and " s), refused |" in md
   said.clear()
   mod.run_study(st, str(tmp_path), todo, said.append)
   assert "refused mqar L=32 seed 0" in "\n".join(said)
