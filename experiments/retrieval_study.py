@@ -167,6 +167,10 @@ class Study:
   def recipe(self, task: str) -> TaskRecipe:
     return self.recipes.get(task, TaskRecipe())
 
+  def converts(self, dense_exact: float) -> bool:
+    """Whether a dense model of this exact match at L is converted."""
+    return dense_exact >= self.min_dense_exact
+
 
 CPU = Study(
   tasks=("mqar", "passkey", "vartrack"),
@@ -739,10 +743,10 @@ def run_study(st, out_dir, todo, log) -> None:
           f"{exact:.2f} exact at L (the study converts from "
           f">= {st.min_dense_exact:.2f})"
         )
-        if exact < st.min_dense_exact:
-          refused[dk] = exact
-        else:
+        if st.converts(exact):
           dense[dk] = main, pre_time
+        else:
+          refused[dk] = exact
       if dk in refused:
         log(f"  refused: the dense model of {dk} has not learned the task")
         prog.skip(i)
@@ -923,7 +927,7 @@ def dense_table(scores, st) -> str:
         cells.append("")
         continue
       cell = f"{r['exact_match']:.2f} ({r['pretrain_time_s']:.0f} s)"
-      if r["exact_match"] < st.min_dense_exact:
+      if not st.converts(r["exact_match"]):
         cell += ", refused"
       cells.append(cell)
     table.append(cells)
