@@ -878,10 +878,10 @@ def length_table(rows, part: str) -> str:
         cells.append(spread(ex) if ex else "")
       table.append(cells)
     steps = rs[0]["steps"]
+    how = "after pretraining" if protocol == "convert" else "from scratch"
     out.append(
       f"**{task}, trained at L={L}, protocol {protocol}** "
-      f"({steps} steps per model after pretraining"
-      + (")" if protocol == "convert" else ", from scratch)")
+      f"({steps} steps per model {how})"
       + "\n\n"
       + C.markdown_table(table, header)
     )
