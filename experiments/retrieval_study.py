@@ -38,7 +38,8 @@ there, to the model an uninterrupted run gives.
   python experiments/retrieval_study.py --list             # what it would train
   python experiments/retrieval_study.py --smoke --out-dir /tmp/s   # CI
 
-Writes <out-dir>/study.md (the tables, the dense models' scores first),
+Writes <out-dir>/study.md (the tables, the dense models' scores first and
+each kind's exact match per seed last),
 study_length.png (per cell: exact match vs evaluation length per kind
 above, exact match vs keys per query at L below), study_warmup.png (DSA vs
 warm-up steps) and study.csv (every row). A convert cell whose dense model
@@ -857,15 +858,21 @@ def group(rows, *fields):
   return out
 
 
+def grid_cells(rows) -> Iterator[tuple[str, int, str, list[dict], list[int]]]:
+  """(task, L, protocol, its rows, its evaluation multiples of L) per cell
+  of the grid that rows cover."""
+  for (task, L, protocol), rs in group(
+    rows, "task", "train_len", "protocol"
+  ).items():
+    yield task, L, protocol, rs, sorted({r["eval_len"] // L for r in rs})
+
+
 def length_table(rows, part: str) -> str:
   rows = [r for r in rows if r["part"] == part]
   if not rows:
     return ""
   out = []
-  for (task, L, protocol), rs in group(
-    rows, "task", "train_len", "protocol"
-  ).items():
-    mults = sorted({r["eval_len"] // L for r in rs})
+  for task, L, protocol, rs, mults in grid_cells(rows):
     header = ["kind", "keys/query @L", "seeds"] + [f"{m}x L" for m in mults]
     table = []
     for (label,), lr in group(rs, "label").items():
@@ -884,6 +891,37 @@ def length_table(rows, part: str) -> str:
       f"({steps} steps per model {how})"
       + "\n\n"
       + C.markdown_table(table, header)
+    )
+  return "\n\n".join(out)
+
+
+def seed_table(rows) -> str:
+  """Per seed, the exact match of every kind of the main and scratch parts
+  at 1x / 2x / 4x L (the spread the length tables summarise, seed by seed;
+  a seed's cell is empty until its model is trained)."""
+  rows = [r for r in rows if r["part"] in ("main", "scratch")]
+  if not rows:
+    return ""
+  out = []
+  for task, L, protocol, rs, mults in grid_cells(rows):
+    seeds = sorted({r["seed"] for r in rs})
+    table = []
+    for (label,), lr in group(rs, "label").items():
+      by = group(lr, "seed", "eval_len")
+      cells = [label]
+      for seed in seeds:
+        got = [by.get((seed, mu * L)) for mu in mults]
+        cells.append(
+          ""
+          if None in got
+          else " / ".join(f"{g[0]['exact_match']:.2f}" for g in got)
+        )
+      table.append(cells)
+    at = " / ".join(f"{m}x" for m in mults)
+    out.append(
+      f"**{task}, L={L}, protocol {protocol}, per seed** (exact match at "
+      f"{at} L)\n\n"
+      + C.markdown_table(table, ["kind"] + [f"seed {s}" for s in seeds])
     )
   return "\n\n".join(out)
 
@@ -952,6 +990,7 @@ def report(rows, st, out_dir, seconds: float | None, scores=()) -> str:
       length_table(rows, "main"),
       length_table(rows, "scratch"),
       warmup_table(rows),
+      seed_table(rows),
     )
     if x
   )

@@ -564,6 +564,44 @@ def test_retrieval_study_refuses_unlearned_dense_models(tmp_path):
   assert mod.read_scores(str(tmp_path)) == scores
 
 
+def test_retrieval_study_seed_table():
+  """The per-seed table: one column per seed a cell has, each cell the
+  exact match at 1x / 2x L of that seed's model; empty where that seed's
+  model of the kind is missing."""
+  mod = _module("retrieval_study")
+
+  def row(label, seed, eval_len, exact, part="main"):
+    return dict(
+      part=part,
+      task="mqar",
+      train_len=16,
+      protocol="convert",
+      label=label,
+      seed=seed,
+      eval_len=eval_len,
+      exact_match=exact,
+    )
+
+  rows = [
+    row("dense", 0, 16, 1.0),
+    row("dense", 0, 32, 0.5),
+    row("dense", 2, 16, 0.75),
+    row("dense", 2, 32, 0.25),
+    row("dsa_k2", 2, 16, 0.125),
+    row("dsa_k2", 2, 32, 0.0),
+    row("dsa_k2", 0, 16, 0.5, part="warmup"),  # not a main or scratch row
+  ]
+  md = mod.seed_table(rows)
+  assert (
+    "**mqar, L=16, protocol convert, per seed** (exact match at 1x / 2x L)"
+    in md
+  )
+  assert "| kind | seed 0 | seed 2 |" in md, md
+  assert "| dense | 1.00 / 0.50 | 0.75 / 0.25 |" in md, md
+  assert "| dsa_k2 |  | 0.12 / 0.00 |" in md, md
+  assert mod.seed_table([r for r in rows if r["part"] == "warmup"]) == ""
+
+
 def test_retrieval_study_grid():
   """The CPU study's grid: DSA at <= 3% of L, NSA at its closest budget,
   every model keyed by its settings (no two models share a key unless they
